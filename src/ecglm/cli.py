@@ -1,0 +1,103 @@
+"""The ``ecglm`` command: Lightning's CLI (``fit``, ``validate``, ``test``, ``predict``) plus ``plugins``.
+
+Plugins are discovered before the parser is built, so a recipe may name a component by its
+entry-point name (``class_path: hf``) as well as by its import path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from jsonargparse import set_loader
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from ecglm.module import ECGLanguageModel
+from ecglm.plugins import Registry, UnknownComponentError, discover, format_registry, resolve_class_paths
+
+PARSER_MODE = "ecglm_yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+#: MLflow on an embedded SQLite store in the working directory; recipes may point elsewhere.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+        "init_args": {"experiment_name": "ecglm", "tracking_uri": "sqlite:///mlflow.db"},
+    },
+}
+
+
+class MLflowSaveConfig(SaveConfigCallback):
+    """Writes the resolved config next to the run and logs it to MLflow as an artifact.
+
+    Lightning's default asserts a ``log_dir``, which a database-backed MLflow store does not have;
+    this callback writes to ``trainer.default_root_dir`` instead and uploads from there.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        out_dir = Path(trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = self.parser.dump(self.config, skip_none=False)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".config.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        path = out_dir / f"config_{stage}.yaml"
+        os.replace(tmp, path)
+        for logger in trainer.loggers:
+            run_id = getattr(logger, "run_id", None)
+            if run_id and hasattr(logger.experiment, "log_artifact"):
+                logger.experiment.log_artifact(run_id, str(path))
+
+
+def _make_loader(registry: Registry):
+    def load(text: str) -> Any:
+        return resolve_class_paths(yaml.safe_load(text), registry)
+
+    return load
+
+
+class ECGLMCLI(LightningCLI):
+    """LightningCLI over :class:`ECGLanguageModel` and any LightningDataModule."""
+
+
+def run_cli(args: list[str] | None, registry: Registry | None = None, run: bool = True) -> ECGLMCLI:
+    registry = registry or discover()
+    set_loader(PARSER_MODE, _make_loader(registry), exceptions=(yaml.YAMLError, UnknownComponentError))
+    parser_kwargs = {"parser_mode": PARSER_MODE}
+    if run:
+        parser_kwargs.update({cmd: {"parser_mode": PARSER_MODE} for cmd in SUBCOMMANDS})
+    return ECGLMCLI(
+        ECGLanguageModel,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_callback=MLflowSaveConfig,
+        trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs=parser_kwargs,
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["plugins"]:
+        print(format_registry(discover()))
+        return 0
+    # LightningCLI reads sys.argv itself when args is None (and warns when given both).
+    run_cli(args if argv is not None else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ECG datasets: builders that write WebDataset shards, and the readers that load them."""
