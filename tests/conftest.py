@@ -65,3 +65,14 @@ def ptb_record() -> Path:
             f"real PTB record not found at {record} (the shared data folder sits beside the repository)"
         )
     return record
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

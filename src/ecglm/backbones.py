@@ -104,7 +104,7 @@ class ChatFormatter:
             if len(prompt) >= self.max_length:
                 raise ValueError(
                     f"prompt of {len(prompt)} tokens (with {num_ecg_tokens} ECG tokens) leaves no room for "
-                    f"the answer within max_length={self.max_length}; shorten the question or raise max_length"
+                    f"the answer within max_length={self.max_length}; shorten the question or raise it"
                 )
             answer_ids = answer_ids[: self.max_length - len(prompt)]
         labels = [IGNORE_INDEX] * len(prompt) + answer_ids

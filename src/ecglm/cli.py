@@ -92,8 +92,9 @@ def run_cli(args: list[str] | None, registry: Registry | None = None, run: bool 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["plugins"]:
-        print(format_registry(discover()))
-        return 0
+        registry = discover()
+        print(format_registry(registry))
+        return 1 if registry.failures else 0
     # LightningCLI reads sys.argv itself when args is None (and warns when given both).
     run_cli(args if argv is not None else None)
     return 0

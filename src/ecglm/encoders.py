@@ -78,8 +78,8 @@ class ConvPositionalEmbedding(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with fairseq's parameter names (``q_proj`` ... ``out_proj``).
 
-    Written out rather than taken from ``nn.MultiheadAttention`` so that fairseq-signals
-    checkpoints map onto it key for key.
+    Written out rather than taken from ``nn.MultiheadAttention`` so that fairseq-signals'
+    attention and feed-forward weights keep their names here.
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float):

@@ -76,6 +76,15 @@ class ECGLanguageModel(L.LightningModule):
         self.strict_loading = False
         self.exact_match = torch.nn.ModuleDict({c: MeanMetric() for c in CONDITIONS})
         self._test_records: list[dict[str, Any]] = []
+        self._weights_from = "initialisation"  # becomes "training" or "checkpoint"
+
+    def train(self, mode: bool = True) -> ECGLanguageModel:
+        """Frozen parts stay in eval mode, so a frozen encoder or LLM never applies dropout."""
+        super().train(mode)
+        for part in (self.encoder, self.connector, self.backbone):
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
 
     @property
     def num_ecg_tokens(self) -> int:
@@ -127,8 +136,9 @@ class ECGLanguageModel(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         for condition in CONDITIONS:
             answers = self.generate_answers(batch, zero_ecg=condition == "zeroed_ecg")
+            pairs = zip(answers, batch["answer"], strict=True)
             correct = torch.tensor(
-                [normalize_answer(p) == normalize_answer(r) for p, r in zip(answers, batch["answer"], strict=True)],
+                [normalize_answer(p) == normalize_answer(r) for p, r in pairs],
                 dtype=torch.float32,
                 device=self.device,
             )
@@ -144,6 +154,13 @@ class ECGLanguageModel(L.LightningModule):
                         "correct": bool(correct[i]),
                     }
                 )
+
+    def on_test_start(self) -> None:
+        if self._weights_from == "initialisation" and any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError(
+                "refusing to evaluate untrained weights: no checkpoint was loaded (pass --ckpt_path with a "
+                "checkpoint file, or `last` when the recipe's ModelCheckpoint has save_last: true)"
+            )
 
     def on_test_epoch_start(self) -> None:
         self._test_records = []
@@ -202,6 +219,9 @@ class ECGLanguageModel(L.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        self._weights_from = "training"
+
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)
         self.print(f"ecglm: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
@@ -249,3 +269,4 @@ class ECGLanguageModel(L.LightningModule):
                 f"  missing ({len(missing)}): {missing[:10]}\n"
                 f"  unexpected ({len(unexpected)}): {unexpected[:10]}"
             )
+        self._weights_from = "checkpoint"

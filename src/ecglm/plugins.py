@@ -60,6 +60,14 @@ def _describe(group: str, ep: EntryPoint) -> Plugin:
     return Plugin(group, ep.name, ep.value, dist.name if dist else "?", dist.version if dist else "?")
 
 
+def _load_error(ep: EntryPoint) -> str | None:
+    try:
+        ep.load()
+    except Exception as err:  # a broken plugin must not take the others down
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def discover(load: bool = True) -> Registry:
     """Every entry point of the ecglm groups; with ``load``, each is imported and checked.
 
@@ -70,20 +78,19 @@ def discover(load: bool = True) -> Registry:
         registry.plugins[group] = {}
         for ep in entry_points(group=group):
             plugin = _describe(group, ep)
-            if load:
-                try:
-                    ep.load()
-                except Exception as err:  # a broken plugin must not take the others down
-                    registry.failures.append(PluginFailure(plugin, f"{type(err).__name__}: {err}"))
-                    log.warning(
-                        "ecglm plugin %r (%s) from %s %s failed to load: %s",
-                        plugin.name,
-                        group,
-                        plugin.distribution,
-                        plugin.version,
-                        err,
-                    )
-                    continue
+            error = _load_error(ep) if load else None
+            taken = registry.plugins[group].get(plugin.name)
+            if error is None and taken is not None:
+                error = (
+                    f"name already registered by {taken.distribution} {taken.version} ({taken.class_path})"
+                )
+            if error is not None:
+                registry.failures.append(PluginFailure(plugin, error))
+                log.warning(
+                    "ecglm plugin %r (%s) from %s %s was not registered: %s",
+                    *(plugin.name, group, plugin.distribution, plugin.version, error),
+                )
+                continue
             registry.plugins[group][plugin.name] = plugin
     return registry
 
@@ -138,6 +145,13 @@ def _resolve_name(name: str, group: str, registry: Registry, where: str) -> str:
     ]
     if by_class_name:
         return by_class_name[0]
+    failed = [f for f in registry.failures if f.plugin.group == group and f.plugin.name == name]
+    if failed:
+        f = failed[0]
+        raise UnknownComponentError(
+            f"{group} component {name!r} at {where}.class_path comes from {f.plugin.distribution} "
+            f"{f.plugin.version}, which failed to load: {f.error}"
+        )
     known = ", ".join(registry.names(group)) or "none"
     raise UnknownComponentError(
         f"unknown {group} component {name!r} at {where}.class_path; registered names: {known} "

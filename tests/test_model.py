@@ -1,0 +1,211 @@
+"""The composed model on tiny random models of real architectures.
+
+Splice, answer-span loss, padding, gradients, generation, and the guards around evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ecglm.backbones import ECG_MARKER, IGNORE_INDEX, ChatFormatter, positions_from_mask
+from ecglm.connectors import LinearConnector, MLPConnector
+from ecglm.data.datamodule import QACollator
+from ecglm.encoders import Wav2Vec2ECGEncoder
+from ecglm.module import ECGLanguageModel, normalize_answer
+from ecglm.peft import ProjectionOnly, count_parameters
+
+#: Per-architecture config so that each tiny model has both of its layer kinds.
+ARCHITECTURES = {
+    "llama": {},
+    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},
+    "gemma3_text": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16},
+}
+K = 3
+
+
+def tiny_encoder(seed: int = 0) -> Wav2Vec2ECGEncoder:
+    torch.manual_seed(seed)
+    return Wav2Vec2ECGEncoder(
+        conv_layers=[(16, 10, 5), (16, 5, 5)],
+        embed_dim=32,
+        num_layers=1,
+        num_heads=2,
+        ffn_dim=64,
+        dropout=0.0,
+        conv_pos_kernel=4,
+        conv_pos_groups=2,
+    )
+
+
+def items(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    questions = ["What is the heart rate category of this ECG?", "Is the rhythm regular or irregular?"]
+    answers = ["tachycardia", "irregular"]
+    return [
+        {
+            "key": f"ecg{i}",
+            "ecg": rng.standard_normal((12, 2500)).astype(np.float16),
+            "question": questions[i % 2] + " Please answer briefly." * (i % 3),  # unequal lengths
+            "answer": answers[i % 2],
+            "question_type": "hr" if i % 2 == 0 else "rhythm",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def model(request, tiny_backbone_factory) -> ECGLanguageModel:
+    backbone = tiny_backbone_factory(request.param, config_overrides=ARCHITECTURES[request.param])
+    return ECGLanguageModel(tiny_encoder(), MLPConnector(num_tokens=K), backbone)
+
+
+def test_wav2vec2_default_size_gives_156_frames():
+    encoder = Wav2Vec2ECGEncoder(num_layers=1)  # the CMSC / ECG-FM feature extractor and width
+    frames = encoder(torch.randn(2, 12, 2500))
+    assert frames.shape == (2, 156, 768)
+    with pytest.raises(ValueError, match=r"\(batch, 12, samples\)"):
+        encoder(torch.randn(2, 15, 2500))
+
+
+def test_connectors_pool_into_k_tokens():
+    frames = torch.randn(2, 12, 8)
+    linear = LinearConnector(num_tokens=1, input_dim=8, output_dim=5)
+    torch.testing.assert_close(linear(frames), linear.proj(frames.mean(1, keepdim=True)))
+    mlp = MLPConnector(num_tokens=4, hidden_dim=7, input_dim=8, output_dim=5)
+    groups = frames.view(2, 4, 3, 8).mean(2)  # 12 frames -> 4 tokens of 3 frames each
+    torch.testing.assert_close(mlp(frames), mlp.mlp(groups))
+    with pytest.raises(ValueError, match="built for 8 -> 5"):
+        mlp.configure(16, 5)
+
+
+def test_formatter_marks_answer_span_from_the_template(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    formatter = ChatFormatter(tok, system_prompt="You read ECGs.")
+    enc = formatter.encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
+    answer_ids = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
+    assert tok.decode(answer_ids) == "irregular<|im_end|>\n"
+    assert enc.labels[: enc.prompt_length] == [IGNORE_INDEX] * enc.prompt_length
+    assert enc.input_ids[enc.ecg_start : enc.ecg_start + K] == [formatter.placeholder_token_id] * K
+    prompt = formatter.encode("Is the rhythm regular?", None, num_ecg_tokens=K)
+    assert prompt.input_ids == enc.input_ids[: enc.prompt_length]
+    assert tok.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
+
+    short = ChatFormatter(tok, system_prompt="You read ECGs.", max_length=enc.prompt_length + 1)
+    cut = short.encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
+    assert len(cut.input_ids) == enc.prompt_length + 1 and cut.labels[-1] == answer_ids[0]
+    with pytest.raises(ValueError, match="leaves no room"):
+        ChatFormatter(tok, max_length=5).encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
+
+
+def test_formatter_rejects_a_template_that_drops_the_ecg(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    with pytest.raises(ValueError, match=ECG_MARKER):
+        ChatFormatter(tok).encode("q", "a", num_ecg_tokens=1)
+
+
+def test_splice_writes_ecg_tokens_only_at_placeholders(model):
+    batch = QACollator(model.backbone.formatter, K)(items(3))
+    tokens = model.ecg_tokens(batch["ecg"])
+    embeds = model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
+    plain = model.backbone.embed_tokens(batch["input_ids"])
+    mask = batch["ecg_mask"]
+    assert mask.sum(1).tolist() == [K, K, K]
+    torch.testing.assert_close(embeds[mask], tokens.reshape(-1, tokens.shape[-1]))
+    torch.testing.assert_close(embeds[~mask], plain[~mask])
+
+
+def test_answer_span_loss_equals_full_logits_loss(model):
+    batch = QACollator(model.backbone.formatter, K)(items(4))
+    with torch.no_grad():
+        fast = model(batch).loss
+        model.backbone._keeps_logits = False
+        try:
+            reference = model(batch).loss
+        finally:
+            model.backbone._keeps_logits = True
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_does_not_change_a_sample(model):
+    data = items(3)
+    collate = QACollator(model.backbone.formatter, K)
+    batch = collate(data)
+    assert (batch["attention_mask"] == 0).any(), "the items must need padding for this test to mean anything"
+    with torch.no_grad():
+        alone = model(collate(data[:1])).loss
+        tokens = model.ecg_tokens(batch["ecg"])
+        logits = model.backbone.model(
+            inputs_embeds=model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens),
+            attention_mask=batch["attention_mask"],
+            position_ids=positions_from_mask(batch["attention_mask"]),
+        ).logits
+    labels = batch["labels"][0]
+    row = torch.nn.functional.cross_entropy(logits[0, :-1], labels[1:], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(row, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_gradients_reach_exactly_the_trainable_parameters(tiny_backbone_factory, train_encoder):
+    backbone = tiny_backbone_factory("qwen3_5_text", config_overrides=ARCHITECTURES["qwen3_5_text"])
+    policy = ProjectionOnly(train_encoder)
+    model = ECGLanguageModel(tiny_encoder(), MLPConnector(num_tokens=K), backbone, policy)
+    model(QACollator(backbone.formatter, K)(items(2))).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} is trainable but got no gradient"
+        else:
+            assert p.grad is None, f"{name} is frozen but got a gradient"
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == ({"encoder", "connector"} if train_encoder else {"connector"})
+    n_trainable, n_total = count_parameters(model)
+    assert n_trainable == sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in trainable)
+    assert n_total > 10 * n_trainable
+
+
+def test_batched_generation_matches_one_by_one(model):
+    data = items(3)
+    collate = QACollator(model.backbone.formatter, K, for_generation=True)
+    batched = model.generate_answers(collate(data), max_new_tokens=5)
+    single = [model.generate_answers(collate([it]), max_new_tokens=5)[0] for it in data]
+    assert batched == single
+    assert all(isinstance(a, str) for a in batched)
+    zeroed = model.generate_answers(collate(data), zero_ecg=True, max_new_tokens=5)
+    assert len(zeroed) == 3
+
+
+def test_generation_depends_on_the_ecg(model):
+    collate = QACollator(model.backbone.formatter, K, for_generation=True)
+    batch = collate(items(2))
+    with torch.no_grad():
+        a = model.ecg_tokens(batch["ecg"])
+        b = model.ecg_tokens(torch.zeros_like(batch["ecg"]))
+    assert not torch.allclose(a, b)
+
+
+def test_exact_match_normalisation():
+    assert normalize_answer("  Tachycardia. ") == "tachycardia"
+    assert normalize_answer("Sinus,  rhythm!") == "sinus rhythm"
+    assert normalize_answer("brady") != normalize_answer("bradycardia")
+
+
+def test_frozen_parts_stay_in_eval_mode(tiny_backbone_factory):
+    model = ECGLanguageModel(tiny_encoder(), MLPConnector(num_tokens=K), tiny_backbone_factory("llama"))
+    model.train()
+    assert model.connector.training
+    assert not model.encoder.training and not model.backbone.training  # no dropout on frozen features
+
+
+def test_evaluating_untrained_weights_is_refused(model):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(items(2), batch_size=2, collate_fn=QACollator(model.backbone.formatter, K, True))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(RuntimeError, match="refusing to evaluate untrained weights"):
+        trainer.test(model, dataloaders=loader)

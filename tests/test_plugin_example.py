@@ -1,0 +1,202 @@
+"""The example plugin ``plugins/ecglm-plain-prompt``, installed for real by pip: found, resolved, trained."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from conftest import REPO, TINY
+from ecglm.backbones import ECG_MARKER, IGNORE_INDEX
+from ecglm.connectors import MLPConnector
+from ecglm.data.datamodule import QACollator
+from ecglm.encoders import Wav2Vec2ECGEncoder
+from ecglm.module import ECGLanguageModel
+from ecglm.plugins import discover, format_registry, resolve_class_paths
+
+PLUGIN_SRC = REPO / "plugins" / "ecglm-plain-prompt"
+DIST, PACKAGE, NAME, GROUP = "ecglm-plain-prompt", "ecglm_plain_prompt", "plain-prompt", "ecglm.backbones"
+CLASS_PATH = f"{PACKAGE}.PlainPromptBackbone"
+SYSTEM = "You read ECGs."
+
+
+def plugin_version() -> str:
+    return re.search(r'^version = "([^"]+)"', (PLUGIN_SRC / "pyproject.toml").read_text(), re.M).group(1)
+
+
+def plugin_class() -> type:
+    """The backbone class, loaded as ecglm loads it: through its entry point."""
+    return entry_points(group=GROUP)[NAME].load()
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory) -> Path:
+    """The plugin pip-installed (wheel built by setuptools) into a folder of its own."""
+    root = tmp_path_factory.mktemp("plugin")
+    # Built from a copy, so setuptools' build/ and egg-info never land in the repository.
+    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    source = shutil.copytree(PLUGIN_SRC, root / "src", ignore=skip)
+    target = root / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+    )
+    return target
+
+
+@pytest.fixture
+def installed(site_dir, monkeypatch) -> Iterator[Path]:
+    """``site_dir`` first on ``sys.path``, and the plugin imported from there (not from any other install)."""
+    for module in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.syspath_prepend(str(site_dir))
+    yield site_dir
+    for module in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
+        del sys.modules[module]
+
+
+def test_discovered_and_listed(installed):
+    registry = discover()
+
+    plugin = registry.plugins[GROUP][NAME]
+    assert (plugin.distribution, plugin.version, plugin.class_path) == (DIST, plugin_version(), CLASS_PATH)
+    assert not [f for f in registry.failures if f.plugin.distribution == DIST]
+    assert Path(sys.modules[PACKAGE].__file__).is_relative_to(installed)
+    line = rf"^  {NAME} +{re.escape(CLASS_PATH)} +{DIST} {re.escape(plugin_version())}$"
+    assert re.search(line, format_registry(registry), re.M)
+
+
+def test_safe_to_import_twice(installed):
+    first = plugin_class()
+    del sys.modules[PACKAGE]  # a fresh import, as in another process or after a reload
+    assert plugin_class() is not first
+    registry = discover()
+    assert NAME in registry.plugins[GROUP]
+    assert not [f for f in registry.failures if f.plugin.distribution == DIST]
+
+
+def test_recipe_name_resolves_to_import_path(installed):
+    config = {"model": {"backbone": {"class_path": NAME, "init_args": {"model": "llama"}}}}
+
+    resolved = resolve_class_paths(config, discover())
+
+    assert resolved["model"]["backbone"] == {"class_path": CLASS_PATH, "init_args": {"model": "llama"}}
+
+
+def test_templates_are_checked_before_the_model_loads(installed):
+    cls = plugin_class()
+    with pytest.raises(ValueError, match="exactly once"):
+        cls("no-such-model", prompt_template="Question: {question}\nAnswer:")
+    with pytest.raises(ValueError, match="answer_template"):
+        cls("no-such-model", answer_template=" {reply}")
+
+
+@pytest.fixture(scope="module")
+def no_template_tokenizer_dir(tokenizer_dir, tmp_path_factory) -> str:
+    """SmolLM2's tokenizer with its chat template removed, as a base model's tokenizer has none."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = None
+    out = tmp_path_factory.mktemp("tokenizer-no-template")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("chat_template", [True, False], ids=["with-chat-template", "no-chat-template"])
+def test_trains_one_step_with_plain_prompts(
+    installed, chat_template, tokenizer_dir, no_template_tokenizer_dir, tmp_path
+):
+    cls = plugin_class()
+    torch.manual_seed(0)
+    backbone = cls(
+        "llama",
+        tokenizer=tokenizer_dir if chat_template else no_template_tokenizer_dir,
+        random_init=True,
+        config_overrides=dict(TINY, vocab_size=49152),
+        system_prompt=SYSTEM,
+    )
+    assert (backbone.tokenizer.chat_template is not None) == chat_template
+    encoder = Wav2Vec2ECGEncoder(
+        conv_layers=[(16, 10, 5), (16, 5, 5)],
+        embed_dim=16,
+        num_layers=1,
+        num_heads=2,
+        ffn_dim=32,
+        conv_pos_kernel=4,
+        conv_pos_groups=2,
+    )
+    model = ECGLanguageModel(encoder, MLPConnector(num_tokens=2), backbone)
+    rng = np.random.default_rng(0)
+    items = [
+        {
+            "key": f"ecg{i}",
+            "ecg": rng.normal(size=(12, 2500)).astype(np.float32),
+            "question": q,
+            "answer": a,
+            "question_type": t,
+        }
+        for i, (q, a, t) in enumerate(
+            [
+                ("Is the rhythm regular or irregular?", "irregular", "rhythm"),
+                ("What is the heart rate category of this ECG?", "bradycardia", "heart-rate"),
+            ]
+        )
+    ]
+    collate = QACollator(backbone.formatter, 2)
+
+    _check_plain_prompt_and_labels(backbone, collate(items), items)
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, DataLoader(items, batch_size=2, collate_fn=collate))
+
+    assert trainer.global_step == 1
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {name for name in before if name.startswith("connector.")}
+
+
+def _check_plain_prompt_and_labels(backbone, batch, items):
+    formatter, tok = backbone.formatter, backbone.tokenizer
+    for row, item in enumerate(items):
+        prompt = f"{SYSTEM}\n\nECG: {ECG_MARKER}\nQuestion: {item['question']}\nAnswer:"
+        assert formatter.render(formatter.messages(item["question"]), add_generation_prompt=True) == prompt
+        answer_ids = tok(f" {item['answer']}{tok.eos_token}", add_special_tokens=False)["input_ids"]
+        labels = batch["labels"][row]
+        # Left padding: the supervised tokens are exactly the answer's, at the end of the row.
+        assert labels[-len(answer_ids) :].tolist() == answer_ids
+        assert (labels[: -len(answer_ids)] == IGNORE_INDEX).all()
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool() & ~batch["ecg_mask"][row]]
+        before, _, after = prompt.partition(ECG_MARKER)
+        assert tok.decode(ids) == before + after + f" {item['answer']}{tok.eos_token}"

@@ -1,0 +1,86 @@
+"""The quickstart recipe end to end through the CLI with the real SmolLM2 backbone: a few steps,
+a trainable-only checkpoint, MLflow records, an exact resume, and the evaluation report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ecglm.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "quickstart.yaml"
+SMALL = [
+    "--config",
+    str(RECIPE),
+    "--data.init_args.builder.init_args.num_train",
+    "8",
+    "--data.init_args.builder.init_args.num_val",
+    "2",
+    "--data.init_args.builder.init_args.num_test",
+    "2",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.num_workers",
+    "0",
+]
+
+
+class WeightProbe(L.Callback):
+    """Copies the trainable weights as they are when training (re)starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_quickstart_trains_checkpoints_resumes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths (shards, runs, mlflow.db) land here
+    cli = run_cli(["fit", *SMALL, "--trainer.max_steps", "2"])
+    assert cli.trainer.global_step == 2
+
+    ckpt_path = tmp_path / "runs/quickstart/checkpoints/last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    trainable = {n for n, p in cli.model.named_parameters() if p.requires_grad}
+    assert set(ckpt["state_dict"]) == trainable  # the frozen, pretrained LLM is not in it
+    assert {n.split(".")[0] for n in trainable} == {"encoder", "connector"}
+    assert ckpt["global_step"] == 2
+    for key in ("optimizer_states", "lr_schedulers", "loops", "hyper_parameters", "ecglm"):
+        assert key in ckpt, key
+    full_bytes = sum(t.numel() * t.element_size() for t in cli.model.state_dict().values())
+    assert ckpt_path.stat().st_size < 0.05 * full_bytes
+    assert not list(ckpt_path.parent.glob("*.tmp*"))
+
+    # Resume: the weights at restart are exactly the checkpoint's, and the step count goes on.
+    resumed = run_cli([*SMALL, "--trainer.max_steps", "4"], run=False)
+    probe = WeightProbe()
+    resumed.trainer.callbacks.append(probe)
+    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(ckpt_path))
+    assert resumed.trainer.global_step == 4
+    for name, value in ckpt["state_dict"].items():
+        torch.testing.assert_close(probe.weights[name], value, rtol=0, atol=0)
+    ckpt2 = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    assert ckpt2["global_step"] == 4
+    adam_steps = {int(s["step"]) for s in ckpt2["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {4}  # optimizer state was restored, not restarted
+
+    # MLflow: parameter counts and the resolved config of the run.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient("sqlite:///mlflow.db")
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+    first = runs[0]
+    assert int(first.data.params["params_trainable"]) == sum(v.numel() for v in ckpt["state_dict"].values())
+    assert "train/loss" in first.data.metrics
+    assert "config_fit.yaml" in {a.path for a in client.list_artifacts(first.info.run_id)}
+
+    # Evaluation: with and without the ECG, on the held-out split, into a JSON report.
+    run_cli(["test", *SMALL, "--ckpt_path", str(ckpt_path)])
+    report = json.loads((tmp_path / "runs/quickstart/test_report.json").read_text())
+    assert set(report["exact_match"]) == {"ecg", "zeroed_ecg"}
+    assert len(report["records"]) == 2 * 2 * 2  # 2 ECGs x 2 questions x 2 conditions
