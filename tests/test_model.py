@@ -77,6 +77,12 @@ def test_connectors_pool_into_k_tokens():
     torch.testing.assert_close(mlp(frames), mlp.mlp(groups))
     with pytest.raises(ValueError, match="built for 8 -> 5"):
         mlp.configure(16, 5)
+    normed = MLPConnector(num_tokens=1, input_norm="batch", input_dim=8, output_dim=5)
+    pooled = frames.mean(1)
+    expected = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(normed(frames), normed.mlp(expected.unsqueeze(1)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="input_norm"):
+        MLPConnector(input_norm="group")
 
 
 def test_formatter_marks_answer_span_from_the_template(tokenizer_dir):

@@ -129,7 +129,7 @@ def test_unknown_component_name_lists_what_exists(tmp_path, capsys):
 
 
 def test_recipe_with_a_wrong_type_names_the_key(tmp_path, capsys):
-    recipe = broken_recipe(tmp_path, "num_tokens: 4", "num_tokens: four")
+    recipe = broken_recipe(tmp_path, "num_tokens: 1", "num_tokens: four")
     with pytest.raises(SystemExit) as exit_:
         run_cli(["fit", "--config", str(recipe), "--print_config"])
     assert exit_.value.code != 0

@@ -29,19 +29,21 @@ from ecglm.data.shards import MANIFEST_NAME, read_manifest, sha256_file, write_m
 log = logging.getLogger(__name__)
 
 DATASET = "synthetic-heart-qa"
-VERSION = 1
+VERSION = 2  # 2: heart-rate questions list the exact answer words
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 SPLITS = ("train", "val", "test")
 HEART_RATE_CLASSES = {"bradycardia": (40.0, 52.0), "normal": (65.0, 92.0), "tachycardia": (110.0, 150.0)}
 RHYTHM_JITTER = {"regular": (0.0, 0.03), "irregular": (0.25, 0.35)}  # max relative RR deviation per beat
 MIN_IRREGULAR_RR_CV = 0.08  # a few AF-like beats can look regular by chance
+# Every question names its answer options, as ECG-QA's "choose" questions do: the text fixes the
+# answer format, so what the model must learn from the ECG is only which option is right.
 QUESTIONS = {
     "heart-rate": (
-        "What is the heart rate category of this ECG?",
-        "Is the heart rate in this ECG bradycardic, normal, or tachycardic?",
-        "Classify the ventricular rate of this ECG as bradycardia, normal, or tachycardia.",
-        "Does this ECG show bradycardia, a normal heart rate, or tachycardia?",
-        "Based on this 12-lead ECG, what is the heart rate category?",
+        "What is the heart rate category of this ECG: bradycardia, normal or tachycardia?",
+        "Is the heart rate in this ECG bradycardia, normal or tachycardia?",
+        "Classify the ventricular rate of this ECG as bradycardia, normal or tachycardia.",
+        "Does this ECG show bradycardia, a normal heart rate or tachycardia?",
+        "Based on this 12-lead ECG, is the heart rate bradycardia, normal or tachycardia?",
     ),
     "rhythm": (
         "Is the rhythm regular or irregular?",
