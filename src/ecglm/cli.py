@@ -52,7 +52,7 @@ class MLflowSaveConfig(SaveConfigCallback):
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".config.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        path = out_dir / f"config_{stage}.yaml"
+        path = out_dir / f"config_{getattr(stage, 'value', stage)}.yaml"  # stage is a TrainerFn
         os.replace(tmp, path)
         for logger in trainer.loggers:
             run_id = getattr(logger, "run_id", None)
