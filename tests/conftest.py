@@ -58,6 +58,29 @@ def tiny_backbone_factory(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_encoder_factory():
+    """``make(seed)`` -> a 2-conv, 1-layer Wav2Vec2ECGEncoder (2500 samples -> 100 frames of 32)."""
+    import torch
+
+    from ecglm.encoders import Wav2Vec2ECGEncoder
+
+    def make(seed: int = 0) -> Wav2Vec2ECGEncoder:
+        torch.manual_seed(seed)
+        return Wav2Vec2ECGEncoder(
+            conv_layers=[(16, 10, 5), (16, 5, 5)],
+            embed_dim=32,
+            num_layers=1,
+            num_heads=2,
+            ffn_dim=64,
+            dropout=0.0,
+            conv_pos_kernel=4,
+            conv_pos_groups=2,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def ptb_record() -> Path:
     record = SHARED_DATA / "ptb-s0010" / "s0010_re"
     if not record.with_suffix(".hea").exists():

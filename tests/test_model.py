@@ -24,20 +24,6 @@ ARCHITECTURES = {
 K = 3
 
 
-def tiny_encoder(seed: int = 0) -> Wav2Vec2ECGEncoder:
-    torch.manual_seed(seed)
-    return Wav2Vec2ECGEncoder(
-        conv_layers=[(16, 10, 5), (16, 5, 5)],
-        embed_dim=32,
-        num_layers=1,
-        num_heads=2,
-        ffn_dim=64,
-        dropout=0.0,
-        conv_pos_kernel=4,
-        conv_pos_groups=2,
-    )
-
-
 def items(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     questions = ["What is the heart rate category of this ECG?", "Is the rhythm regular or irregular?"]
@@ -55,9 +41,9 @@ def items(n: int, seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def model(request, tiny_backbone_factory) -> ECGLanguageModel:
+def model(request, tiny_backbone_factory, tiny_encoder_factory) -> ECGLanguageModel:
     backbone = tiny_backbone_factory(request.param, config_overrides=ARCHITECTURES[request.param])
-    return ECGLanguageModel(tiny_encoder(), MLPConnector(num_tokens=K), backbone)
+    return ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=K), backbone)
 
 
 def test_wav2vec2_default_size_gives_156_frames():
@@ -157,10 +143,12 @@ def test_left_padding_does_not_change_a_sample(model):
 
 
 @pytest.mark.parametrize("train_encoder", [False, True])
-def test_gradients_reach_exactly_the_trainable_parameters(tiny_backbone_factory, train_encoder):
+def test_gradients_reach_exactly_the_trainable_parameters(
+    tiny_backbone_factory, tiny_encoder_factory, train_encoder
+):
     backbone = tiny_backbone_factory("qwen3_5_text", config_overrides=ARCHITECTURES["qwen3_5_text"])
     policy = ProjectionOnly(train_encoder)
-    model = ECGLanguageModel(tiny_encoder(), MLPConnector(num_tokens=K), backbone, policy)
+    model = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=K), backbone, policy)
     model(QACollator(backbone.formatter, K)(items(2))).loss.backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -200,8 +188,10 @@ def test_exact_match_normalisation():
     assert normalize_answer("brady") != normalize_answer("bradycardia")
 
 
-def test_frozen_parts_stay_in_eval_mode(tiny_backbone_factory):
-    model = ECGLanguageModel(tiny_encoder(), MLPConnector(num_tokens=K), tiny_backbone_factory("llama"))
+def test_frozen_parts_stay_in_eval_mode(tiny_backbone_factory, tiny_encoder_factory):
+    model = ECGLanguageModel(
+        tiny_encoder_factory(), MLPConnector(num_tokens=K), tiny_backbone_factory("llama")
+    )
     model.train()
     assert model.connector.training
     assert not model.encoder.training and not model.backbone.training  # no dropout on frozen features

@@ -21,7 +21,6 @@ from conftest import REPO, TINY
 from ecglm.backbones import ECG_MARKER, IGNORE_INDEX
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
-from ecglm.encoders import Wav2Vec2ECGEncoder
 from ecglm.module import ECGLanguageModel
 from ecglm.plugins import discover, format_registry, resolve_class_paths
 
@@ -128,7 +127,7 @@ def no_template_tokenizer_dir(tokenizer_dir, tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("chat_template", [True, False], ids=["with-chat-template", "no-chat-template"])
 def test_trains_one_step_with_plain_prompts(
-    installed, chat_template, tokenizer_dir, no_template_tokenizer_dir, tmp_path
+    installed, chat_template, tokenizer_dir, no_template_tokenizer_dir, tiny_encoder_factory, tmp_path
 ):
     cls = plugin_class()
     torch.manual_seed(0)
@@ -140,16 +139,7 @@ def test_trains_one_step_with_plain_prompts(
         system_prompt=SYSTEM,
     )
     assert (backbone.tokenizer.chat_template is not None) == chat_template
-    encoder = Wav2Vec2ECGEncoder(
-        conv_layers=[(16, 10, 5), (16, 5, 5)],
-        embed_dim=16,
-        num_layers=1,
-        num_heads=2,
-        ffn_dim=32,
-        conv_pos_kernel=4,
-        conv_pos_groups=2,
-    )
-    model = ECGLanguageModel(encoder, MLPConnector(num_tokens=2), backbone)
+    model = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=2), backbone)
     rng = np.random.default_rng(0)
     items = [
         {

@@ -119,21 +119,21 @@ def broken_recipe(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
-def test_unknown_component_name_lists_what_exists(tmp_path, capsys):
-    recipe = broken_recipe(tmp_path, "class_path: hf ", "class_path: gpt5 ")
+def parse_error(recipe: Path, capsys) -> str:
+    """The CLI's complaint about ``recipe`` (it must refuse it)."""
     with pytest.raises(SystemExit) as exit_:
         run_cli(["fit", "--config", str(recipe), "--print_config"])
     assert exit_.value.code != 0
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_unknown_component_name_lists_what_exists(tmp_path, capsys):
+    err = parse_error(broken_recipe(tmp_path, "class_path: hf ", "class_path: gpt5 "), capsys)
     assert "unknown ecglm.backbones component 'gpt5'" in err and "registered names: hf" in err
 
 
 def test_recipe_with_a_wrong_type_names_the_key(tmp_path, capsys):
-    recipe = broken_recipe(tmp_path, "num_tokens: 1", "num_tokens: four")
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(["fit", "--config", str(recipe), "--print_config"])
-    assert exit_.value.code != 0
-    err = capsys.readouterr().err
+    err = parse_error(broken_recipe(tmp_path, "num_tokens: 1", "num_tokens: four"), capsys)
     assert "num_tokens" in err and "four" in err
 
 

@@ -6,10 +6,7 @@ entry-point name (``class_path: hf``) as well as by its import path.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,7 +14,7 @@ import yaml
 from jsonargparse import set_loader
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from ecglm.module import ECGLanguageModel
+from ecglm.module import ECGLanguageModel, save_run_file
 from ecglm.plugins import Registry, UnknownComponentError, discover, format_registry, resolve_class_paths
 
 PARSER_MODE = "ecglm_yaml"
@@ -46,18 +43,8 @@ class MLflowSaveConfig(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:
             return
-        out_dir = Path(trainer.default_root_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        text = self.parser.dump(self.config, skip_none=False)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        path = out_dir / f"config_{getattr(stage, 'value', stage)}.yaml"  # stage is a TrainerFn
-        os.replace(tmp, path)
-        for logger in trainer.loggers:
-            run_id = getattr(logger, "run_id", None)
-            if run_id and hasattr(logger.experiment, "log_artifact"):
-                logger.experiment.log_artifact(run_id, str(path))
+        name = f"config_{getattr(stage, 'value', stage)}.yaml"  # stage is a TrainerFn
+        save_run_file(trainer, name, self.parser.dump(self.config, skip_none=False))
 
 
 def _make_loader(registry: Registry):

@@ -8,9 +8,7 @@ trainable parameters, plus every weight of a component that has no pretrained so
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,21 @@ from ecglm import __version__
 from ecglm.backbones import Backbone
 from ecglm.connectors import Connector
 from ecglm.encoders import ECGEncoder
+from ecglm.io import atomic_write_bytes
 from ecglm.peft import PEFTPolicy, ProjectionOnly, count_parameters
 
 #: Evaluation conditions: the real ECG, and the no-signal ablation with the ECG zeroed.
 CONDITIONS = ("ecg", "zeroed_ecg")
+
+
+def save_run_file(trainer: L.Trainer, name: str, text: str) -> Path:
+    """Write ``text`` atomically into the run's folder and attach it to every logger's run (MLflow)."""
+    path = atomic_write_bytes(Path(trainer.default_root_dir) / name, text.encode())
+    for logger in trainer.loggers:
+        run_id = getattr(logger, "run_id", None)
+        if run_id and hasattr(logger.experiment, "log_artifact"):
+            logger.experiment.log_artifact(run_id, str(path))
+    return path
 
 
 def normalize_answer(text: str) -> str:
@@ -204,18 +213,9 @@ class ECGLanguageModel(L.LightningModule):
     def _save_test_report(self, report: dict[str, Any]) -> None:
         if not self.trainer.is_global_zero:
             return
-        out_dir = Path(self.trainer.default_root_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "test_report.json"
         payload = {k: v for k, v in report.items() if k != "text"}
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".test_report.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
+        path = save_run_file(self.trainer, "test_report.json", json.dumps(payload, indent=2))
         self.print(f"  report: {path}")
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "log_artifact") and getattr(self.logger, "run_id", None):
-            experiment.log_artifact(self.logger.run_id, str(path))
 
     # --- optimisation -----------------------------------------------------------------------------------
 

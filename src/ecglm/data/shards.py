@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from ecglm.io import atomic_write_bytes
+
 MANIFEST_NAME = "manifest.json"
 # TarWriter stamps every member with time.time() unless given an mtime; a fixed one keeps
 # shards byte-identical across builds. uid/gid are 0 and uname/gname "bigdata" by default.
@@ -123,14 +125,7 @@ def write_shards(
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Atomically write ``out_dir/manifest.json`` (indent 2, sorted keys)."""
-    path = Path(out_dir) / MANIFEST_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(json_bytes(manifest, indent=2) + b"\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, json_bytes(manifest, indent=2) + b"\n")
 
 
 def read_manifest(out_dir: Path) -> dict:
