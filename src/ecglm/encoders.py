@@ -1,16 +1,130 @@
 """ECG encoders: modules that turn a batch of 12-lead signals into a sequence of frame embeddings.
 
 Component layer: imports torch only. Subclass :class:`ECGEncoder` to add an encoder and register it
-under the ``ecglm.encoders`` entry-point group.
+under the ``ecglm.encoders`` entry-point group. Every encoder states the input it expects as a
+:class:`Preprocessing`; :func:`check_preprocessing` compares it with what a dataset declares.
+:class:`Wav2Vec2ECGEncoder` imports fairseq-signals / ECG-FM checkpoints (``checkpoint=`` or
+:meth:`Wav2Vec2ECGEncoder.from_fairseq_checkpoint`); ``docs/encoders.md`` describes the formats.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
+import logging
+import os
+import pickle
+import re
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# --- expected input ----------------------------------------------------------------------------------
+
+#: Normalisations an encoder can expect, and what each means.
+NORMALIZATIONS = {
+    "zscore": "per lead: subtract each lead's mean and divide by its standard deviation",
+    "minmax": "global: map the record's minimum over all leads to 0 and its maximum to 1",
+}
+
+
+class PreprocessingMismatchWarning(UserWarning):
+    """Data prepared differently from what an encoder expects (``warnings.simplefilter("error", ...)``)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The input an encoder expects: ``num_samples`` per lead at ``sampling_rate`` Hz, normalised so.
+
+    fairseq-signals' preprocessing (ECG-FM, the CMSC encoders) resamples to 500 Hz, cuts 5 s
+    segments (2,500 samples) and z-scores each lead; ecglm's own default is 10 s at 250 Hz.
+    """
+
+    sampling_rate: int = 250
+    num_samples: int = 2500
+    normalization: str = "zscore"
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {sorted(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
+        if self.sampling_rate <= 0 or self.num_samples <= 0:
+            raise ValueError(
+                f"sampling_rate and num_samples must be positive, got {self.sampling_rate}, "
+                f"{self.num_samples}"
+            )
+
+
+#: Names a dataset's manifest may use for each :class:`Preprocessing` field.
+_DATA_KEYS = {
+    "sampling_rate": ("sampling_rate",),
+    "num_samples": ("num_samples",),
+    "normalization": ("normalization", "normalisation"),
+}
+
+
+#: Spellings (lower case, letters only) a manifest may use for each normalisation.
+_NORMALIZATION_ALIASES = {
+    "zscore": {"zscore", "perleadzscore", "zscoreperlead"},
+    "minmax": {"minmax", "globalminmax", "minmaxglobal"},
+}
+
+
+def _canonical_normalization(value: Any) -> str:
+    """``"per-lead z-score"``, ``"z_score"``, ``"min-max"`` ... -> ``"zscore"`` / ``"minmax"``; else as is."""
+    letters = re.sub(r"[^a-z]", "", str(value).lower())
+    return next((name for name, aliases in _NORMALIZATION_ALIASES.items() if letters in aliases), str(value))
+
+
+def _mismatch_fix(name: str, expected: Preprocessing) -> str:
+    if name == "sampling_rate":
+        return (
+            f"resample the ECGs to {expected.sampling_rate} Hz (e.g. scipy.signal.resample_poly) "
+            "or use an encoder trained at the data's rate"
+        )
+    if name == "num_samples":
+        seconds = expected.num_samples / expected.sampling_rate
+        return f"crop or pad each record to {expected.num_samples} samples ({seconds:g} s)"
+    return f"normalise the ECGs with {expected.normalization!r} ({NORMALIZATIONS[expected.normalization]})"
+
+
+def check_preprocessing(encoder_pre: Preprocessing, data_pre: Mapping[str, Any], source: str) -> list[str]:
+    """Compare an encoder's expected input with a dataset's; warn about, and return, every mismatch.
+
+    ``data_pre`` holds what the data declares (a manifest's ``preprocessing`` section): any of
+    ``sampling_rate``, ``num_samples`` and ``normalization`` (or ``normalisation``, free text such
+    as ``"per-lead z-score"``). A field the data does not declare is not checked. ``source`` names
+    the data in the messages (the manifest's path). Each mismatch is a
+    :class:`PreprocessingMismatchWarning` naming the source, both values and the fix.
+    """
+    messages = []
+    for name, keys in _DATA_KEYS.items():
+        key = next((k for k in keys if k in data_pre), None)
+        if key is None:
+            continue
+        expected, found = getattr(encoder_pre, name), data_pre[key]
+        same = _canonical_normalization(found) == expected if name == "normalization" else found == expected
+        if not same:
+            messages.append(
+                f"{source}: the data has {key}={found!r} but the encoder expects {name}={expected!r}; "
+                f"{_mismatch_fix(name, encoder_pre)}"
+            )
+    for message in messages:
+        warnings.warn(message, PreprocessingMismatchWarning, stacklevel=2)
+    return messages
+
+
+# --- modules -----------------------------------------------------------------------------------------
 
 
 class ECGEncoder(nn.Module, ABC):
@@ -20,10 +134,12 @@ class ECGEncoder(nn.Module, ABC):
     :meth:`forward`. ``pretrained`` says whether the weights come from a checkpoint that can be
     loaded again; weights that cannot (a randomly initialised encoder) are saved in ecglm's
     checkpoints even when frozen, so that a resumed or evaluated run sees the same encoder.
+    ``preprocessing`` is the input the encoder expects.
     """
 
     output_dim: int
     pretrained: bool = False
+    preprocessing: Preprocessing = Preprocessing()
 
     @abstractmethod
     def forward(self, ecg: Tensor) -> Tensor:
@@ -44,11 +160,17 @@ class _SamePad(nn.Module):
 class ConvFeatureExtractor(nn.Module):
     """wav2vec 2.0's strided convolution stack over the leads (GroupNorm on the first layer only)."""
 
-    def __init__(self, in_channels: int, conv_layers: Sequence[Sequence[int]], dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        conv_layers: Sequence[Sequence[int]],
+        dropout: float = 0.0,
+        conv_bias: bool = False,
+    ):
         super().__init__()
         layers = []
         for i, (dim, kernel, stride) in enumerate(conv_layers):
-            block = [nn.Conv1d(in_channels, dim, kernel, stride=stride, bias=False), nn.Dropout(dropout)]
+            block = [nn.Conv1d(in_channels, dim, kernel, stride=stride, bias=conv_bias), nn.Dropout(dropout)]
             if i == 0:
                 block.append(nn.GroupNorm(dim, dim, affine=True))
             block.append(nn.GELU())
@@ -144,43 +266,397 @@ class TransformerEncoder(nn.Module):
         return self.layer_norm(x) if self.layer_norm_first else x
 
 
+# --- fairseq-signals checkpoints ---------------------------------------------------------------------
+#
+# Names checked against the source of Jwoo5/fairseq-signals (the code the ECG-FM and CMSC checkpoints
+# come from): the architecture fields of ECGTransformerConfig / TransformerConfig / ConvTransformerConfig
+# (models/ecg_transformer.py, transformer.py, conv_transformer.py) and their defaults; ConvFeatureExtraction
+# (modules/conv_feature_extraction.py: conv_layers.{i}.0 conv, .2 Fp32GroupNorm on layer 0 in "default"
+# mode); ConvPositionalEncoding (modules/conv_positional_encoding.py: conv_pos.pos_conv.0, weight_norm
+# dim=2, SamePad, GELU); TransformerEncoder / TransformerEncoderLayer (modules/transformer_encoder*.py:
+# layers.N.self_attn.{q,k,v,out}_proj, self_attn_layer_norm, fc1, fc2, final_layer_norm, layer_norm
+# before the layers unless layer_norm_first). Before ecg_transformer.py existed, ConvTransformerModel
+# (models/conv_transformer.py) kept the positional convolution inside its TransformerEncoder, hence
+# ``encoder.pos_conv.*`` in older files, as in fairseq's own wav2vec 2.0.
+
+#: Pretraining-only parameters (models/wav2vec2/wav2vec2.py: quantizer, input_quantizer, project_q,
+#: project_inp, target_glu, final_proj, removed by remove_pretraining_modules; mask_emb from
+#: ConvTransformerModel / TransformerModel). The encoder's forward never uses them.
+PRETRAINING_ONLY = (
+    "mask_emb",
+    "quantizer",
+    "input_quantizer",
+    "project_q",
+    "project_inp",
+    "target_glu",
+    "final_proj",
+)
+#: Task heads of fine-tuned models, which keep the pretrained model as ``self.encoder``
+#: (models/finetuning_model.py): ``proj`` (classification/ecg_transformer_classifier.py,
+#: classification/linear_projection.py) and ``kernel`` (identification/arcface.py).
+FINETUNING_HEADS = ("proj", "kernel")
+FINETUNED_PREFIX = "encoder."
+_OLD_POS_CONV, _POS_CONV = "encoder.pos_conv.", "conv_pos.pos_conv."
+#: torch.nn.utils.weight_norm's names -> torch.nn.utils.parametrizations.weight_norm's.
+_WEIGHT_NORM = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
+
+#: Classes a checkpoint may pickle besides tensors and containers. fairseq files before Hydra store
+#: their arguments as ``args = argparse.Namespace(...)``; unpickling one only sets attributes on a
+#: plain object, which runs no code of the file's choosing.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+#: Architecture defaults, equal to fairseq-signals' ECGTransformerConfig defaults (the CMSC / ECG-FM size).
+ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "in_channels": 12,
+    "conv_layers": ((256, 2, 2),) * 4,
+    "embed_dim": 768,
+    "num_layers": 12,
+    "num_heads": 12,
+    "ffn_dim": 3072,
+    "conv_pos_kernel": 128,
+    "conv_pos_groups": 16,
+    "layer_norm_first": False,
+    "conv_bias": False,
+}
+#: fairseq-signals ``cfg['model']`` field -> Wav2Vec2ECGEncoder argument.
+FAIRSEQ_ARCHITECTURE_FIELDS = {
+    "in_d": "in_channels",
+    "conv_feature_layers": "conv_layers",
+    "encoder_embed_dim": "embed_dim",
+    "encoder_layers": "num_layers",
+    "encoder_attention_heads": "num_heads",
+    "encoder_ffn_embed_dim": "ffn_dim",
+    "conv_pos": "conv_pos_kernel",
+    "conv_pos_groups": "conv_pos_groups",
+    "layer_norm_first": "layer_norm_first",
+    "conv_bias": "conv_bias",
+}
+_MAX_REPEAT = 1000
+
+
+class CheckpointImportError(ValueError):
+    """A checkpoint that cannot be imported exactly; the message says what differs and what to do."""
+
+
+def _list_literal(node: ast.AST) -> Any:
+    """Evaluate fairseq's ``conv_feature_layers`` syntax (int/list/tuple literals, ``+``, ``*``)."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_list_literal(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _list_literal(node.left), _list_literal(node.right)
+        if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+            return left + right
+        if isinstance(node.op, ast.Mult):
+            seq, times = (left, right) if isinstance(left, list) else (right, left)
+            if isinstance(seq, list) and isinstance(times, int) and 0 <= times <= _MAX_REPEAT:
+                return seq * times
+    raise ValueError(f"unsupported expression {ast.unparse(node)!r}")
+
+
+def parse_conv_layers(spec: str | Sequence[Sequence[int]]) -> tuple[tuple[int, int, int], ...]:
+    """``"[(256, 2, 2)] * 4"`` (fairseq's string, parsed without ``eval``) or a list -> tuple of triples."""
+    try:
+        value = _list_literal(ast.parse(spec.strip(), mode="eval").body) if isinstance(spec, str) else spec
+        layers = tuple(tuple(layer) for layer in value)
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot read conv layers {spec!r}: {err}") from err
+    if not layers or any(len(x) != 3 or not all(type(v) is int and v > 0 for v in x) for x in layers):
+        raise ValueError(
+            f"conv layers must be (channels, kernel, stride) triples of positive ints, got {spec!r}"
+        )
+    return layers
+
+
+def _allow_globals(globals_: Sequence[Any]) -> contextlib.AbstractContextManager:
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is not None:
+        return scoped(list(globals_))
+    torch.serialization.add_safe_globals(list(globals_))  # torch 2.4 has only the process-wide list
+    return contextlib.nullcontext()
+
+
+def _refused_pickle_message(path: str, err: Exception) -> str:
+    match = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    what = f"the global {match.group(1)}" if match else "an object"
+    detail = "" if match else f" torch said: {str(err).strip().splitlines()[-1]}"
+    allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
+    return (
+        f"{path}: torch.load(weights_only=True) refused to unpickle {what}, because creating it could run "
+        f"code chosen by whoever wrote the file. ecglm allows tensors, plain containers and {allowed}. "
+        "If you trust the file, pass trust_pickle=True (this runs any code the pickle names); or, in an "
+        "environment you trust, re-save it as torch.save({'cfg': <plain dict>, 'model': <state dict>}, path)."
+        + detail
+    )
+
+
+def load_fairseq_checkpoint(
+    path: str | os.PathLike, *, map_location: Any = "cpu", trust_pickle: bool = False
+) -> dict[str, Any]:
+    """Read a fairseq-signals checkpoint (``{'cfg': ..., 'model': state dict}``) without running its code.
+
+    Uses ``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS` allowed; anything else pickled in
+    the file is refused with a :class:`CheckpointImportError` naming it. ``trust_pickle=True`` loads
+    with ``weights_only=False``, which executes whatever the pickle names: only for files you trust.
+    """
+    path = os.fspath(path)
+    if trust_pickle:
+        log.warning("loading %s with weights_only=False (trust_pickle=True): its pickle may run code", path)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    else:
+        try:
+            with _allow_globals(SAFE_GLOBALS):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointImportError(_refused_pickle_message(path, err)) from err
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
+        found = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointImportError(
+            f"{path} is not a fairseq-signals checkpoint: expected a dict with 'cfg' and 'model' "
+            f"(the state dict), found {found}"
+        )
+    return dict(ckpt)
+
+
+def _as_dict(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, argparse.Namespace):
+        return vars(value)
+    return dict(value) if isinstance(value, Mapping) else None
+
+
+def fairseq_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The model config of a fairseq checkpoint: ``cfg['model']``, or ``vars(args)`` for pre-Hydra files.
+
+    A fine-tuned model built its encoder from the pretrained file's config, which fairseq-signals keeps
+    as ``cfg['model']['args']`` (TransformerModel.from_pretrained sets ``cfg.args``); that one wins,
+    since the fine-tuning config's own size fields may be unrelated defaults.
+    """
+    cfg = _as_dict(ckpt.get("cfg"))
+    model = _as_dict(cfg.get("model")) if cfg else None
+    if model is None:
+        model = _as_dict(ckpt.get("args"))
+    if model is None:
+        raise CheckpointImportError(
+            "the checkpoint has neither cfg['model'] nor args: its architecture is unknown"
+        )
+    pretrained = _as_dict(model.get("args"))
+    if pretrained is not None:
+        return _as_dict(pretrained.get("model")) or pretrained
+    return model
+
+
+def fairseq_sample_rate(ckpt: Mapping[str, Any]) -> int | None:
+    """``cfg['task']['sample_rate']`` (or ``args.sample_rate``); fairseq-signals' datasets refuse others."""
+    cfg = _as_dict(ckpt.get("cfg"))
+    task = _as_dict(cfg.get("task")) if cfg else _as_dict(ckpt.get("args"))
+    rate = task.get("sample_rate") if task else None
+    return int(rate) if isinstance(rate, (int, float)) and rate > 0 else None
+
+
+def architecture_from_fairseq(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Wav2Vec2ECGEncoder arguments from a fairseq-signals model config (fairseq defaults where absent)."""
+    mode = model_cfg.get("extractor_mode", "default")
+    if mode != "default":
+        raise CheckpointImportError(
+            f"extractor_mode={mode!r} is not supported: Wav2Vec2ECGEncoder has the 'default' feature "
+            "extractor (GroupNorm on the first convolution only)"
+        )
+    arch = dict(ARCHITECTURE_DEFAULTS)
+    for field, argument in FAIRSEQ_ARCHITECTURE_FIELDS.items():
+        if model_cfg.get(field) is not None:
+            arch[argument] = model_cfg[field]
+    arch["conv_layers"] = parse_conv_layers(arch["conv_layers"])
+    return arch
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _ecglm_name(name: str) -> str:
+    if name.startswith(_OLD_POS_CONV):
+        name = _POS_CONV + name[len(_OLD_POS_CONV) :]
+    module, _, leaf = name.rpartition(".")
+    if module == _POS_CONV + "0" and leaf in _WEIGHT_NORM:
+        name = f"{module}.{_WEIGHT_NORM[leaf]}"
+    return name
+
+
+def convert_fairseq_state_dict(
+    state: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, str], list[str]]:
+    """Rename a fairseq-signals state dict to Wav2Vec2ECGEncoder's names.
+
+    Returns ``(state, source, ignored)``: the renamed tensors, each new name's key in the file, and
+    the file's keys left out (pretraining-only parameters, a fine-tuned model's task head).
+    Fine-tuned files (everything under ``encoder.``) are recognised and unwrapped.
+    """
+    finetuned = not any(k.startswith("feature_extractor.") for k in state) and any(
+        k.startswith(FINETUNED_PREFIX + "feature_extractor.") for k in state
+    )
+    converted: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+    ignored: list[str] = []
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointImportError(f"{key} holds a {type(value).__name__}, not a tensor")
+        name = key
+        if finetuned:
+            if not key.startswith(FINETUNED_PREFIX) and _under(key, FINETUNING_HEADS):
+                ignored.append(key)
+                continue
+            name = key.removeprefix(FINETUNED_PREFIX)
+        if _under(name, PRETRAINING_ONLY):
+            ignored.append(key)
+            continue
+        name = _ecglm_name(name)
+        if name in converted:
+            raise CheckpointImportError(f"{source[name]} and {key} are the same parameter ({name}) twice")
+        converted[name], source[name] = value, key
+    return converted, source, ignored
+
+
+def _key_list(keys: Sequence[str], limit: int = 40) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _describe_ignored(ignored: Sequence[str]) -> str:
+    """``["quantizer.vars", "encoder.mask_emb", "proj.weight"]`` -> ``"mask_emb, proj.*, quantizer.*"``."""
+    modules = {k.removeprefix(FINETUNED_PREFIX) for k in ignored}
+    return ", ".join(sorted({m if "." not in m else m.split(".")[0] + ".*" for m in modules}))
+
+
 class Wav2Vec2ECGEncoder(ECGEncoder):
     """The wav2vec 2.0 architecture over 12-lead ECGs, as in fairseq-signals' ``ecg_transformer``.
 
     The defaults are the CMSC / ECG-FM size: four ``(256, 2, 2)`` convolutions turn 2,500 samples
-    into 156 frames, projected to 768 and fed through 12 post-LN transformer layers.
+    into 156 frames, projected to 768 and fed through 12 post-LN transformer layers. With
+    ``checkpoint``, the architecture comes from the file's ``cfg['model']`` and its weights are
+    loaded (``pretrained`` is then True); size arguments may be left out, and one that contradicts
+    the file is an error.
 
     Args:
-        in_channels: Number of leads.
-        conv_layers: ``(channels, kernel, stride)`` of each convolution.
-        embed_dim: Transformer width (and ``output_dim``).
-        num_layers: Transformer layers.
-        num_heads: Attention heads.
-        ffn_dim: Feed-forward width.
+        in_channels: Number of leads (default 12).
+        conv_layers: ``(channels, kernel, stride)`` of each convolution (default ``((256, 2, 2),) * 4``).
+        embed_dim: Transformer width and ``output_dim`` (default 768).
+        num_layers: Transformer layers (default 12).
+        num_heads: Attention heads (default 12).
+        ffn_dim: Feed-forward width (default 3072).
         dropout: Dropout in the feature extractor and transformer.
-        conv_pos_kernel: Kernel of the convolutional positional embedding.
-        conv_pos_groups: Groups of the convolutional positional embedding.
-        layer_norm_first: Pre-LN layers instead of fairseq-signals' post-LN.
+        conv_pos_kernel: Kernel of the convolutional positional embedding (default 128).
+        conv_pos_groups: Groups of the convolutional positional embedding (default 16).
+        layer_norm_first: Pre-LN layers instead of fairseq-signals' post-LN (default False).
+        conv_bias: Biases in the feature extractor's convolutions (default False).
+        sampling_rate: Expected sampling rate in Hz (default: the checkpoint's ``cfg['task']['sample_rate']``,
+            else 250).
+        num_samples: Expected samples per lead.
+        normalization: Expected normalisation, one of :data:`NORMALIZATIONS`.
+        checkpoint: A fairseq-signals / ECG-FM ``.pt`` file to import.
+        strict: With ``checkpoint``, refuse keys the encoder does not know (missing keys and shape
+            mismatches are always refused).
+        trust_pickle: With ``checkpoint``, unpickle any object in the file (runs arbitrary code).
     """
 
     def __init__(
         self,
-        in_channels: int = 12,
-        conv_layers: Sequence[tuple[int, int, int]] = ((256, 2, 2),) * 4,
-        embed_dim: int = 768,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        ffn_dim: int = 3072,
+        in_channels: int | None = None,
+        conv_layers: Sequence[tuple[int, int, int]] | None = None,
+        embed_dim: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        ffn_dim: int | None = None,
         dropout: float = 0.1,
-        conv_pos_kernel: int = 128,
-        conv_pos_groups: int = 16,
-        layer_norm_first: bool = False,
+        conv_pos_kernel: int | None = None,
+        conv_pos_groups: int | None = None,
+        layer_norm_first: bool | None = None,
+        conv_bias: bool | None = None,
+        sampling_rate: int | None = None,
+        num_samples: int = 2500,
+        normalization: str = "zscore",
+        checkpoint: str | None = None,
+        strict: bool = True,
+        trust_pickle: bool = False,
     ):
         super().__init__()
+        given = {
+            "in_channels": in_channels,
+            "conv_layers": conv_layers,
+            "embed_dim": embed_dim,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "ffn_dim": ffn_dim,
+            "conv_pos_kernel": conv_pos_kernel,
+            "conv_pos_groups": conv_pos_groups,
+            "layer_norm_first": layer_norm_first,
+            "conv_bias": conv_bias,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        ckpt = load_fairseq_checkpoint(checkpoint, trust_pickle=trust_pickle) if checkpoint else None
+        arch = self._architecture(given, ckpt, checkpoint)
+        rate = self._sampling_rate(sampling_rate, ckpt, checkpoint)
+        self.preprocessing = Preprocessing(rate, num_samples, normalization)
+        self._build(dropout=dropout, **arch)
+        self.checkpoint = os.fspath(checkpoint) if checkpoint else None
+        if ckpt is not None:
+            self.load_fairseq_state_dict(ckpt["model"], strict=strict, source=self.checkpoint)
+            self.pretrained = True
+
+    @staticmethod
+    def _architecture(given: dict[str, Any], ckpt: Mapping | None, path: str | None) -> dict[str, Any]:
+        if "conv_layers" in given:
+            given["conv_layers"] = parse_conv_layers(given["conv_layers"])
+        if ckpt is None:
+            return {**ARCHITECTURE_DEFAULTS, **given}
+        arch = architecture_from_fairseq(fairseq_model_config(ckpt))
+        conflicts = [f"{k}={v!r} (the file has {arch[k]!r})" for k, v in given.items() if v != arch[k]]
+        if conflicts:
+            raise ValueError(
+                f"the architecture comes from checkpoint {path}, and these arguments contradict it: "
+                f"{'; '.join(conflicts)}. Leave them out, or use a checkpoint of that size."
+            )
+        return arch
+
+    @staticmethod
+    def _sampling_rate(given: int | None, ckpt: Mapping | None, path: str | None) -> int:
+        trained = fairseq_sample_rate(ckpt) if ckpt is not None else None
+        if given is None:
+            return trained or Preprocessing.sampling_rate
+        if trained is not None and given != trained:
+            warnings.warn(
+                f"checkpoint {path} was trained on {trained} Hz ECGs (cfg['task']['sample_rate']) but "
+                f"sampling_rate={given} was given: the encoder will expect {given} Hz input. Leave "
+                "sampling_rate out to use the rate it was trained at.",
+                PreprocessingMismatchWarning,
+                stacklevel=3,
+            )
+        return given
+
+    def _build(
+        self,
+        *,
+        in_channels: int,
+        conv_layers: Sequence[tuple[int, int, int]],
+        embed_dim: int,
+        num_layers: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        conv_pos_kernel: int,
+        conv_pos_groups: int,
+        layer_norm_first: bool,
+        conv_bias: bool,
+    ) -> None:
         self.output_dim = embed_dim
         self.in_channels = in_channels
+        self.conv_layers = tuple(conv_layers)
         feature_dim = conv_layers[-1][0]
-        self.feature_extractor = ConvFeatureExtractor(in_channels, conv_layers, dropout)
+        self.feature_extractor = ConvFeatureExtractor(in_channels, conv_layers, dropout, conv_bias)
         self.layer_norm = nn.LayerNorm(feature_dim)
         self.post_extract_proj = (
             nn.Linear(feature_dim, embed_dim) if feature_dim != embed_dim else nn.Identity()
@@ -190,6 +666,65 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
         self.encoder = TransformerEncoder(
             embed_dim, num_layers, num_heads, ffn_dim, dropout, layer_norm_first
         )
+
+    @classmethod
+    def from_fairseq_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        strict: bool = True,
+        map_location: str | torch.device = "cpu",
+        trust_pickle: bool = False,
+        **overrides: Any,
+    ) -> Wav2Vec2ECGEncoder:
+        """Import a fairseq-signals / ECG-FM checkpoint (pretrained or fine-tuned).
+
+        The architecture comes from the file; ``overrides`` may set the other constructor arguments
+        (``dropout``, ``sampling_rate``, ``num_samples``, ``normalization``) and repeat size arguments
+        that agree with the file. The encoder is moved to ``map_location`` after loading.
+        """
+        encoder = cls(checkpoint=os.fspath(path), strict=strict, trust_pickle=trust_pickle, **overrides)
+        return encoder.to(map_location)
+
+    def load_fairseq_state_dict(
+        self, state: Mapping[str, Tensor], *, strict: bool = True, source: str = "state dict"
+    ) -> list[str]:
+        """Load fairseq-signals weights exactly; return the file's keys that were left out on purpose.
+
+        Missing keys and shape mismatches always raise :class:`CheckpointImportError` listing them;
+        unknown keys raise too unless ``strict=False`` (then they are listed in a warning).
+        """
+        converted, keys_in_file, ignored = convert_fairseq_state_dict(state)
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(converted))
+        unknown = sorted(keys_in_file[k] for k in set(converted) - set(expected))
+        if missing or (unknown and strict):
+            raise CheckpointImportError(
+                f"{source} does not fit this Wav2Vec2ECGEncoder (nothing was loaded).\n"
+                f"  missing from the file ({len(missing)}): {_key_list(missing)}\n"
+                f"  unknown to the encoder ({len(unknown)}): {_key_list(unknown)}"
+            )
+        if unknown:
+            warnings.warn(
+                f"{source}: ignoring keys unknown to the encoder (strict=False): {unknown}", stacklevel=2
+            )
+        shapes = [
+            f"{keys_in_file[k]}: file {tuple(converted[k].shape)} vs encoder {tuple(v.shape)}"
+            for k, v in expected.items()
+            if tuple(converted[k].shape) != tuple(v.shape)
+        ]
+        if shapes:
+            raise CheckpointImportError(f"{source}: shape mismatch (nothing was loaded): {'; '.join(shapes)}")
+        self.load_state_dict({k: converted[k] for k in expected}, strict=True)
+        if ignored:
+            log.info("%s: left out %d unused keys (%s)", source, len(ignored), _describe_ignored(ignored))
+        return ignored
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames returned for ``num_samples`` input samples: ``floor((n - k) / s) + 1`` per convolution."""
+        for _, kernel, stride in self.conv_layers:
+            num_samples = (num_samples - kernel) // stride + 1
+        return num_samples
 
     def forward(self, ecg: Tensor) -> Tensor:
         if ecg.dim() != 3 or ecg.shape[1] != self.in_channels:
