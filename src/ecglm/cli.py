@@ -1,4 +1,9 @@
-"""The ``ecglm`` command: Lightning's CLI (``fit``, ``validate``, ``test``, ``predict``) plus ``plugins``.
+"""The ``ecglm`` command: Lightning's CLI (``fit``, ``validate``, ``test``, ``predict``) and our own
+``evaluate`` and ``plugins``.
+
+``ecglm evaluate --config recipe.yaml --ckpt_path PATH`` runs the evaluation protocol
+(:class:`ecglm.evaluation.EvaluationProtocol`): several seeds, the no-signal ablations, a report.
+Its settings are the recipe's ``evaluate:`` section (every subcommand accepts and ignores it).
 
 Plugins are discovered before the parser is built, so a recipe may name a component by its
 entry-point name (``class_path: hf``) as well as by its import path.
@@ -14,6 +19,7 @@ import yaml
 from jsonargparse import set_loader
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from ecglm.evaluation import EvaluationProtocol
 from ecglm.module import ECGLanguageModel, save_run_file
 from ecglm.plugins import Registry, UnknownComponentError, discover, format_registry, resolve_class_paths
 
@@ -57,6 +63,20 @@ def _make_loader(registry: Registry):
 class ECGLMCLI(LightningCLI):
     """LightningCLI over :class:`ECGLanguageModel` and any LightningDataModule."""
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # A recipe carries its evaluation protocol; only `ecglm evaluate` acts on it.
+        parser.add_class_arguments(EvaluationProtocol, "evaluate", instantiate=False)
+
+
+def run_evaluate(args: list[str], registry: Registry | None = None) -> dict[str, Any]:
+    """``ecglm evaluate``: build model, data and trainer from the recipe, then run the protocol."""
+    args = ["--evaluate.ckpt_path" if a == "--ckpt_path" else a for a in args]
+    args = [f"--evaluate.ckpt_path={a.split('=', 1)[1]}" if a.startswith("--ckpt_path=") else a for a in args]
+    cli = run_cli(args, registry=registry, run=False)
+    protocol = EvaluationProtocol(**cli.config["evaluate"].as_dict())
+    config_text = cli.parser.dump(cli.config, skip_none=False)
+    return protocol.run(cli.trainer, cli.model, cli.datamodule, config_text)
+
 
 def run_cli(args: list[str] | None, registry: Registry | None = None, run: bool = True) -> ECGLMCLI:
     registry = registry or discover()
@@ -82,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         registry = discover()
         print(format_registry(registry))
         return 1 if registry.failures else 0
+    if args[:1] == ["evaluate"]:
+        run_evaluate(args[1:])
+        return 0
     # LightningCLI reads sys.argv itself when args is None (and warns when given both).
     run_cli(args if argv is not None else None)
     return 0

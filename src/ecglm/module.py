@@ -8,26 +8,23 @@ trainable parameters, plus every weight of a component that has no pretrained so
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
 from ecglm import __version__
 from ecglm.backbones import Backbone
 from ecglm.connectors import Connector
 from ecglm.encoders import ECGEncoder
+from ecglm.evaluation import AnswerEvaluation, Decoding, MetricsConfig, render_markdown, summarize
 from ecglm.io import atomic_write_bytes
+from ecglm.metrics import AnswerTokenStats
 from ecglm.peft import PEFTPolicy, ProjectionOnly, count_parameters
-
-#: Evaluation conditions: the real ECG, and the no-signal ablation with the ECG zeroed.
-CONDITIONS = ("ecg", "zeroed_ecg")
 
 
 def save_run_file(trainer: L.Trainer, name: str, text: str) -> Path:
@@ -38,11 +35,6 @@ def save_run_file(trainer: L.Trainer, name: str, text: str) -> Path:
         if run_id and hasattr(logger.experiment, "log_artifact"):
             logger.experiment.log_artifact(run_id, str(path))
     return path
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace — the normalisation of exact match."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 class ECGLanguageModel(L.LightningModule):
@@ -58,7 +50,12 @@ class ECGLanguageModel(L.LightningModule):
         warmup_steps: Linear warm-up steps of the schedule.
         lr_scheduler: A transformers scheduler name (``cosine``, ``linear``, ``constant_with_warmup``, ...),
             stepped every optimizer step.
-        max_new_tokens: Longest generated answer in evaluation.
+        decoding: Decoding of generated answers in validation, ``ecglm test`` and ``ecglm evaluate``.
+        evaluation: Metrics, BERTScore model, the normal/abnormal answer mapping and the no-signal
+            ablations (``zeroed_ecg``, ``text_only``) run beside every evaluation.
+        val_generation_samples: Validation QA pairs whose answers are generated and scored with the
+            same metrics each validation (0: loss and answer-token statistics only). Lets
+            ModelCheckpoint select by ``val/acc`` rather than by loss.
     """
 
     def __init__(
@@ -71,10 +68,20 @@ class ECGLanguageModel(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_scheduler: str = "cosine",
-        max_new_tokens: int = 16,
+        decoding: Decoding | None = None,
+        evaluation: MetricsConfig | None = None,
+        val_generation_samples: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "connector", "backbone", "policy"])
+        self.save_hyperparameters(
+            ignore=["encoder", "connector", "backbone", "policy", "decoding", "evaluation"]
+        )
+        self.decoding = Decoding(**decoding) if isinstance(decoding, dict) else decoding or Decoding()
+        self.metrics_config = (
+            MetricsConfig(**evaluation) if isinstance(evaluation, dict) else evaluation or MetricsConfig()
+        )
+        # Plain dicts in the hyper-parameters: logged to MLflow, and no pickled classes in checkpoints.
+        self.hparams.update(decoding=asdict(self.decoding), evaluation=asdict(self.metrics_config))
         self.encoder = encoder
         self.connector = connector
         self.backbone = backbone
@@ -83,8 +90,12 @@ class ECGLanguageModel(L.LightningModule):
         self.policy.apply(encoder, connector, backbone)
         # Frozen pretrained weights are not in our checkpoints; _check_checkpoint_keys guards the rest.
         self.strict_loading = False
-        self.exact_match = torch.nn.ModuleDict({c: MeanMetric() for c in CONDITIONS})
-        self._test_records: list[dict[str, Any]] = []
+        # Evaluation state lives outside the module tree (plain dicts): a BERTScore model is never a
+        # submodule, so it can neither become "trainable" nor end up in a checkpoint.
+        self._evaluations: dict[str, AnswerEvaluation] = {}
+        self._token_stats: dict[str, AnswerTokenStats] = {}
+        self._val_generated = 0
+        self.evaluation_result: dict[str, Any] | None = None
         self._weights_from = "initialisation"  # becomes "training" or "checkpoint"
 
     def train(self, mode: bool = True) -> ECGLanguageModel:
@@ -119,50 +130,98 @@ class ECGLanguageModel(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = self(batch).loss
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["ecg"].shape[0], sync_dist=True)
+        out = self(batch)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["ecg"].shape[0], sync_dist=True)
+        # Logits cover the answer span (or everything); position i predicts label i + 1.
+        span = out.logits.shape[1] - 1
+        self._stats("val").update(out.logits[:, :-1].float(), batch["labels"][:, -span:])
+        evaluation = self._evaluations.get("val")
+        wanted = self.hparams.val_generation_samples
+        if evaluation is not None and "prompt" in batch and self._val_generated < wanted:
+            answers = self.generate_answers(batch, "ecg", prompt=batch["prompt"])
+            evaluation.update("ecg", answers, batch)
+            self._val_generated += len(answers)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_generated = 0
+        if self.hparams.val_generation_samples > 0 and "val" not in self._evaluations:
+            self._evaluations["val"] = self._build_evaluation("val", conditions=("ecg",), keep_records=False)
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self._stats("val")
+        for name, value in stats.compute().items():
+            self.log(f"val/{name}", float(value))
+        stats.reset()
+        evaluation = self._evaluations.get("val")
+        if evaluation is None:
+            return
+        datasets = evaluation.compute()["conditions"]["ecg"]["datasets"]
+        overall = datasets.get("all") or next(iter(datasets.values()), {})
+        for name, value in overall.items():
+            if name != "n":
+                self.log(f"val/{name}", value, prog_bar=name == "acc")
+        evaluation.reset()
+
+    def _stats(self, split: str) -> AnswerTokenStats:
+        if split not in self._token_stats:
+            self._token_stats[split] = AnswerTokenStats().to(self.device)
+        return self._token_stats[split]
+
+    def _build_evaluation(
+        self, split: str, conditions: tuple[str, ...] | None = None, keep_records: bool = True
+    ) -> AnswerEvaluation:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "eval_groups"):
+            datasets, question_types = datamodule.eval_groups(split)
+        else:
+            datasets, question_types = ["unknown"], None
+        evaluation = AnswerEvaluation(
+            self.metrics_config,
+            datasets,
+            question_types,
+            conditions=conditions,
+            keep_records=keep_records,
+        )
+        return evaluation.to(self.device)
 
     # --- evaluation -----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate_answers(
-        self, batch: dict[str, Any], zero_ecg: bool = False, **generation_kwargs: Any
+        self,
+        batch: dict[str, Any],
+        condition: str = "ecg",
+        prompt: dict[str, Any] | None = None,
+        **generation_kwargs: Any,
     ) -> list[str]:
-        """Greedy answers for a left-padded prompt batch (``collate(..., for_generation=True)``)."""
-        ecg = torch.zeros_like(batch["ecg"]) if zero_ecg else batch["ecg"]
-        generation_kwargs.setdefault("max_new_tokens", self.hparams.max_new_tokens)
-        generation_kwargs.setdefault("do_sample", False)
+        """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
+
+        ``condition`` is ``ecg``, ``zeroed_ecg`` (ECG tokens of an all-zero signal) or ``text_only``
+        (the batch's ``text_only`` prompts, which have no ECG positions). Decoding follows
+        ``self.decoding`` unless ``generation_kwargs`` say otherwise.
+        """
+        if condition == "text_only":
+            fields = batch["text_only"]
+            ecg_tokens = torch.zeros(
+                (batch["ecg"].shape[0], 0, self.backbone.hidden_size), device=self.device
+            )
+        elif condition in ("ecg", "zeroed_ecg"):
+            fields = prompt or batch
+            ecg = torch.zeros_like(batch["ecg"]) if condition == "zeroed_ecg" else batch["ecg"]
+            ecg_tokens = self.ecg_tokens(ecg)
+        else:
+            raise ValueError(f"unknown condition {condition!r}; expected ecg, zeroed_ecg or text_only")
+        kwargs = {**self.decoding.generation_kwargs(), **generation_kwargs}
         new_ids = self.backbone.generate(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["ecg_mask"],
-            self.ecg_tokens(ecg),
-            **generation_kwargs,
+            fields["input_ids"], fields["attention_mask"], fields["ecg_mask"], ecg_tokens, **kwargs
         )
         texts = self.backbone.formatter.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        for condition in CONDITIONS:
-            answers = self.generate_answers(batch, zero_ecg=condition == "zeroed_ecg")
-            pairs = zip(answers, batch["answer"], strict=True)
-            correct = torch.tensor(
-                [normalize_answer(p) == normalize_answer(r) for p, r in pairs],
-                dtype=torch.float32,
-                device=self.device,
-            )
-            self.exact_match[condition].update(correct)
-            for i, prediction in enumerate(answers):
-                self._test_records.append(
-                    {
-                        "key": batch["key"][i],
-                        "question_type": batch["question_type"][i],
-                        "condition": condition,
-                        "reference": batch["answer"][i],
-                        "prediction": prediction,
-                        "correct": bool(correct[i]),
-                    }
-                )
+        evaluation = self._evaluations["test"]
+        for condition in evaluation.conditions:
+            evaluation.update(condition, self.generate_answers(batch, condition), batch)
 
     def on_test_start(self) -> None:
         if self._weights_from == "initialisation" and any(p.requires_grad for p in self.parameters()):
@@ -170,52 +229,26 @@ class ECGLanguageModel(L.LightningModule):
                 "refusing to evaluate untrained weights: no checkpoint was loaded (pass --ckpt_path with a "
                 "checkpoint file, or `last` when the recipe's ModelCheckpoint has save_last: true)"
             )
-
-    def on_test_epoch_start(self) -> None:
-        self._test_records = []
+        # Built per test run: the groups come from the data, which may change between runs.
+        self._evaluations["test"] = self._build_evaluation("test")
 
     def on_test_epoch_end(self) -> None:
-        scores = {c: float(self.exact_match[c].compute()) * 100 for c in CONDITIONS}
-        for c in CONDITIONS:
-            self.log(f"test/exact_match_{c}", scores[c])
-            self.exact_match[c].reset()
-        self.log("test/exact_match_gap", scores["ecg"] - scores["zeroed_ecg"])
-        report = self._test_report(scores)
-        self.print(report["text"])
-        self._save_test_report(report)
-
-    def _test_report(self, scores: dict[str, float]) -> dict[str, Any]:
-        by_type: dict[tuple[str, str], list[bool]] = defaultdict(list)
-        for r in self._test_records:
-            by_type[(r["question_type"], r["condition"])].append(r["correct"])
-        types = sorted({t for t, _ in by_type})
-        lines = [
-            "",
-            "Exact-match accuracy on the held-out split (%)",
-            f"  {'question type':<16}{'with ECG':>10}{'ECG zeroed':>12}",
-            f"  {'all':<16}{scores['ecg']:>10.1f}{scores['zeroed_ecg']:>12.1f}",
-        ]
-        per_type = {}
-        for t in types:
-            acc = {c: 100 * sum(by_type[(t, c)]) / max(len(by_type[(t, c)]), 1) for c in CONDITIONS}
-            per_type[t] = acc
-            lines.append(f"  {t:<16}{acc['ecg']:>10.1f}{acc['zeroed_ecg']:>12.1f}")
-        lines.append(f"  gap (with ECG - zeroed): {scores['ecg'] - scores['zeroed_ecg']:+.1f} points")
-        n = sum(1 for r in self._test_records if r["condition"] == "ecg")
-        lines.append(f"  {n} questions on this process")
-        return {
-            "text": "\n".join(lines),
-            "exact_match": scores,
-            "per_question_type": per_type,
-            "records": self._test_records,
-        }
-
-    def _save_test_report(self, report: dict[str, Any]) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        payload = {k: v for k, v in report.items() if k != "text"}
-        path = save_run_file(self.trainer, "test_report.json", json.dumps(payload, indent=2))
-        self.print(f"  report: {path}")
+        evaluation = self._evaluations["test"]
+        result = evaluation.compute()
+        evaluation.reset()
+        self.evaluation_result = result
+        for condition, entry in result["conditions"].items():
+            for dataset, values in entry["datasets"].items():
+                for name, value in values.items():
+                    if name != "n":
+                        self.log(f"test/{condition}/{dataset}/{name}", value)
+        summary = summarize([result])
+        text = render_markdown(summary, {"decoding": asdict(self.decoding)})
+        self.print(text)
+        if self.trainer.is_global_zero:
+            payload = {"decoding": asdict(self.decoding), **result}
+            path = save_run_file(self.trainer, "test_report.json", json.dumps(payload, indent=2))
+            self.print(f"  report: {path}")
 
     # --- optimisation -----------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def test_manifest_describes_splits_and_preprocessing(built: tuple[Path, dict]) -
     out_dir, manifest = built
 
     assert manifest == read_manifest(out_dir)
-    assert manifest["dataset"] == "synthetic-heart-qa" and manifest["version"] == 2
+    assert manifest["dataset"] == "synthetic-heart-qa" and manifest["version"] == 3
     assert manifest["params"] == SyntheticHeartQA(**SMALL).params
     assert manifest["params"]["beat_source"] == "neurokit2"
     assert manifest["preprocessing"] == {
@@ -61,6 +61,8 @@ def test_manifest_describes_splits_and_preprocessing(built: tuple[Path, dict]) -
     ]
     assert [s["num_samples"] for s in train["shards"]] == [10, 10, 4]
     assert manifest["splits"]["test"]["num_qa"] == 20
+    assert manifest["splits"]["test"]["datasets"] == {"synthetic-heart-qa": 20}
+    assert manifest["splits"]["test"]["question_types"] == ["heart-rate", "rhythm"]
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         ["manifest.json"] + [s["path"] for split in manifest["splits"].values() for s in split["shards"]]
     )

@@ -7,7 +7,9 @@ the backbone's :class:`~ecglm.backbones.ChatFormatter`.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +22,8 @@ from torch.utils.data import DataLoader
 
 from ecglm.backbones import IGNORE_INDEX, ChatFormatter
 from ecglm.data.shards import read_manifest
+from ecglm.encoders import check_preprocessing
+from ecglm.metrics import answer_text
 
 SPLITS = ("train", "val", "test")
 
@@ -41,26 +45,60 @@ def expand_qa(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                 "question": qa["question"],
                 "answer": qa["answer"],
                 "question_type": qa.get("question_type", "unknown"),
+                "dataset": meta.get("dataset", "unknown"),
             }
+
+
+def subset_fraction(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) fixed by ``(seed, key)``: the evaluation subset keeps keys below a rate.
+
+    Hashing the key (not drawing from a stream RNG) gives the same subset for a seed however the
+    stream is split across loader workers and DDP ranks, without a pass over the data.
+    """
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class SubsetFilter:
+    """Keeps a QA pair of dataset ``d`` with probability ``rates[d]`` (Bernoulli by key hash); picklable."""
+
+    def __init__(self, rates: dict[str, float], seed: int):
+        self.rates, self.seed = rates, seed
+
+    def __call__(self, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for item in items:
+            rate = self.rates.get(item["dataset"], 1.0)
+            if rate >= 1.0 or subset_fraction(self.seed, item["key"]) < rate:
+                yield item
 
 
 class QACollator:
     """Tokenise and pad QA items into a batch; picklable, so it runs in loader workers.
 
     Batches are left-padded, so every answer ends at the last position (the backbone then computes
-    logits for the answer span only); generation batches hold prompts without the answer and carry
-    the reference answers as strings.
+    logits for the answer span only). Generation batches (``for_generation``) hold prompts without
+    the answer, the reference answers as strings, and under ``text_only`` the same prompts with no
+    ECG positions (the text-only ablation). ``with_prompts`` adds the generation prompts to a
+    teacher-forced batch (``batch["prompt"]``), for metrics on generated answers during validation.
     """
 
-    def __init__(self, formatter: ChatFormatter, num_ecg_tokens: int, for_generation: bool = False):
+    def __init__(
+        self,
+        formatter: ChatFormatter,
+        num_ecg_tokens: int,
+        for_generation: bool = False,
+        with_prompts: bool = False,
+    ):
         self.formatter = formatter
         self.num_ecg_tokens = num_ecg_tokens
         self.for_generation = for_generation
+        self.with_prompts = with_prompts
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        k = self.num_ecg_tokens
+    def _pad(self, items: list[dict[str, Any]], with_answer: bool, num_ecg_tokens: int) -> dict[str, Any]:
+        k = num_ecg_tokens
+        # ECG-QA answers are lists; the model reads and writes them as "a, b" (metrics compare sets).
         encoded = [
-            self.formatter.encode(it["question"], None if self.for_generation else it["answer"], k)
+            self.formatter.encode(it["question"], answer_text(it["answer"]) if with_answer else None, k)
             for it in items
         ]
         length = max(len(e.input_ids) for e in encoded)
@@ -76,17 +114,26 @@ class QACollator:
             labels[row, start : start + n] = torch.tensor(e.labels)
             attention_mask[row, start : start + n] = 1
             ecg_mask[row, start + e.ecg_start : start + e.ecg_start + k] = True
-        batch = {
-            "ecg": torch.from_numpy(np.stack([np.asarray(it["ecg"], dtype=np.float32) for it in items])),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "ecg_mask": ecg_mask,
-            "key": [it["key"] for it in items],
-            "question_type": [it["question_type"] for it in items],
-            "answer": [it["answer"] for it in items],
-        }
-        if not self.for_generation:
-            batch["labels"] = labels
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "ecg_mask": ecg_mask}
+        if with_answer:
+            out["labels"] = labels
+        return out
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self._pad(items, not self.for_generation, self.num_ecg_tokens)
+        batch.update(
+            {
+                "ecg": torch.from_numpy(np.stack([np.asarray(it["ecg"], dtype=np.float32) for it in items])),
+                "key": [it["key"] for it in items],
+                "question_type": [it["question_type"] for it in items],
+                "dataset": [it.get("dataset", "unknown") for it in items],
+                "answer": [it["answer"] for it in items],
+            }
+        )
+        if self.for_generation:
+            batch["text_only"] = self._pad(items, with_answer=False, num_ecg_tokens=0)
+        elif self.with_prompts:
+            batch["prompt"] = self._pad(items, with_answer=False, num_ecg_tokens=self.num_ecg_tokens)
         return batch
 
 
@@ -125,6 +172,7 @@ class ECGQADataModule(L.LightningDataModule):
         self.formatter: ChatFormatter | None = None
         self.num_ecg_tokens: int | None = None
         self.manifest: dict | None = None
+        self._test_subset: tuple[dict[str, float], int] | None = None
 
     def prepare_data(self) -> None:
         if self.builder is not None:
@@ -144,6 +192,12 @@ class ECGQADataModule(L.LightningDataModule):
         model = getattr(self.trainer, "lightning_module", None) if self.trainer else None
         if model is not None:
             self.attach(model.backbone.formatter, model.num_ecg_tokens)
+            expected = getattr(model.encoder, "preprocessing", None)
+            if expected is not None and "preprocessing" in self.manifest:
+                # Warns loudly (PreprocessingMismatchWarning) for each field that differs.
+                check_preprocessing(
+                    expected, self.manifest["preprocessing"], str(self.data_dir / "manifest.json")
+                )
 
     def _urls(self, split: str) -> list[str]:
         urls = []
@@ -156,7 +210,58 @@ class ECGQADataModule(L.LightningDataModule):
             urls.append(str(path))
         return urls
 
-    def _loader(self, split: str, batch_size: int, train: bool, for_generation: bool) -> DataLoader:
+    def qa_counts(self, split: str) -> dict[str, int]:
+        """QA pairs per dataset in ``split`` from the manifest (``splits[split]["datasets"]`` in mixtures)."""
+        info = self.manifest["splits"][split]
+        return dict(info.get("datasets") or {self.manifest.get("dataset", "unknown"): info["num_qa"]})
+
+    def eval_groups(self, split: str = "test") -> tuple[list[str], list[str] | None]:
+        """Dataset names and question types of ``split`` (``None`` when the manifest does not list them)."""
+        if self.manifest is None:
+            self.manifest = read_manifest(self.data_dir)
+        types = self.manifest["splits"][split].get("question_types")
+        return sorted(self.qa_counts(split)), sorted(types) if types is not None else None
+
+    def set_test_subset(self, samples_per_dataset: int | dict[str, int] | None, seed: int) -> dict[str, int]:
+        """Evaluate on about ``samples_per_dataset`` QA pairs per dataset, chosen by ``seed``.
+
+        Each pair is kept with probability ``n / count`` by a hash of (seed, key), so the subset is
+        reproducible, identical under any worker or rank split, and needs no pass over the data; its
+        size is binomial around ``n`` (the report states the real count). ``None`` (or a dataset
+        missing from a dict) keeps every pair. Returns the expected size per dataset.
+        """
+        if self.manifest is None:
+            self.manifest = read_manifest(self.data_dir)
+        counts = self.qa_counts("test")
+        if samples_per_dataset is None:
+            self._test_subset = None
+            return counts
+        wanted = (
+            dict.fromkeys(counts, samples_per_dataset)
+            if isinstance(samples_per_dataset, int)
+            else {d: samples_per_dataset.get(d, n) for d, n in counts.items()}
+        )
+        unknown = (
+            sorted(set(samples_per_dataset) - set(counts)) if isinstance(samples_per_dataset, dict) else []
+        )
+        if unknown:
+            warnings.warn(
+                f"samples per dataset name {unknown}, which {self.data_dir / 'manifest.json'} does not hold "
+                f"(its test split has {sorted(counts)})",
+                stacklevel=2,
+            )
+        rates = {d: min(1.0, wanted[d] / n) if n else 1.0 for d, n in counts.items()}
+        self._test_subset = (rates, seed)
+        return {d: min(wanted[d], n) for d, n in counts.items()}
+
+    def _loader(
+        self,
+        split: str,
+        batch_size: int,
+        train: bool,
+        for_generation: bool,
+        subset: tuple[dict[str, float], int] | None = None,
+    ) -> DataLoader:
         if self.formatter is None:
             raise RuntimeError(
                 "ECGQADataModule needs attach(formatter, num_ecg_tokens) or a Trainer with a model"
@@ -173,11 +278,20 @@ class ECGQADataModule(L.LightningDataModule):
             empty_check=False,
         ).decode()
         dataset = dataset.compose(expand_qa)
-        if train:
-            dataset = dataset.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, num_qa))
-        per_rank = num_qa // world if train else math.ceil(num_qa / world)
-        dataset = dataset.with_length(per_rank)
-        collate = QACollator(self.formatter, self.num_ecg_tokens, for_generation=for_generation)
+        if subset is not None:
+            # The subset's size is only known in expectation: no length, so no loop stops early.
+            dataset = dataset.compose(SubsetFilter(*subset))
+        else:
+            if train:
+                dataset = dataset.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, num_qa))
+            per_rank = num_qa // world if train else math.ceil(num_qa / world)
+            dataset = dataset.with_length(per_rank)
+        collate = QACollator(
+            self.formatter,
+            self.num_ecg_tokens,
+            for_generation=for_generation,
+            with_prompts=split == "val",
+        )
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -193,4 +307,6 @@ class ECGQADataModule(L.LightningDataModule):
         return self._loader("val", self.eval_batch_size, train=False, for_generation=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, train=False, for_generation=True)
+        return self._loader(
+            "test", self.eval_batch_size, train=False, for_generation=True, subset=self._test_subset
+        )

@@ -29,7 +29,7 @@ from ecglm.data.shards import MANIFEST_NAME, read_manifest, sha256_file, write_m
 log = logging.getLogger(__name__)
 
 DATASET = "synthetic-heart-qa"
-VERSION = 2  # 2: heart-rate questions list the exact answer words
+VERSION = 3  # 2: heart-rate questions list the exact answer words; 3: splits list datasets, question types
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 SPLITS = ("train", "val", "test")
 HEART_RATE_CLASSES = {"bradycardia": (40.0, 52.0), "normal": (65.0, 92.0), "tachycardia": (110.0, 150.0)}
@@ -349,4 +349,10 @@ class SyntheticHeartQA:
             stale.unlink()
         records = (self.make_record(split, i) for i in range(size))
         shards = write_shards(records, out_dir, split, self.max_samples_per_shard)
-        return {"num_ecgs": size, "num_qa": 2 * size, "shards": shards}
+        return {
+            "num_ecgs": size,
+            "num_qa": len(QUESTIONS) * size,
+            "datasets": {DATASET: len(QUESTIONS) * size},
+            "question_types": sorted(QUESTIONS),
+            "shards": shards,
+        }

