@@ -480,6 +480,19 @@ def test_bertscore_num_layers_matches_torchmetrics(minilm):
         BERTScoreF1(minilm, num_layers=7).update(["a"], ["a"])
 
 
+def test_bertscore_embedding_cache_is_exact_and_bounded(minilm, monkeypatch):
+    pairs = REPORT_PAIRS[:6]
+    preds, target = [p for p, _ in pairs], [t for _, t in pairs]
+    fresh = per_pair(BERTScoreF1, preds, target, model=minilm)
+    metric = BERTScoreF1(minilm, batch_size=4, num_groups=len(preds))
+    slots = list(range(1, len(preds) + 1))
+    monkeypatch.setattr(metrics, "BERTSCORE_CACHE_SIZE", 3)
+    metric.update(preds, target, slots)
+    metric.update(preds, target, slots)  # second pass: from the cache (partly evicted)
+    assert len(metric._embedding_cache) == 3
+    assert metric.compute()[1:].tolist() == pytest.approx(fresh, abs=1e-6)
+
+
 def test_bertscore_disabled_and_missing_package():
     assert "bertscore_f1" not in TextMetrics(bertscore_model=None).metric_names
     assert "bertscore_f1" not in TextMetrics(metrics=("acc",)).metric_names

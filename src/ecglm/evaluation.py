@@ -344,7 +344,7 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     if failures:
         lines += ["## Failure modes (condition `ecg`, first seed)", ""]
         lines.append(
-            f"- wrong answers: {failures['num_wrong']}; defaulting to `none`: "
+            f"- wrong answers: {failures['num_wrong']}; defaulting to a normal answer (`normal_answers`): "
             f"{100 * failures['share_wrong_default_none']:.1f}%; sharing a clinical term with the reference: "
             f"{100 * failures['share_wrong_related']:.1f}%"
         )

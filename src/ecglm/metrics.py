@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +52,8 @@ WORDNET_APT_COMMAND = "apt-get install wordnet-base wordnet-sense-index"
 
 # Binned (constant-memory) AUROC; scores that fall between grid points give the exact AUROC.
 AUROC_THRESHOLDS = 201
+#: Distinct texts whose BERTScore token embeddings are kept (a few MB for short answers).
+BERTSCORE_CACHE_SIZE = 20_000
 
 # WordNet 3.0's 45 lexicographer files (number, name, syntactic category: noun 1, verb 2, adjective 3,
 # adverb 4), from the table in the lexnames(5WN) man page of Debian's wordnet-base (WordNet 3.0, Dec 2006).
@@ -339,6 +341,9 @@ class BERTScoreF1(_GroupedMean):
         self.num_layers = num_layers
         self.batch_size = batch_size
         self._encoder: tuple[Any, torch.nn.Module] | None = None  # a tuple: not registered as a submodule
+        # Token embeddings per distinct text (a text's embedding does not depend on its pair). QA answers
+        # repeat a small vocabulary, so most texts are embedded once; bounded, oldest evicted first.
+        self._embedding_cache: OrderedDict[str, Tensor] = OrderedDict()
 
     def _load(self) -> tuple[Any, torch.nn.Module]:
         if self._encoder is None:
@@ -366,20 +371,40 @@ class BERTScoreF1(_GroupedMean):
         hidden = hidden / hidden.norm(dim=-1, keepdim=True) * mask.unsqueeze(-1)
         return hidden, mask
 
+    def _token_embeddings(self, texts: Sequence[str]) -> list[Tensor]:
+        """Unit-norm embeddings ``[tokens, D]`` of each text's real tokens, from the cache when seen."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._embedding_cache]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            hidden, mask = self._embed(chunk)
+            for i, text in enumerate(chunk):
+                self._embedding_cache[text] = hidden[i][mask[i].bool()]
+        out = []
+        for text in texts:
+            self._embedding_cache.move_to_end(text)
+            out.append(self._embedding_cache[text])
+        while len(self._embedding_cache) > BERTSCORE_CACHE_SIZE:
+            self._embedding_cache.popitem(last=False)
+        return out
+
+    @staticmethod
+    def _padded(embeddings: list[Tensor]) -> tuple[Tensor, Tensor]:
+        emb = torch.nn.utils.rnn.pad_sequence(embeddings, batch_first=True)
+        lengths = torch.tensor([len(e) for e in embeddings], device=emb.device)
+        mask = (torch.arange(emb.shape[1], device=emb.device) < lengths[:, None]).float()
+        return emb, mask
+
     @torch.no_grad()
     def _scores(self, preds, target):
-        scores = []
-        for start in range(0, len(preds), self.batch_size):
-            pred_emb, pred_mask = self._embed(
-                [answer_text(p) for p in preds[start : start + self.batch_size]]
-            )
-            ref_emb, ref_mask = self._embed([answer_text(t) for t in target[start : start + self.batch_size]])
-            sim = torch.einsum("bpd,brd->bpr", pred_emb, ref_emb)
-            precision = (sim.max(dim=2).values * pred_mask).sum(1) / pred_mask.sum(1)
-            recall = (sim.max(dim=1).values * ref_mask).sum(1) / ref_mask.sum(1)
-            f1 = (2 * precision * recall / (precision + recall)).nan_to_num(nan=0.0)
-            scores.append(f1.double())
-        return torch.cat(scores)
+        pred_emb, pred_mask = self._padded(self._token_embeddings([answer_text(p) for p in preds]))
+        ref_emb, ref_mask = self._padded(self._token_embeddings([answer_text(t) for t in target]))
+        sim = torch.einsum("bpd,brd->bpr", pred_emb, ref_emb)
+        # torchmetrics keeps [CLS]/[SEP] as zero vectors, so every greedy match is at least 0: clamp alike
+        # (padding is zero vectors too, which gives the same).
+        precision = (sim.max(dim=2).values.clamp(min=0) * pred_mask).sum(1) / pred_mask.sum(1)
+        recall = (sim.max(dim=1).values.clamp(min=0) * ref_mask).sum(1) / ref_mask.sum(1)
+        f1 = (2 * precision * recall / (precision + recall)).nan_to_num(nan=0.0)
+        return f1.double()
 
 
 # --------------------------------------------------------------------------- WordNet for METEOR
