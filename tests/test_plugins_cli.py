@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 BUILTINS = {
-    "ecglm.encoders": {"wav2vec2"},
-    "ecglm.connectors": {"mlp", "linear"},
+    "ecglm.encoders": {"wav2vec2", "raw"},
+    "ecglm.connectors": {"mlp", "linear", "encoder-free"},
     "ecglm.backbones": {"hf"},
     "ecglm.peft": {"projection-only"},
 }
@@ -130,6 +130,23 @@ def parse_error(recipe: Path, capsys) -> str:
 def test_unknown_component_name_lists_what_exists(tmp_path, capsys):
     err = parse_error(broken_recipe(tmp_path, "class_path: hf ", "class_path: gpt5 "), capsys)
     assert "unknown ecglm.backbones component 'gpt5'" in err and "registered names: hf" in err
+
+
+def test_entry_point_names_in_command_line_flags_resolve():
+    from ecglm.plugins import UnknownComponentError, resolve_cli_args
+
+    registry = discover()
+    args = ["fit", "--model.encoder.class_path=raw", "--model.connector.class_path", "linear", "--x", "raw"]
+    assert resolve_cli_args(args, registry) == [
+        "fit",
+        "--model.encoder.class_path=ecglm.encoders.RawECGEncoder",
+        "--model.connector.class_path",
+        "ecglm.connectors.LinearConnector",
+        "--x",
+        "raw",
+    ]
+    with pytest.raises(UnknownComponentError, match=r"unknown ecglm\.backbones component 'gpt5'"):
+        resolve_cli_args(["--model.backbone.class_path=gpt5"], registry)
 
 
 def test_recipe_with_a_wrong_type_names_the_key(tmp_path, capsys):

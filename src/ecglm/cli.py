@@ -21,7 +21,14 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ecglm.evaluation import EvaluationProtocol
 from ecglm.module import ECGLanguageModel, save_run_file
-from ecglm.plugins import Registry, UnknownComponentError, discover, format_registry, resolve_class_paths
+from ecglm.plugins import (
+    Registry,
+    UnknownComponentError,
+    discover,
+    format_registry,
+    resolve_class_paths,
+    resolve_cli_args,
+)
 
 PARSER_MODE = "ecglm_yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -68,11 +75,18 @@ class ECGLMCLI(LightningCLI):
         parser.add_class_arguments(EvaluationProtocol, "evaluate", instantiate=False)
 
 
-def run_evaluate(args: list[str], registry: Registry | None = None) -> dict[str, Any]:
-    """``ecglm evaluate``: build model, data and trainer from the recipe, then run the protocol."""
+def run_evaluate(args: list[str] | None, registry: Registry | None = None) -> dict[str, Any]:
+    """``ecglm evaluate``: build model, data and trainer from the recipe, then run the protocol.
+
+    ``args`` are the flags after ``evaluate`` (``None``: ``sys.argv[1:]``, as the console script sets it).
+    """
+    from_argv = args is None
+    args = list(sys.argv[1:] if from_argv else args)
     args = ["--evaluate.ckpt_path" if a == "--ckpt_path" else a for a in args]
     args = [f"--evaluate.ckpt_path={a.split('=', 1)[1]}" if a.startswith("--ckpt_path=") else a for a in args]
-    cli = run_cli(args, registry=registry, run=False)
+    if from_argv:
+        sys.argv[1:] = args
+    cli = run_cli(None if from_argv else args, registry=registry, run=False)
     protocol = EvaluationProtocol(**cli.config["evaluate"].as_dict())
     config_text = cli.parser.dump(cli.config, skip_none=False)
     return protocol.run(cli.trainer, cli.model, cli.datamodule, config_text)
@@ -80,6 +94,10 @@ def run_evaluate(args: list[str], registry: Registry | None = None) -> dict[str,
 
 def run_cli(args: list[str] | None, registry: Registry | None = None, run: bool = True) -> ECGLMCLI:
     registry = registry or discover()
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both): resolve in place
+        sys.argv[1:] = resolve_cli_args(sys.argv[1:], registry)
+    else:
+        args = resolve_cli_args(args, registry)
     set_loader(PARSER_MODE, _make_loader(registry), exceptions=(yaml.YAMLError, UnknownComponentError))
     parser_kwargs = {"parser_mode": PARSER_MODE}
     if run:
@@ -103,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_registry(registry))
         return 1 if registry.failures else 0
     if args[:1] == ["evaluate"]:
-        run_evaluate(args[1:])
+        if argv is None:
+            sys.argv[1:] = args[1:]  # LightningCLI then reads the flags from sys.argv
+        run_evaluate(None if argv is None else args[1:])
         return 0
     # LightningCLI reads sys.argv itself when args is None (and warns when given both).
     run_cli(args if argv is not None else None)

@@ -157,3 +157,20 @@ def _resolve_name(name: str, group: str, registry: Registry, where: str) -> str:
         f"unknown {group} component {name!r} at {where}.class_path; registered names: {known} "
         "(or give a full import path such as my_package.MyClass; `ecglm plugins` lists everything)"
     )
+
+
+def resolve_cli_args(args: list[str], registry: Registry) -> list[str]:
+    """Resolve entry-point names given on the command line (``--model.encoder.class_path s4d``).
+
+    The YAML loader resolves names inside recipes; flags bypass it, so they are rewritten here.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        for part, group in GROUPS.items():
+            flag = f"--model.{part}.class_path"
+            where = f"model.{part}"
+            if arg.startswith(flag + "="):
+                out[i] = f"{flag}={_resolve_name(arg.split('=', 1)[1], group, registry, where)}"
+            elif arg == flag and i + 1 < len(out):
+                out[i + 1] = _resolve_name(out[i + 1], group, registry, where)
+    return out
