@@ -85,7 +85,9 @@ def test_formatter_marks_answer_span_from_the_template(tokenizer_dir):
     assert prompt.input_ids == enc.input_ids[: enc.prompt_length]
     assert tok.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
 
-    short = ChatFormatter(tok, system_prompt="You read ECGs.", max_length=enc.prompt_length + 1)
+    short = ChatFormatter(
+        tok, system_prompt="You read ECGs.", max_length=enc.prompt_length + 1, min_answer_tokens=1
+    )
     cut = short.encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
     assert len(cut.input_ids) == enc.prompt_length + 1 and cut.labels[-1] == answer_ids[0]
     with pytest.raises(ValueError, match="leaves no room"):

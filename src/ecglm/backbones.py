@@ -1,8 +1,10 @@
 """Language-model backbones: a causal LM, its tokenizer and chat template, and the splice of ECG tokens.
 
-Component layer: imports torch and transformers only. :class:`Backbone` is the interface the rest of
-ecglm uses; :class:`HFBackbone` wraps any ``AutoModelForCausalLM``. Prompts are rendered by a
-:class:`ChatFormatter`, a small picklable object that data-loader workers use to tokenise.
+Component layer: imports torch and transformers (bitsandbytes through transformers, for 4-bit) only.
+:class:`Backbone` is the interface the rest of ecglm uses; :class:`HFBackbone` wraps any
+``AutoModelForCausalLM``, including what some families need beyond ``inputs_embeds`` (Gemma 4's
+per-layer embeddings). Prompts are rendered by a :class:`ChatFormatter`, a small picklable object that
+data-loader workers use to tokenise.
 """
 
 from __future__ import annotations
@@ -10,21 +12,38 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import os
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from jinja2 import TemplateError
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ECG_MARKER = "<ecg>"
+
+DType = Literal["float32", "bfloat16", "float16"]
+Quantization = Literal["nf4", "fp4"]
+
+#: Python packages of optional fast kernels, and the distributions that ship them.
+KERNEL_DISTRIBUTIONS = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
 
 
 @dataclass
@@ -43,13 +62,23 @@ class ChatFormatter:
     The ECG goes where the first user turn says ``<ecg>``; it is replaced by ``num_ecg_tokens``
     copies of ``placeholder_token_id`` whose embeddings the backbone overwrites. The answer span is
     found by rendering the conversation with and without the answer — never from hard-coded token
-    ids — so that it is right for any chat template.
+    ids — so that it is right for any chat template. A template without a system role (one that
+    raises on it or leaves it out, found by rendering a probe) gets the system prompt at the start
+    of the first user turn instead.
+
+    Sequences longer than ``max_length`` lose the end of the question first — never the ECG, the
+    template's tokens or the start of the answer — until the prompt leaves room for the first
+    ``min_answer_tokens`` answer tokens (all of a shorter answer; for a generation prompt,
+    ``min_answer_tokens`` new tokens); only then is the end of the answer cut.
 
     Args:
         tokenizer: The backbone's tokenizer (with a chat template).
         system_prompt: System turn, if any.
-        placeholder_token_id: Token id at the ECG positions (only its position matters).
-        max_length: Longest sequence; longer ones lose the end of the answer, never the ECG or prompt.
+        placeholder_token_id: Token id at the ECG positions (default: the pad token, else end of
+            sequence). Only its position matters, except for models that look token ids up beside
+            the embeddings (Gemma 4's per-layer embeddings see this id at the ECG positions).
+        max_length: Longest sequence (``llm_input_len``); ``None`` for no limit.
+        min_answer_tokens: Answer tokens that truncation keeps before it cuts into the answer.
     """
 
     def __init__(
@@ -58,6 +87,7 @@ class ChatFormatter:
         system_prompt: str | None = None,
         placeholder_token_id: int | None = None,
         max_length: int | None = None,
+        min_answer_tokens: int = 16,
     ):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -67,15 +97,37 @@ class ChatFormatter:
             )
         self.placeholder_token_id = placeholder_token_id
         self.max_length = max_length
+        self.min_answer_tokens = min_answer_tokens
+        self._template_has_system: bool | None = None  # found on first use: subclasses render
+        self._warned_truncation = False
 
     @property
     def pad_token_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    @property
+    def template_has_system(self) -> bool:
+        """Whether :meth:`render` writes a system turn (else the system prompt joins the user turn)."""
+        if self._template_has_system is None:
+            probe = "ecglm-system-probe"
+            turns = [{"role": "system", "content": probe}, {"role": "user", "content": "q"}]
+            try:
+                self._template_has_system = probe in self.render(turns, add_generation_prompt=True)
+            except TemplateError:  # e.g. Gemma 2's raise_exception('System role not supported')
+                self._template_has_system = False
+            if not self._template_has_system:
+                log.info("the chat template has no system role: the system prompt starts the user turn")
+        return self._template_has_system
+
     def messages(self, question: str, answer: str | None = None) -> list[dict[str, str]]:
-        turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        turns.append({"role": "user", "content": f"{ECG_MARKER}\n{question}"})
+        user = f"{ECG_MARKER}\n{question}"
+        turns = []
+        if self.system_prompt and self.template_has_system:
+            turns.append({"role": "system", "content": self.system_prompt})
+        elif self.system_prompt:
+            user = f"{self.system_prompt}\n\n{user}"
+        turns.append({"role": "user", "content": user})
         if answer is not None:
             turns.append({"role": "assistant", "content": answer})
         return turns
@@ -96,19 +148,53 @@ class ChatFormatter:
         before, marker, after = prompt_text.partition(ECG_MARKER)
         if not marker or ECG_MARKER in after:
             raise ValueError(f"the rendered prompt must contain {ECG_MARKER!r} exactly once: {prompt_text!r}")
-        prompt = self._tokens(before) + [self.placeholder_token_id] * num_ecg_tokens + self._tokens(after)
+        head = self._tokens(before) + [self.placeholder_token_id] * num_ecg_tokens
+        tail = self._tokens(after)
         answer_ids = (
             self._tokens(self._answer_text(question, answer, prompt_text)) if answer is not None else []
         )
         if self.max_length is not None:
-            if len(prompt) >= self.max_length:
-                raise ValueError(
-                    f"prompt of {len(prompt)} tokens (with {num_ecg_tokens} ECG tokens) leaves no room for "
-                    f"the answer within max_length={self.max_length}; shorten the question or raise it"
-                )
-            answer_ids = answer_ids[: self.max_length - len(prompt)]
+            wanted = (
+                self.min_answer_tokens if answer is None else min(self.min_answer_tokens, len(answer_ids))
+            )
+            if len(head) + len(tail) + wanted > self.max_length:
+                tail = self._shorten_question(question, after, len(head), wanted, num_ecg_tokens)
+            answer_ids = answer_ids[: self.max_length - len(head) - len(tail)]
+        prompt = head + tail
         labels = [IGNORE_INDEX] * len(prompt) + answer_ids
-        return EncodedChat(prompt + answer_ids, labels, len(self._tokens(before)), len(prompt))
+        return EncodedChat(prompt + answer_ids, labels, len(head) - num_ecg_tokens, len(prompt))
+
+    def _shorten_question(
+        self, question: str, after: str, head_length: int, answer_room: int, num_ecg_tokens: int
+    ) -> list[int]:
+        """The prompt's tokens after the ECG with the question's end cut, leaving ``answer_room`` tokens."""
+        core = question.strip()
+        start = after.find(core) if core else -1
+        if start < 0:
+            raise ValueError(
+                f"prompt of {head_length + len(self._tokens(after))} tokens (with {num_ecg_tokens} ECG "
+                f"tokens) leaves no room for {answer_room} answer tokens within "
+                f"max_length={self.max_length}, and the question cannot be shortened: the template does "
+                "not write it verbatim"
+            )
+        end = start + len(core)
+        lead, cut, closing = (self._tokens(t) for t in (after[:start], after[start:end], after[end:]))
+        keep = self.max_length - answer_room - head_length - len(lead) - len(closing)
+        if keep < 0:
+            raise ValueError(
+                f"the prompt without its question is {head_length + len(lead) + len(closing)} tokens (with "
+                f"{num_ecg_tokens} ECG tokens), which leaves no room for {answer_room} answer tokens within "
+                f"max_length={self.max_length}; shorten the system prompt or raise max_length"
+            )
+        if not self._warned_truncation:
+            self._warned_truncation = True
+            log.warning(
+                "question of %d tokens cut to %d to fit max_length=%d (further cuts are not logged)",
+                len(cut),
+                keep,
+                self.max_length,
+            )
+        return lead + cut[:keep] + closing
 
     def _answer_text(self, question: str, answer: str, prompt_text: str) -> str:
         full_text = self.render(self.messages(question, answer), add_generation_prompt=False)
@@ -193,20 +279,79 @@ def resolve_model_path(model: str) -> str:
     return next(iter(spec.submodule_search_locations))
 
 
+def torch_dtype(name: str, what: str = "dtype") -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``, for the floating-point dtypes a backbone runs in."""
+    allowed = ("float32", "bfloat16", "float16")
+    if name not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {name!r}")
+    return getattr(torch, name)
+
+
+def kernel_bindings(model: nn.Module) -> list[tuple[str, str, str | None]]:
+    """``(kernel, package, implementation)`` for each optional fast kernel of ``model``.
+
+    transformers binds such kernels (Qwen3.5's Gated DeltaNet: ``chunk_gated_delta_rule`` from
+    flash-linear-attention's package ``fla``, ``causal_conv1d_fn`` from ``causal_conv1d``, ...) when
+    it imports the modeling file, through ``use_kernel_func_from_hub_with_fallback``: the package's
+    function if it imports, else the PyTorch reference. ``implementation`` is ``"module.function"``,
+    or ``None`` for the PyTorch reference. Models without such kernels give ``[]``.
+    """
+    found = {}
+    for module_name in sorted({type(m).__module__ for m in model.modules()}):
+        for fn in vars(sys.modules[module_name]).values():
+            if not inspect.isfunction(fn) or "is_new_implementation" not in fn.__code__.co_freevars:
+                continue
+            bound = inspect.getclosurevars(fn).nonlocals
+            impl = bound["implementation"]
+            path = f"{impl.__module__}.{impl.__name__}" if bound["is_new_implementation"] else None
+            found[bound["func_name"]] = (bound["func_name"], bound["package"], path)
+    return list(found.values())
+
+
+def log_kernels(model_type: str, bindings: list[tuple[str, str, str | None]]) -> None:
+    """One INFO line per kernel package: its fast kernels, or the PyTorch reference path."""
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name, package, impl in bindings:
+        groups.setdefault((package, impl is not None), []).append(name)
+    for (package, fast), names in sorted(groups.items()):
+        dist = KERNEL_DISTRIBUTIONS.get(package, package)
+        if fast:
+            log.info("%s: %s run on the fast kernels of %s", model_type, ", ".join(names), dist)
+        else:
+            log.info(
+                "%s: %s run on the PyTorch reference path (slower; install %s for the fast kernels)",
+                model_type,
+                ", ".join(names),
+                dist,
+            )
+
+
 class HFBackbone(Backbone):
     """Any Hugging Face ``AutoModelForCausalLM`` with its tokenizer and chat template.
+
+    Handles, beyond plain ``inputs_embeds``: Gemma 4's per-layer embeddings (looked up from the token
+    ids, with the placeholder id at the ECG positions — as Gemma itself does for image tokens), 4-bit
+    loading through bitsandbytes (the LM only), and the fast-kernel report of Qwen3.5-style hybrid
+    models (logged at INFO; ``self.kernels`` maps each kernel to what runs it, ``"torch"`` for the
+    PyTorch reference).
 
     Args:
         model: Hub id or local folder (``pkg:NAME`` for the folder of an installed package); with
             ``random_init``, a ``model_type`` such as ``"llama"`` or ``"qwen3_5_text"`` also works.
         tokenizer: Where to load the tokenizer from, if not from ``model``.
         gguf_file: GGUF file inside ``model`` to load (transformers de-quantises it).
-        dtype: Weight dtype of the LM, e.g. ``"float32"`` or ``"bfloat16"``.
+        dtype: Weight dtype of the LM (with ``quantization``: of the parts left unquantised).
+        quantization: ``"nf4"`` or ``"fp4"`` loads the LM's linear layers in 4 bits (bitsandbytes);
+            embeddings and the LM head stay in ``dtype``. Needs pretrained weights.
+        bnb_double_quant: Quantise the 4-bit scales as well (saves ~0.4 bit per weight).
+        bnb_compute_dtype: Dtype the 4-bit layers compute in.
         random_init: Build the architecture with random weights instead of loading them
             (for smoke tests; such weights are saved in checkpoints).
         config_overrides: Config fields to change, e.g. a tiny ``hidden_size`` for tests.
-        system_prompt: System turn of every conversation.
-        max_length: Longest token sequence (``llm_input_len``).
+        system_prompt: System turn of every conversation (joins the user turn when the chat
+            template has no system role).
+        max_length: Longest token sequence (``llm_input_len``); see :class:`ChatFormatter`.
+        min_answer_tokens: Answer tokens kept before truncation cuts into the answer.
         trust_remote_code: Allow code from the model's repository to run.
     """
 
@@ -215,25 +360,41 @@ class HFBackbone(Backbone):
         model: str,
         tokenizer: str | None = None,
         gguf_file: str | None = None,
-        dtype: str = "float32",
+        dtype: DType = "float32",
+        quantization: Quantization | None = None,
+        bnb_double_quant: bool = True,
+        bnb_compute_dtype: DType = "bfloat16",
         random_init: bool = False,
         config_overrides: dict[str, Any] | None = None,
         system_prompt: str | None = None,
         max_length: int | None = None,
+        min_answer_tokens: int = 16,
         trust_remote_code: bool = False,
     ):
         super().__init__()
         self.model_name = model
         self.gguf_file = gguf_file
-        self.dtype = getattr(torch, dtype)
+        self.dtype = torch_dtype(dtype)
+        self.quantization = quantization
+        self.bnb_double_quant = bnb_double_quant
+        self.bnb_compute_dtype = torch_dtype(bnb_compute_dtype, "bnb_compute_dtype")
         self.pretrained = not random_init
         self.trust_remote_code = trust_remote_code
+        if quantization not in (None, "nf4", "fp4"):
+            raise ValueError(f"quantization must be nf4, fp4 or None; got {quantization!r}")
+        if quantization and random_init:
+            raise ValueError("quantization applies to pretrained weights: save the model first, or drop it")
         self.tokenizer = self.load_tokenizer(tokenizer)
         self.model = self.load_model(config_overrides or {})
         self.hidden_size = self.model.get_input_embeddings().embedding_dim
         self._check_vocab()
         self.formatter = self.build_formatter(system_prompt, max_length)
+        self.formatter.min_answer_tokens = min_answer_tokens  # set here, so subclasses' formatters get it
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._per_layer_path = self._find_per_layer_embeddings()
+        bindings = kernel_bindings(self.model)
+        self.kernels = {name: impl or "torch" for name, _, impl in bindings}
+        log_kernels(self.model.config.model_type, bindings)
 
     def load_tokenizer(self, source: str | None) -> PreTrainedTokenizerBase:
         path = resolve_model_path(source or self.model_name)
@@ -250,12 +411,27 @@ class HFBackbone(Backbone):
             else:
                 config = AutoConfig.for_model(path, **config_overrides)
             return AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        quantized = {}
+        if self.quantization:
+            quantized = {
+                "quantization_config": self.quantization_config(),
+                "device_map": quantized_device_map(),
+            }
         return AutoModelForCausalLM.from_pretrained(
             path,
             gguf_file=self.gguf_file,
             dtype=self.dtype,
             trust_remote_code=self.trust_remote_code,
+            **quantized,
             **config_overrides,
+        )
+
+    def quantization_config(self) -> BitsAndBytesConfig:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quantization,
+            bnb_4bit_use_double_quant=self.bnb_double_quant,
+            bnb_4bit_compute_dtype=self.bnb_compute_dtype,
         )
 
     def build_formatter(self, system_prompt: str | None, max_length: int | None) -> ChatFormatter:
@@ -275,8 +451,30 @@ class HFBackbone(Backbone):
                 "use the model's own tokenizer (or a larger vocab_size in config_overrides)"
             )
 
+    def _find_per_layer_embeddings(self) -> str | None:
+        # A path, not the module: a second reference would register it twice in the state dict.
+        for name, module in self.model.named_modules():
+            if callable(getattr(module, "get_per_layer_inputs", None)) and getattr(
+                module, "hidden_size_per_layer_input", None
+            ):
+                return name
+        return None
+
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(input_ids)
+
+    def token_inputs(self, input_ids: Tensor) -> dict[str, Tensor]:
+        """What the LM needs from the token ids besides the spliced embeddings.
+
+        Gemma 4 (E2B/E4B) adds per-layer embeddings looked up from the token ids; from embeddings
+        alone it must invert the embedding matrix, which fails for ECG tokens. They are looked up
+        here with the placeholder id at the ECG positions; the model adds the part it projects from
+        the spliced embeddings itself.
+        """
+        if self._per_layer_path is None:
+            return {}
+        text_model = self.model.get_submodule(self._per_layer_path)
+        return {"per_layer_inputs": text_model.get_per_layer_inputs(input_ids, None)}
 
     def forward(
         self,
@@ -286,26 +484,19 @@ class HFBackbone(Backbone):
         ecg_tokens: Tensor,
         labels: Tensor | None = None,
     ) -> CausalLMOutputWithPast:
-        embeds = self.splice(input_ids, ecg_mask, ecg_tokens)
-        position_ids = positions_from_mask(attention_mask)
+        inputs = {
+            "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
+            "attention_mask": attention_mask,
+            "position_ids": positions_from_mask(attention_mask),
+            "use_cache": False,
+            **self.token_inputs(input_ids),
+        }
         if labels is None or not self._keeps_logits:
-            return self.model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                labels=labels,
-                use_cache=False,
-            )
+            return self.model(**inputs, labels=labels)
         # Left-padded answers end at the last position: computing the vocabulary logits for that span
         # alone saves most of the LM head's time and memory, and gives the same loss.
         span = answer_span(labels)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=span + 1,
-        )
+        out = self.model(**inputs, logits_to_keep=span + 1)
         logits = out.logits[:, :-1].float()
         out.loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels[:, -span:].reshape(-1), ignore_index=IGNORE_INDEX
@@ -321,12 +512,54 @@ class HFBackbone(Backbone):
         ecg_tokens: Tensor,
         **generation_kwargs: Any,
     ) -> Tensor:
-        embeds = self.splice(input_ids, ecg_mask, ecg_tokens)
+        prefill = {
+            "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
+            **self.token_inputs(input_ids),
+        }
         generation_kwargs.setdefault("pad_token_id", self.formatter.pad_token_id)
-        # input_ids travel with the embeddings: generation from embeddings alone returns empty strings
-        # in several models, and ids let the loop track what has been generated.
-        out = self.model.generate(
-            input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generation_kwargs
-        )
-        # With input_ids given, the output starts with the prompt.
+        # generate runs from the token ids, which every model class supports (Gemma4ForConditionalGeneration
+        # refuses inputs_embeds); only its first forward call, the prefill, sees the spliced embeddings.
+        with self._prefill_with(input_ids, prefill):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+        # The output starts with the prompt.
         return out[:, input_ids.shape[1] :]
+
+    @contextmanager
+    def _prefill_with(self, input_ids: Tensor, inputs: dict[str, Tensor]) -> Iterator[None]:
+        """Inside ``generate``, run the prefill from ``inputs`` instead of ``input_ids``.
+
+        A forward pre-hook swaps the prompt's ids for ``inputs`` (the spliced embeddings, and Gemma 4's
+        per-layer inputs) in the model's first call, then lets the decoding steps run from the
+        generated ids and the cache. Passing them as ``generate`` keyword arguments instead would hand
+        them to every step. Rows that ``generate`` repeats (beams, several sequences) get theirs repeated.
+        """
+        pending = dict(inputs)
+
+        def hook(
+            module: nn.Module, args: tuple, kwargs: dict[str, Any]
+        ) -> tuple[tuple, dict[str, Any]] | None:
+            if not pending:
+                return None
+            ids = kwargs.get("input_ids")
+            copies = 0 if ids is None or args else ids.shape[0] // input_ids.shape[0]
+            if not copies or not torch.equal(ids, input_ids.repeat_interleave(copies, 0)):
+                raise RuntimeError(
+                    "generate's first forward call is not the prefill of the whole prompt; prefill "
+                    "chunking and assisted decoding do not work with spliced ECG tokens"
+                )
+            kwargs.update(input_ids=None, **{k: v.repeat_interleave(copies, 0) for k, v in pending.items()})
+            pending.clear()
+            return args, kwargs
+
+        handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def quantized_device_map() -> dict[str, Any]:
+    """bitsandbytes quantises weights as they reach their device: load onto this process's GPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
