@@ -298,6 +298,10 @@ def test_4bit_options_reach_bitsandbytes(saved_models):
     layer = next(m for m in four.model.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert layer.weight.quant_state.quant_type == "fp4" and not layer.weight.quant_state.nested
     assert layer.compute_dtype == torch.float32
+    # Parameter counts see through the 4-bit packing (two weights per stored byte).
+    from ecglm.peft import count_parameters
+
+    assert count_parameters(four)[1] == count_parameters(HFBackbone(saved_models["llama"]))[1]
     with pytest.raises(ValueError, match="pretrained weights"):
         HFBackbone("llama", random_init=True, quantization="nf4")
 

@@ -257,9 +257,14 @@ class ECGLanguageModel(L.LightningModule):
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)
+        parts = {name: count_parameters(getattr(self, name)) for name in ("encoder", "connector", "backbone")}
         self.print(f"ecglm: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        self.print("  " + ", ".join(f"{name} {t:,} / {n:,}" for name, (t, n) in parts.items()))
         if self.logger is not None:
-            self.logger.log_hyperparams({"params_trainable": trainable, "params_total": total})
+            counts = {"params_trainable": trainable, "params_total": total}
+            for name, (t, n) in parts.items():
+                counts.update({f"params_{name}_trainable": t, f"params_{name}_total": n})
+            self.logger.log_hyperparams(counts)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -22,11 +22,17 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
+    """``(trainable, total)`` parameter counts; a 4-bit weight counts its original elements.
+
+    bitsandbytes packs two 4-bit values per stored element, so ``numel()`` of a quantised weight is
+    half its parameter count; its ``quant_state.shape`` is the original shape.
+    """
     total = trainable = 0
     for p in module.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        state = getattr(p, "quant_state", None)
+        n = state.shape.numel() if state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 
