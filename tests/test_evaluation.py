@@ -128,7 +128,10 @@ def _batch(references, datasets, types):
 
 
 def test_answer_evaluation_scores_each_condition_and_dataset():
-    config = MetricsConfig(metrics=("acc", "f1", "bleu4"), bertscore_model=None)
+    vocabulary = ["left ventricular hypertrophy", "first degree av block", "normal", "none"]
+    config = MetricsConfig(
+        metrics=("acc", "f1", "bleu4"), bertscore_model=None, label_vocabularies={"b": vocabulary}
+    )
     evaluation = AnswerEvaluation(config, ["a", "b"], ["verify", "query"])
     references = [["yes"], ["none"], ["left ventricular hypertrophy", "first degree av block"], "normal"]
     batch = _batch(references, ["a", "a", "b", "b"], ["verify", "query", "query", "verify"])
@@ -152,6 +155,13 @@ def test_answer_evaluation_scores_each_condition_and_dataset():
     # Binary abnormality: "yes" and the diagnosis list are abnormal; "none" and "normal" are not.
     abnormal = result["conditions"]["zeroed_ecg"]["abnormality"]["b"]
     assert abnormal["sensitivity"] == 0.0 and abnormal["specificity"] == 1.0
+
+    # Label sets on "b" (hand-computed): per-label F1 1, 1, 0 (missed "normal"), 0 (never used) -> 0.5;
+    # one wrong cell of 2 x 4 -> Hamming 0.125; "x" is one of 3 predicted items and not in the vocabulary.
+    assert set(ecg["label_sets"]) == {"b"}
+    assert ecg["label_sets"]["b"] == pytest.approx(
+        {"macro_f1": 0.5, "hamming_loss": 0.125, "out_of_vocabulary": 1 / 3, "n": 2.0}
+    )
 
     evaluation.reset()
     assert evaluation.records == []
@@ -198,6 +208,7 @@ def _recipe_args(mixture_dir: Path, tokenizer_dir: str) -> list[str]:
         f"--model.backbone.init_args.config_overrides={overrides}",
         "--model.val_generation_samples=6",
         "--model.decoding.max_new_tokens=3",
+        '--model.evaluation.label_vocabularies={"ecgqa-ptbxl": ["none", "yes", "no"]}',
         "--data.class_path=ecglm.data.datamodule.ECGQADataModule",
         f"--data.init_args.data_dir={mixture_dir}",
         "--data.init_args.builder=null",
@@ -240,6 +251,28 @@ def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path
     assert set(summary["conditions"]) == {"ecg", "zeroed_ecg", "text_only"}
     assert set(summary["gaps"]) == {"ecg_minus_zeroed_ecg", "ecg_minus_text_only"}
     text = (out / "report.md").read_text()
-    assert "| ecgqa-ptbxl |" in text and "Binary abnormality detection" in text
+    assert (
+        "| ecgqa-ptbxl |" in text and "Binary abnormality detection" in text and "Label-set answers" in text
+    )
+    assert set(summary["conditions"]["ecg"]["label_sets"]) == {"ecgqa-ptbxl"}
     for name in ("report.md", "report.json", "metrics.png", "confusion_ecg.png", "predictions_seed1.jsonl"):
         assert (out / name).exists(), name
+
+
+def test_label_vocabulary_reads_ecgqa_answer_files(tmp_path):
+    from ecglm.evaluation import read_vocabulary
+
+    real = REPO.parent / "shared/data/ecgqa-sample/ptbxl-answers.csv"
+    if not real.exists():
+        pytest.skip(
+            f"ECG-QA answer vocabulary not found at {real} (shared data folder beside the repository)"
+        )
+    vocabulary = read_vocabulary(str(real))
+    assert vocabulary[:3] == ["no", "not sure", "yes"] and "none" in vocabulary
+    config = MetricsConfig(bertscore_model=None, label_vocabularies={"ecgqa-ptbxl": str(real)})
+    assert config.vocabulary("ecgqa-ptbxl") == vocabulary and config.vocabulary("other") is None
+    (tmp_path / "bad.csv").write_text("index,label\n0,no\n")
+    with pytest.raises(ValueError, match="no `class` column"):
+        read_vocabulary(str(tmp_path / "bad.csv"))
+    with pytest.raises(FileNotFoundError, match="label_vocabularies"):
+        read_vocabulary(str(tmp_path / "missing.csv"))

@@ -17,6 +17,7 @@ and plots, all attached to the MLflow run.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -35,6 +36,7 @@ from ecglm.metrics import (
     NORMAL_ANSWERS,
     TEXT_METRICS,
     AbnormalityMetrics,
+    LabelSetMetrics,
     TextMetrics,
     answer_items,
     answer_text,
@@ -93,12 +95,16 @@ class MetricsConfig:
             ``None`` leaves BERTScore out.
         normal_answers: Answers that mean "normal" for the binary abnormality metrics.
         conditions: Which of :data:`CONDITIONS` to run; ``ecg`` is always run.
+        label_vocabularies: Per dataset, the answer vocabulary of its label-set questions (a list, or
+            a path to ECG-QA's ``<dataset>-answers.csv`` / a text file with one answer per line): adds
+            macro-F1, Hamming loss and the out-of-vocabulary share of predicted items for that dataset.
     """
 
     metrics: tuple[str, ...] = TEXT_METRICS
     bertscore_model: str | None = DEFAULT_BERTSCORE_MODEL
     normal_answers: tuple[str, ...] = NORMAL_ANSWERS
     conditions: tuple[str, ...] = CONDITIONS
+    label_vocabularies: dict[str, list[str] | str] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.conditions) - set(CONDITIONS))
@@ -110,9 +116,28 @@ class MetricsConfig:
         if "ecg" not in self.conditions:
             object.__setattr__(self, "conditions", ("ecg", *self.conditions))
 
+    def vocabulary(self, dataset: str) -> list[str] | None:
+        """The label vocabulary of ``dataset`` (read from its file when given as a path)."""
+        source = (self.label_vocabularies or {}).get(dataset)
+        return read_vocabulary(source) if isinstance(source, str) else source
+
     @property
     def text_metrics(self) -> tuple[str, ...]:
         return tuple(m for m in self.metrics if m != "bertscore_f1" or self.bertscore_model)
+
+
+def read_vocabulary(path: str) -> list[str]:
+    """Answers from ECG-QA's ``<dataset>-answers.csv`` (column ``class``) or a file with one per line."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"label vocabulary {file} not found (model.evaluation.label_vocabularies)")
+    with file.open(newline="") as f:
+        if file.suffix == ".csv":
+            rows = list(csv.DictReader(f))
+            if not rows or "class" not in rows[0]:
+                raise ValueError(f"{file} has no `class` column (expected ECG-QA's <dataset>-answers.csv)")
+            return [row["class"] for row in rows]
+        return [line.strip() for line in f if line.strip()]
 
 
 class AnswerEvaluation(nn.Module):
@@ -159,6 +184,15 @@ class AnswerEvaluation(nn.Module):
         self.abnormality = nn.ModuleDict(
             {c: AbnormalityMetrics(config.normal_answers, self.datasets) for c in self.conditions}
         )
+        vocabularies = {d: config.vocabulary(d) for d in self.datasets}
+        # Indexed by position: dataset names may hold characters a ModuleDict key may not (".").
+        self.label_set_datasets = [d for d in self.datasets if vocabularies[d]]
+        self.label_sets = nn.ModuleDict(
+            {
+                c: nn.ModuleList([LabelSetMetrics(vocabularies[d]) for d in self.label_set_datasets])
+                for c in self.conditions
+            }
+        )
         self.keep_records = keep_records
         self.records: list[dict[str, Any]] = []
 
@@ -169,6 +203,12 @@ class AnswerEvaluation(nn.Module):
         self.abnormality[condition].update(predictions, references, datasets)
         if self.question_types:
             self.by_type[condition].update(predictions, references, batch["question_type"])
+        for index, dataset in enumerate(self.label_set_datasets):
+            rows = [i for i, d in enumerate(datasets) if d == dataset]
+            if rows:
+                self.label_sets[condition][index].update(
+                    [predictions[i] for i in rows], [references[i] for i in rows]
+                )
         if self.keep_records:
             for i, prediction in enumerate(predictions):
                 self.records.append(
@@ -184,7 +224,8 @@ class AnswerEvaluation(nn.Module):
                 )
 
     def reset(self) -> None:
-        for part in (*self.text.values(), *self.by_type.values(), *self.abnormality.values()):
+        label_sets = [m for metrics in self.label_sets.values() for m in metrics]
+        for part in (*self.text.values(), *self.by_type.values(), *self.abnormality.values(), *label_sets):
             part.reset()
         self.records = []
 
@@ -211,6 +252,10 @@ class AnswerEvaluation(nn.Module):
                 "question_types": _rows(self.by_type[c].compute(), keep_all=False)
                 if self.question_types
                 else {},
+                "label_sets": {
+                    d: {k: _plain(v) for k, v in self.label_sets[c][i].compute().items()}
+                    for i, d in enumerate(self.label_set_datasets)
+                },
             }
             if records:
                 answered = [r for r in records if r["condition"] == c]
@@ -256,7 +301,7 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     conditions = per_seed[0]["conditions"]
     for c, entry in conditions.items():
         out: dict[str, Any] = {}
-        for section in ("datasets", "abnormality", "question_types"):
+        for section in ("datasets", "abnormality", "question_types", "label_sets"):
             out[section] = {}
             for name, values in entry.get(section, {}).items():
                 out[section][name] = {
@@ -323,6 +368,18 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             for name, values in entry["abnormality"].items():
                 n = values.get("n", {}).get("mean", float("nan"))
                 cells = [_pct(values.get(m)) for m in ABNORMALITY_METRICS]
+                lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if entry.get("label_sets"):
+            lines.append(
+                "Label-set answers (macro-F1 over the vocabulary, Hamming loss, predicted items outside it):"
+            )
+            lines.append("")
+            lines.append("| Dataset | n | Macro-F1 | Hamming loss | Out of vocabulary |")
+            lines.append("|---|---:|---:|---:|---:|")
+            for name, values in entry["label_sets"].items():
+                n = values.get("n", {}).get("mean", float("nan"))
+                cells = [_pct(values.get(m)) for m in ("macro_f1", "hamming_loss", "out_of_vocabulary")]
                 lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
             lines.append("")
         if entry["question_types"]:
