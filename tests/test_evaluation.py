@@ -222,7 +222,11 @@ def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path
     from ecglm.cli import run_cli, run_evaluate
 
     monkeypatch.chdir(tmp_path)
-    args = _recipe_args(mixture_dir, tokenizer_dir)
+    # Absolute: MLflow caches its store per URI string, and other tests use the recipe's relative one.
+    args = [
+        *_recipe_args(mixture_dir, tokenizer_dir),
+        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
     fit = run_cli(["fit", *args])
     # Validation scored generated answers with the evaluation metrics, and the answer-token stats.
     for name in ("val/acc", "val/f1", "val/bleu4", "val/token_accuracy", "val/mean_entropy"):

@@ -45,8 +45,12 @@ class WeightProbe(L.Callback):
 
 @pytest.mark.slow
 def test_quickstart_trains_checkpoints_resumes_and_reports(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the recipe's relative paths (shards, runs, mlflow.db) land here
-    cli = run_cli(["fit", *SMALL, "--trainer.max_steps", "2"])
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths (shards, runs) land here
+    # MLflow caches one store per tracking URI string for the whole process, so a relative
+    # sqlite:///mlflow.db would reach whichever folder another test used first: use an absolute one.
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    small = [*SMALL, f"--trainer.logger.init_args.tracking_uri={tracking_uri}"]
+    cli = run_cli(["fit", *small, "--trainer.max_steps", "2"])
     assert cli.trainer.global_step == 2
 
     ckpt_path = tmp_path / "runs/quickstart/checkpoints/last.ckpt"
@@ -65,7 +69,7 @@ def test_quickstart_trains_checkpoints_resumes_and_reports(tmp_path, monkeypatch
     assert not list(ckpt_path.parent.glob("*.tmp*"))
 
     # Resume: the weights at restart are exactly the checkpoint's, and the step count goes on.
-    resumed = run_cli([*SMALL, "--trainer.max_steps", "4"], run=False)
+    resumed = run_cli([*small, "--trainer.max_steps", "4"], run=False)
     probe = WeightProbe()
     resumed.trainer.callbacks.append(probe)
     resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(ckpt_path))
@@ -80,7 +84,7 @@ def test_quickstart_trains_checkpoints_resumes_and_reports(tmp_path, monkeypatch
     # MLflow: parameter counts and the resolved config of the run.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("quickstart")
     runs = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
     first = runs[0]
@@ -93,7 +97,7 @@ def test_quickstart_trains_checkpoints_resumes_and_reports(tmp_path, monkeypatch
     # Evaluation protocol: two seeds, the no-signal ablations, a report in every format.
     summary = run_evaluate(
         [
-            *SMALL,
+            *small,
             "--ckpt_path",
             str(ckpt_path),
             "--evaluate.seeds",
