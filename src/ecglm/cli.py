@@ -1,5 +1,7 @@
 """The ``ecglm`` command: Lightning's CLI (``fit``, ``validate``, ``test``, ``predict``) and our own
-``evaluate`` and ``plugins``.
+``evaluate``, ``shard`` and ``plugins``.
+
+``ecglm shard --config shards/quickstart.yaml`` builds WebDataset shards with any shard builder.
 
 ``ecglm evaluate --config recipe.yaml --ckpt_path PATH`` runs the evaluation protocol
 (:class:`ecglm.evaluation.EvaluationProtocol`): several seeds, the no-signal ablations, a report.
@@ -12,13 +14,15 @@ entry-point name (``class_path: hf``) as well as by its import path.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import lightning as L
 import yaml
-from jsonargparse import set_loader
+from jsonargparse import ActionConfigFile, ArgumentParser, set_loader
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from ecglm.data.datamodule import ShardBuilder
 from ecglm.evaluation import EvaluationProtocol
 from ecglm.module import ECGLanguageModel, save_run_file
 from ecglm.plugins import (
@@ -114,12 +118,45 @@ def run_cli(args: list[str] | None, registry: Registry | None = None, run: bool 
     )
 
 
+def shard_parser(registry: Registry | None = None) -> ArgumentParser:
+    """``ecglm shard``: a shard builder (any class with ``build(out_dir) -> manifest``) and its folder."""
+    set_loader(
+        PARSER_MODE, _make_loader(registry or discover()), exceptions=(yaml.YAMLError, UnknownComponentError)
+    )
+    parser = ArgumentParser(prog="ecglm shard", parser_mode=PARSER_MODE, description=run_shard.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with `builder` and `out_dir`")
+    parser.add_argument("--builder", type=ShardBuilder, required=True, help="class_path + init_args")
+    parser.add_argument("--out_dir", type=str, required=True, help="folder for the shards and manifest.json")
+    return parser
+
+
+def run_shard(args: list[str], registry: Registry | None = None) -> dict[str, Any]:
+    """Build WebDataset shards and their manifest (idempotent: an up-to-date folder is left as it is)."""
+    parser = shard_parser(registry)
+    config = parser.instantiate_classes(parser.parse_args(args))
+    started = time.perf_counter()
+    manifest = config.builder.build(config.out_dir)
+    print(f"{config.out_dir}: {manifest.get('dataset', '?')} in {time.perf_counter() - started:.1f} s")
+    for split, info in manifest.get("splits", {}).items():
+        datasets = ", ".join(f"{d} {n}" for d, n in (info.get("datasets") or {}).items())
+        print(
+            f"  {split:<5} {info.get('num_ecgs', '?')} ECGs, {info.get('num_qa', '?')} QA pairs"
+            f" in {len(info.get('shards', []))} shards" + (f" ({datasets})" if datasets else "")
+        )
+    if manifest.get("dropped"):
+        print(f"  dropped: {manifest['dropped']}")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["plugins"]:
         registry = discover()
         print(format_registry(registry))
         return 1 if registry.failures else 0
+    if args[:1] == ["shard"]:
+        run_shard(args[1:])
+        return 0
     if args[:1] == ["evaluate"]:
         if argv is None:
             sys.argv[1:] = args[1:]  # LightningCLI then reads the flags from sys.argv

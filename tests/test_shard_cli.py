@@ -1,0 +1,42 @@
+"""``ecglm shard``: builds shards from a config, idempotently, and names bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ecglm.cli import main, run_shard
+from ecglm.data.shards import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shard_command_builds_then_keeps_an_up_to_date_folder(tmp_path, capsys):
+    config = (REPO / "shards/quickstart.yaml").read_text()
+    for key, value in (
+        ("num_train: 720", "num_train: 3"),
+        ("num_val: 32", "num_val: 1"),
+        ("num_test: 96", "num_test: 2"),
+    ):
+        assert key in config
+        config = config.replace(key, value)
+    config = config.replace("out_dir: shards/quickstart", f"out_dir: {tmp_path / 'out'}")
+    (tmp_path / "shard.yaml").write_text(config)
+
+    assert main(["shard", "--config", str(tmp_path / "shard.yaml")]) == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["splits"]["train"]["num_qa"] == 6 and manifest["splits"]["test"]["num_ecgs"] == 2
+    assert "train 3 ECGs, 6 QA pairs in 1 shards" in capsys.readouterr().out
+    shard = tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["path"]
+    mtime = shard.stat().st_mtime_ns
+    assert run_shard(["--config", str(tmp_path / "shard.yaml")]) == manifest
+    assert shard.stat().st_mtime_ns == mtime  # up to date: nothing rewritten
+
+
+def test_shard_command_names_a_bad_builder_argument(tmp_path, capsys):
+    config = (REPO / "shards/quickstart.yaml").read_text().replace("num_val: 32", "num_val: many")
+    (tmp_path / "shard.yaml").write_text(config)
+    with pytest.raises(SystemExit):
+        run_shard(["--config", str(tmp_path / "shard.yaml")])
+    assert "num_val" in capsys.readouterr().err
