@@ -1,0 +1,123 @@
+"""Signal preprocessing: lead order by name, anti-aliased resampling, windows, NaN repair, normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import wfdb
+from scipy import signal
+
+from ecglm.data.preprocess import (
+    LEADS,
+    MissingLeadError,
+    PreprocessConfig,
+    cut_windows,
+    preprocess,
+    preprocess_record,
+)
+
+#: float16 keeps 11 significant bits: a relative error of at most 2**-11 ~ 4.9e-4 after rounding.
+F16_RTOL, F16_ATOL = 1e-3, 1e-3
+
+
+def _reference(record, fs_out: int = 250, n: int = 2500) -> np.ndarray:
+    rec = wfdb.rdrecord(str(record))
+    names = [name.lower() for name in rec.sig_name]
+    x = rec.p_signal[:, [names.index(lead.lower()) for lead in LEADS]].T
+    x = signal.resample_poly(x, fs_out, int(rec.fs), axis=1)
+    return x
+
+
+def test_real_ptb_record_matches_wfdb_scipy_reference(ptb_record):
+    out = preprocess_record(ptb_record, PreprocessConfig())
+
+    assert out.drop_reason is None and out.windows.dtype == np.float16
+    assert out.windows.shape == (1, 12, 2500)
+    ref = _reference(ptb_record)[:, :2500]
+    assert ref.shape == (12, 2500)  # 38.4 s at 1000 Hz -> 9600 samples at 250 Hz, first 10 s kept
+    ref = (ref - ref.mean(axis=1, keepdims=True)) / ref.std(axis=1, keepdims=True)
+    np.testing.assert_allclose(out.windows[0].astype(np.float64), ref, rtol=F16_RTOL, atol=F16_ATOL)
+
+
+def test_real_ptb_record_cut_into_windows_and_minmax(ptb_record):
+    out = preprocess_record(ptb_record, PreprocessConfig(window="all", normalisation="minmax"))
+
+    assert out.windows.shape == (3, 12, 2500)  # 9600 samples: three full windows, 600 discarded
+    ref = _reference(ptb_record)
+    for i, window in enumerate(out.windows):
+        part = ref[:, i * 2500 : (i + 1) * 2500]
+        expected = (part - part.min()) / (part.max() - part.min())
+        np.testing.assert_allclose(window.astype(np.float64), expected, rtol=F16_RTOL, atol=F16_ATOL)
+        assert window.min() == 0.0 and window.max() == 1.0
+
+
+def test_centre_window_and_zero_padding():
+    x = np.arange(10.0)[None, :]
+    np.testing.assert_array_equal(cut_windows(x, 4, "centre")[0], [[3, 4, 5, 6]])
+    np.testing.assert_array_equal(cut_windows(x, 4, "first")[0], [[0, 1, 2, 3]])
+    assert [w[0, 0] for w in cut_windows(x, 4, "all")] == [0, 4]
+
+    rng = np.random.default_rng(0)
+    short = rng.normal(size=(1250, 12))  # 5 s at 250 Hz
+    out = preprocess(short, list(LEADS), 250, "short", PreprocessConfig())
+    window = out.windows[0].astype(np.float64)
+    np.testing.assert_array_equal(window[:, 1250:], 0.0)
+    np.testing.assert_allclose(window[:, :1250].mean(axis=1), 0.0, atol=1e-3)
+    np.testing.assert_allclose(window[:, :1250].std(axis=1), 1.0, atol=1e-3)
+
+
+def test_leads_are_reordered_by_name_case_insensitively_and_extras_dropped():
+    # MIMIC-IV-ECG order (aVF before aVL), mixed case, plus a Frank lead; lead k carries (k + 1) * t.
+    order = ["i", "II", "iii", "AVR", "aVF", "avl", "v1", "V2", "V3", "V4", "V5", "V6", "vx"]
+    canonical = [lead.lower() for lead in LEADS]
+    t = np.linspace(0.0, 1.0, 2500)
+    x = np.stack([(canonical.index(n.lower()) + 1 if n.lower() in canonical else 99) * t for n in order], 1)
+    out = preprocess(x, order, 250, "r", PreprocessConfig(normalisation="minmax"))
+    # global min-max: the row of canonical lead k spans [0, (k + 1) / 12]; vx (99 * t) is gone
+    np.testing.assert_allclose(out.windows[0].max(axis=1), np.arange(1, 13) / 12, atol=1e-3)
+
+
+def test_missing_lead_names_the_record_unless_zero_filled():
+    names = [lead for lead in LEADS if lead != "V4"]
+    x = np.ones((2500, 11))
+    with pytest.raises(MissingLeadError, match=r"records500/00000/00007_hr.*V4"):
+        preprocess(x, names, 250, "records500/00000/00007_hr", PreprocessConfig())
+    out = preprocess(x, names, 250, "r", PreprocessConfig(zero_fill_missing=True))
+    assert out.windows.shape == (1, 12, 2500)
+    np.testing.assert_array_equal(out.windows[0, LEADS.index("V4")], 0.0)
+
+
+def test_short_nan_gaps_are_interpolated_long_ones_and_many_dropped():
+    t = np.arange(5000) / 500
+    x = np.stack([np.sin(2 * np.pi * (k + 1) * t / 10) for k in range(12)], axis=1)
+    gappy = x.copy()
+    gappy[100:110, 3] = np.nan
+    gappy[4000:4005, 7] = np.inf
+    repaired = preprocess(gappy, list(LEADS), 500, "gappy", PreprocessConfig(normalisation="minmax"))
+    clean = preprocess(x, list(LEADS), 500, "clean", PreprocessConfig(normalisation="minmax"))
+    assert repaired.drop_reason is None
+    # A 10-sample gap in a slow sine: linear interpolation is within ~1e-4 of the truth.
+    np.testing.assert_allclose(repaired.windows.astype(float), clean.windows.astype(float), atol=2e-3)
+
+    long_gap = x.copy()
+    long_gap[1000:1300, 0] = np.nan  # 300 samples > max_gap 250, but only 0.5% of the record
+    out = preprocess(long_gap, list(LEADS), 500, "long", PreprocessConfig())
+    assert (out.dropped, out.drop_reason) == (True, "nan_gap") and "lead I" in out.detail
+
+    many = x.copy()
+    many[::10] = np.nan  # 10% of samples, in single-sample gaps
+    out = preprocess(many, list(LEADS), 500, "many", PreprocessConfig())
+    assert out.drop_reason == "nan_fraction"
+
+
+def test_missing_record_is_a_counted_drop(tmp_path):
+    out = preprocess_record(tmp_path / "nothing", PreprocessConfig(), record="ptbxl/1")
+    assert (out.record, out.drop_reason) == ("ptbxl/1", "missing_record")
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="normalisation"):
+        PreprocessConfig(normalisation="robust")
+    with pytest.raises(ValueError, match="window"):
+        PreprocessConfig(window="random")
+    assert PreprocessConfig().manifest_entry()["normalisation"] == "zscore"
