@@ -40,3 +40,12 @@ def test_shard_command_names_a_bad_builder_argument(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_shard(["--config", str(tmp_path / "shard.yaml")])
     assert "num_val" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "shards").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shard_config_parses(config):
+    from ecglm.cli import shard_parser
+
+    assert config.read_text().startswith("# ecglm shard --config shards/"), "first line: the command"
+    parsed = shard_parser().parse_args(["--config", str(config)])
+    assert "." in parsed.builder.class_path and parsed.out_dir.startswith("shards/")
