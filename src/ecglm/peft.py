@@ -1,19 +1,38 @@
 """PEFT policies: which parameters of encoder, connector and backbone train, and how the backbone is adapted.
 
-Component layer: imports torch (and, for the LoRA family, peft) only. A policy is one object applied
-to any backbone — never a model subclass or a training script of its own — so every strategy runs
-through the same training path.
+Component layer: imports torch, transformers and peft only. A policy is one object applied to any
+backbone — never a model subclass or a training script of its own — so every strategy runs through
+the same training path. Options every policy has (encoder fine-tuning, gradient checkpointing) live
+on :class:`PEFTPolicy`; QLoRA is :class:`LoRA` with ``kbit=True`` over a 4-bit backbone.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from ecglm.backbones import Backbone
 from ecglm.connectors import Connector
-from ecglm.encoders import ECGEncoder
+from ecglm.encoders import ECGEncoder, Wav2Vec2ECGEncoder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# peft and transformers' model modules are imported where they are used: together they take seconds
+# to import, and every ecglm command imports every registered policy at start-up.
+
+log = logging.getLogger(__name__)
+
+#: The attention projections of Llama, Qwen3 / Qwen3.5 (full-attention layers) and Gemma 3 / 4.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: Where the recipe sets the backbone's 4-bit loading (named in QLoRA's errors).
+QUANTIZATION_KEY = "model.backbone.init_args.quantization"
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -36,16 +55,135 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-class PEFTPolicy(ABC):
-    """Base class of every PEFT policy.
+def hf_model(backbone: Backbone, what: str) -> PreTrainedModel:
+    """The backbone's transformers model, which adapters and checkpointing act on."""
+    from transformers import PreTrainedModel
 
-    :meth:`apply` sets ``requires_grad`` on every parameter of the three parts and may replace
-    modules inside the backbone (adapters). It runs once, before the optimizer is built.
+    model = getattr(backbone, "model", None)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"{what} needs a backbone whose `model` is a transformers PreTrainedModel (as HFBackbone's "
+            f"is); {type(backbone).__name__}.model is {type(model).__name__}"
+        )
+    return model
+
+
+def is_4bit(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False)) or any(
+        getattr(p, "quant_state", None) is not None for p in model.parameters()
+    )
+
+
+# --- encoder fine-tuning ----------------------------------------------------------------------------
+
+
+def encoder_top_layers(encoder: ECGEncoder, n: int) -> list[nn.Module]:
+    """The modules that training the top ``n`` layers of ``encoder`` unfreezes, lowest first.
+
+    For :class:`~ecglm.encoders.Wav2Vec2ECGEncoder` these are the last ``n`` of its transformer
+    layers (``encoder.encoder.layers``) and, in a pre-LN encoder (``layer_norm_first``), the norm
+    applied after them; in the post-LN layout of fairseq-signals that norm comes before the first
+    layer and stays frozen, as do the convolutions, projection and positional convolution. Any
+    other encoder opts in with a ``top_layers(n) -> list[nn.Module]`` method.
+    """
+    if hasattr(encoder, "top_layers"):
+        return list(encoder.top_layers(n))
+    if not isinstance(encoder, Wav2Vec2ECGEncoder):
+        raise TypeError(
+            f"encoder_top_layers needs an encoder whose layers are known: Wav2Vec2ECGEncoder, or one that "
+            f"defines top_layers(n) -> list[nn.Module]; {type(encoder).__name__} has neither. Use "
+            "train_encoder: true to train all of it"
+        )
+    layers = encoder.encoder.layers
+    if not 1 <= n <= len(layers):
+        raise ValueError(f"encoder_top_layers must be between 1 and {len(layers)} (its layers); got {n}")
+    top: list[nn.Module] = list(layers[len(layers) - n :])
+    if encoder.encoder.layer_norm_first:
+        top.append(encoder.encoder.layer_norm)
+    return top
+
+
+# --- gradient checkpointing -------------------------------------------------------------------------
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    Non-reentrant checkpointing passes gradients through a layer whatever its inputs, so they reach
+    the ECG tokens and LoRA weights even when no input of the LLM requires a gradient (a frozen
+    connector); transformers adds the input-embedding hook as well.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def frozen_part_mode(part: nn.Module, training: bool) -> None:
+    """Mode for a part with no trainable parameter: eval, but checkpointed layers recompute in training.
+
+    transformers checkpoints a layer only while ``layer.training`` is set, and a frozen LLM still
+    back-propagates into the ECG tokens. In training, only the layer wrappers go back to training
+    mode: dropout and attention modules read their own flag, so no dropout runs; out of training
+    (validation, generation) everything is in eval mode and the KV cache works.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    part.eval()
+    if not training:
+        return
+    for module in part.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+
+
+# --- policies -------------------------------------------------------------------------------------
+
+
+class PEFTPolicy(ABC):
+    """Base class of every PEFT policy, and the options every policy has.
+
+    :meth:`apply` runs once, before the optimizer is built: it sets ``requires_grad`` on every
+    parameter of the three parts (the encoder from the options below, the rest in :meth:`adapt`),
+    lets the subclass replace modules inside the backbone (adapters), then turns on gradient
+    checkpointing if asked.
+
+    Args:
+        train_encoder: Train the whole encoder (default: frozen).
+        encoder_top_layers: Train only the top ``n`` layers of the encoder (see
+            :func:`encoder_top_layers`); implies encoder training.
+        gradient_checkpointing: Recompute the LLM's layer activations in the backward pass
+            (less memory, about one more forward pass of time).
     """
 
-    @abstractmethod
+    def __init__(
+        self,
+        train_encoder: bool = False,
+        encoder_top_layers: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        if encoder_top_layers is not None and encoder_top_layers < 1:
+            raise ValueError(
+                f"encoder_top_layers must be at least 1 (null trains all or none); got {encoder_top_layers}"
+            )
+        self.train_encoder = train_encoder
+        self.encoder_top_layers = encoder_top_layers
+        self.gradient_checkpointing = gradient_checkpointing
+
     def apply(self, encoder: ECGEncoder, connector: Connector, backbone: Backbone) -> None:
         """Freeze, unfreeze or adapt the parts in place."""
+        set_trainable(encoder, self.train_encoder and self.encoder_top_layers is None)
+        if self.encoder_top_layers is not None:
+            for module in encoder_top_layers(encoder, self.encoder_top_layers):
+                set_trainable(module, True)
+        self.adapt(connector, backbone)
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(hf_model(backbone, "gradient_checkpointing"))
+
+    @abstractmethod
+    def adapt(self, connector: Connector, backbone: Backbone) -> None:
+        """Set which connector and backbone parameters train; add adapters to the backbone."""
 
 
 class ProjectionOnly(PEFTPolicy):
@@ -54,12 +192,175 @@ class ProjectionOnly(PEFTPolicy):
     Args:
         train_encoder: Train the encoder too (for an encoder without pretrained weights, as in
             the quickstart).
+        encoder_top_layers: Train only the top ``n`` encoder layers.
+        gradient_checkpointing: Recompute the frozen LLM's activations in the backward pass, which
+            still runs through it to reach the ECG tokens.
     """
 
-    def __init__(self, train_encoder: bool = False):
-        self.train_encoder = train_encoder
+    def __init__(
+        self,
+        train_encoder: bool = False,
+        encoder_top_layers: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(train_encoder, encoder_top_layers, gradient_checkpointing)
 
-    def apply(self, encoder: ECGEncoder, connector: Connector, backbone: Backbone) -> None:
-        set_trainable(encoder, self.train_encoder)
+    def adapt(self, connector: Connector, backbone: Backbone) -> None:
         set_trainable(connector, True)
         set_trainable(backbone, False)
+
+
+class LoRA(PEFTPolicy):
+    """Connector plus low-rank adapters on the LLM's linear layers (peft); with ``kbit``, QLoRA.
+
+    Adapters go into the text decoder only (the module ``get_decoder()`` returns): never into
+    ``lm_head``, the embeddings, or a vision or audio tower. They are injected into the
+    transformers model in place (``peft.inject_adapter_in_model``), so ``backbone.model`` keeps its
+    class, forward, ``generate`` and hooks; the adapted layers' weights move to ``<layer>.base_layer``
+    and the adapters are ``<layer>.lora_A.default`` / ``lora_B.default`` (and
+    ``lora_magnitude_vector.default`` with DoRA). Only the adapters (and the connector) train.
+
+    Args:
+        r: Rank of the adapters.
+        alpha: Scale numerator: the update is ``(alpha / r) * B A x``.
+        dropout: Dropout on the adapters' input (passed to ``LoraConfig.lora_dropout``).
+        target_modules: Linear layers to adapt, each name matching a layer's full name or its
+            dotted suffix (``q_proj``, ``self_attn.q_proj``), or ``"all-linear"``: every linear
+            layer of the decoder.
+        use_dora: Weight-decomposed adapters (DoRA): a trained magnitude per output feature.
+        kbit: QLoRA over a 4-bit backbone: peft's k-bit preparation (everything frozen, the
+            non-quantised weights cast to float32) before the adapters. Required with, and only with,
+            a 4-bit backbone (``model.backbone.init_args.quantization``).
+        train_connector: Train the connector (default); ``False`` trains the adapters only.
+        train_encoder: Train the whole encoder.
+        encoder_top_layers: Train only the top ``n`` encoder layers.
+        gradient_checkpointing: Recompute the LLM's layer activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        target_modules: Sequence[str] | str = ATTENTION_PROJECTIONS,
+        use_dora: bool = False,
+        kbit: bool = False,
+        train_connector: bool = True,
+        train_encoder: bool = False,
+        encoder_top_layers: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(train_encoder, encoder_top_layers, gradient_checkpointing)
+        if r < 1:
+            raise ValueError(f"r must be at least 1; got {r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        if isinstance(target_modules, str) and target_modules != "all-linear":
+            target_modules = [target_modules]
+        if not isinstance(target_modules, str) and not target_modules:
+            raise ValueError('target_modules is empty; name linear layers or use "all-linear"')
+        self.r = r
+        self.alpha = alpha
+        self.dropout = dropout
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.use_dora = use_dora
+        self.kbit = kbit
+        self.train_connector = train_connector
+        self.targets: list[str] = []  # full names of the adapted layers, set by apply
+
+    def adapt(self, connector: Connector, backbone: Backbone) -> None:
+        from peft import LoraConfig, inject_adapter_in_model, prepare_model_for_kbit_training
+
+        model = hf_model(backbone, "LoRA")
+        set_trainable(connector, self.train_connector)
+        set_trainable(backbone, False)
+        check_kbit(model, self.kbit)
+        if self.kbit:
+            # Checkpointing is turned on by apply, from this policy's own option.
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        self.targets = lora_targets(model, self.target_modules)
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            # Exact full names: peft's own matching would also reach lm_head or a vision tower.
+            target_modules="|".join(re.escape(name) for name in self.targets),
+            use_dora=self.use_dora,
+            bias="none",
+        )
+        inject_adapter_in_model(config, model)  # in place; leaves only the adapters trainable
+        for p in model.parameters():
+            # Float32 adapters over a bf16 / fp16 base, as get_peft_model makes them: AdamW's small
+            # updates would round away in 16-bit weights.
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        log.info(
+            "%s r=%d alpha=%s dropout=%s on %d layers (%s)",
+            "DoRA" if self.use_dora else "LoRA",
+            *(self.r, self.alpha, self.dropout, len(self.targets)),
+            ", ".join(sorted({name.rsplit(".", 1)[-1] for name in self.targets})),
+        )
+
+
+def check_kbit(model: PreTrainedModel, kbit: bool) -> None:
+    """QLoRA (``kbit``) with, and only with, a 4-bit model, so that a recipe always says which it is."""
+    quantized = is_4bit(model)
+    if kbit and not quantized:
+        raise ValueError(
+            f"kbit (QLoRA) needs a 4-bit backbone, and {type(model).__name__} is not quantised: set "
+            f"{QUANTIZATION_KEY}: nf4, or kbit: false for LoRA over full-precision weights"
+        )
+    if quantized and not kbit:
+        raise ValueError(
+            f"the backbone is 4-bit ({QUANTIZATION_KEY}); LoRA over 4-bit weights is QLoRA: set "
+            "model.policy.init_args.kbit: true"
+        )
+
+
+def decoder_linear_layers(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """``full name -> module`` of every linear layer of the text decoder, embeddings and LM head excluded."""
+    from transformers.pytorch_utils import Conv1D
+
+    decoder = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    skip = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return {
+        f"{prefix}.{name}" if prefix else name: module
+        for name, module in decoder.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in skip
+    }
+
+
+def lora_targets(model: PreTrainedModel, target_modules: Sequence[str] | str) -> list[str]:
+    """Full names of the decoder's linear layers that ``target_modules`` selects.
+
+    A name matches a layer whose full name equals it or ends with ``"." + name``. A name that
+    matches no linear layer of the decoder — a typo, a module of another family, an embedding,
+    ``lm_head`` — is an error that lists the decoder's linear layer names.
+    """
+    linear = decoder_linear_layers(model)
+    if target_modules == "all-linear":
+        return sorted(linear)
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    chosen, unmatched = set(), []
+    for target in target_modules:
+        found = {name for name in linear if matches(name, target)}
+        if not found:
+            unmatched.append(target)
+        chosen |= found
+    if unmatched:
+        others = {
+            f"{name} ({type(module).__name__})"
+            for name, module in model.named_modules()
+            if any(matches(name, t) for t in unmatched)
+        }
+        available = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in linear})
+        raise ValueError(
+            f"target_modules {unmatched} match no linear layer of the {type(model).__name__} decoder"
+            + (f" (they name {', '.join(sorted(others))}, which LoRA never adapts)" if others else "")
+            + f". Its linear layers: {', '.join(available)}"
+        )
+    return sorted(chosen)
