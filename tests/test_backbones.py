@@ -16,33 +16,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY
 from ecglm.backbones import IGNORE_INDEX, ChatFormatter, HFBackbone, positions_from_mask
+from ecglm_testing import FAMILIES, GEMMA4_TEXT, TINY, VOCAB
 
 K = 3  # ECG tokens per sample
-VOCAB = 49152  # SmolLM2's tokenizer, used by every tiny model
-
-GEMMA4_TEXT = {
-    "num_hidden_layers": 4,
-    "layer_types": ["sliding_attention", "full_attention"] * 2,
-    "sliding_window": 16,
-    "global_head_dim": 16,
-    "hidden_size_per_layer_input": 8,  # Per-Layer Embeddings, as in E2B / E4B
-    "vocab_size_per_layer_input": VOCAB,
-    "num_kv_shared_layers": 2,  # the last layers reuse earlier keys and values, as in E4B
-}
-#: Per-family config so that each tiny model has every layer kind of the real checkpoints.
-FAMILIES = {
-    "llama": {},
-    "qwen3_5_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-    },
-    "gemma4_text": GEMMA4_TEXT,
-}
 QUESTIONS = [
     "What is the heart rate category of this ECG?",
     "Is the rhythm regular or irregular? Please answer briefly.",

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY
 from ecglm.encoders import ECGEncoder, check_preprocessing
 from ecglm.plugins import discover, format_registry
+from ecglm_testing import REPO, TINY
 
 PLUGIN_SRC = REPO / "plugins" / "ecglm-s4-encoder"
 DIST, PACKAGE, NAME, GROUP = "ecglm-s4-encoder", "ecglm_s4_encoder", "s4d", "ecglm.encoders"

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
 from ecglm.data.datamodule import ECGQADataModule, subset_fraction
 from ecglm.data.shards import write_manifest, write_shards
 from ecglm.evaluation import (
@@ -23,6 +22,7 @@ from ecglm.evaluation import (
     render_markdown,
     summarize,
 )
+from ecglm_testing import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 #: Two datasets of the mixture, in the layout the shard builders write.

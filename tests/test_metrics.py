@@ -26,7 +26,6 @@ from torchmetrics import Metric
 from torchmetrics.text import BERTScore
 from torchmetrics.utilities.data import dim_zero_sum
 
-from conftest import SHARED_DATA
 from ecglm import metrics
 from ecglm.metrics import (
     METEOR,
@@ -43,6 +42,7 @@ from ecglm.metrics import (
     failure_modes,
     normalize_answer,
 )
+from ecglm_testing import SHARED_DATA
 
 #: (prediction, reference) free-text ECG findings, worded as generated reports and cardiologists write them.
 REPORT_PAIRS = [

@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from conftest import REPO, TINY
 from ecglm.backbones import ECG_MARKER, IGNORE_INDEX
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
 from ecglm.plugins import discover, format_registry, resolve_class_paths
+from ecglm_testing import REPO, TINY
 
 PLUGIN_SRC = REPO / "plugins" / "ecglm-plain-prompt"
 DIST, PACKAGE, NAME, GROUP = "ecglm-plain-prompt", "ecglm_plain_prompt", "plain-prompt", "ecglm.backbones"

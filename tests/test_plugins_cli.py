@@ -20,7 +20,7 @@ BUILTINS = {
     "ecglm.encoders": {"wav2vec2", "raw"},
     "ecglm.connectors": {"mlp", "linear", "encoder-free"},
     "ecglm.backbones": {"hf"},
-    "ecglm.peft": {"projection-only", "lora"},
+    "ecglm.peft": {"projection-only", "lora", "few-shot-connector"},
 }
 
 

@@ -9,13 +9,15 @@ data-loader workers use to tokenise.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
 import os
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedTokenizerBase,
+    cache_utils,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -70,6 +73,10 @@ class ChatFormatter:
     template's tokens or the start of the answer — until the prompt leaves room for the first
     ``min_answer_tokens`` answer tokens (all of a shorter answer; for a generation prompt,
     ``min_answer_tokens`` new tokens); only then is the end of the answer cut.
+
+    :meth:`encode` takes a ``system_prompt`` for one pair, which replaces the formatter's own (few-shot
+    prompts carry each dataset's demonstrations there); it takes the same path as the formatter's
+    own, so on a template without a system role the demonstrations start the user turn.
 
     Args:
         tokenizer: The backbone's tokenizer (with a chat template).
@@ -120,13 +127,17 @@ class ChatFormatter:
                 log.info("the chat template has no system role: the system prompt starts the user turn")
         return self._template_has_system
 
-    def messages(self, question: str, answer: str | None = None) -> list[dict[str, str]]:
+    def messages(
+        self, question: str, answer: str | None = None, system_prompt: str | None = None
+    ) -> list[dict[str, str]]:
+        """The conversation; a ``system_prompt`` replaces the formatter's own for this call."""
+        system = self.system_prompt if system_prompt is None else system_prompt
         user = f"{ECG_MARKER}\n{question}"
         turns = []
-        if self.system_prompt and self.template_has_system:
-            turns.append({"role": "system", "content": self.system_prompt})
-        elif self.system_prompt:
-            user = f"{self.system_prompt}\n\n{user}"
+        if system and self.template_has_system:
+            turns.append({"role": "system", "content": system})
+        elif system:
+            user = f"{system}\n\n{user}"
         turns.append({"role": "user", "content": user})
         if answer is not None:
             turns.append({"role": "assistant", "content": answer})
@@ -142,16 +153,25 @@ class ChatFormatter:
         # Special-token strings in the rendered template are parsed; none is added on top.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, question: str, answer: str | None, num_ecg_tokens: int) -> EncodedChat:
-        """Tokenise one QA pair; with ``answer=None`` the result ends with the generation prompt."""
-        prompt_text = self.render(self.messages(question), add_generation_prompt=True)
+    def encode(
+        self, question: str, answer: str | None, num_ecg_tokens: int, system_prompt: str | None = None
+    ) -> EncodedChat:
+        """Tokenise one QA pair; with ``answer=None`` the result ends with the generation prompt.
+
+        ``system_prompt`` replaces the formatter's own for this pair (few-shot prompts differ by dataset).
+        """
+        prompt_text = self.render(
+            self.messages(question, system_prompt=system_prompt), add_generation_prompt=True
+        )
         before, marker, after = prompt_text.partition(ECG_MARKER)
         if not marker or ECG_MARKER in after:
             raise ValueError(f"the rendered prompt must contain {ECG_MARKER!r} exactly once: {prompt_text!r}")
         head = self._tokens(before) + [self.placeholder_token_id] * num_ecg_tokens
         tail = self._tokens(after)
         answer_ids = (
-            self._tokens(self._answer_text(question, answer, prompt_text)) if answer is not None else []
+            self._tokens(self._answer_text(question, answer, prompt_text, system_prompt))
+            if answer is not None
+            else []
         )
         if self.max_length is not None:
             wanted = (
@@ -196,8 +216,10 @@ class ChatFormatter:
             )
         return lead + cut[:keep] + closing
 
-    def _answer_text(self, question: str, answer: str, prompt_text: str) -> str:
-        full_text = self.render(self.messages(question, answer), add_generation_prompt=False)
+    def _answer_text(
+        self, question: str, answer: str, prompt_text: str, system_prompt: str | None = None
+    ) -> str:
+        full_text = self.render(self.messages(question, answer, system_prompt), add_generation_prompt=False)
         if not full_text.startswith(prompt_text):
             raise ValueError(
                 "the chat template renders the prompt differently once the answer is added, so the answer "
@@ -212,11 +234,14 @@ class Backbone(nn.Module, ABC):
     Subclasses set ``hidden_size`` and ``formatter`` and implement :meth:`embed_tokens`,
     :meth:`forward` and :meth:`generate`. ``pretrained`` says whether the weights can be loaded
     again from their source; frozen weights that cannot are saved in checkpoints.
+    ``prefix_reuse`` (set by a policy that keeps the LM frozen) lets :meth:`forward` compute the
+    prompt prefix that rows share once, without gradients; a backbone that cannot ignores it.
     """
 
     hidden_size: int
     formatter: ChatFormatter
     pretrained: bool = True
+    prefix_reuse: bool = False
 
     @abstractmethod
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -264,6 +289,186 @@ def answer_span(labels: Tensor) -> int:
     if supervised.numel() == 0:
         raise ValueError("no supervised token in the batch (every label is ignored)")
     return labels.shape[1] - int(supervised[0])
+
+
+# --- prefix reuse -------------------------------------------------------------------------------------
+
+
+class PrefixReuseUnsupported(Exception):
+    """The LM's cache holds a kind of state that cannot be copied into the rows of a batch."""
+
+
+def _cache_classes(*names: str) -> tuple[type, ...]:
+    # By name: older transformers releases lack some of these classes.
+    return tuple(getattr(cache_utils, n) for n in names if hasattr(cache_utils, n))
+
+
+#: Cache layers whose state copies into batch rows: attention keys and values (full or sliding
+#: window), linear-attention conv and recurrent states, and empty KV-sharing consumers. Exact types.
+REUSABLE_CACHE_LAYERS = _cache_classes(
+    "DynamicLayer",
+    "DynamicSlidingWindowLayer",
+    "LinearAttentionLayer",
+    "LinearAttentionAndFullAttentionLayer",
+    "LinearAttentionAndSlidingWindowAttentionLayer",
+    "DummyLayer",
+)
+_LINEAR_LAYERS = _cache_classes("LinearAttentionCacheLayerMixin")
+_SLIDING_LAYERS = _cache_classes("DynamicSlidingWindowLayer")
+
+
+@dataclass
+class PrefixState:
+    """One prompt prefix's LM state: per layer, ``keys`` / ``values`` ``(1, heads, n, dim)`` and/or the
+    linear-attention ``conv`` and ``recurrent`` states by state index (absent where a layer holds none)."""
+
+    length: int
+    layers: list[dict[str, Any]]
+
+
+def prefix_state(cache: Any, length: int) -> PrefixState:
+    """The per-layer tensors of a batch-of-one ``DynamicCache`` after a prefix of ``length`` tokens."""
+    if not hasattr(cache, "layers"):
+        raise PrefixReuseUnsupported(f"a {type(cache).__name__} instead of a DynamicCache")
+    layers = []
+    for layer in cache.layers:
+        if type(layer) not in REUSABLE_CACHE_LAYERS or getattr(layer, "record_past", False):
+            raise PrefixReuseUnsupported(f"cache layer {type(layer).__name__}")
+        state: dict[str, Any] = {}
+        if isinstance(layer, _LINEAR_LAYERS):
+            state["conv"] = {i: t for i, t in layer.conv_states.items() if t is not None}
+            state["recurrent"] = {i: t for i, t in layer.recurrent_states.items() if t is not None}
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            state["keys"], state["values"] = layer.keys, layer.values
+        layers.append(state)
+    return PrefixState(length, layers)
+
+
+def _left_pad(states: list[Tensor], length: int) -> Tensor:
+    """``(1, heads, n_i, dim)`` tensors zero-padded on the left of the sequence to ``length``, stacked."""
+    return torch.cat([F.pad(t, (0, 0, length - t.shape[-2], 0)) for t in states])
+
+
+def _replace_recurrent_state(
+    self: Any, recurrent_states: Tensor, state_idx: int = 0, **kwargs: Any
+) -> Tensor:
+    self.recurrent_states[state_idx] = recurrent_states
+    self.is_recurrent_states_initialized[state_idx] = True
+    return recurrent_states
+
+
+@functools.cache
+def _replacing_recurrent_state(cls: type) -> type:
+    """``cls`` storing a new recurrent state by reference instead of copying it into the old one.
+
+    transformers copies in place (a static address for CUDA graphs), but autograd saved the old state
+    for the gradient of the queries that read it: with a prefix state, the backward pass would fail.
+    """
+    return type(cls.__name__, (cls,), {"update_recurrent_state": _replace_recurrent_state})
+
+
+def batch_cache(config: Any, rows: list[PrefixState]) -> cache_utils.DynamicCache:
+    """A ``DynamicCache`` holding row ``i``'s prefix state, right-aligned over the longest prefix.
+
+    Positions before a shorter prefix are zeros that the attention mask hides. A sliding-window layer
+    counts the longest prefix as seen, so the window keeps its distances in the aligned index space.
+    """
+    cache = cache_utils.DynamicCache(config=config)
+    if len(cache.layers) != len(rows[0].layers):
+        raise PrefixReuseUnsupported(
+            f"{len(rows[0].layers)} cached layers, but the config builds {len(cache.layers)}"
+        )
+    longest = max(r.length for r in rows)
+    for index, layer in enumerate(cache.layers):
+        parts = [r.layers[index] for r in rows]
+        for i, conv in parts[0].get("conv", {}).items():
+            layer.update_conv_state(
+                torch.cat([p["conv"][i] for p in parts]), i, conv_kernel_size=conv.shape[-1]
+            )
+        if isinstance(layer, _LINEAR_LAYERS):
+            layer.__class__ = _replacing_recurrent_state(type(layer))
+        for i in parts[0].get("recurrent", {}):
+            layer.update_recurrent_state(torch.cat([p["recurrent"][i] for p in parts]), i)
+        if "keys" in parts[0]:
+            n = max(p["keys"].shape[-2] for p in parts)
+            layer.update(_left_pad([p["keys"] for p in parts], n), _left_pad([p["values"] for p in parts], n))
+            if isinstance(layer, _SLIDING_LAYERS):
+                layer.cumulative_length = longest
+    return cache
+
+
+@dataclass
+class SuffixLayout:
+    """A left-padded batch split into each row's prefix (its tokens before its first ECG position) and
+    the rest, the *suffix*, right-padded; ``attention_mask`` covers the prefixes right-aligned over
+    the longest one, then the suffixes, and ``position_ids`` continue after each row's prefix."""
+
+    prefixes: list[tuple[int, ...]]
+    input_ids: Tensor
+    ecg_mask: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    lengths: Tensor  # suffix tokens per row
+
+    @classmethod
+    def of(cls, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, pad_id: int) -> SuffixLayout:
+        batch, length = input_ids.shape
+        first, ecg_start = attention_mask.long().argmax(1), ecg_mask.long().argmax(1)
+        ids, starts, ends = input_ids.tolist(), first.tolist(), ecg_start.tolist()
+        prefix_lengths, lengths = ecg_start - first, length - ecg_start
+        steps = torch.arange(int(lengths.max()), device=input_ids.device)
+        source = (ecg_start[:, None] + steps).clamp(max=length - 1)
+        valid = steps < lengths[:, None]
+        longest = int(prefix_lengths.max())
+        prefix_mask = torch.arange(longest, device=input_ids.device) >= longest - prefix_lengths[:, None]
+        return cls(
+            prefixes=[tuple(ids[i][starts[i] : ends[i]]) for i in range(batch)],
+            input_ids=torch.where(valid, input_ids.gather(1, source), pad_id),
+            ecg_mask=ecg_mask.gather(1, source) & valid,
+            attention_mask=torch.cat([prefix_mask, valid], 1).long(),
+            position_ids=prefix_lengths[:, None] + steps,
+            lengths=lengths,
+        )
+
+
+class PrefixCache:
+    """Prefix states of a frozen LM by prefix token ids, reused across rows and steps.
+
+    Emptied when the fingerprint changes (the LM's weights — every parameter's storage and version
+    counter, so an in-place load counts —, its device, or the autocast dtype). Holds at most
+    ``max_entries`` prefixes, dropping the least recently used.
+    """
+
+    def __init__(self, max_entries: int = 32):
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[int, ...], PrefixState] = OrderedDict()
+        self.fingerprint: Any = None
+        self.hits = self.misses = 0
+
+    def get(
+        self, ids: tuple[int, ...], fingerprint: Any, compute: Callable[[tuple[int, ...]], PrefixState]
+    ) -> PrefixState:
+        if fingerprint != self.fingerprint:
+            self.entries.clear()
+            self.fingerprint = fingerprint
+        state = self.entries.get(ids)
+        if state is not None:
+            self.hits += 1
+            self.entries.move_to_end(ids)
+            return state
+        self.misses += 1
+        state = self.entries[ids] = compute(ids)
+        if len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return state
+
+
+def answer_loss(logits: Tensor, labels: Tensor, span: int) -> Tensor:
+    """Mean loss of the answer tokens from the logits of the last ``span + 1`` positions (left-padded)."""
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, -span:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 def resolve_model_path(model: str) -> str:
@@ -335,6 +540,13 @@ class HFBackbone(Backbone):
     models (logged at INFO; ``self.kernels`` maps each kernel to what runs it, ``"torch"`` for the
     PyTorch reference).
 
+    With ``prefix_reuse`` set and the LM frozen and in eval mode, the loss path computes each distinct
+    prompt prefix (the tokens before a row's first ECG position: system prompt, few-shot
+    demonstrations, the user turn's opening) once without gradients, keeps its cache in
+    ``self.prefix_cache`` and runs the LM on the rest only (see :meth:`forward`). It covers attention
+    layers (full and sliding window), KV sharing and linear-attention layers (conv and recurrent
+    state); where it cannot run it logs why once and runs the whole sequence.
+
     Args:
         model: Hub id or local folder (``pkg:NAME`` for the folder of an installed package); with
             ``random_init``, a ``model_type`` such as ``"llama"`` or ``"qwen3_5_text"`` also works.
@@ -395,6 +607,9 @@ class HFBackbone(Backbone):
         bindings = kernel_bindings(self.model)
         self.kernels = {name: impl or "torch" for name, _, impl in bindings}
         log_kernels(self.model.config.model_type, bindings)
+        self.prefix_cache = PrefixCache()
+        self._prefix_unsupported: str | None = None  # why this LM's cache cannot be shared, once found
+        self._prefix_warned: set[str] = set()
 
     def load_tokenizer(self, source: str | None) -> PreTrainedTokenizerBase:
         path = resolve_model_path(source or self.model_name)
@@ -484,6 +699,15 @@ class HFBackbone(Backbone):
         ecg_tokens: Tensor,
         labels: Tensor | None = None,
     ) -> CausalLMOutputWithPast:
+        """Logits (with ``labels``: of the answer span only, and the answer loss) of a left-padded batch.
+
+        With ``prefix_reuse`` the loss path may run :meth:`forward_reusing_prefix`: same loss, and the
+        same logits at every supervised position, from less compute.
+        """
+        if labels is not None and self._keeps_logits and self.prefix_reuse:
+            out = self.forward_reusing_prefix(input_ids, attention_mask, ecg_mask, ecg_tokens, labels)
+            if out is not None:
+                return out
         inputs = {
             "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
             "attention_mask": attention_mask,
@@ -497,11 +721,124 @@ class HFBackbone(Backbone):
         # alone saves most of the LM head's time and memory, and gives the same loss.
         span = answer_span(labels)
         out = self.model(**inputs, logits_to_keep=span + 1)
-        logits = out.logits[:, :-1].float()
-        out.loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, -span:].reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        out.loss = answer_loss(out.logits, labels, span)
         return out
+
+    def forward_reusing_prefix(
+        self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, ecg_tokens: Tensor, labels: Tensor
+    ) -> CausalLMOutputWithPast | None:
+        """The loss path with each row's prefix state from :attr:`prefix_cache`; ``None`` where it cannot run.
+
+        A row's prefix is its tokens before its first ECG position, the same for every row that shares
+        a system prompt. The LM runs on the suffixes only, laid out so that each row's tokens stay
+        contiguous: the prefix states right-aligned over the longest prefix (zeros before a shorter
+        one, masked), then each row's suffix directly after, right-padded to the longest suffix;
+        position ids continue after each row's own prefix. Attention, sliding windows and recurrent
+        states thus see what the left-padded batch shows them. The logits are put back in the
+        left-padded layout of the answer span (positions before a row's suffix, never supervised,
+        hold that row's first suffix logits).
+        """
+        blocker = self._prefix_blocker(attention_mask, ecg_mask)
+        if blocker is not None:
+            self._warn_prefix_once(blocker)
+            return None
+        layout = SuffixLayout.of(input_ids, attention_mask, ecg_mask, self.formatter.pad_token_id)
+        fingerprint = self._lm_fingerprint(input_ids.device.type)
+        try:
+            states = {
+                p: self.prefix_cache.get(p, fingerprint, lambda p: self._prefix_state(p, input_ids.device))
+                for p in dict.fromkeys(layout.prefixes)
+            }
+            cache = batch_cache(self.model.config, [states[p] for p in layout.prefixes])
+        except PrefixReuseUnsupported as err:
+            self._prefix_unsupported = (
+                f"{self.model.config.model_type}'s cache cannot be shared by rows: {err}"
+            )
+            self._warn_prefix_once(self._prefix_unsupported)
+            return None
+        width = layout.input_ids.shape[1]
+        span = answer_span(labels)
+        # Row i's part of the left-padded answer window starts at this suffix position.
+        window = layout.lengths - span - 1
+        keep_from = max(0, int(window.min()))
+        index = ((window - keep_from)[:, None] + torch.arange(span + 1, device=input_ids.device)).clamp(min=0)
+        with self._lm_head_rows(index, width - keep_from) as gathered:
+            out = self.model(
+                inputs_embeds=self.splice(layout.input_ids, layout.ecg_mask, ecg_tokens),
+                attention_mask=layout.attention_mask,
+                position_ids=layout.position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=width - keep_from,
+                **self.token_inputs(layout.input_ids),
+            )
+        logits = out.logits
+        if not gathered:  # the head ran without the hook: pick the rows' windows from its logits
+            logits = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+        return CausalLMOutputWithPast(loss=answer_loss(logits, labels, span), logits=logits)
+
+    @contextmanager
+    def _lm_head_rows(self, index: Tensor, kept: int) -> Iterator[list[bool]]:
+        """Feed the LM head only each row's answer window (``index`` into the ``kept`` last positions).
+
+        Right-padded suffixes end at different positions, so the kept positions cover every row's
+        window and more; gathering before the head (a forward pre-hook) keeps the vocabulary
+        projection, often the largest single matmul, at the naive path's size. Yields a list that
+        is non-empty once the hook has gathered.
+        """
+        head = self.model.get_output_embeddings()
+        gathered: list[bool] = []
+
+        def gather(module: nn.Module, args: tuple) -> tuple | None:
+            hidden = args[0] if args else None
+            if gathered or hidden is None or hidden.ndim != 3 or hidden.shape[1] != kept:
+                return None
+            gathered.append(True)
+            return (hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+        handle = head.register_forward_pre_hook(gather) if head is not None else None
+        try:
+            yield gathered
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def _prefix_blocker(self, attention_mask: Tensor, ecg_mask: Tensor) -> str | None:
+        """Why prefix reuse cannot run on this batch, or ``None``."""
+        if self._prefix_unsupported:
+            return self._prefix_unsupported
+        if self.model.training:
+            return "the LM is in training mode (dropout would differ between the prefix and the rest)"
+        if any(getattr(m, "gradient_checkpointing", False) and m.training for m in self.model.modules()):
+            return "gradient checkpointing is on (transformers drops the cache in checkpointed layers)"
+        if any(p.requires_grad for p in self.model.parameters()):
+            return "the LM has trainable parameters (LoRA or unfrozen layers): its prefix needs gradients"
+        first = attention_mask.long().argmax(1)
+        if not bool(ecg_mask.any(1).all()) or bool((ecg_mask.long().argmax(1) <= first).any()):
+            return "a row has no ECG position or no prompt before it"
+        return None
+
+    def _warn_prefix_once(self, reason: str) -> None:
+        if reason not in self._prefix_warned:
+            self._prefix_warned.add(reason)
+            log.warning("prefix reuse off, the whole sequence runs: %s", reason)
+
+    def _lm_fingerprint(self, device_type: str) -> tuple:
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        return autocast, tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    @torch.no_grad()
+    def _prefix_state(self, prefix: tuple[int, ...], device: torch.device) -> PrefixState:
+        ids = torch.tensor([prefix], device=device)
+        out = self.model(
+            inputs_embeds=self.embed_tokens(ids),
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(len(prefix), device=device)[None],
+            use_cache=True,
+            logits_to_keep=1,
+            **self.token_inputs(ids),
+        )
+        return prefix_state(out.past_key_values, len(prefix))
 
     @torch.no_grad()
     def generate(

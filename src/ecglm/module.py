@@ -24,7 +24,7 @@ from ecglm.encoders import ECGEncoder
 from ecglm.evaluation import AnswerEvaluation, Decoding, MetricsConfig, render_markdown, summarize
 from ecglm.io import atomic_write_bytes
 from ecglm.metrics import AnswerTokenStats
-from ecglm.peft import PEFTPolicy, ProjectionOnly, count_parameters
+from ecglm.peft import PEFTPolicy, ProjectionOnly, count_parameters, frozen_part_mode
 
 
 def save_run_file(trainer: L.Trainer, name: str, text: str) -> Path:
@@ -50,6 +50,8 @@ class ECGLanguageModel(L.LightningModule):
         warmup_steps: Linear warm-up steps of the schedule.
         lr_scheduler: A transformers scheduler name (``cosine``, ``linear``, ``constant_with_warmup``, ...),
             stepped every optimizer step.
+        lr_scheduler_kwargs: Keyword arguments of that scheduler (``cosine_with_restarts``:
+            ``{num_cycles: 25}`` = 24 restarts; see ``docs/training.md``).
         decoding: Decoding of generated answers in validation, ``ecglm test`` and ``ecglm evaluate``.
         evaluation: Metrics, BERTScore model, the normal/abnormal answer mapping and the no-signal
             ablations (``zeroed_ecg``, ``text_only``) run beside every evaluation.
@@ -68,6 +70,7 @@ class ECGLanguageModel(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_scheduler: str = "cosine",
+        lr_scheduler_kwargs: dict[str, Any] | None = None,
         decoding: Decoding | None = None,
         evaluation: MetricsConfig | None = None,
         val_generation_samples: int = 0,
@@ -88,6 +91,9 @@ class ECGLanguageModel(L.LightningModule):
         self.connector.configure(encoder.output_dim, backbone.hidden_size)
         self.policy = policy or ProjectionOnly()
         self.policy.apply(encoder, connector, backbone)
+        # Lightning never calls train() in fit (it only restores each submodule's mode after
+        # validation), so frozen parts must start in eval mode: a randomly initialised LLM would not.
+        self.train()
         # Frozen pretrained weights are not in our checkpoints; _check_checkpoint_keys guards the rest.
         self.strict_loading = False
         # Evaluation state lives outside the module tree (plain dicts): a BERTScore model is never a
@@ -97,13 +103,69 @@ class ECGLanguageModel(L.LightningModule):
         self._val_generated = 0
         self.evaluation_result: dict[str, Any] | None = None
         self._weights_from = "initialisation"  # becomes "training" or "checkpoint"
+        #: Few-shot demonstrations by dataset, when the policy asks for them: drawn at fit, recorded
+        #: in checkpoints, restored from them (see :meth:`setup`, :meth:`on_load_checkpoint`).
+        self.demonstrations: dict[str, list[dict[str, str]]] | None = None
+
+    # --- few-shot demonstrations ------------------------------------------------------------------------
+
+    @property
+    def wants_demonstrations(self) -> bool:
+        """Whether the policy puts in-context demonstrations in the prompts (``demos_per_dataset``)."""
+        return getattr(self.policy, "demos_per_dataset", 0) > 0
+
+    def setup(self, stage: str) -> None:
+        """At fit, draw the policy's demonstrations from the DataModule's training split (unless set).
+
+        Other stages take them from the checkpoint they load (:meth:`on_load_checkpoint`), which also
+        replaces these when a fit resumes: a run keeps the demonstrations it started with.
+        """
+        if stage != "fit" or not self.wants_demonstrations or self.demonstrations is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "sample_demonstrations"):
+            raise RuntimeError(
+                f"policy {type(self.policy).__name__} needs few-shot demonstrations from the training split: "
+                "fit with a DataModule that has sample_demonstrations (ECGQADataModule), or set "
+                "model.demonstrations first"
+            )
+        policy = self.policy
+        self.demonstrations = datamodule.sample_demonstrations(
+            policy.seed, policy.demos_per_dataset, getattr(policy, "max_demo_chars", None)
+        )
+
+    def system_prompts(self) -> dict[str, str] | None:
+        """Per dataset, the system prompt with its demonstrations; ``None`` when the policy wants none."""
+        if not self.wants_demonstrations:
+            return None
+        if self.demonstrations is None:
+            raise RuntimeError(
+                f"policy {type(self.policy).__name__} wants few-shot demonstrations, but none were drawn "
+                "(fit) or loaded: pass the trained checkpoint (--ckpt_path)"
+            )
+        return self.policy.system_prompts(self.backbone.formatter.system_prompt, self.demonstrations)
+
+    def _record_demonstrations(self) -> None:
+        """Print the demonstrations and write ``demonstrations.json`` into the run (and its MLflow run)."""
+        if self.demonstrations is None:
+            return
+        for dataset, demos in self.demonstrations.items():
+            self.print(f"ecglm: few-shot demonstrations for {dataset}: {', '.join(d['key'] for d in demos)}")
+        if self.trainer.is_global_zero:
+            payload = {
+                "policy": type(self.policy).__name__,
+                "seed": getattr(self.policy, "seed", None),
+                "system_prompts": self.system_prompts(),
+                "demonstrations": self.demonstrations,
+            }
+            save_run_file(self.trainer, "demonstrations.json", json.dumps(payload, indent=2))
 
     def train(self, mode: bool = True) -> ECGLanguageModel:
         """Frozen parts stay in eval mode, so a frozen encoder or LLM never applies dropout."""
         super().train(mode)
         for part in (self.encoder, self.connector, self.backbone):
             if not any(p.requires_grad for p in part.parameters()):
-                part.eval()
+                frozen_part_mode(part, mode)  # eval; checkpointed layers still recompute in training
         return self
 
     @property
@@ -254,6 +316,7 @@ class ECGLanguageModel(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._weights_from = "training"
+        self._record_demonstrations()  # here: after any checkpoint a resumed fit restores
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)
@@ -278,6 +341,7 @@ class ECGLanguageModel(L.LightningModule):
             optimizer,
             num_warmup_steps=self.hparams.warmup_steps,
             num_training_steps=self.trainer.estimated_stepping_batches,
+            scheduler_specific_kwargs=self.hparams.lr_scheduler_kwargs,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -296,6 +360,8 @@ class ECGLanguageModel(L.LightningModule):
         keep = self.persistent_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["ecglm"] = {"version": __version__, "state_dict": "trainable-and-unrecoverable-only"}
+        if self.demonstrations is not None:
+            checkpoint["ecglm"]["demonstrations"] = self.demonstrations
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = self.persistent_keys()
@@ -307,4 +373,20 @@ class ECGLanguageModel(L.LightningModule):
                 f"  missing ({len(missing)}): {missing[:10]}\n"
                 f"  unexpected ({len(unexpected)}): {unexpected[:10]}"
             )
+        self._restore_demonstrations(checkpoint.get("ecglm", {}).get("demonstrations"))
         self._weights_from = "checkpoint"
+
+    def _restore_demonstrations(self, recorded: dict[str, list[dict[str, str]]] | None) -> None:
+        """The checkpoint's demonstrations replace any drawn here: evaluation reads what training read."""
+        policy = type(self.policy).__name__
+        if self.wants_demonstrations and recorded is None:
+            raise RuntimeError(
+                f"policy {policy} wants few-shot demonstrations, but the checkpoint records none (was it "
+                "trained with another policy?)"
+            )
+        if recorded is not None and not self.wants_demonstrations:
+            raise RuntimeError(
+                f"the checkpoint was trained with few-shot demonstrations ({sorted(recorded)}), but policy "
+                f"{policy} puts none in the prompts: use the few-shot policy of its recipe"
+            )
+        self.demonstrations = recorded

@@ -12,6 +12,7 @@ import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from string import Formatter
 from typing import TYPE_CHECKING
 
 import torch
@@ -364,3 +365,90 @@ def lora_targets(model: PreTrainedModel, target_modules: Sequence[str] | str) ->
             + f". Its linear layers: {', '.join(available)}"
         )
     return sorted(chosen)
+
+
+# --- few-shot connector PEFT --------------------------------------------------------------------------
+# Projection-only training with in-context QA demonstrations. The policy only declares what it wants
+# (how many demonstrations per dataset type, drawn by which seed) and renders them;
+# ECGQADataModule.sample_demonstrations draws them from the training split, ECGLanguageModel records
+# them with the run (checkpoint and demonstrations.json), and QACollator writes each item's prompt with
+# the demonstrations of its dataset. See docs/few-shot.md.
+
+DEFAULT_TEMPLATE = "Example:\nQuestion: {question}\nAnswer: {answer}"
+
+#: One demonstration: ``key``, ``dataset``, ``question``, ``answer`` (as the model reads it, lists
+#: joined with ", ") and ``question_type``, all strings.
+Demonstration = dict[str, str]
+
+
+def check_template(template: str) -> None:
+    """Raise ``ValueError`` unless ``template`` uses exactly the fields ``{question}`` and ``{answer}``."""
+    fields = {field for _, field, _, _ in Formatter().parse(template) if field is not None}
+    if fields != {"question", "answer"}:
+        raise ValueError(
+            f"demonstration template {template!r} must use the fields {{question}} and {{answer}} and no "
+            f"other; it uses {sorted(fields)} (write literal braces as {{{{ and }}}})"
+        )
+
+
+class FewShotConnector(ProjectionOnly):
+    """Projection-only training plus in-context QA demonstrations in the system prompt.
+
+    Each dataset type (a QA pair's ``dataset``: ``ecgqa-ptbxl``, ``pulse-ecg-instruct``, ...) gets
+    ``demos_per_dataset`` question-answer pairs from the training split, chosen by ``seed`` and fixed
+    for the whole run; its system prompt becomes the backbone's, a blank line, then the
+    demonstrations rendered with ``template`` (separated by blank lines). Demonstrations are text
+    only: no ECG goes with them. They are recorded in every checkpoint and in
+    ``demonstrations.json``, and ``ecglm test`` / ``ecglm evaluate`` use the recorded ones.
+
+    Args:
+        demos_per_dataset: Demonstrations per dataset type (the paper: 1).
+        seed: Seed of the draw (independent of ``seed_everything`` and of the data shuffle).
+        template: How one demonstration is written, with ``{question}`` and ``{answer}``.
+        max_demo_chars: Draw only among pairs whose question and answer together are at most this
+            many characters (long free-text reports make long prompts); ``None``: any pair.
+        prefix_reuse: Compute each dataset's prompt prefix (system prompt and demonstrations) once
+            without gradients and reuse it in the training loss (``HFBackbone.forward_reusing_prefix``);
+            same loss and gradients, less compute.
+        train_encoder, encoder_top_layers, gradient_checkpointing: As for every policy.
+    """
+
+    def __init__(
+        self,
+        demos_per_dataset: int = 1,
+        seed: int = 0,
+        template: str = DEFAULT_TEMPLATE,
+        max_demo_chars: int | None = None,
+        prefix_reuse: bool = True,
+        train_encoder: bool = False,
+        encoder_top_layers: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(train_encoder, encoder_top_layers, gradient_checkpointing)
+        if demos_per_dataset < 1:
+            raise ValueError(f"demos_per_dataset must be at least 1, got {demos_per_dataset}")
+        check_template(template)
+        self.demos_per_dataset = demos_per_dataset
+        self.seed = seed
+        self.template = template
+        self.max_demo_chars = max_demo_chars
+        self.prefix_reuse = prefix_reuse
+
+    def apply(self, encoder: ECGEncoder, connector: Connector, backbone: Backbone) -> None:
+        super().apply(encoder, connector, backbone)
+        backbone.prefix_reuse = self.prefix_reuse
+
+    def render(self, demonstrations: list[Demonstration]) -> str:
+        """The demonstrations of one dataset as text, separated by blank lines."""
+        return "\n\n".join(
+            self.template.format(question=d["question"], answer=d["answer"]) for d in demonstrations
+        )
+
+    def system_prompts(
+        self, base: str | None, demonstrations: dict[str, list[Demonstration]]
+    ) -> dict[str, str]:
+        """Per dataset: ``base``, a blank line, then that dataset's demonstrations."""
+        return {
+            dataset: f"{base}\n\n{self.render(demos)}" if base else self.render(demos)
+            for dataset, demos in demonstrations.items()
+        }

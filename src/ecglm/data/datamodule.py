@@ -8,9 +8,12 @@ the backbone's :class:`~ecglm.backbones.ChatFormatter`.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import json
 import math
+import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
+from webdataset.tariterators import base_plus_ext
 
 from ecglm.backbones import IGNORE_INDEX, ChatFormatter
 from ecglm.data.shards import read_manifest
@@ -59,6 +63,64 @@ def subset_fraction(seed: int, key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def read_qa_text(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The QA pairs of one shard as :func:`expand_qa` yields them, without the ECG.
+
+    Only the ``json`` members are read: tarfile seeks over the ECG arrays, so a pass over a split
+    costs its headers and metadata, not its signals.
+    """
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, field = base_plus_ext(member.name) if member.isfile() else (None, None)
+            if field != "json":
+                continue
+            meta = json.loads(tar.extractfile(member).read())
+            for i, qa in enumerate(meta["qa"]):
+                yield {
+                    "key": f"{key}_qa{i}",
+                    "question": qa["question"],
+                    "answer": qa["answer"],
+                    "question_type": qa.get("question_type", "unknown"),
+                    "dataset": meta.get("dataset", "unknown"),
+                }
+
+
+def select_demonstrations(
+    items: Iterable[dict[str, Any]], seed: int, per_dataset: int, max_chars: int | None = None
+) -> dict[str, list[dict[str, str]]]:
+    """Per dataset, the ``per_dataset`` QA pairs with the smallest :func:`subset_fraction` of ``(seed, key)``.
+
+    A hash rank, not a stream RNG: the draw does not depend on the order of the pairs (shard order,
+    shuffling, loader workers, DDP ranks), and the first of ``n + 1`` draws are the ``n`` draws.
+    ``max_chars`` skips pairs whose question and answer text are longer together. Demonstrations
+    are plain strings, the answer as the model reads it (lists joined with ", "), best rank first.
+    """
+    heaps: dict[str, list[tuple[float, str]]] = {}
+    kept: dict[str, dict[str, str]] = {}
+    for item in items:
+        answer = answer_text(item["answer"])
+        if max_chars is not None and len(item["question"]) + len(answer) > max_chars:
+            continue
+        entry = (-subset_fraction(seed, item["key"]), item["key"])
+        heap = heaps.setdefault(item["dataset"], [])
+        if len(heap) < per_dataset:
+            heapq.heappush(heap, entry)
+        elif entry > heap[0]:
+            kept.pop(heapq.heapreplace(heap, entry)[1], None)
+        else:
+            continue
+        kept[item["key"]] = {
+            "key": item["key"],
+            "dataset": item["dataset"],
+            "question": item["question"],
+            "answer": answer,
+            "question_type": item["question_type"],
+        }
+    return {
+        dataset: [kept[key] for _, key in sorted(heaps[dataset], reverse=True)] for dataset in sorted(heaps)
+    }
+
+
 class SubsetFilter:
     """Keeps a QA pair of dataset ``d`` with probability ``rates[d]`` (Bernoulli by key hash); picklable."""
 
@@ -80,6 +142,8 @@ class QACollator:
     the answer, the reference answers as strings, and under ``text_only`` the same prompts with no
     ECG positions (the text-only ablation). ``with_prompts`` adds the generation prompts to a
     teacher-forced batch (``batch["prompt"]``), for metrics on generated answers during validation.
+    ``system_prompts`` maps a dataset name to the system prompt of its items (few-shot prompts with
+    that dataset's demonstrations); other items get the formatter's own.
     """
 
     def __init__(
@@ -88,17 +152,24 @@ class QACollator:
         num_ecg_tokens: int,
         for_generation: bool = False,
         with_prompts: bool = False,
+        system_prompts: dict[str, str] | None = None,
     ):
         self.formatter = formatter
         self.num_ecg_tokens = num_ecg_tokens
         self.for_generation = for_generation
         self.with_prompts = with_prompts
+        self.system_prompts = dict(system_prompts or {})
 
     def _pad(self, items: list[dict[str, Any]], with_answer: bool, num_ecg_tokens: int) -> dict[str, Any]:
         k = num_ecg_tokens
         # ECG-QA answers are lists; the model reads and writes them as "a, b" (metrics compare sets).
         encoded = [
-            self.formatter.encode(it["question"], answer_text(it["answer"]) if with_answer else None, k)
+            self.formatter.encode(
+                it["question"],
+                answer_text(it["answer"]) if with_answer else None,
+                k,
+                system_prompt=self.system_prompts.get(it.get("dataset", "unknown")),
+            )
             for it in items
         ]
         length = max(len(e.input_ids) for e in encoded)
@@ -171,6 +242,7 @@ class ECGQADataModule(L.LightningDataModule):
         self.seed = seed
         self.formatter: ChatFormatter | None = None
         self.num_ecg_tokens: int | None = None
+        self.system_prompts: dict[str, str] | None = None
         self.manifest: dict | None = None
         self._test_subset: tuple[dict[str, float], int] | None = None
 
@@ -178,9 +250,16 @@ class ECGQADataModule(L.LightningDataModule):
         if self.builder is not None:
             self.builder.build(self.data_dir)
 
-    def attach(self, formatter: ChatFormatter, num_ecg_tokens: int) -> None:
-        """Tell the loaders how to tokenise (done from the model in :meth:`setup` under a Trainer)."""
+    def attach(
+        self, formatter: ChatFormatter, num_ecg_tokens: int, system_prompts: dict[str, str] | None = None
+    ) -> None:
+        """Tell the loaders how to tokenise (done from the model in :meth:`setup` under a Trainer).
+
+        ``system_prompts`` (per dataset, e.g. with few-shot demonstrations) is used without a Trainer;
+        under one, each loader takes them from the model's ``system_prompts()`` when it is built.
+        """
         self.formatter, self.num_ecg_tokens = formatter, num_ecg_tokens
+        self.system_prompts = system_prompts
 
     def setup(self, stage: str | None = None) -> None:
         self.manifest = read_manifest(self.data_dir)
@@ -209,6 +288,45 @@ class ECGQADataModule(L.LightningDataModule):
                 )
             urls.append(str(path))
         return urls
+
+    def sample_demonstrations(
+        self, seed: int, per_dataset: int = 1, max_chars: int | None = None
+    ) -> dict[str, list[dict[str, str]]]:
+        """Few-shot demonstrations: ``per_dataset`` QA pairs per dataset of the training split, by ``seed``.
+
+        Text only (the ECGs are not read). The same seed and shards give the same demonstrations,
+        whatever the shard order, loader workers or ranks (see :func:`select_demonstrations`). A
+        dataset of the training split with no pair short enough for ``max_chars`` gets none (warned).
+        """
+        if per_dataset < 1:
+            raise ValueError(f"per_dataset must be at least 1, got {per_dataset}")
+        if self.manifest is None:
+            self.manifest = read_manifest(self.data_dir)
+        items = (qa for url in self._urls("train") for qa in read_qa_text(url))
+        demonstrations = select_demonstrations(items, seed, per_dataset, max_chars)
+        missing = sorted(set(self.qa_counts("train")) - set(demonstrations))
+        if missing:
+            warnings.warn(
+                f"no few-shot demonstration for {missing}: no training pair of at most max_chars={max_chars} "
+                "characters; their prompts carry no demonstration",
+                stacklevel=2,
+            )
+        return demonstrations
+
+    def _loader_system_prompts(self, split: str) -> dict[str, str] | None:
+        """Per-dataset system prompts: the model's under a Trainer, else the attached ones."""
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        if model is not None and hasattr(model, "system_prompts"):
+            self.system_prompts = model.system_prompts()
+        if self.system_prompts:
+            missing = sorted(set(self.qa_counts(split)) - set(self.system_prompts))
+            if missing:
+                warnings.warn(
+                    f"the {split} split has datasets {missing} without few-shot demonstrations (recorded for "
+                    f"{sorted(self.system_prompts)}): their prompts carry none",
+                    stacklevel=2,
+                )
+        return self.system_prompts
 
     def qa_counts(self, split: str) -> dict[str, int]:
         """QA pairs per dataset in ``split`` from the manifest (``splits[split]["datasets"]`` in mixtures)."""
@@ -291,6 +409,7 @@ class ECGQADataModule(L.LightningDataModule):
             self.num_ecg_tokens,
             for_generation=for_generation,
             with_prompts=split == "val",
+            system_prompts=self._loader_system_prompts(split),
         )
         return DataLoader(
             dataset,

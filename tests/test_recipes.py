@@ -1,0 +1,117 @@
+"""Every training recipe builds through the CLI with tiny stand-ins of its backbone's architecture class
+(4-bit recipes load theirs in 4-bit), applies its policy, and takes a training step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ecglm.cli import run_cli
+from ecglm.data.datamodule import QACollator
+from ecglm_testing import FAMILIES, REPO, TINY, VOCAB
+
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml"))
+#: Hub id prefix -> the tiny stand-in's model type (same architecture class as the real checkpoint's
+#: text model; the multimodal Gemma 4 class is covered in test_backbones.py).
+STAND_INS = {
+    "google/gemma-4": "gemma4_text",
+    "google/medgemma": "gemma3_text",
+    "Qwen/Qwen3.": "qwen3_5_text",
+    "meta-llama/": "llama",
+}
+EXTRA = {"gemma3_text": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16}}
+#: A small encoder so each build takes a fraction of a second (the recipes use the CMSC size).
+TINY_ENCODER = [
+    "--model.encoder.init_args.conv_layers=[[16, 10, 5], [16, 5, 5]]",
+    "--model.encoder.init_args.embed_dim=32",
+    "--model.encoder.init_args.num_layers=2",
+    "--model.encoder.init_args.num_heads=2",
+    "--model.encoder.init_args.ffn_dim=64",
+    "--model.encoder.init_args.conv_pos_kernel=4",
+    "--model.encoder.init_args.conv_pos_groups=2",
+]
+
+
+def stand_in(hub_id: str) -> str:
+    for prefix, model_type in STAND_INS.items():
+        if hub_id.startswith(prefix):
+            return model_type
+    raise AssertionError(f"no tiny stand-in for {hub_id}: add its architecture to STAND_INS")
+
+
+@pytest.fixture(scope="module")
+def saved(tokenizer_dir, tmp_path_factory):
+    """``model_type -> folder`` holding a tiny random model and SmolLM2's tokenizer."""
+    cache: dict[str, str] = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in cache:
+            torch.manual_seed(0)
+            overrides = {
+                **TINY,
+                "vocab_size": VOCAB,
+                **FAMILIES.get(model_type, {}),
+                **EXTRA.get(model_type, {}),
+            }
+            config = AutoConfig.for_model(model_type, **overrides)
+            folder = tmp_path_factory.mktemp(model_type)
+            AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+            cache[model_type] = str(folder)
+        return cache[model_type]
+
+    return get
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(REPO / "recipes")) for r in RECIPES])
+def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(recipe.read_text())
+    backbone = config["model"]["backbone"]["init_args"]
+    quantized = backbone.get("quantization") is not None
+    args = [
+        "--config",
+        str(recipe),
+        f"--model.backbone.init_args.model={saved(stand_in(backbone['model']))}",
+        "--model.backbone.init_args.dtype=float32",
+        "--model.backbone.init_args.bnb_compute_dtype=float32",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        *TINY_ENCODER,
+    ]
+    cli = run_cli(args, run=False)
+    model = cli.model
+    policy = config["model"]["policy"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("connector.", "backbone.")) for n in trainable)
+    lora = {n for n in trainable if ".lora_" in n}
+    assert bool(lora) == (cli.config["model"]["policy"]["class_path"] == "ecglm.peft.LoRA"), policy
+    if quantized:
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.backbone.model.modules())
+    assert model.hparams.lr_scheduler == "cosine_with_restarts"
+    assert model.hparams.lr_scheduler_kwargs == {"num_cycles": 25}
+
+    rng = np.random.default_rng(0)
+    items = [
+        {
+            "key": str(i),
+            "ecg": rng.standard_normal((12, 2500)).astype(np.float32),
+            "question": "Does this ECG show left ventricular hypertrophy?",
+            "answer": ["yes"] if i else ["none"],
+            "question_type": "single-verify",
+            "dataset": "ecgqa-ptbxl",
+        }
+        for i in range(2)
+    ]
+    model.train()
+    batch = QACollator(model.backbone.formatter, model.num_ecg_tokens)(items)
+    model(batch).loss.backward()
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
