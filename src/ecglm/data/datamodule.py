@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import logging
 import math
 import tarfile
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +23,8 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
+from webdataset.autodecode import DecodingError
 from webdataset.tariterators import base_plus_ext
 
 from ecglm.backbones import IGNORE_INDEX, ChatFormatter
@@ -30,6 +33,9 @@ from ecglm.encoders import check_preprocessing
 from ecglm.metrics import answer_text
 
 SPLITS = ("train", "val", "test")
+NUM_LEADS = 12
+
+log = logging.getLogger("ecglm.data")
 
 
 class ShardBuilder(Protocol):
@@ -38,11 +44,11 @@ class ShardBuilder(Protocol):
     def build(self, out_dir: str | Path) -> dict[str, Any]: ...
 
 
-def expand_qa(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """One item per QA pair, each with its ECG."""
+def expand_qa(samples: Iterator[dict[str, Any]], first: int = 0) -> Iterator[dict[str, Any]]:
+    """One item per QA pair, each with its ECG; pair ``i`` of a sample is keyed ``{key}_qa{first + i}``."""
     for sample in samples:
         meta = sample["json"]
-        for i, qa in enumerate(meta["qa"]):
+        for i, qa in enumerate(meta["qa"], start=first):
             yield {
                 "key": f"{sample['__key__']}_qa{i}",
                 "ecg": sample["ecg.npy"],
@@ -51,6 +57,191 @@ def expand_qa(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                 "question_type": qa.get("question_type", "unknown"),
                 "dataset": meta.get("dataset", "unknown"),
             }
+
+
+class BadSampleError(ValueError):
+    """Bad input met while streaming in ``strict`` mode; the message names shard, key and problem."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        # webdataset appends the stream and url to the args of exceptions passing through it.
+        return self.message
+
+
+class BadInput:
+    """What the stream does with bad input: raise :class:`BadSampleError` (``strict``) or log and count it.
+
+    One object serves every stage of a loader's pipeline: webdataset's ``handler=`` for tar and
+    decoding errors, its ``rename_files=`` hook (:meth:`see_member`, its only per-member hook, which
+    tells a tar error the member it broke on) and :class:`CheckedQA`. Each skip is a WARNING on the
+    ``ecglm.data`` logger naming shard and key; ``counts`` holds skips by reason in the process that
+    runs the pipeline (a loader worker keeps its own and logs a summary when its stream ends).
+    ``shards`` maps each url to its sample count in the manifest (or None), to notice a tar that
+    ends early without an error (tarfile reads a corrupt header past the first as the end).
+    Picklable, so it travels to loader workers.
+    """
+
+    def __init__(self, shards: dict[str, int | None], strict: bool = False):
+        self.shards, self.strict = dict(shards), strict
+        self.urls = sorted(self.shards, key=len, reverse=True)
+        self.counts: Counter[str] = Counter()
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new pass over the shards."""
+        self.counts.clear()
+        self.read: Counter[str] = Counter()  # samples per shard that came out of the tar
+        self.broken: set[str | None] = set()  # shards with a tar error already reported
+        self.last_member: str | None = None
+        self.done_key: str | None = None  # the last sample past the tar stages
+
+    def report(self, url: Any, key: Any, reason: str, detail: str) -> None:
+        message = f"shard {url}, key {key}: {reason}: {detail}"
+        if self.strict:
+            raise BadSampleError(message)
+        self.counts[reason] += 1
+        log.warning("skipped bad input: %s", message)
+
+    def see_member(self, name: str) -> str:
+        self.last_member = name
+        return name
+
+    def passed(self, url: str, key: str) -> None:
+        """A sample came out of the tar stages (decoded or not)."""
+        self.read[url] += 1
+        self.done_key = key
+
+    def check_count(self, url: str, key: str) -> None:
+        """At the end of a shard: did it hold every sample the manifest lists?"""
+        expected, read = self.shards.get(url), self.read[url]
+        if url not in self.broken and expected is not None and read < expected:
+            self.report(
+                url,
+                key,
+                "corrupt or truncated tar",
+                f"the tar ends after this sample, {read} of the {expected} in the manifest; "
+                "the rest of this shard is lost",
+            )
+
+    def _shard_of(self, exn: BaseException) -> str | None:
+        # webdataset appends the url (or the open file, whose repr holds the path) to the exception's args.
+        text = " ".join(str(arg) for arg in getattr(exn, "args", ()))
+        return next((url for url in self.urls if url in text), None)
+
+    def _tar_error(self, exn: Exception) -> None:
+        member = self.last_member
+        if member is not None and base_plus_ext(member)[0] == self.done_key:
+            member = None  # from a shard already done: this one broke before its first member
+        url = self._shard_of(exn)
+        self.broken.add(url)
+        detail = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        detail += f" (last member read: {member})" if member else " (no member of it read)"
+        key = base_plus_ext(member)[0] if member else "unknown"
+        self.report(url, key, "corrupt or truncated tar", detail + "; the rest of this shard is lost")
+
+    def __call__(self, exn: Exception) -> bool:
+        """webdataset's exception handler: report, then go on with the next shard.
+
+        Returns False (stop) for an error inside a shard's tar stream, raised in webdataset's member
+        loop, where going on would only meet the same broken stream again; webdataset then moves on
+        to the next shard. Errors its outer stages report carry the url (or None) as last argument;
+        for those True means "go on".
+        """
+        if isinstance(exn, BadSampleError):  # raised by this handler in an inner stage
+            raise exn
+        try:
+            if isinstance(exn, DecodingError):
+                self.passed(exn.url, exn.key)
+                cause = exn.__cause__
+                problem = "non-UTF-8 text" if isinstance(cause, UnicodeDecodeError) else f"unreadable {exn.k}"
+                self.report(exn.url, exn.key, problem, f"{type(cause).__name__}: {cause}")
+                return True
+            self._tar_error(exn)
+        except BadSampleError as error:
+            raise error from exn
+        last = exn.args[-1] if exn.args else None
+        return last is None or last in self.urls
+
+
+def _empty(text: Any) -> bool:
+    if isinstance(text, list):
+        return not any(isinstance(t, str) and t.strip() for t in text)
+    return not isinstance(text, str) or not text.strip()
+
+
+class CheckedQA:
+    """:func:`expand_qa` behind checks: each bad sample or QA pair goes to ``bad`` (:class:`BadInput`).
+
+    A sample needs a JSON object with a ``qa`` list and a finite ``(12, num_samples)`` ECG
+    (``num_samples`` from the manifest's preprocessing; any length when it is not recorded); a QA
+    pair without question or answer is dropped alone, the ECG's other pairs are kept. Runs before
+    any shuffle, so samples arrive shard by shard and a shard's end is where its url changes.
+    """
+
+    def __init__(self, bad: BadInput, num_samples: int | None = None):
+        self.bad, self.num_samples = bad, num_samples
+
+    def _problem(self, sample: dict[str, Any]) -> tuple[str, str] | None:
+        meta, ecg = sample.get("json"), sample.get("ecg.npy")
+        if meta is None:
+            return "missing json", "the sample has no json member (its QA pairs are unknown)"
+        if not isinstance(meta, dict) or not isinstance(meta.get("qa"), list):
+            return "invalid json", f"expected an object with a 'qa' list, got {str(meta)[:80]!r}"
+        if ecg is None:
+            return "missing ecg.npy", "the sample's QA pairs refer to an ECG that is not in the shard"
+        if not isinstance(ecg, np.ndarray):
+            return "unreadable ecg.npy", f"decoded to {type(ecg).__name__}, not an array"
+        width = self.num_samples if self.num_samples is not None else ecg.shape[-1] if ecg.ndim else -1
+        if ecg.shape != (NUM_LEADS, width):
+            return (
+                "wrong shape",
+                f"ecg.npy has shape {ecg.shape}, expected ({NUM_LEADS}, {self.num_samples or 'N'})",
+            )
+        if not np.isfinite(ecg).all():
+            return "non-finite ecg", f"ecg.npy holds {int((~np.isfinite(ecg)).sum())} NaN/Inf values"
+        return None
+
+    def _pairs(self, sample: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        meta = sample["json"]
+        for i, qa in enumerate(meta["qa"]):
+            missing = [f for f in ("question", "answer") if not isinstance(qa, dict) or _empty(qa.get(f))]
+            if missing:
+                self.bad.report(
+                    sample.get("__url__"),
+                    f"{sample['__key__']}_qa{i}",
+                    "empty QA",
+                    f"empty or missing {' and '.join(missing)}",
+                )
+                continue
+            yield from expand_qa(iter([{**sample, "json": {**meta, "qa": [qa]}}]), first=i)
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.bad.reset()
+        url = key = None
+        for sample in samples:
+            if sample.get("__url__") != url:
+                if url is not None:
+                    self.bad.check_count(url, key)
+                url = sample.get("__url__")
+            key = sample.get("__key__")
+            self.bad.passed(url, key)
+            problem = self._problem(sample)
+            if problem is not None:
+                self.bad.report(url, key, *problem)
+                continue
+            yield from self._pairs(sample)
+        if url is not None:
+            self.bad.check_count(url, key)
+        if self.bad.counts:
+            worker = get_worker_info()
+            log.warning(
+                "%s skipped bad input at the end of its stream: %s",
+                f"loader worker {worker.id}" if worker else "the loader",
+                dict(sorted(self.bad.counts.items())),
+            )
 
 
 def subset_fraction(seed: int, key: str) -> float:
@@ -220,6 +411,12 @@ class ECGQADataModule(L.LightningDataModule):
         num_workers: Loader worker processes (tokenisation runs there).
         shuffle_buffer: QA pairs held for shuffling the training stream.
         seed: Seed of the shard and sample shuffles.
+        strict: Raise :class:`BadSampleError` at the first bad input (corrupt or truncated tar,
+            missing or unreadable ``.npy``, wrong shape, NaN/Inf, invalid JSON or non-UTF-8 text,
+            empty question or answer), naming shard and key. By default such input is skipped and
+            logged as a WARNING on ``ecglm.data`` with shard, key and reason (see :class:`BadInput`);
+            ``skipped`` holds the counts by reason of the last loader iterated in this process
+            (``num_workers=0``; workers log their own summary when their stream ends).
     """
 
     def __init__(
@@ -231,6 +428,7 @@ class ECGQADataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        strict: bool = False,
     ):
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -240,6 +438,8 @@ class ECGQADataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.strict = strict
+        self.skipped: Counter[str] = Counter()
         self.formatter: ChatFormatter | None = None
         self.num_ecg_tokens: int | None = None
         self.system_prompts: dict[str, str] | None = None
@@ -387,15 +587,24 @@ class ECGQADataModule(L.LightningDataModule):
         urls = self._urls(split)
         num_qa = self.manifest["splits"][split]["num_qa"]
         world = self.trainer.world_size if self.trainer else 1
+        sizes = {
+            str(self.data_dir / s["path"]): s.get("num_samples")
+            for s in self.manifest["splits"][split]["shards"]
+        }
+        bad = BadInput({url: sizes.get(url) for url in urls}, strict=self.strict)
+        self.skipped = bad.counts
         dataset = wds.WebDataset(
             urls,
+            handler=bad,
             shardshuffle=len(urls) if train else False,
             detshuffle=True,
             seed=self.seed,
             nodesplitter=wds.split_by_node,
             empty_check=False,
-        ).decode()
-        dataset = dataset.compose(expand_qa)
+            rename_files=bad.see_member,
+        ).decode(handler=bad)
+        num_samples = self.manifest.get("preprocessing", {}).get("num_samples")
+        dataset = dataset.compose(CheckedQA(bad, num_samples))
         if subset is not None:
             # The subset's size is only known in expectation: no length, so no loop stops early.
             dataset = dataset.compose(SubsetFilter(*subset))

@@ -1,0 +1,202 @@
+"""Bad input while streaming: skipped and logged with shard and key, or raised under ``strict``."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ecglm.data.datamodule import BadSampleError, ECGQADataModule
+from ecglm.data.shards import json_bytes, npy_bytes, read_manifest, write_manifest, write_shards
+
+N = 50  # samples per lead, recorded in the manifest's preprocessing
+QA = [
+    {
+        "question": "Does this ECG show atrial fibrillation?",
+        "answer": ["no"],
+        "question_type": "single-verify",
+    },
+    {"question": "What is the rhythm?", "answer": ["sinus rhythm"], "question_type": "single-query"},
+]
+
+
+def _ecg(shape=(12, N), fill: float | None = None) -> np.ndarray:
+    ecg = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
+    if fill is not None:
+        ecg[0, 3] = fill
+    return ecg
+
+
+def _meta(qa=QA) -> dict:
+    return {"dataset": "ecgqa-ptbxl", "record_id": "1", "qa": qa}
+
+
+#: case -> (tar members of the one bad sample, reason logged, key named). The sample key is the case.
+CASES = {
+    "unreadable_npy": ({"ecg.npy": b"\x93NUMPY garbage", "json": json_bytes(_meta())}, "unreadable ecg.npy"),
+    "long_ecg": ({"ecg.npy": npy_bytes(_ecg((12, 100))), "json": json_bytes(_meta())}, "wrong shape"),
+    "flat_ecg": ({"ecg.npy": npy_bytes(_ecg((12 * N,))), "json": json_bytes(_meta())}, "wrong shape"),
+    "nan_ecg": ({"ecg.npy": npy_bytes(_ecg(fill=np.nan)), "json": json_bytes(_meta())}, "non-finite ecg"),
+    "inf_ecg": ({"ecg.npy": npy_bytes(_ecg(fill=np.inf)), "json": json_bytes(_meta())}, "non-finite ecg"),
+    "bad_json": ({"ecg.npy": npy_bytes(_ecg()), "json": b'{"qa": [{"question": '}, "unreadable json"),
+    "latin1_json": (
+        {
+            "ecg.npy": npy_bytes(_ecg()),
+            "json": '{"qa": [{"question": "Caf\xe9?", "answer": "x"}]}'.encode("latin-1"),
+        },
+        "non-UTF-8 text",
+    ),
+    "json_not_object": ({"ecg.npy": npy_bytes(_ecg()), "json": b"[1, 2]"}, "invalid json"),
+    "no_ecg": ({"json": json_bytes(_meta())}, "missing ecg.npy"),
+    "no_json": ({"ecg.npy": npy_bytes(_ecg())}, "missing json"),
+}
+
+
+def _write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> dict:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for field, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return {"path": path.name, "num_samples": len(samples)}
+
+
+def _good(key: str) -> dict[str, bytes]:
+    return {"ecg.npy": npy_bytes(_ecg()), "json": json_bytes(_meta())}
+
+
+def _truncated_shard(out: Path) -> dict:
+    """Two good samples, the file cut in the middle of the second one's last member."""
+    shard = _write_tar(out / "truncated.tar", {"trunc_a": _good("trunc_a"), "trunc_b": _good("trunc_b")})
+    with tarfile.open(out / "truncated.tar") as tar:
+        last = tar.getmembers()[-1]
+    assert last.name == "trunc_b.json"
+    with open(out / "truncated.tar", "r+b") as f:
+        f.truncate(last.offset_data + 10)
+    return shard
+
+
+def _corrupt_header_shard(out: Path) -> dict:
+    """Three good samples, the header of the second one's first member overwritten: tarfile stops there."""
+    shard = _write_tar(out / "corrupt.tar", {f"corrupt_{i}": _good(f"corrupt_{i}") for i in range(3)})
+    with tarfile.open(out / "corrupt.tar") as tar:
+        header = tar.getmembers()[2].offset
+    with open(out / "corrupt.tar", "r+b") as f:
+        f.seek(header)
+        f.write(b"\x07" * 100)
+    return shard
+
+
+def _not_a_tar_shard(out: Path) -> dict:
+    (out / "not_a_tar.tar").write_bytes(b"this is not a tar file " * 50)
+    return {"path": "not_a_tar.tar", "num_samples": 2}
+
+
+def _empty_qa_shard(out: Path) -> dict:
+    qa = [
+        {"question": "Is it normal?", "answer": ""},
+        QA[0],
+        {"question": " ", "answer": ["yes"]},
+        {"answer": []},
+    ]
+    return _write_tar(
+        out / "empty_qa.tar", {"empty_qa": {"ecg.npy": npy_bytes(_ecg()), "json": json_bytes(_meta(qa))}}
+    )
+
+
+def _dataset(out: Path, shards: list[dict]) -> Path:
+    split = {"num_qa": 1, "shards": shards}
+    write_manifest(
+        out,
+        {
+            "dataset": "bad",
+            "preprocessing": {"num_samples": N},
+            "splits": dict.fromkeys(("train", "val", "test"), split),
+        },
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bad_input")
+    good = [{"__key__": f"good_{i}", "ecg.npy": _ecg(), "json": _meta()} for i in range(3)]
+    shards = write_shards(good[:2], out, "good-a") + write_shards(good[2:], out, "good-b")
+    for case, (members, _) in CASES.items():
+        shards.append(_write_tar(out / f"{case}.tar", {case: members, f"{case}_after": _good(case)}))
+    shards += [_truncated_shard(out), _corrupt_header_shard(out), _not_a_tar_shard(out), _empty_qa_shard(out)]
+    return _dataset(out, shards)
+
+
+@pytest.fixture(scope="module")
+def formatter(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from ecglm.backbones import ChatFormatter
+
+    return ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
+
+
+def _keys(dm: ECGQADataModule) -> list[str]:
+    return [key for batch in dm.test_dataloader() for key in batch["key"]]
+
+
+def _module(data_dir: Path, formatter, strict: bool = False) -> ECGQADataModule:
+    dm = ECGQADataModule(str(data_dir), eval_batch_size=4, num_workers=0, strict=strict)
+    dm.setup("test")
+    dm.attach(formatter, 1)
+    return dm
+
+
+def test_default_mode_yields_the_good_pairs_and_logs_each_bad_sample(shard_dir, formatter, caplog):
+    dm = _module(shard_dir, formatter)
+    with caplog.at_level(logging.WARNING, logger="ecglm.data"):
+        keys = _keys(dm)
+
+    good = [f"good_{i}" for i in range(3)] + [f"{case}_after" for case in CASES] + ["trunc_a", "corrupt_0"]
+    assert sorted(keys) == sorted([f"{k}_qa{i}" for k in good for i in range(2)] + ["empty_qa_qa1"])
+    skips = [r.getMessage() for r in caplog.records if "skipped bad input: shard" in r.getMessage()]
+    for case, (_, reason) in CASES.items():
+        assert any(f"shard {shard_dir / case}.tar, key {case}: {reason}" in m for m in skips), (case, skips)
+    tar_errors = [m for m in skips if "corrupt or truncated tar" in m]
+    assert len(tar_errors) == 3 and all("the rest of this shard is lost" in m for m in tar_errors)
+    for shard, key in (("truncated", "trunc_b"), ("corrupt", "corrupt_0"), ("not_a_tar", "unknown")):
+        assert any(f"shard {shard_dir / shard}.tar, key {key}: corrupt" in m for m in tar_errors), (
+            shard,
+            skips,
+        )
+    assert "1 of the 3 in the manifest" in next(m for m in tar_errors if "corrupt.tar" in m)
+    for i in (0, 2, 3):
+        assert any(f"key empty_qa_qa{i}: empty QA" in m for m in skips), (i, skips)
+    assert dm.skipped["empty QA"] == 3 and dm.skipped["corrupt or truncated tar"] == 3
+    assert sum(dm.skipped.values()) == len(skips)
+    summary = [r.getMessage() for r in caplog.records if "at the end of its stream" in r.getMessage()]
+    assert len(summary) == 1 and "'wrong shape': 2" in summary[0]
+
+
+BAD_SHARDS = {
+    **{case: case for case in CASES},
+    "truncated": "trunc_b",
+    "corrupt": "corrupt_0",
+    "not_a_tar": "unknown",
+    "empty_qa": "empty_qa_qa0",
+}
+
+
+@pytest.mark.parametrize(("case", "key"), BAD_SHARDS.items())
+def test_strict_mode_raises_naming_shard_and_key(shard_dir, formatter, tmp_path, case, key):
+    shards = read_manifest(shard_dir)["splits"]["test"]["shards"]
+    shard = next(s for s in shards if s["path"] == f"{case}.tar")
+    dm = _module(
+        _dataset(tmp_path, [{**shard, "path": str(shard_dir / shard["path"])}]), formatter, strict=True
+    )
+
+    with pytest.raises(BadSampleError) as raised:
+        _keys(dm)
+
+    assert f"shard {shard_dir / case}.tar, key {key}: " in str(raised.value)
