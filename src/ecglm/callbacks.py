@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from ecglm.io import atomic_write_bytes
+from ecglm.io import save_run_file
 from ecglm.schedules import LRJumpDetector, lr_curve, lr_jumps, plot_schedule, scale_lr, schedule_restarts
 
 Action = Literal["log", "stop", "lower_peak", "rollback"]
@@ -39,16 +39,6 @@ SIGNALS = ("loss", "grad_norm")
 
 class StabilityWarning(UserWarning):
     """A learning-rate restart was followed by a loss, gradient-norm or validation-metric blow-up."""
-
-
-def save_run_bytes(trainer: L.Trainer, name: str, data: bytes) -> Path:
-    """Write ``data`` atomically into the run's folder and attach it to every MLflow logger's run."""
-    path = atomic_write_bytes(Path(trainer.default_root_dir) / name, data)
-    for logger in trainer.loggers:
-        run_id = getattr(logger, "run_id", None)
-        if run_id and hasattr(logger.experiment, "log_artifact"):
-            logger.experiment.log_artifact(run_id, str(path))
-    return path
 
 
 def _figure_bytes(fig: Any) -> bytes:
@@ -79,7 +69,7 @@ def log_lr_schedule(
     restarts = schedule_restarts(scheduler)
     restarts = lr_jumps(lrs, jump_ratio) if restarts is None else restarts
     fig = plot_schedule(lrs, restarts, title=type(scheduler).__name__)
-    return save_run_bytes(trainer, name, _figure_bytes(fig))
+    return save_run_file(trainer, name, _figure_bytes(fig))
 
 
 class LRSchedulePlot(Callback):
@@ -403,7 +393,7 @@ class LRRestartMonitor(Callback):
             restarts = [e["restart_step"] for e in self.events]
             alarms = [e["decided_at"] for e in self.events if e["alarm"]]
             fig = plot_stability(self.history, restarts, alarms)
-            save_run_bytes(trainer, "stability.png", _figure_bytes(fig))
+            save_run_file(trainer, "stability.png", _figure_bytes(fig))
 
     # --- per step ------------------------------------------------------------------------------------
 
@@ -579,7 +569,7 @@ class LRRestartMonitor(Callback):
         if trainer.is_global_zero:
             payload = _json_safe({"peak_scale": self.peak_scale, "events": self.events})
             text = json.dumps(payload, indent=2, allow_nan=False)
-            save_run_bytes(trainer, "stability_events.json", text.encode())
+            save_run_file(trainer, "stability_events.json", text.encode())
 
     def state_dict(self) -> dict[str, Any]:
         pending = next((i for i, e in enumerate(self.events) if e is self._pending), None)

@@ -24,7 +24,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ecglm.data.datamodule import ShardBuilder
 from ecglm.evaluation import EvaluationProtocol
-from ecglm.module import ECGLanguageModel, save_run_file
+from ecglm.io import save_run_file
+from ecglm.module import ECGLanguageModel
 from ecglm.plugins import (
     Registry,
     UnknownComponentError,

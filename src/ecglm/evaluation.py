@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ecglm.io import atomic_write_bytes
+from ecglm.io import atomic_write_bytes, log_artifacts
 from ecglm.metrics import (
     DEFAULT_BERTSCORE_MODEL,
     NORMAL_ANSWERS,
@@ -444,22 +445,20 @@ def plot_metrics(summary: dict[str, Any], path: Path) -> Path:
 
 
 def plot_confusion(confusion: dict[str, list[list[float]]], path: Path) -> Path:
-    """Binary normal/abnormal confusion matrices (counts summed over seeds), one panel per dataset."""
+    """Binary normal/abnormal confusion matrices (counts summed over seeds), one panel per dataset,
+    drawn by torchmetrics' confusion-matrix plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from torchmetrics.utilities.plot import plot_confusion_matrix
 
     fig, axes = plt.subplots(1, len(confusion), figsize=(3.4 * len(confusion), 3.2), squeeze=False)
     for ax, (name, matrix) in zip(axes[0], confusion.items(), strict=True):
-        ax.imshow(matrix, cmap="Blues")
-        for i in range(2):
-            for j in range(2):
-                ax.text(j, i, f"{matrix[i][j]:.0f}", ha="center", va="center")
-        ax.set_xticks([0, 1], ["normal", "abnormal"])
-        ax.set_yticks([0, 1], ["normal", "abnormal"])
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("reference")
+        with warnings.catch_warnings():
+            # torchmetrics hands matplotlib a tensor, whose __array__ lacks numpy 2's copy keyword.
+            warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+            plot_confusion_matrix(torch.tensor(matrix).round().long(), ax=ax, labels=["normal", "abnormal"])
         ax.set_title(name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -581,7 +580,4 @@ def _log_to_mlflow(trainer: L.Trainer, summary: dict[str, Any], files: Sequence[
                     metrics[f"eval/{c}/{dataset}/{metric}_std"] = stat["std"]
     for logger in trainer.loggers:
         logger.log_metrics(metrics)
-        run_id = getattr(logger, "run_id", None)
-        if run_id and hasattr(logger.experiment, "log_artifact"):
-            for path in files:
-                logger.experiment.log_artifact(run_id, str(path), artifact_path="evaluation")
+    log_artifacts(trainer, files, artifact_path="evaluation")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,19 +21,9 @@ from ecglm.backbones import Backbone
 from ecglm.connectors import Connector
 from ecglm.encoders import ECGEncoder
 from ecglm.evaluation import AnswerEvaluation, Decoding, MetricsConfig, render_markdown, summarize
-from ecglm.io import atomic_write_bytes
+from ecglm.io import save_run_file
 from ecglm.metrics import AnswerTokenStats
 from ecglm.peft import PEFTPolicy, ProjectionOnly, count_parameters, frozen_part_mode
-
-
-def save_run_file(trainer: L.Trainer, name: str, text: str) -> Path:
-    """Write ``text`` atomically into the run's folder and attach it to every logger's run (MLflow)."""
-    path = atomic_write_bytes(Path(trainer.default_root_dir) / name, text.encode())
-    for logger in trainer.loggers:
-        run_id = getattr(logger, "run_id", None)
-        if run_id and hasattr(logger.experiment, "log_artifact"):
-            logger.experiment.log_artifact(run_id, str(path))
-    return path
 
 
 class ECGLanguageModel(L.LightningModule):

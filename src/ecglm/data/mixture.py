@@ -31,7 +31,7 @@ from ecglm.data.preprocess import (
     Preprocessed,
     preprocess_task,
 )
-from ecglm.data.shards import MANIFEST_NAME, read_manifest, sha256_file, write_manifest, write_shards
+from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_intact, write_manifest, write_shards
 from ecglm.data.sources import (
     MIMIC,
     MIMIC_SPLIT_RATIOS,
@@ -198,10 +198,7 @@ class ECGQAMixture:
             shards = [s for info in manifest["splits"].values() for s in _all_shards(info)]
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        return current and all(
-            (out_dir / s["path"]).is_file() and sha256_file(out_dir / s["path"]) == s["sha256"]
-            for s in shards
-        )
+        return current and shards_intact(out_dir, shards)
 
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""

@@ -128,6 +128,13 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, json_bytes(manifest, indent=2) + b"\n")
 
 
+def shards_intact(out_dir: Path, shards: Iterable[dict]) -> bool:
+    """True when every listed shard exists in ``out_dir`` and matches its recorded sha256."""
+    return all(
+        (out_dir / s["path"]).is_file() and sha256_file(out_dir / s["path"]) == s["sha256"] for s in shards
+    )
+
+
 def read_manifest(out_dir: Path) -> dict:
     """Load ``out_dir/manifest.json``; a missing one means the dataset was never built there."""
     path = Path(out_dir) / MANIFEST_NAME

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import signal
 
-from ecglm.data.shards import MANIFEST_NAME, read_manifest, sha256_file, write_manifest, write_shards
+from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_intact, write_manifest, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +314,7 @@ class SyntheticHeartQA:
             shards = [shard for split in SPLITS for shard in manifest["splits"][split]["shards"]]
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        return current and all(
-            (out_dir / s["path"]).is_file() and sha256_file(out_dir / s["path"]) == s["sha256"]
-            for s in shards
-        )
+        return current and shards_intact(out_dir, shards)
 
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""
