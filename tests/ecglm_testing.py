@@ -6,6 +6,10 @@ Not in ``conftest.py``: ``tests/data/conftest.py`` would shadow a ``from conftes
 from __future__ import annotations
 
 import importlib.util
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +59,33 @@ FAMILIES = {
     },
     "gemma4_text": GEMMA4_TEXT,
 }
+
+
+def pip_install_copy(source: Path, root: Path) -> Path:
+    """Pip-install the package at ``source`` (wheel built by setuptools) into ``root/site``; return it.
+
+    Built from a copy, so setuptools' build/ and egg-info never land in the repository.
+    """
+    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "tests")
+    copy = shutil.copytree(source, root / "src", ignore=skip)
+    target = root / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index"]
+    pip += ["--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(target)]
+    subprocess.run([*pip, str(copy)], check=True)
+    return target
+
+
+def import_fresh_from(site_dir: Path, package: str, monkeypatch):
+    """Put ``site_dir`` first on ``sys.path`` and forget ``package``, so it is imported from there;
+    a generator for a fixture (forgets it again afterwards)."""
+    for module in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.syspath_prepend(str(site_dir))
+    yield site_dir
+    for module in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        del sys.modules[module]
+
+
+def package_version(source: Path) -> str:
+    """The ``version`` of the package's pyproject.toml."""
+    return re.search(r'^version = "([^"]+)"', (source / "pyproject.toml").read_text(), re.M).group(1)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
@@ -18,7 +16,7 @@ import torch
 
 from ecglm.encoders import ECGEncoder, check_preprocessing
 from ecglm.plugins import discover, format_registry
-from ecglm_testing import REPO, TINY
+from ecglm_testing import REPO, TINY, import_fresh_from, package_version, pip_install_copy
 
 PLUGIN_SRC = REPO / "plugins" / "ecglm-s4-encoder"
 DIST, PACKAGE, NAME, GROUP = "ecglm-s4-encoder", "ecglm_s4_encoder", "s4d", "ecglm.encoders"
@@ -28,7 +26,7 @@ SMALL = dict(dim=32, state_dim=16, num_layers=2, dropout=0.0)
 
 
 def plugin_version() -> str:
-    return re.search(r'^version = "([^"]+)"', (PLUGIN_SRC / "pyproject.toml").read_text(), re.M).group(1)
+    return package_version(PLUGIN_SRC)
 
 
 def plugin_module():
@@ -39,26 +37,13 @@ def plugin_module():
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory) -> Path:
     """The plugin pip-installed (wheel built by setuptools) into a folder of its own."""
-    root = tmp_path_factory.mktemp("encoder-plugin")
-    # Built from a copy, so setuptools' build/ and egg-info never land in the repository.
-    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "tests")
-    source = shutil.copytree(PLUGIN_SRC, root / "src", ignore=skip)
-    target = root / "site"
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index"]
-    pip += ["--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(target)]
-    subprocess.run([*pip, str(source)], check=True)
-    return target
+    return pip_install_copy(PLUGIN_SRC, tmp_path_factory.mktemp("encoder-plugin"))
 
 
 @pytest.fixture
 def installed(site_dir, monkeypatch) -> Iterator[Path]:
     """``site_dir`` first on ``sys.path``, and the plugin imported from there (not from any other install)."""
-    for module in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
-        monkeypatch.delitem(sys.modules, module)
-    monkeypatch.syspath_prepend(str(site_dir))
-    yield site_dir
-    for module in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
-        del sys.modules[module]
+    yield from import_fresh_from(site_dir, PACKAGE, monkeypatch)
 
 
 @pytest.fixture(scope="module")

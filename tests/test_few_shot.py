@@ -23,7 +23,8 @@ from ecglm.evaluation import Decoding, EvaluationProtocol, MetricsConfig
 from ecglm.metrics import answer_text
 from ecglm.module import ECGLanguageModel
 from ecglm.peft import FewShotConnector, ProjectionOnly
-from ecglm_testing import TINY
+from ecglm_testing import FAMILIES as SHARED_FAMILIES
+from ecglm_testing import GEMMA4_TEXT, TINY
 
 K = 2  # ECG tokens per sample
 SYSTEM = "You read ECGs. Answer briefly."
@@ -285,23 +286,10 @@ def test_demonstrations_are_recorded_and_reused_at_evaluation_after_a_rebuild(
 #: Per family, a tiny config with every layer kind of the real checkpoints (sliding windows are set
 #: per test, between the prefix lengths, so that one prefix fits the window and another does not).
 FAMILIES = {
-    "llama": {},
-    "qwen3_5_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-    },
+    "llama": SHARED_FAMILIES["llama"],
+    "qwen3_5_text": SHARED_FAMILIES["qwen3_5_text"],
     "gemma3_text": {"layer_types": ["sliding_attention", "full_attention"]},
-    "gemma4_text": {
-        "num_hidden_layers": 4,
-        "layer_types": ["sliding_attention", "full_attention"] * 2,
-        "global_head_dim": 16,
-        "hidden_size_per_layer_input": 8,
-        "vocab_size_per_layer_input": 49152,
-        "num_kv_shared_layers": 2,
-    },
+    "gemma4_text": {k: v for k, v in GEMMA4_TEXT.items() if k != "sliding_window"},
 }
 PROMPTS = {
     "ecgqa-ptbxl": "Example:\nQuestion: Does this ECG show atrial fibrillation?\nAnswer: no",

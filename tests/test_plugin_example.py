@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
@@ -22,7 +20,7 @@ from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
 from ecglm.plugins import discover, format_registry, resolve_class_paths
-from ecglm_testing import REPO, TINY
+from ecglm_testing import REPO, TINY, import_fresh_from, package_version, pip_install_copy
 
 PLUGIN_SRC = REPO / "plugins" / "ecglm-plain-prompt"
 DIST, PACKAGE, NAME, GROUP = "ecglm-plain-prompt", "ecglm_plain_prompt", "plain-prompt", "ecglm.backbones"
@@ -31,7 +29,7 @@ SYSTEM = "You read ECGs."
 
 
 def plugin_version() -> str:
-    return re.search(r'^version = "([^"]+)"', (PLUGIN_SRC / "pyproject.toml").read_text(), re.M).group(1)
+    return package_version(PLUGIN_SRC)
 
 
 def plugin_class() -> type:
@@ -42,41 +40,13 @@ def plugin_class() -> type:
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory) -> Path:
     """The plugin pip-installed (wheel built by setuptools) into a folder of its own."""
-    root = tmp_path_factory.mktemp("plugin")
-    # Built from a copy, so setuptools' build/ and egg-info never land in the repository.
-    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    source = shutil.copytree(PLUGIN_SRC, root / "src", ignore=skip)
-    target = root / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--no-cache-dir",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-    )
-    return target
+    return pip_install_copy(PLUGIN_SRC, tmp_path_factory.mktemp("plugin"))
 
 
 @pytest.fixture
 def installed(site_dir, monkeypatch) -> Iterator[Path]:
     """``site_dir`` first on ``sys.path``, and the plugin imported from there (not from any other install)."""
-    for module in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
-        monkeypatch.delitem(sys.modules, module)
-    monkeypatch.syspath_prepend(str(site_dir))
-    yield site_dir
-    for module in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
-        del sys.modules[module]
+    yield from import_fresh_from(site_dir, PACKAGE, monkeypatch)
 
 
 def test_discovered_and_listed(installed):
