@@ -133,3 +133,19 @@ def test_read_manifest_on_empty_dir_names_the_path(tmp_path: Path) -> None:
         read_manifest(tmp_path)
     assert str(tmp_path / "manifest.json") in str(info.value)
     assert "build" in str(info.value)
+
+
+def test_shards_close_at_the_size_limit_and_count_qa_per_dataset(tmp_path: Path) -> None:
+    samples = make_samples(9)
+    for i, sample in enumerate(samples):
+        sample["json"]["dataset"] = "a" if i < 5 else "b"
+        sample["json"]["qa"] = sample["json"]["qa"] * (i % 3 + 1)
+    # A sample takes 15,872 bytes of tar members here (float16 (12, 500) .npy, its json, headers).
+    shards = write_shards(samples, tmp_path, "train", max_samples_per_shard=None, max_shard_mb=0.04)
+
+    assert [s["num_samples"] for s in shards] == [3, 3, 3]  # 2 samples: 31,744 bytes; 3: 47,616
+    assert [s["bytes"] for s in shards] == [(tmp_path / s["path"]).stat().st_size for s in shards]
+    assert [s["num_qa"] for s in shards] == [6, 6, 6]
+    assert [s["datasets"] for s in shards] == [{"a": 6}, {"a": 3, "b": 3}, {"b": 6}]
+    with pytest.raises(ValueError, match="max_shard_mb"):
+        write_shards(samples, tmp_path, "x", max_shard_mb=0)

@@ -11,8 +11,8 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,44 +82,101 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_one_shard(samples: list[dict], path: Path) -> str:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
-            for sample in samples:
-                writer.write(sample)
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return digest
+class _ShardFile:
+    """One tar shard being written to ``{name}.tmp``; :meth:`close` checksums it and moves it in place."""
 
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in close() / abort()
+        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=TAR_MTIME)
+        self.keys: set[str] = set()
+        self.num_qa = 0
+        self.datasets: Counter[str] = Counter()
 
-def _chunks(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+    def write(self, sample: dict[str, Any], meta: dict) -> None:
+        key = sample["__key__"]
+        if key in self.keys:
+            raise ValueError(f"duplicate sample __key__ {key!r} in shard {self.path.name}")
+        self.keys.add(key)
+        self.writer.write(sample)
+        qa = len(meta.get("qa", ())) if isinstance(meta, dict) else 0
+        self.num_qa += qa
+        self.datasets[str(meta.get("dataset", "unknown")) if isinstance(meta, dict) else "unknown"] += qa
+
+    @property
+    def bytes_written(self) -> int:
+        # tarfile's offset counts every member written; the stream's position lags behind its buffer.
+        return self.writer.tarstream.offset
+
+    def close(self) -> dict[str, Any]:
+        self.writer.close()  # ends the tar; the stream it was given stays open
+        self.stream.close()
+        digest = sha256_file(self.tmp)
+        size = self.tmp.stat().st_size
+        os.replace(self.tmp, self.path)
+        return {
+            "path": self.path.name,
+            "num_samples": len(self.keys),
+            "num_qa": self.num_qa,
+            "datasets": dict(sorted(self.datasets.items())),
+            "bytes": size,
+            "sha256": digest,
+        }
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()  # else tarfile flushes into the closed file when collected
+        except Exception:  # noqa: BLE001 - the error being handled is the one to report
+            pass
+        self.stream.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_shards(
-    samples: Iterable[dict], out_dir: Path, prefix: str, max_samples_per_shard: int = 1000
+    samples: Iterable[dict],
+    out_dir: Path,
+    prefix: str,
+    max_samples_per_shard: int | None = 1000,
+    max_shard_mb: float | None = None,
 ) -> list[dict]:
-    """Write ``out_dir/{prefix}-{i:06d}.tar`` shards atomically; return their path, size and sha256."""
-    if max_samples_per_shard < 1:
-        raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
+    """Write ``out_dir/{prefix}-{i:06d}.tar`` shards atomically; return one manifest entry per shard.
+
+    A shard is closed once it holds ``max_samples_per_shard`` samples or reaches ``max_shard_mb``
+    megabytes (10**6 bytes; a sample is never split, so a shard ends just past the limit), whichever
+    comes first; ``None`` disables a limit. Samples are streamed into the tar as they come: memory
+    holds one sample and the current shard's keys, not the data set. Each entry has the shard's
+    ``path``, ``num_samples``, ``num_qa`` (length of each sample's ``json["qa"]`` list), QA pairs
+    per ``datasets`` (``json["dataset"]``), ``bytes`` and ``sha256`` - what the streaming DataModule
+    plans an epoch from without opening a shard. Keys must be unique; duplicates are caught within a
+    shard (a builder makes keys unique across shards from record ids).
+    """
+    if max_samples_per_shard is not None and max_samples_per_shard < 1:
+        raise ValueError(f"max_samples_per_shard must be >= 1 (or None), got {max_samples_per_shard}")
+    if max_shard_mb is not None and max_shard_mb <= 0:
+        raise ValueError(f"max_shard_mb must be > 0 (or None), got {max_shard_mb}")
+    if max_samples_per_shard is None and max_shard_mb is None:
+        raise ValueError("give max_samples_per_shard, max_shard_mb or both")
+    max_bytes = None if max_shard_mb is None else max_shard_mb * 1e6
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
-    shards = []
-    for index, chunk in enumerate(_chunks(samples, max_samples_per_shard)):
-        encoded = [_encode_sample(sample) for sample in chunk]
-        for sample in encoded:
-            if sample["__key__"] in seen:
-                raise ValueError(f"duplicate sample __key__ {sample['__key__']!r}")
-            seen.add(sample["__key__"])
-        name = f"{prefix}-{index:06d}.tar"
-        digest = _write_one_shard(encoded, out_dir / name)
-        shards.append({"path": name, "num_samples": len(encoded), "sha256": digest})
+    shards: list[dict] = []
+    current: _ShardFile | None = None
+    try:
+        for sample in samples:
+            encoded = _encode_sample(sample)
+            if current is None:
+                current = _ShardFile(out_dir / f"{prefix}-{len(shards):06d}.tar")
+            current.write(encoded, sample["json"])
+            full = max_samples_per_shard is not None and len(current.keys) >= max_samples_per_shard
+            if full or (max_bytes is not None and current.bytes_written >= max_bytes):
+                shards.append(current.close())
+                current = None
+        if current is not None:
+            shards.append(current.close())
+            current = None
+    finally:
+        if current is not None:
+            current.abort()
     return shards
 
 

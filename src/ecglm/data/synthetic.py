@@ -29,7 +29,8 @@ from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_intact, write
 log = logging.getLogger(__name__)
 
 DATASET = "synthetic-heart-qa"
-VERSION = 3  # 2: heart-rate questions list the exact answer words; 3: splits list datasets, question types
+VERSION = 4  # 2: heart-rate questions list the exact answer words; 3: splits list datasets, question types;
+# 4: shard entries carry num_qa, datasets and bytes (the DataModule plans epochs from them)
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 SPLITS = ("train", "val", "test")
 HEART_RATE_CLASSES = {"bradycardia": (40.0, 52.0), "normal": (65.0, 92.0), "tachycardia": (110.0, 150.0)}
