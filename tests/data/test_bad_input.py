@@ -63,7 +63,9 @@ def _write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> dict:
                 info = tarfile.TarInfo(f"{key}.{field}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    return {"path": path.name, "num_samples": len(samples)}
+    # What the manifest of a shard written whole would say: the QA count before any damage.
+    num_qa = sum(len(_meta()["qa"]) if "empty_qa" not in key else 4 for key in samples)
+    return {"path": path.name, "num_samples": len(samples), "num_qa": num_qa}
 
 
 def _good(key: str) -> dict[str, bytes]:
@@ -94,7 +96,7 @@ def _corrupt_header_shard(out: Path) -> dict:
 
 def _not_a_tar_shard(out: Path) -> dict:
     (out / "not_a_tar.tar").write_bytes(b"this is not a tar file " * 50)
-    return {"path": "not_a_tar.tar", "num_samples": 2}
+    return {"path": "not_a_tar.tar", "num_samples": 2, "num_qa": 4}
 
 
 def _empty_qa_shard(out: Path) -> dict:

@@ -43,7 +43,7 @@ def test_manifest_describes_splits_and_preprocessing(built: tuple[Path, dict]) -
     out_dir, manifest = built
 
     assert manifest == read_manifest(out_dir)
-    assert manifest["dataset"] == "synthetic-heart-qa" and manifest["version"] == 3
+    assert manifest["dataset"] == "synthetic-heart-qa" and manifest["version"] == 4
     assert manifest["params"] == SyntheticHeartQA(**SMALL).params
     assert manifest["params"]["beat_source"] == "neurokit2"
     assert manifest["preprocessing"] == {

@@ -11,29 +11,35 @@ import hashlib
 import heapq
 import json
 import logging
-import math
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
-from webdataset.autodecode import DecodingError
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
 from ecglm.backbones import IGNORE_INDEX, ChatFormatter
 from ecglm.data.shards import read_manifest
+from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa re-exported for users
+    BadInput,
+    BadSampleError,
+    CheckedQA,
+    EpochPlan,
+    QAStream,
+    ShardInfo,
+    expand_qa,
+)
 from ecglm.encoders import check_preprocessing
 from ecglm.metrics import answer_text
 
 SPLITS = ("train", "val", "test")
-NUM_LEADS = 12
 
 log = logging.getLogger("ecglm.data")
 
@@ -42,206 +48,6 @@ class ShardBuilder(Protocol):
     """Anything that can write a shard set with a ``manifest.json`` into a folder, idempotently."""
 
     def build(self, out_dir: str | Path) -> dict[str, Any]: ...
-
-
-def expand_qa(samples: Iterator[dict[str, Any]], first: int = 0) -> Iterator[dict[str, Any]]:
-    """One item per QA pair, each with its ECG; pair ``i`` of a sample is keyed ``{key}_qa{first + i}``."""
-    for sample in samples:
-        meta = sample["json"]
-        for i, qa in enumerate(meta["qa"], start=first):
-            yield {
-                "key": f"{sample['__key__']}_qa{i}",
-                "ecg": sample["ecg.npy"],
-                "question": qa["question"],
-                "answer": qa["answer"],
-                "question_type": qa.get("question_type", "unknown"),
-                "dataset": meta.get("dataset", "unknown"),
-            }
-
-
-class BadSampleError(ValueError):
-    """Bad input met while streaming in ``strict`` mode; the message names shard, key and problem."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        # webdataset appends the stream and url to the args of exceptions passing through it.
-        return self.message
-
-
-class BadInput:
-    """What the stream does with bad input: raise :class:`BadSampleError` (``strict``) or log and count it.
-
-    One object serves every stage of a loader's pipeline: webdataset's ``handler=`` for tar and
-    decoding errors, its ``rename_files=`` hook (:meth:`see_member`, its only per-member hook, which
-    tells a tar error the member it broke on) and :class:`CheckedQA`. Each skip is a WARNING on the
-    ``ecglm.data`` logger naming shard and key; ``counts`` holds skips by reason in the process that
-    runs the pipeline (a loader worker keeps its own and logs a summary when its stream ends).
-    ``shards`` maps each url to its sample count in the manifest (or None), to notice a tar that
-    ends early without an error (tarfile reads a corrupt header past the first as the end).
-    Picklable, so it travels to loader workers.
-    """
-
-    def __init__(self, shards: dict[str, int | None], strict: bool = False):
-        self.shards, self.strict = dict(shards), strict
-        self.urls = sorted(self.shards, key=len, reverse=True)
-        self.counts: Counter[str] = Counter()
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new pass over the shards."""
-        self.counts.clear()
-        self.read: Counter[str] = Counter()  # samples per shard that came out of the tar
-        self.broken: set[str | None] = set()  # shards with a tar error already reported
-        self.last_member: str | None = None
-        self.done_key: str | None = None  # the last sample past the tar stages
-
-    def report(self, url: Any, key: Any, reason: str, detail: str) -> None:
-        message = f"shard {url}, key {key}: {reason}: {detail}"
-        if self.strict:
-            raise BadSampleError(message)
-        self.counts[reason] += 1
-        log.warning("skipped bad input: %s", message)
-
-    def see_member(self, name: str) -> str:
-        self.last_member = name
-        return name
-
-    def passed(self, url: str, key: str) -> None:
-        """A sample came out of the tar stages (decoded or not)."""
-        self.read[url] += 1
-        self.done_key = key
-
-    def check_count(self, url: str, key: str) -> None:
-        """At the end of a shard: did it hold every sample the manifest lists?"""
-        expected, read = self.shards.get(url), self.read[url]
-        if url not in self.broken and expected is not None and read < expected:
-            self.report(
-                url,
-                key,
-                "corrupt or truncated tar",
-                f"the tar ends after this sample, {read} of the {expected} in the manifest; "
-                "the rest of this shard is lost",
-            )
-
-    def _shard_of(self, exn: BaseException) -> str | None:
-        # webdataset appends the url (or the open file, whose repr holds the path) to the exception's args.
-        text = " ".join(str(arg) for arg in getattr(exn, "args", ()))
-        return next((url for url in self.urls if url in text), None)
-
-    def _tar_error(self, exn: Exception) -> None:
-        member = self.last_member
-        if member is not None and base_plus_ext(member)[0] == self.done_key:
-            member = None  # from a shard already done: this one broke before its first member
-        url = self._shard_of(exn)
-        self.broken.add(url)
-        detail = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-        detail += f" (last member read: {member})" if member else " (no member of it read)"
-        key = base_plus_ext(member)[0] if member else "unknown"
-        self.report(url, key, "corrupt or truncated tar", detail + "; the rest of this shard is lost")
-
-    def __call__(self, exn: Exception) -> bool:
-        """webdataset's exception handler: report, then go on with the next shard.
-
-        Returns False (stop) for an error inside a shard's tar stream, raised in webdataset's member
-        loop, where going on would only meet the same broken stream again; webdataset then moves on
-        to the next shard. Errors its outer stages report carry the url (or None) as last argument;
-        for those True means "go on".
-        """
-        if isinstance(exn, BadSampleError):  # raised by this handler in an inner stage
-            raise exn
-        try:
-            if isinstance(exn, DecodingError):
-                self.passed(exn.url, exn.key)
-                cause = exn.__cause__
-                problem = "non-UTF-8 text" if isinstance(cause, UnicodeDecodeError) else f"unreadable {exn.k}"
-                self.report(exn.url, exn.key, problem, f"{type(cause).__name__}: {cause}")
-                return True
-            self._tar_error(exn)
-        except BadSampleError as error:
-            raise error from exn
-        last = exn.args[-1] if exn.args else None
-        return last is None or last in self.urls
-
-
-def _empty(text: Any) -> bool:
-    if isinstance(text, list):
-        return not any(isinstance(t, str) and t.strip() for t in text)
-    return not isinstance(text, str) or not text.strip()
-
-
-class CheckedQA:
-    """:func:`expand_qa` behind checks: each bad sample or QA pair goes to ``bad`` (:class:`BadInput`).
-
-    A sample needs a JSON object with a ``qa`` list and a finite ``(12, num_samples)`` ECG
-    (``num_samples`` from the manifest's preprocessing; any length when it is not recorded); a QA
-    pair without question or answer is dropped alone, the ECG's other pairs are kept. Runs before
-    any shuffle, so samples arrive shard by shard and a shard's end is where its url changes.
-    """
-
-    def __init__(self, bad: BadInput, num_samples: int | None = None):
-        self.bad, self.num_samples = bad, num_samples
-
-    def _problem(self, sample: dict[str, Any]) -> tuple[str, str] | None:
-        meta, ecg = sample.get("json"), sample.get("ecg.npy")
-        if meta is None:
-            return "missing json", "the sample has no json member (its QA pairs are unknown)"
-        if not isinstance(meta, dict) or not isinstance(meta.get("qa"), list):
-            return "invalid json", f"expected an object with a 'qa' list, got {str(meta)[:80]!r}"
-        if ecg is None:
-            return "missing ecg.npy", "the sample's QA pairs refer to an ECG that is not in the shard"
-        if not isinstance(ecg, np.ndarray):
-            return "unreadable ecg.npy", f"decoded to {type(ecg).__name__}, not an array"
-        width = self.num_samples if self.num_samples is not None else ecg.shape[-1] if ecg.ndim else -1
-        if ecg.shape != (NUM_LEADS, width):
-            return (
-                "wrong shape",
-                f"ecg.npy has shape {ecg.shape}, expected ({NUM_LEADS}, {self.num_samples or 'N'})",
-            )
-        if not np.isfinite(ecg).all():
-            return "non-finite ecg", f"ecg.npy holds {int((~np.isfinite(ecg)).sum())} NaN/Inf values"
-        return None
-
-    def _pairs(self, sample: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        meta = sample["json"]
-        for i, qa in enumerate(meta["qa"]):
-            missing = [f for f in ("question", "answer") if not isinstance(qa, dict) or _empty(qa.get(f))]
-            if missing:
-                self.bad.report(
-                    sample.get("__url__"),
-                    f"{sample['__key__']}_qa{i}",
-                    "empty QA",
-                    f"empty or missing {' and '.join(missing)}",
-                )
-                continue
-            yield from expand_qa(iter([{**sample, "json": {**meta, "qa": [qa]}}]), first=i)
-
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self.bad.reset()
-        url = key = None
-        for sample in samples:
-            if sample.get("__url__") != url:
-                if url is not None:
-                    self.bad.check_count(url, key)
-                url = sample.get("__url__")
-            key = sample.get("__key__")
-            self.bad.passed(url, key)
-            problem = self._problem(sample)
-            if problem is not None:
-                self.bad.report(url, key, *problem)
-                continue
-            yield from self._pairs(sample)
-        if url is not None:
-            self.bad.check_count(url, key)
-        if self.bad.counts:
-            worker = get_worker_info()
-            log.warning(
-                "%s skipped bad input at the end of its stream: %s",
-                f"loader worker {worker.id}" if worker else "the loader",
-                dict(sorted(self.bad.counts.items())),
-            )
 
 
 def subset_fraction(seed: int, key: str) -> float:
@@ -396,6 +202,8 @@ class QACollator:
             batch["text_only"] = self._pad(items, with_answer=False, num_ecg_tokens=0)
         elif self.with_prompts:
             batch["prompt"] = self._pad(items, with_answer=False, num_ecg_tokens=self.num_ecg_tokens)
+        if "_worker" in items[-1]:  # from a QAStream: which worker made the batch, its bad-input counts
+            batch["stream"] = {"worker": items[-1]["_worker"], "skipped": items[-1].get("_skipped")}
         return batch
 
 
@@ -409,8 +217,14 @@ class ECGQADataModule(L.LightningDataModule):
         batch_size: Training batch size (QA pairs).
         eval_batch_size: Batch size for validation and generation in test.
         num_workers: Loader worker processes (tokenisation runs there).
-        shuffle_buffer: QA pairs held for shuffling the training stream.
+        shuffle_buffer: QA pairs each loader worker holds for shuffling the training stream.
         seed: Seed of the shard and sample shuffles.
+        weights: Dataset name -> relative share of each training epoch (e.g. ``{ecgqa-ptbxl: 1,
+            ecgqa-mimic-iv-ecg: 1, pulse-ecg-instruct: 0.5}``); a share larger than a dataset's size
+            repeats it within the epoch, a smaller one reads part of it and goes on from there the
+            next epoch. ``None``: every training pair once per epoch. Must name every dataset of
+            the training split (0 leaves one out).
+        samples_per_epoch: Training pairs per epoch with ``weights`` (default: the split's size).
         strict: Raise :class:`BadSampleError` at the first bad input (corrupt or truncated tar,
             missing or unreadable ``.npy``, wrong shape, NaN/Inf, invalid JSON or non-UTF-8 text,
             empty question or answer), naming shard and key. By default such input is skipped and
@@ -429,6 +243,8 @@ class ECGQADataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         strict: bool = False,
+        weights: dict[str, float] | None = None,
+        samples_per_epoch: int | None = None,
     ):
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -439,7 +255,14 @@ class ECGQADataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.strict = strict
+        self.weights = dict(weights) if weights is not None else None
+        self.samples_per_epoch = samples_per_epoch
         self.skipped: Counter[str] = Counter()
+        self._worker_skips: dict[int, dict[str, int]] = {}
+        self.epoch = 0  # the training epoch to stream when there is no Trainer
+        self._train_position = {"epoch": 0, "batches": 0}  # training batches handed out this epoch
+        self._resume: dict[str, Any] | None = None
+        self._train_plan: EpochPlan | None = None
         self.formatter: ChatFormatter | None = None
         self.num_ecg_tokens: int | None = None
         self.system_prompts: dict[str, str] | None = None
@@ -572,6 +395,36 @@ class ECGQADataModule(L.LightningDataModule):
         self._test_subset = (rates, seed)
         return {d: min(wanted[d], n) for d, n in counts.items()}
 
+    def _shards(self, split: str) -> list[ShardInfo]:
+        """The split's shards with their dataset and QA count, as the manifest lists them."""
+        info = self.manifest["splits"][split]
+        only = list(info.get("datasets") or [self.manifest.get("dataset", "unknown")])
+        shards = []
+        for url, entry in zip(self._urls(split), info["shards"], strict=True):
+            if "num_qa" not in entry:
+                raise ValueError(
+                    f"shard {entry['path']} in {self.data_dir / 'manifest.json'} has no num_qa: the shards "
+                    "were built by an older ecglm; build them again (ecglm shard --config ..., or delete "
+                    "the folder and let the builder run)"
+                )
+            datasets = list(entry.get("datasets") or (only if len(only) == 1 else ["mixed"]))
+            if len(datasets) > 1 and self.weights is not None and split == "train":
+                raise ValueError(
+                    f"shard {entry['path']} in {self.data_dir / 'manifest.json'} holds several datasets "
+                    f"{datasets}; weights need one dataset per shard (build the shards again)"
+                )
+            name = datasets[0] if len(datasets) == 1 else "+".join(sorted(datasets))
+            shards.append(ShardInfo(url, name, int(entry["num_qa"]), entry.get("num_samples")))
+        return shards
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, rank): the Trainer's, else torch.distributed's, else a single process."""
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
     def _loader(
         self,
         split: str,
@@ -584,35 +437,36 @@ class ECGQADataModule(L.LightningDataModule):
             raise RuntimeError(
                 "ECGQADataModule needs attach(formatter, num_ecg_tokens) or a Trainer with a model"
             )
-        urls = self._urls(split)
-        num_qa = self.manifest["splits"][split]["num_qa"]
-        world = self.trainer.world_size if self.trainer else 1
-        sizes = {
-            str(self.data_dir / s["path"]): s.get("num_samples")
-            for s in self.manifest["splits"][split]["shards"]
-        }
-        bad = BadInput({url: sizes.get(url) for url in urls}, strict=self.strict)
-        self.skipped = bad.counts
-        dataset = wds.WebDataset(
-            urls,
-            handler=bad,
-            shardshuffle=len(urls) if train else False,
-            detshuffle=True,
+        world, rank = self._world()
+        shards = self._shards(split)
+        plan = EpochPlan(
+            shards,
+            world_size=world,
+            num_workers=self.num_workers,
+            batch_size=batch_size,
             seed=self.seed,
-            nodesplitter=wds.split_by_node,
-            empty_check=False,
-            rename_files=bad.see_member,
-        ).decode(handler=bad)
+            shuffle=train,
+            drop_last=train,
+            weights=self.weights if train else None,
+            samples_per_epoch=self.samples_per_epoch if train else None,
+        )
+        if train and plan.rank_length(rank) == 0:
+            raise ValueError(
+                f"the {split} split of {self.data_dir} has {plan.total} QA pairs per epoch, fewer than one "
+                f"batch of {batch_size} for each of {world} rank(s)"
+            )
+        bad = BadInput({s.url: s.num_samples for s in shards}, strict=self.strict)
+        self.skipped = bad.counts  # counted here when the loader runs in this process
         num_samples = self.manifest.get("preprocessing", {}).get("num_samples")
-        dataset = dataset.compose(CheckedQA(bad, num_samples))
-        if subset is not None:
-            # The subset's size is only known in expectation: no length, so no loop stops early.
-            dataset = dataset.compose(SubsetFilter(*subset))
-        else:
-            if train:
-                dataset = dataset.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, num_qa))
-            per_rank = num_qa // world if train else math.ceil(num_qa / world)
-            dataset = dataset.with_length(per_rank)
+        stream = QAStream(
+            plan,
+            rank,
+            bad,
+            num_samples,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            item_filter=SubsetFilter(*subset) if subset is not None else None,
+            pad=train,
+        )
         collate = QACollator(
             self.formatter,
             self.num_ecg_tokens,
@@ -620,13 +474,65 @@ class ECGQADataModule(L.LightningDataModule):
             with_prompts=split == "val",
             system_prompts=self._loader_system_prompts(split),
         )
-        return DataLoader(
-            dataset,
+        if train:
+            self._train_plan = plan
+        return StreamLoader(
+            stream,
+            on_iter=self._start_train_epoch if train else self._start_eval,
             batch_size=batch_size,
             collate_fn=collate,
-            num_workers=min(self.num_workers, len(urls)),
+            num_workers=self.num_workers,
             persistent_workers=False,
         )
+
+    def _start_eval(self, stream: QAStream) -> None:
+        self._worker_skips = {}
+
+    def _start_train_epoch(self, stream: QAStream) -> None:
+        """Before each pass over the training loader: which epoch, and where to resume in it."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else self.epoch
+        skip = 0
+        if self._resume is not None:
+            resume, self._resume = self._resume, None
+            if resume["plan"] != stream.plan.describe():
+                rank_zero_warn(
+                    "the checkpoint's stream position was recorded under another epoch plan "
+                    f"({resume['plan']}; now {stream.plan.describe()}): the epoch restarts from its first "
+                    "batch. Resume with the same devices, num_workers, batch_size, seed and weights to "
+                    "continue exactly where it stopped."
+                )
+            elif resume["epoch"] == epoch:
+                skip = resume["batches"]
+        stream.epoch, stream.skip_batches = epoch, skip
+        self._train_position = {"epoch": epoch, "batches": skip}
+        self._worker_skips = {}
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Counts training batches (the stream position) and gathers the workers' bad-input counts."""
+        if isinstance(batch, dict) and "stream" in batch:
+            stream = batch.pop("stream")
+            if stream.get("skipped"):
+                self._worker_skips[stream["worker"]] = stream["skipped"]
+                self.skipped = Counter()
+                for counts in self._worker_skips.values():
+                    self.skipped.update(counts)
+            if self.trainer is None or self.trainer.training:
+                self._train_position["batches"] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position: the epoch and how many of its batches were handed out.
+
+        Every rank hands out the same number of batches per epoch, so rank 0's position (the one a
+        checkpoint keeps) is every rank's.
+        """
+        if self._train_plan is None:
+            return {}
+        return {**self._train_position, "plan": self._train_plan.describe()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training stream after the batches a checkpoint's run had already trained on."""
+        self._resume = dict(state_dict) if state_dict else None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, train=True, for_generation=False)
@@ -638,3 +544,19 @@ class ECGQADataModule(L.LightningDataModule):
         return self._loader(
             "test", self.eval_batch_size, train=False, for_generation=True, subset=self._test_subset
         )
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader that calls ``on_iter(dataset)`` when a pass starts, before its workers copy the dataset.
+
+    Lightning tells samplers the epoch (``set_epoch``), but an iterable dataset has no sampler; this
+    is where the DataModule sets the stream's epoch and resume position instead.
+    """
+
+    def __init__(self, dataset: QAStream, on_iter: Callable[[QAStream], None], **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.on_iter = on_iter
+
+    def __iter__(self):
+        self.on_iter(self.dataset)
+        return super().__iter__()

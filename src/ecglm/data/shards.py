@@ -7,6 +7,7 @@ The same samples always give byte-identical shards, so a manifest's sha256 sums 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -124,10 +125,9 @@ class _ShardFile:
         }
 
     def abort(self) -> None:
-        try:
-            self.writer.close()  # else tarfile flushes into the closed file when collected
-        except Exception:  # noqa: BLE001 - the error being handled is the one to report
-            pass
+        # Else tarfile flushes into the closed file when collected; the error being handled matters more.
+        with contextlib.suppress(Exception):
+            self.writer.close()
         self.stream.close()
         self.tmp.unlink(missing_ok=True)
 
