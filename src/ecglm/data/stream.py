@@ -378,7 +378,12 @@ class EpochPlan:
             exact = {d: q * target / self.total if self.total else 0.0 for d, q in self.quotas.items()}
             taken = {d: min(left[d], math.floor(x)) for d, x in exact.items()}
             short = target - sum(taken.values())
-            for d in sorted(exact, key=lambda d: (taken[d] - exact[d], d)):
+            order = sorted(exact, key=lambda d: (taken[d] - exact[d], d))
+            for d in order:  # one more for the largest remainders (Hamilton's method)
+                if short and left[d] > taken[d]:
+                    taken[d] += 1
+                    short -= 1
+            for d in order:  # more only where a dataset ran out of pairs for this slot
                 extra = min(short, left[d] - taken[d])
                 taken[d] += extra
                 short -= extra
@@ -564,7 +569,11 @@ class QAStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The loader takes batches from its workers round-robin starting with worker 0, and the plan's
+        # batch k comes from plan worker k mod W. Resuming after k batches, loader worker 0 plays plan
+        # worker k mod W, so the next batch is the one the interrupted run would have trained on next.
+        worker = (loader_worker + self.skip_batches) % workers
         if workers != self.plan.num_workers:
             raise RuntimeError(
                 f"the epoch plan is for {self.plan.num_workers} loader workers, the loader has {workers}"
