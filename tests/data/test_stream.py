@@ -242,7 +242,7 @@ def test_bad_input_counts_are_gathered_from_every_worker(tmp_path, formatter):
 
     batches = _batches(dm)
 
-    assert dm.skipped == {"unreadable json": 2}  # one in each worker's shard
+    assert dm.skipped == dm.train_skipped == {"unreadable json": 2}  # one in each worker's shard
     assert len(batches) == 8  # each worker repeats its good pairs to keep the batch count
 
 

@@ -229,8 +229,11 @@ class ECGQADataModule(L.LightningDataModule):
             missing or unreadable ``.npy``, wrong shape, NaN/Inf, invalid JSON or non-UTF-8 text,
             empty question or answer), naming shard and key. By default such input is skipped and
             logged as a WARNING on ``ecglm.data`` with shard, key and reason (see :class:`BadInput`);
-            ``skipped`` holds the counts by reason of the last loader iterated in this process
-            (``num_workers=0``; workers log their own summary when their stream ends).
+            ``skipped`` holds the counts by reason of the pass over a loader started last, and
+            ``train_skipped`` those of the current training epoch, gathered from every loader
+            worker (Lightning passes each batch through :meth:`on_before_batch_transfer`); each
+            worker also logs its own summary when its stream ends. The model logs
+            ``data/skipped``, summed over ranks, at the end of each training epoch.
     """
 
     def __init__(
@@ -258,7 +261,9 @@ class ECGQADataModule(L.LightningDataModule):
         self.weights = dict(weights) if weights is not None else None
         self.samples_per_epoch = samples_per_epoch
         self.skipped: Counter[str] = Counter()
-        self._worker_skips: dict[int, dict[str, int]] = {}
+        self.train_skipped: Counter[str] = Counter()
+        self._worker_skips: dict[str, dict[int, dict[str, int]]] = {"train": {}, "eval": {}}
+        self._pass = "eval"  # the kind of pass started last
         self.epoch = 0  # the training epoch to stream when there is no Trainer
         self._train_position = {"epoch": 0, "batches": 0}  # training batches handed out this epoch
         self._resume: dict[str, Any] | None = None
@@ -456,7 +461,6 @@ class ECGQADataModule(L.LightningDataModule):
                 f"batch of {batch_size} for each of {world} rank(s)"
             )
         bad = BadInput({s.url: s.num_samples for s in shards}, strict=self.strict)
-        self.skipped = bad.counts  # counted here when the loader runs in this process
         num_samples = self.manifest.get("preprocessing", {}).get("num_samples")
         stream = QAStream(
             plan,
@@ -488,7 +492,8 @@ class ECGQADataModule(L.LightningDataModule):
         )
 
     def _start_eval(self, stream: QAStream) -> None:
-        self._worker_skips = {}
+        self._pass, self._worker_skips["eval"] = "eval", {}
+        self.skipped = stream.bad.counts  # counted here when the loader runs in this process
 
     def _start_train_epoch(self, stream: QAStream) -> None:
         """Before each pass over the training loader: which epoch, and where to resume in it."""
@@ -507,19 +512,26 @@ class ECGQADataModule(L.LightningDataModule):
                 skip = resume["batches"]
         stream.epoch, stream.skip_batches = epoch, skip
         self._train_position = {"epoch": epoch, "batches": skip}
-        self._worker_skips = {}
+        self._pass, self._worker_skips["train"] = "train", {}
+        self.skipped = self.train_skipped = stream.bad.counts
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Counts training batches (the stream position) and gathers the workers' bad-input counts."""
-        if isinstance(batch, dict) and "stream" in batch:
-            stream = batch.pop("stream")
-            if stream.get("skipped"):
-                self._worker_skips[stream["worker"]] = stream["skipped"]
-                self.skipped = Counter()
-                for counts in self._worker_skips.values():
-                    self.skipped.update(counts)
-            if self.trainer is None or self.trainer.training:
-                self._train_position["batches"] += 1
+        if not isinstance(batch, dict) or "stream" not in batch:
+            return batch
+        stream = batch.pop("stream")
+        kind = ("train" if self.trainer.training else "eval") if self.trainer is not None else self._pass
+        if kind == "train":
+            self._train_position["batches"] += 1
+        if stream.get("skipped"):  # the worker's counts so far in this pass
+            self._worker_skips[kind][stream["worker"]] = stream["skipped"]
+            total: Counter[str] = Counter()
+            for counts in self._worker_skips[kind].values():
+                total.update(counts)
+            if kind == "train":
+                self.train_skipped = total
+            if kind == self._pass:
+                self.skipped = total
         return batch
 
     def state_dict(self) -> dict[str, Any]:
