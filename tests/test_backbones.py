@@ -451,3 +451,43 @@ def test_system_prompt_stays_a_system_turn_when_the_template_has_one(tok):
     assert formatter.template_has_system
     text = tok.decode(formatter.encode("Is the rhythm regular?", None, K).input_ids)
     assert text.startswith("<|im_start|>system\nYou read ECGs.<|im_end|>\n<|im_start|>user\n")
+
+
+UPPER_ANSWERS = DROPS_SYSTEM.replace(
+    "{{ m['content'] }}", "{{ m['content'] | upper if m['role'] == 'assistant' else m['content'] }}"
+)
+PER_QUESTION = (  # the answer's frame depends on the question: no shared frame
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %} [{{ messages[-2]['content'] | length }}]{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QA_PAIRS = [
+    ("Does this ECG show first degree av block?", "yes"),
+    ("Does this ECG show first degree av block?", "no"),
+    ("Which leads show st elevation?", "lead V1, lead V2"),
+    ("Describe the rhythm.", "Sinus rhythm at 72 bpm; QRS 96 ms. Ünusual axis: \u221230°."),
+    ("Describe the rhythm.", " leading and trailing space "),
+    ("What does the report say?", "<think>\nhidden</think>\nsinus rhythm"),
+    ("Is it normal?", "line one\nline two"),
+]
+
+
+@pytest.mark.parametrize("template", [None, GEMMA2_TEMPLATE, UPPER_ANSWERS, PER_QUESTION])
+@pytest.mark.parametrize("system_prompt", [None, "You read ECGs."])
+def test_prompt_cache_and_answer_frame_give_the_full_render_tokens(tokenizer_dir, template, system_prompt):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if template is not None:
+        tok.chat_template = template
+    fast = ChatFormatter(tok, system_prompt)
+    full = ChatFormatter(tok, system_prompt, prompt_cache_size=0)  # renders every pair in full
+
+    for _ in range(2):  # the second round is served from the cache
+        for question, answer in QA_PAIRS:
+            for k in (0, K):
+                assert fast.encode(question, answer, k) == full.encode(question, answer, k), (
+                    question,
+                    answer,
+                )
+                assert fast.encode(question, None, k) == full.encode(question, None, k)
+    frame = fast._answer_frame(system_prompt)
+    assert (frame is None) == (template in (UPPER_ANSWERS, PER_QUESTION))

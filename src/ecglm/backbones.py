@@ -86,6 +86,10 @@ class ChatFormatter:
             the embeddings (Gemma 4's per-layer embeddings see this id at the ECG positions).
         max_length: Longest sequence (``llm_input_len``); ``None`` for no limit.
         min_answer_tokens: Answer tokens that truncation keeps before it cuts into the answer.
+        prompt_cache_size: Prompts (question and system prompt) whose rendering and tokens are kept,
+            least recently used out first; ECG-QA asks the same questions of many ECGs, so a hit
+            saves one of the two chat-template renders of a pair (the other is saved by the
+            answer frame, see ``_answer_text``). 0 turns both off: every pair rendered in full.
     """
 
     def __init__(
@@ -95,8 +99,13 @@ class ChatFormatter:
         placeholder_token_id: int | None = None,
         max_length: int | None = None,
         min_answer_tokens: int = 16,
+        prompt_cache_size: int = 4096,
     ):
         self.tokenizer = tokenizer
+        self.prompt_cache_size = prompt_cache_size
+        # (question, system prompt) -> (prompt text, ids before the ECG, text after it, ids after it)
+        self._prompts: OrderedDict[tuple, tuple[str, list[int], str, list[int]]] = OrderedDict()
+        self._frames: dict[str | None, tuple[str, str] | None] = {}  # system prompt -> answer frame
         self.system_prompt = system_prompt
         if placeholder_token_id is None:
             placeholder_token_id = (
@@ -150,7 +159,12 @@ class ChatFormatter:
         )
 
     def _tokens(self, text: str) -> list[int]:
-        # Special-token strings in the rendered template are parsed; none is added on top.
+        # Special-token strings in the rendered template are parsed; none is added on top. A fast
+        # tokenizer's Rust backend gives the same ids as calling the tokenizer, without the Python
+        # wrapper's per-call work (a third of the loader workers' time on short QA pairs).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=False).ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(
@@ -160,14 +174,8 @@ class ChatFormatter:
 
         ``system_prompt`` replaces the formatter's own for this pair (few-shot prompts differ by dataset).
         """
-        prompt_text = self.render(
-            self.messages(question, system_prompt=system_prompt), add_generation_prompt=True
-        )
-        before, marker, after = prompt_text.partition(ECG_MARKER)
-        if not marker or ECG_MARKER in after:
-            raise ValueError(f"the rendered prompt must contain {ECG_MARKER!r} exactly once: {prompt_text!r}")
-        head = self._tokens(before) + [self.placeholder_token_id] * num_ecg_tokens
-        tail = self._tokens(after)
+        prompt_text, before_ids, after, tail = self._prompt(question, system_prompt)
+        head = before_ids + [self.placeholder_token_id] * num_ecg_tokens
         answer_ids = (
             self._tokens(self._answer_text(question, answer, prompt_text, system_prompt))
             if answer is not None
@@ -183,6 +191,26 @@ class ChatFormatter:
         prompt = head + tail
         labels = [IGNORE_INDEX] * len(prompt) + answer_ids
         return EncodedChat(prompt + answer_ids, labels, len(head) - num_ecg_tokens, len(prompt))
+
+    def _prompt(self, question: str, system_prompt: str | None) -> tuple[str, list[int], str, list[int]]:
+        """The rendered prompt, the token ids before the ECG marker, the text and ids after it (cached)."""
+        key = (question, system_prompt)
+        cached = self._prompts.get(key)
+        if cached is not None:
+            self._prompts.move_to_end(key)
+            return cached[0], list(cached[1]), cached[2], list(cached[3])
+        prompt_text = self.render(
+            self.messages(question, system_prompt=system_prompt), add_generation_prompt=True
+        )
+        before, marker, after = prompt_text.partition(ECG_MARKER)
+        if not marker or ECG_MARKER in after:
+            raise ValueError(f"the rendered prompt must contain {ECG_MARKER!r} exactly once: {prompt_text!r}")
+        entry = (prompt_text, self._tokens(before), after, self._tokens(after))
+        if self.prompt_cache_size > 0:
+            self._prompts[key] = entry
+            if len(self._prompts) > self.prompt_cache_size:
+                self._prompts.popitem(last=False)
+        return entry[0], list(entry[1]), entry[2], list(entry[3])
 
     def _shorten_question(
         self, question: str, after: str, head_length: int, answer_room: int, num_ecg_tokens: int
@@ -216,9 +244,38 @@ class ChatFormatter:
             )
         return lead + cut[:keep] + closing
 
+    def _answer_frame(self, system_prompt: str | None) -> tuple[str, str] | None:
+        """The text the template writes before and after an answer, if it writes answers verbatim.
+
+        Found once per system prompt by rendering two probe answers after two probe questions: the
+        frame is used only when all four give the same text around the answer. A template that
+        changes the answer (upper-cases it, parses tags out of it) or frames it differently per
+        question gets ``None``: every pair is then rendered in full.
+        """
+        if system_prompt in self._frames:
+            return self._frames[system_prompt]
+        frames = set()
+        for question in ("ecglm probe question one?", "Probe two: what does it show?"):
+            prompt = self.render(
+                self.messages(question, system_prompt=system_prompt), add_generation_prompt=True
+            )
+            for probe in ("ecglm-answer-probe", "Answer probe, two words."):
+                full = self.render(self.messages(question, probe, system_prompt), add_generation_prompt=False)
+                rest = full[len(prompt) :] if full.startswith(prompt) else ""
+                frames.add(tuple(rest.split(probe)) if rest.count(probe) == 1 else None)
+        frame = frames.pop() if len(frames) == 1 else None
+        self._frames[system_prompt] = frame
+        return frame
+
     def _answer_text(
         self, question: str, answer: str, prompt_text: str, system_prompt: str | None = None
     ) -> str:
+        # Rendering the whole chat again for every pair is most of a loader worker's time; a template
+        # that writes answers verbatim (checked by _answer_frame) gives the same text from its frame.
+        # Answers with surrounding space or markup ("<", e.g. "</think>") are rendered in full.
+        frame = self._answer_frame(system_prompt) if self.prompt_cache_size > 0 else None
+        if frame is not None and answer == answer.strip() and "<" not in answer:
+            return frame[0] + answer + frame[1]
         full_text = self.render(self.messages(question, answer, system_prompt), add_generation_prompt=False)
         if not full_text.startswith(prompt_text):
             raise ValueError(

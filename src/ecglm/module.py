@@ -163,7 +163,10 @@ class ECGLanguageModel(L.LightningModule):
 
     def ecg_tokens(self, ecg: Tensor) -> Tensor:
         """``(batch, leads, samples)`` -> ``(batch, num_ecg_tokens, hidden_size)``."""
-        return self.connector(self.encoder(ecg))
+        # Loaders ship ECGs as stored (float16: half the bytes through worker pipes and to the device,
+        # no conversion in the workers); the encoder reads them in its own precision.
+        dtype = next((t.dtype for t in self.encoder.parameters() if t.is_floating_point()), torch.float32)
+        return self.connector(self.encoder(ecg.to(dtype)))
 
     def forward(self, batch: dict[str, Any], zero_ecg: bool = False):
         ecg = torch.zeros_like(batch["ecg"]) if zero_ecg else batch["ecg"]

@@ -191,7 +191,8 @@ class QACollator:
         batch = self._pad(items, not self.for_generation, self.num_ecg_tokens)
         batch.update(
             {
-                "ecg": torch.from_numpy(np.stack([np.asarray(it["ecg"], dtype=np.float32) for it in items])),
+                # As stored (float16): the model converts on its device (ECGLanguageModel.ecg_tokens).
+                "ecg": torch.from_numpy(np.stack([np.asarray(it["ecg"]) for it in items])),
                 "key": [it["key"] for it in items],
                 "question_type": [it["question_type"] for it in items],
                 "dataset": [it.get("dataset", "unknown") for it in items],
