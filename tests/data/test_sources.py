@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,10 +14,12 @@ import webdataset as wds
 import wfdb
 from scipy import signal
 
-from ecglm.data.mixture import ECGQAMixture
+from ecglm.data.mixture import INDEX_NAME, ECGQAMixture
 from ecglm.data.preprocess import LEADS, MissingLeadError, PreprocessConfig, preprocess_record
 from ecglm.data.shards import read_manifest
 from ecglm.data.sources import (
+    iter_mimic,
+    iter_ptbxl,
     mimic_split,
     ptbxl_split,
     pulse_image_record,
@@ -44,6 +49,7 @@ def test_ptbxl_reader_parses_the_database_table(sources, layouts):
         1005: "test",
     }
     assert [ptbxl_split(f) for f in range(1, 11)] == ["train"] * 8 + ["val", "test"]
+    assert list(iter_ptbxl(sources["ptbxl_root"])) == list(records.values())  # the same, one row at a time
 
 
 def test_mimic_reader_splits_by_patient(sources, layouts):
@@ -55,6 +61,9 @@ def test_mimic_reader_splits_by_patient(sources, layouts):
     assert record.report == "Sinus rhythm; Borderline ECG"
     assert records[41000001].report == "Sinus rhythm; Possible right atrial abnormality; Borderline ECG"
     assert records[40689238].split == records[41000001].split == mimic_split(10000032)
+    bare = list(iter_mimic(sources["mimic_root"], reports=False))  # what the builder reads
+    assert [r.report for r in bare] == [""] * len(records)
+    assert [dataclasses.replace(r, report="") for r in records.values()] == bare
     shares = Counter(mimic_split(subject) for subject in range(10_000_000, 10_020_000))
     assert abs(shares["train"] / 20_000 - 0.8) < 0.01 and abs(shares["test"] / 20_000 - 0.1) < 0.01
 
@@ -116,6 +125,16 @@ def test_pulse_images_map_to_signal_records_and_others_are_counted(sources):
         },
     ]
     assert skipped == {"pulse_no_signal_source:code15_v4": 1, "pulse_no_signal_source:cpsc": 1}
+
+
+def test_pulse_reader_names_the_file_when_it_is_not_a_list(tmp_path):
+    path = tmp_path / "ECGInstruct.json"
+    path.write_text('{"image": "ptb-xl/00002_hr-0.png"}')
+    with pytest.raises(ValueError, match=f"{path} must hold a JSON list"):
+        next(read_pulse(path))
+    path.write_text('[{"image": "ptb-xl/00002_hr-0.png", "conversations": []}, {"image": ')
+    with pytest.raises(ValueError, match=f"{path}: invalid JSON"):
+        list(read_pulse(path))
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +227,8 @@ def test_rebuild_is_skipped_when_current_and_redone_when_params_change(sources, 
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == stamps
 
     again = ECGQAMixture(**sources, max_samples_per_shard=2, num_workers=2).build(tmp_path / "parallel")
+    assert _shas(again) == _shas(manifest)  # byte-identical, whatever the workers
     shas = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
-    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == shas  # byte-identical, any workers
 
     minmax = ECGQAMixture(**sources, max_samples_per_shard=2, normalisation="minmax").build(
         tmp_path / "parallel"
@@ -226,12 +245,68 @@ def test_rebuild_is_skipped_when_current_and_redone_when_params_change(sources, 
     assert rebuilt == minmax and shard.stat().st_size > 1000
 
 
+def _all(info: dict) -> list[dict]:
+    """The single-ECG and comparison shards of one split."""
+    return info["shards"] + info["comparison"]["shards"]
+
+
+def _shas(manifest: dict) -> list[tuple[str, str]]:
+    return [(s["path"], s["sha256"]) for info in manifest["splits"].values() for s in _all(info)]
+
+
+def test_each_shard_holds_one_dataset_named_in_its_file_name(built):
+    out_dir, manifest = built
+
+    for split, info in manifest["splits"].items():
+        for kind, shards in (("", info["shards"]), ("comparison-", info["comparison"]["shards"])):
+            for shard in shards:
+                (dataset,) = shard["datasets"]
+                assert re.fullmatch(rf"{split}-{kind}{dataset}-\d{{6}}\.tar", shard["path"]), shard["path"]
+                samples = _read(out_dir, [shard])
+                assert {s["json"]["dataset"] for s in samples} == {dataset}
+                assert len(samples) == shard["num_samples"] <= 2
+    train = [s["path"] for s in manifest["splits"]["train"]["shards"]]
+    assert train == [
+        "train-ecgqa-mimic-iv-ecg-000000.tar",
+        "train-ecgqa-ptbxl-000000.tar",
+        "train-pulse-ecg-instruct-000000.tar",
+    ]
+    assert sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(".tar")) == ["manifest.json"]
+    assert not (out_dir / INDEX_NAME).exists()
+
+
+def test_shards_close_by_size_and_stale_shards_are_removed(sources, built, tmp_path):
+    built_dir, by_count = built
+    (tmp_path / "train-000000.tar").write_bytes(b"a shard of the one-shard-per-split layout")
+    manifest = ECGQAMixture(**sources, shard_size_mb=0.05, max_samples_per_shard=None).build(tmp_path)
+
+    assert (manifest["params"]["shard_size_mb"], manifest["params"]["max_samples_per_shard"]) == (0.05, None)
+    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+    # One 12 x 2500 float16 ECG is 60 KB, past 50 KB: every shard is closed after its first sample.
+    assert all(s["num_samples"] == 1 and s["bytes"] >= 50_000 for s in shards)
+    assert len(shards) == sum(info["num_ecgs"] for info in manifest["splits"].values())
+    for split, info in manifest["splits"].items():  # the same samples in the same order, cut differently
+        expected = by_count["splits"][split]
+        keys = [s["__key__"] for s in _read(tmp_path, _all(info))]
+        assert keys == [s["__key__"] for s in _read(built_dir, _all(expected))]
+        counts = ("num_ecgs", "num_qa", "num_conversations", "datasets", "question_types")
+        assert {k: info[k] for k in counts} == {k: expected[k] for k in counts}
+    assert {k: v for k, v in manifest.items() if k not in ("params", "splits")} == {
+        k: v for k, v in by_count.items() if k not in ("params", "splits")
+    }
+    assert not (tmp_path / "train-000000.tar").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["manifest.json", *(s["path"] for info in manifest["splits"].values() for s in _all(info))]
+    )
+
+
 def test_missing_lead_fails_the_build_naming_the_record_unless_dropped(tmp_path, layouts):
     ptbxl = layouts.make_ptbxl(tmp_path / "ptb-xl", drop_lead={3: "V4"})
     ecgqa = layouts.make_ecgqa(tmp_path / "ecgqa")
     args = {"ptbxl_root": ptbxl, "ecgqa_root": ecgqa, "ecgqa_sources": ("ptbxl",)}
     with pytest.raises(MissingLeadError, match=r"ptbxl/00003.*V4"):
         ECGQAMixture(**args).build(tmp_path / "out")
+    assert not (tmp_path / "out" / INDEX_NAME).exists()  # removed after a failed build too
 
     manifest = ECGQAMixture(**args, missing_leads="drop").build(tmp_path / "out")
     assert manifest["dropped"] == {"missing_lead": 1}
@@ -239,3 +314,35 @@ def test_missing_lead_fails_the_build_naming_the_record_unless_dropped(tmp_path,
 
     zero = ECGQAMixture(**args, missing_leads="zero").build(tmp_path / "zero")
     assert zero["dropped"] == {} and zero["splits"]["test"]["datasets"] == {"ecgqa-ptbxl": 2}
+
+
+def test_index_counts_odd_ids_unknown_records_and_patient_overlap(tmp_path, layouts):
+    ptbxl, ecgqa = layouts.make_ptbxl(tmp_path / "ptb-xl"), layouts.make_ecgqa(tmp_path / "ecgqa")
+    train = ecgqa / "ptbxl" / "paraphrased" / "train" / "00000.json"
+    first = layouts.ecgqa_samples["ptbxl"]["train"][0]
+    extra = [
+        [3],
+        [1, 3, 4],
+        [1, 99999],
+        [],
+    ]  # a test-split ECG asked in train; 3 ids; unknown in a pair; none
+    train.write_text(json.dumps(json.loads(train.read_text()) + [dict(first, ecg_id=ids) for ids in extra]))
+    pulse = layouts.make_pulse(tmp_path / "ECGInstruct.json")
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]
+    unknown = {"image": "ptb-xl/00077_hr-0.png", "conversations": turns}
+    pulse.write_text(json.dumps([*json.loads(pulse.read_text()), unknown]))
+
+    args = {"ptbxl_root": ptbxl, "ecgqa_root": ecgqa, "ecgqa_sources": ("ptbxl",), "pulse_json": pulse}
+    manifest = ECGQAMixture(**args).build(tmp_path / "out")
+
+    assert manifest["patient_overlap"] == {"train-val": 0, "train-test": 1, "val-test": 0}
+    assert manifest["dropped_qa"] == {
+        "bad_ecg_id": 2,
+        "pulse_no_signal_source:code15_v4": 1,
+        "pulse_no_signal_source:cpsc": 1,
+        "pulse_source_not_given:mimic-iv-ecg": 1,
+        "pulse_unknown_record": 1,
+        "unknown_ecg_id": 2,
+    }
+    assert manifest["splits"]["train"]["datasets"] == {"ecgqa-ptbxl": 4}
+    assert manifest["splits"]["val"]["datasets"] == {"ecgqa-ptbxl": 1, "pulse-ecg-instruct": 1}

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ijson
+
 SPLITS = ("train", "val", "test")
 PTBXL, MIMIC = "ptbxl", "mimic-iv-ecg"  # ECG-QA's folder names for the two signal sources
 ECGQA_SPLITS = {"train": "train", "valid": "val", "test": "test"}
@@ -64,13 +66,12 @@ def ptbxl_record_path(ecg_id: int) -> str:
     return f"records500/{1000 * (ecg_id // 1000):05d}/{ecg_id:05d}_hr"
 
 
-def read_ptbxl(root: str | Path) -> dict[int, ECGRecord]:
-    """PTB-XL's ``ptbxl_database.csv`` as records of the 500 Hz signals, by ``ecg_id``."""
+def iter_ptbxl(root: str | Path) -> Iterator[ECGRecord]:
+    """PTB-XL's ``ptbxl_database.csv`` as records of the 500 Hz signals, one row at a time."""
     root = Path(root)
     table = root / "ptbxl_database.csv"
     if not table.is_file():
         raise FileNotFoundError(f"PTB-XL table {table} not found (expected the PhysioNet 1.0.3 layout)")
-    records = {}
     with open(table, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             ecg_id = int(row["ecg_id"])
@@ -80,7 +81,7 @@ def read_ptbxl(root: str | Path) -> dict[int, ECGRecord]:
                 raise ValueError(
                     f"{table}: ecg_id {ecg_id} has invalid scp_codes {row['scp_codes']!r}"
                 ) from error
-            records[ecg_id] = ECGRecord(
+            yield ECGRecord(
                 source=PTBXL,
                 record_id=ecg_id,
                 patient_id=int(float(row["patient_id"])),
@@ -89,7 +90,11 @@ def read_ptbxl(root: str | Path) -> dict[int, ECGRecord]:
                 report=row.get("report", ""),
                 labels={str(k): float(v) for k, v in labels.items()},
             )
-    return records
+
+
+def read_ptbxl(root: str | Path) -> dict[int, ECGRecord]:
+    """:func:`iter_ptbxl` as a dict by ``ecg_id`` (a later row with the same id wins)."""
+    return {record.record_id: record for record in iter_ptbxl(root)}
 
 
 def mimic_split(subject_id: int, ratios: tuple[float, float, float] = MIMIC_SPLIT_RATIOS) -> str:
@@ -112,28 +117,38 @@ def _mimic_reports(root: Path) -> dict[int, str]:
     return reports
 
 
-def read_mimic(
-    root: str | Path, ratios: tuple[float, float, float] = MIMIC_SPLIT_RATIOS
-) -> dict[int, ECGRecord]:
-    """MIMIC-IV-ECG's ``record_list.csv`` (with machine reports when present), by ``study_id``."""
+def iter_mimic(
+    root: str | Path, ratios: tuple[float, float, float] = MIMIC_SPLIT_RATIOS, reports: bool = True
+) -> Iterator[ECGRecord]:
+    """MIMIC-IV-ECG's ``record_list.csv``, one row at a time.
+
+    With ``reports``, ``machine_measurements.csv`` (when present) is read first into a dict of
+    report text by ``study_id`` (about 800K strings for the full dataset); the shard builder, which
+    stores no reports, passes ``reports=False`` and keeps nothing per record in memory.
+    """
     root = Path(root)
     table = root / "record_list.csv"
     if not table.is_file():
         raise FileNotFoundError(f"MIMIC-IV-ECG table {table} not found (expected the PhysioNet 1.0 layout)")
-    reports = _mimic_reports(root)
-    records = {}
+    texts = _mimic_reports(root) if reports else {}
     with open(table, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             study_id, subject_id = int(row["study_id"]), int(row["subject_id"])
-            records[study_id] = ECGRecord(
+            yield ECGRecord(
                 source=MIMIC,
                 record_id=study_id,
                 patient_id=subject_id,
                 path=root / row["path"],
                 split=mimic_split(subject_id, ratios),
-                report=reports.get(study_id, ""),
+                report=texts.get(study_id, ""),
             )
-    return records
+
+
+def read_mimic(
+    root: str | Path, ratios: tuple[float, float, float] = MIMIC_SPLIT_RATIOS
+) -> dict[int, ECGRecord]:
+    """:func:`iter_mimic` (with machine reports) as a dict by ``study_id``."""
+    return {record.record_id: record for record in iter_mimic(root, ratios)}
 
 
 def read_ecgqa(root: str | Path, source: str, variant: str = "paraphrased") -> Iterator[tuple[str, dict]]:
@@ -214,22 +229,35 @@ class PulseSample:
 def read_pulse(path: str | Path, skipped: Counter | None = None) -> Iterator[PulseSample]:
     """PULSE ``ECGInstruct.json`` samples whose image maps to a PTB-XL or MIMIC-IV-ECG record.
 
-    The others are counted in ``skipped`` by reason: ``pulse_no_signal_source:<top folder>`` (CODE-15,
+    The file (about 1 GB) is parsed incrementally with ``ijson``, one list item at a time. The
+    others are counted in ``skipped`` by reason: ``pulse_no_signal_source:<top folder>`` (CODE-15,
     images without raw signals) or ``pulse_no_conversation`` (no complete human/gpt turn).
     """
     skipped = Counter() if skipped is None else skipped
-    items = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(items, list):
-        raise ValueError(f"{path} must hold a JSON list of ECG-Instruct samples")
-    for item in items:
-        image = str(item.get("image", ""))
-        target = pulse_image_record(image)
-        if target is None:
-            top = Path(image).parts[0] if Path(image).parts else "none"
-            skipped[f"pulse_no_signal_source:{top}"] += 1
-            continue
-        conversation = pulse_conversation(item.get("conversations", []))
-        if not conversation:
-            skipped["pulse_no_conversation"] += 1
-            continue
-        yield PulseSample(target[0], target[1], image, conversation)
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4096).lstrip()[:1] != b"[":
+            raise ValueError(f"{path} must hold a JSON list of ECG-Instruct samples")
+        f.seek(0)
+        try:
+            for index, item in enumerate(ijson.items(f, "item", use_float=True)):
+                if not isinstance(item, dict):
+                    raise ValueError(f"{path}: item {index} is a {type(item).__name__}, not an object")
+                if (sample := _pulse_sample(item, skipped)) is not None:
+                    yield sample
+        except ijson.JSONError as error:
+            raise ValueError(f"{path}: invalid JSON ({error})") from error
+
+
+def _pulse_sample(item: dict, skipped: Counter) -> PulseSample | None:
+    image = str(item.get("image", ""))
+    target = pulse_image_record(image)
+    if target is None:
+        top = Path(image).parts[0] if Path(image).parts else "none"
+        skipped[f"pulse_no_signal_source:{top}"] += 1
+        return None
+    conversation = pulse_conversation(item.get("conversations", []))
+    if not conversation:
+        skipped["pulse_no_conversation"] += 1
+        return None
+    return PulseSample(target[0], target[1], image, conversation)
