@@ -208,7 +208,8 @@ def test_builder_streams_through_the_datamodule(built, tokenizer_dir):
 
     out_dir, manifest = built
     dm = ECGQADataModule(str(out_dir), eval_batch_size=2)
-    dm.setup("test")
+    with pytest.warns(UserWarning, match=r"comparison \(two-ECG\) questions, \{'train': 2"):
+        dm.setup("test")  # they are in the shards, but this DataModule does not stream them
     dm.attach(ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir)), num_ecg_tokens=4)
     batches = list(dm.test_dataloader())
 

@@ -297,6 +297,17 @@ class ECGQADataModule(L.LightningDataModule):
             raise ValueError(
                 f"{self.data_dir / 'manifest.json'} has no split(s) {missing}; rebuild the shards"
             )
+        unread = {
+            split: info["comparison"].get("num_qa", 0)
+            for split, info in self.manifest["splits"].items()
+            if info.get("comparison", {}).get("num_qa")
+        }
+        if unread:
+            rank_zero_warn(
+                f"{self.data_dir / 'manifest.json'} holds comparison (two-ECG) questions, {unread} QA pairs "
+                "by split, in its comparison shards; this DataModule streams single-ECG samples, so they are "
+                "neither trained on nor evaluated (build with include_comparison: false to leave them out)"
+            )
         model = getattr(self.trainer, "lightning_module", None) if self.trainer else None
         if model is not None:
             self.attach(model.backbone.formatter, model.num_ecg_tokens)
