@@ -43,6 +43,10 @@ SPLITS = ("train", "val", "test")
 
 log = logging.getLogger("ecglm.data")
 
+# Lightning warns that an IterableDataset's __len__ "could be inaccurate" with several loader workers;
+# a QAStream's length is exact (EpochPlan sizes every worker's share), so here the warning misleads.
+warnings.filterwarnings("ignore", "Your `IterableDataset` has `__len__` defined", UserWarning)
+
 
 class ShardBuilder(Protocol):
     """Anything that can write a shard set with a ``manifest.json`` into a folder, idempotently."""
