@@ -347,3 +347,11 @@ def test_index_counts_odd_ids_unknown_records_and_patient_overlap(tmp_path, layo
     }
     assert manifest["splits"]["train"]["datasets"] == {"ecgqa-ptbxl": 4}
     assert manifest["splits"]["val"]["datasets"] == {"ecgqa-ptbxl": 1, "pulse-ecg-instruct": 1}
+
+
+def test_ptbxl_table_without_its_columns_is_refused_naming_them(tmp_path):
+    (tmp_path / "ptbxl_database.csv").write_text("id,patient,fold\n1,2,3\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"ptbxl_database\.csv has no column\(s\) \['ecg_id', 'patient_id', 'strat_fold'\]"
+    ):
+        read_ptbxl(tmp_path)
