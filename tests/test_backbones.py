@@ -491,3 +491,57 @@ def test_prompt_cache_and_answer_frame_give_the_full_render_tokens(tokenizer_dir
                 assert fast.encode(question, None, k) == full.encode(question, None, k)
     frame = fast._answer_frame(system_prompt)
     assert (frame is None) == (template in (UPPER_ANSWERS, PER_QUESTION))
+
+
+TURNS = [
+    {"question": "What is the rhythm?", "answer": "Sinus rhythm."},
+    {"question": "Any atrial abnormality?", "answer": "Possible right atrial abnormality."},
+    {"question": "And the axis?", "answer": "Normal axis."},
+]
+HISTORY_DIFFERS = (  # earlier assistant turns are rendered shorter once the conversation goes on
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and not loop.last %}(earlier answer)"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_conversation_supervises_every_answer_and_renders_like_the_template(tok):
+    formatter = ChatFormatter(tok, system_prompt="You read ECGs.")
+    enc = formatter.encode_turns(TURNS, K)
+
+    messages = formatter.messages(TURNS[0]["question"], TURNS[0]["answer"])
+    for turn in TURNS[1:]:
+        messages += [
+            {"role": "user", "content": turn["question"]},
+            {"role": "assistant", "content": turn["answer"]},
+        ]
+    full = tok.apply_chat_template(messages, tokenize=False).replace(
+        "<ecg>", tok.decode([formatter.placeholder_token_id] * K)
+    )
+    assert tok.decode(enc.input_ids) == full
+    supervised = tok.decode(
+        [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
+    )
+    assert supervised == "".join(f"{t['answer']}<|im_end|>\n" for t in TURNS)
+    assert enc.input_ids[enc.ecg_start : enc.ecg_start + K] == [formatter.placeholder_token_id] * K
+    assert formatter.encode_turns(TURNS[:1], K) == formatter.encode(
+        TURNS[0]["question"], TURNS[0]["answer"], K
+    )
+
+    # Whole turns are dropped from the end to fit max_length.
+    two = ChatFormatter(tok, system_prompt="You read ECGs.").encode_turns(TURNS[:2], K)
+    fitted = ChatFormatter(
+        tok, system_prompt="You read ECGs.", max_length=len(two.input_ids) + 3
+    ).encode_turns(TURNS, K)
+    assert fitted == two
+
+
+def test_conversation_falls_back_to_its_first_turn_when_the_template_rewrites_history(tokenizer_dir, caplog):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = HISTORY_DIFFERS
+    formatter = ChatFormatter(tok)
+    with caplog.at_level(logging.WARNING):
+        enc = formatter.encode_turns(TURNS, K)
+    assert enc == formatter.encode(TURNS[0]["question"], TURNS[0]["answer"], K)
+    assert "training on first turns only" in caplog.text

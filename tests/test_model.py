@@ -126,6 +126,24 @@ def test_answer_span_loss_equals_full_logits_loss(model):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_conversation_loss_equals_full_logits_loss(model):
+    data = items(3)
+    data[1]["turns"] = [
+        {"question": data[1]["question"], "answer": data[1]["answer"]},
+        {"question": "Is that a problem?", "answer": "Not on its own."},
+    ]  # answers with a user turn between them: the kept logits span covers both
+    batch = QACollator(model.backbone.formatter, K)(data)
+    assert (batch["labels"][1] != IGNORE_INDEX).sum() > (batch["labels"][0] != IGNORE_INDEX).sum()
+    with torch.no_grad():
+        fast = model(batch).loss
+        model.backbone._keeps_logits = False
+        try:
+            reference = model(batch).loss
+        finally:
+            model.backbone._keeps_logits = True
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_left_padding_does_not_change_a_sample(model):
     data = items(3)
     collate = QACollator(model.backbone.formatter, K)

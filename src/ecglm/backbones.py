@@ -116,6 +116,7 @@ class ChatFormatter:
         self.min_answer_tokens = min_answer_tokens
         self._template_has_system: bool | None = None  # found on first use: subclasses render
         self._warned_truncation = False
+        self._warned_turns = False
 
     @property
     def pad_token_id(self) -> int:
@@ -191,6 +192,59 @@ class ChatFormatter:
         prompt = head + tail
         labels = [IGNORE_INDEX] * len(prompt) + answer_ids
         return EncodedChat(prompt + answer_ids, labels, len(head) - num_ecg_tokens, len(prompt))
+
+    def encode_turns(
+        self, turns: list[dict[str, str]], num_ecg_tokens: int, system_prompt: str | None = None
+    ) -> EncodedChat:
+        """Tokenise a multi-turn conversation about one ECG, ``[{question, answer}, ...]``, for training.
+
+        The ECG goes into the first question; every answer is supervised. The text between answers
+        (the next user turn, the template's turn markers) is found by rendering the conversation up to
+        each turn, as :meth:`encode` does for one. Whole turns are dropped from the end to fit
+        ``max_length``; a conversation that fits with its first turn only is encoded by :meth:`encode`.
+        A template that renders earlier turns differently once later ones follow cannot be split into
+        spans: the first turn alone is then used, with a warning (once).
+        """
+        first = turns[0]
+        if len(turns) == 1:
+            return self.encode(first["question"], first["answer"], num_ecg_tokens, system_prompt)
+        prompt_text, before_ids, _, tail = self._prompt(first["question"], system_prompt)
+        head = before_ids + [self.placeholder_token_id] * num_ecg_tokens
+        messages = self.messages(first["question"], system_prompt=system_prompt)
+        ids, labels = head + tail, [IGNORE_INDEX] * (len(head) + len(tail))
+        rendered, kept = prompt_text, 0
+        for i, turn in enumerate(turns):
+            if i:
+                messages = [*messages, {"role": "user", "content": turn["question"]}]
+                prompt = self.render(messages, add_generation_prompt=True)
+                if not prompt.startswith(rendered):
+                    return self._first_turn_only(first, num_ecg_tokens, system_prompt)
+                user_ids = self._tokens(prompt[len(rendered) :])
+                rendered = prompt
+            messages = [*messages, {"role": "assistant", "content": turn["answer"]}]
+            full = self.render(messages, add_generation_prompt=False)
+            if not full.startswith(rendered):
+                return self._first_turn_only(first, num_ecg_tokens, system_prompt)
+            answer_ids = self._tokens(full[len(rendered) :])
+            rendered = full
+            grown = (user_ids if i else []) + answer_ids
+            if self.max_length is not None and len(ids) + len(grown) > self.max_length:
+                break
+            ids += grown
+            labels += ([IGNORE_INDEX] * len(user_ids) if i else []) + answer_ids
+            kept += 1
+        if kept < 2:
+            return self.encode(first["question"], first["answer"], num_ecg_tokens, system_prompt)
+        return EncodedChat(ids, labels, len(head) - num_ecg_tokens, len(head) + len(tail))
+
+    def _first_turn_only(self, first: dict[str, str], num_ecg_tokens: int, system_prompt: str | None):
+        if not self._warned_turns:
+            self._warned_turns = True
+            log.warning(
+                "the chat template renders earlier turns differently once later turns follow, so the "
+                "answers of a conversation cannot be found as spans: training on first turns only"
+            )
+        return self.encode(first["question"], first["answer"], num_ecg_tokens, system_prompt)
 
     def _prompt(self, question: str, system_prompt: str | None) -> tuple[str, list[int], str, list[int]]:
         """The rendered prompt, the token ids before the ECG marker, the text and ids after it (cached)."""

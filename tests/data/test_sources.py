@@ -355,3 +355,32 @@ def test_ptbxl_table_without_its_columns_is_refused_naming_them(tmp_path):
         ValueError, match=r"ptbxl_database\.csv has no column\(s\) \['ecg_id', 'patient_id', 'strat_fold'\]"
     ):
         read_ptbxl(tmp_path)
+
+
+def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from ecglm.backbones import IGNORE_INDEX, ChatFormatter
+    from ecglm.data.datamodule import QACollator
+    from ecglm.data.stream import BadInput, CheckedQA
+
+    out_dir, manifest = built
+    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+    sample = next(s for s in _read(out_dir, shards) if "40689238" in s["__key__"] and "pulse" in s["__key__"])
+    items = list(CheckedQA(BadInput({}))._pairs(sample))
+    assert [len(item.get("turns", [])) for item in items] == [2]
+    assert items[0]["answer"] == "The ECG shows sinus rhythm at about 72 bpm."  # what evaluation scores
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    batch = QACollator(ChatFormatter(tokenizer), 1)(items)
+    labels = batch["labels"][0]
+    supervised = tokenizer.decode(labels[labels != IGNORE_INDEX])
+    assert supervised == (
+        "The ECG shows sinus rhythm at about 72 bpm.<|im_end|>\n"
+        "Possible right atrial abnormality.<|im_end|>\n"
+    )
+    assert "Is there any sign of atrial abnormality?" in tokenizer.decode(batch["input_ids"][0])
+    generation = QACollator(ChatFormatter(tokenizer), 1, for_generation=True)(items)
+    assert "atrial abnormality" not in tokenizer.decode(
+        generation["input_ids"][0]
+    )  # asked its first question

@@ -165,7 +165,12 @@ class QACollator:
         k = num_ecg_tokens
         # ECG-QA answers are lists; the model reads and writes them as "a, b" (metrics compare sets).
         encoded = [
-            self.formatter.encode(
+            # A multi-turn conversation (PULSE) is trained on every answer; it is asked its first question.
+            self.formatter.encode_turns(
+                it["turns"], k, system_prompt=self.system_prompts.get(it.get("dataset", "unknown"))
+            )
+            if with_answer and len(it.get("turns") or ()) > 1
+            else self.formatter.encode(
                 it["question"],
                 answer_text(it["answer"]) if with_answer else None,
                 k,

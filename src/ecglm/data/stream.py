@@ -169,6 +169,27 @@ def _empty(text: Any) -> bool:
     return not isinstance(text, str) or not text.strip()
 
 
+def _turns(meta: dict[str, Any], index: int) -> list[dict[str, str]] | None:
+    """The whole conversation whose first turn is ``meta["qa"][index]``, if it has more than one turn.
+
+    PULSE samples keep each conversation in ``conversations`` and its first turn in ``qa``, after any
+    single-turn pairs, so conversation ``j`` is pair ``len(qa) - len(conversations) + j``. Turns
+    without a question or answer end the conversation there.
+    """
+    conversations = meta.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        return None
+    j = index - (len(meta["qa"]) - len(conversations))
+    if not 0 <= j < len(conversations) or not isinstance(conversations[j], list):
+        return None
+    turns = []
+    for turn in conversations[j]:
+        if not isinstance(turn, dict) or _empty(turn.get("question")) or _empty(turn.get("answer")):
+            break
+        turns.append({"question": str(turn["question"]), "answer": str(turn["answer"])})
+    return turns if len(turns) > 1 else None
+
+
 class CheckedQA:
     """:func:`expand_qa` behind checks: each bad sample or QA pair goes to ``bad`` (:class:`BadInput`).
 
@@ -216,7 +237,11 @@ class CheckedQA:
                     f"empty or missing {' and '.join(missing)}",
                 )
                 continue
-            yield from expand_qa(iter([{**sample, "json": {**meta, "qa": [qa]}}]), first=i)
+            for item in expand_qa(iter([{**sample, "json": {**meta, "qa": [qa]}}]), first=i):
+                turns = _turns(meta, i)
+                if turns is not None:
+                    item["turns"] = turns  # a multi-turn conversation: trained on every answer
+                yield item
 
     def segment(self, samples: Iterator[dict[str, Any]], segment: Segment) -> Iterator[dict[str, Any]]:
         """The QA pairs at positions ``[segment.start, segment.stop)`` of one shard's decoded samples.
