@@ -271,10 +271,8 @@ class CheckedQA:
                     self.bad.report(url, key, *problem)
                 continue
             yield from self._pairs(sample, segment.start - first, segment.stop - first)
-        if segment.complete and key is not None:
-            self.bad.check_count(url, key)
-        elif segment.complete:
-            self.bad.check_count(url, "unknown")
+        if segment.complete:
+            self.bad.check_count(url, key if key is not None else "unknown")
 
 
 @dataclass(frozen=True)
