@@ -144,6 +144,35 @@ def test_conversation_loss_equals_full_logits_loss(model):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_comparison_rows_carry_two_ecgs_through_loss_and_generation(model):
+    data = items(3)
+    rng = np.random.default_rng(1)
+    data[1]["ecg"] = rng.standard_normal((2, 12, 2500)).astype(np.float16)  # a comparison question
+    data[1]["question"] = "Compared with ECG 1, is ECG 2 faster?"
+    batch = QACollator(model.backbone.formatter, K)(data)
+    assert batch["ecg"].shape == (4, 12, 2500) and batch["ecg_counts"].tolist() == [1, 2, 1]
+    assert batch["ecg_mask"].sum(1).tolist() == [K, 2 * K, K]
+    with torch.no_grad():
+        fast = model(batch).loss
+        model.backbone._keeps_logits = False
+        try:
+            reference = model(batch).loss
+        finally:
+            model.backbone._keeps_logits = True
+        tokens = model.ecg_tokens(batch["ecg"])
+        embeds = model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    # Row 1's second ECG tokens are the second ECG's: tokens stay in row order, ECG by ECG.
+    second = batch["ecg_mask"][1].nonzero().squeeze(1)[K:]
+    torch.testing.assert_close(embeds[1, second], tokens[2])
+
+    generation = QACollator(model.backbone.formatter, K, for_generation=True)(data)
+    for condition in ("ecg", "zeroed_ecg", "text_only"):
+        with torch.no_grad():
+            answers = model.generate_answers(generation, condition=condition, max_new_tokens=2)
+        assert len(answers) == 3, condition
+
+
 def test_left_padding_does_not_change_a_sample(model):
     data = items(3)
     collate = QACollator(model.backbone.formatter, K)

@@ -57,6 +57,7 @@ class EncodedChat:
     labels: list[int]
     ecg_start: int
     prompt_length: int
+    ecg_starts: tuple[int, ...] = ()  # every ECG's first position, when the prompt holds several
 
 
 class ChatFormatter:
@@ -103,8 +104,8 @@ class ChatFormatter:
     ):
         self.tokenizer = tokenizer
         self.prompt_cache_size = prompt_cache_size
-        # (question, system prompt) -> (prompt text, ids before the ECG, text after it, ids after it)
-        self._prompts: OrderedDict[tuple, tuple[str, list[int], str, list[int]]] = OrderedDict()
+        # (question, system prompt, ECGs) -> (prompt text, ids before each ECG, text and ids after the last)
+        self._prompts: OrderedDict[tuple, tuple[str, list[list[int]], str, list[int]]] = OrderedDict()
         self._frames: dict[str | None, tuple[str, str] | None] = {}  # system prompt -> answer frame
         self.system_prompt = system_prompt
         if placeholder_token_id is None:
@@ -138,11 +139,17 @@ class ChatFormatter:
         return self._template_has_system
 
     def messages(
-        self, question: str, answer: str | None = None, system_prompt: str | None = None
+        self, question: str, answer: str | None = None, system_prompt: str | None = None, num_ecgs: int = 1
     ) -> list[dict[str, str]]:
-        """The conversation; a ``system_prompt`` replaces the formatter's own for this call."""
+        """The conversation; a ``system_prompt`` replaces the formatter's own for this call.
+
+        Several ECGs (comparison questions) are introduced as ``ECG 1: <ecg>``, ``ECG 2: <ecg>``, ...
+        """
         system = self.system_prompt if system_prompt is None else system_prompt
-        user = f"{ECG_MARKER}\n{question}"
+        ecgs = (
+            ECG_MARKER if num_ecgs == 1 else "\n".join(f"ECG {i + 1}: {ECG_MARKER}" for i in range(num_ecgs))
+        )
+        user = f"{ecgs}\n{question}"
         turns = []
         if system and self.template_has_system:
             turns.append({"role": "system", "content": system})
@@ -169,16 +176,26 @@ class ChatFormatter:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(
-        self, question: str, answer: str | None, num_ecg_tokens: int, system_prompt: str | None = None
+        self,
+        question: str,
+        answer: str | None,
+        num_ecg_tokens: int,
+        system_prompt: str | None = None,
+        num_ecgs: int = 1,
     ) -> EncodedChat:
         """Tokenise one QA pair; with ``answer=None`` the result ends with the generation prompt.
 
         ``system_prompt`` replaces the formatter's own for this pair (few-shot prompts differ by dataset).
+        ``num_ecgs`` ECGs (2 for comparison questions) each get ``num_ecg_tokens`` positions.
         """
-        prompt_text, before_ids, after, tail = self._prompt(question, system_prompt)
-        head = before_ids + [self.placeholder_token_id] * num_ecg_tokens
+        prompt_text, pieces, after, tail = self._prompt(question, system_prompt, num_ecgs)
+        head, starts = [], []
+        for piece in pieces:
+            head += piece
+            starts.append(len(head))
+            head += [self.placeholder_token_id] * num_ecg_tokens
         answer_ids = (
-            self._tokens(self._answer_text(question, answer, prompt_text, system_prompt))
+            self._tokens(self._answer_text(question, answer, prompt_text, system_prompt, num_ecgs))
             if answer is not None
             else []
         )
@@ -191,7 +208,7 @@ class ChatFormatter:
             answer_ids = answer_ids[: self.max_length - len(head) - len(tail)]
         prompt = head + tail
         labels = [IGNORE_INDEX] * len(prompt) + answer_ids
-        return EncodedChat(prompt + answer_ids, labels, len(head) - num_ecg_tokens, len(prompt))
+        return EncodedChat(prompt + answer_ids, labels, starts[0], len(prompt), tuple(starts))
 
     def encode_turns(
         self, turns: list[dict[str, str]], num_ecg_tokens: int, system_prompt: str | None = None
@@ -208,7 +225,7 @@ class ChatFormatter:
         first = turns[0]
         if len(turns) == 1:
             return self.encode(first["question"], first["answer"], num_ecg_tokens, system_prompt)
-        prompt_text, before_ids, _, tail = self._prompt(first["question"], system_prompt)
+        prompt_text, (before_ids,), _, tail = self._prompt(first["question"], system_prompt, 1)
         head = before_ids + [self.placeholder_token_id] * num_ecg_tokens
         messages = self.messages(first["question"], system_prompt=system_prompt)
         ids, labels = head + tail, [IGNORE_INDEX] * (len(head) + len(tail))
@@ -246,25 +263,31 @@ class ChatFormatter:
             )
         return self.encode(first["question"], first["answer"], num_ecg_tokens, system_prompt)
 
-    def _prompt(self, question: str, system_prompt: str | None) -> tuple[str, list[int], str, list[int]]:
-        """The rendered prompt, the token ids before the ECG marker, the text and ids after it (cached)."""
-        key = (question, system_prompt)
+    def _prompt(
+        self, question: str, system_prompt: str | None, num_ecgs: int = 1
+    ) -> tuple[str, list[list[int]], str, list[int]]:
+        """The rendered prompt, the ids before each ECG marker, the text and ids after the last (cached)."""
+        key = (question, system_prompt, num_ecgs)
         cached = self._prompts.get(key)
         if cached is not None:
             self._prompts.move_to_end(key)
-            return cached[0], list(cached[1]), cached[2], list(cached[3])
+            return cached[0], [list(p) for p in cached[1]], cached[2], list(cached[3])
         prompt_text = self.render(
-            self.messages(question, system_prompt=system_prompt), add_generation_prompt=True
+            self.messages(question, system_prompt=system_prompt, num_ecgs=num_ecgs),
+            add_generation_prompt=True,
         )
-        before, marker, after = prompt_text.partition(ECG_MARKER)
-        if not marker or ECG_MARKER in after:
-            raise ValueError(f"the rendered prompt must contain {ECG_MARKER!r} exactly once: {prompt_text!r}")
-        entry = (prompt_text, self._tokens(before), after, self._tokens(after))
+        *pieces, after = prompt_text.split(ECG_MARKER)
+        if len(pieces) != num_ecgs:
+            raise ValueError(
+                f"the rendered prompt must contain {ECG_MARKER!r} {num_ecgs} time(s), once per ECG: "
+                f"{prompt_text!r}"
+            )
+        entry = (prompt_text, [self._tokens(p) for p in pieces], after, self._tokens(after))
         if self.prompt_cache_size > 0:
             self._prompts[key] = entry
             if len(self._prompts) > self.prompt_cache_size:
                 self._prompts.popitem(last=False)
-        return entry[0], list(entry[1]), entry[2], list(entry[3])
+        return entry[0], [list(p) for p in entry[1]], entry[2], list(entry[3])
 
     def _shorten_question(
         self, question: str, after: str, head_length: int, answer_room: int, num_ecg_tokens: int
@@ -322,7 +345,12 @@ class ChatFormatter:
         return frame
 
     def _answer_text(
-        self, question: str, answer: str, prompt_text: str, system_prompt: str | None = None
+        self,
+        question: str,
+        answer: str,
+        prompt_text: str,
+        system_prompt: str | None = None,
+        num_ecgs: int = 1,
     ) -> str:
         # Rendering the whole chat again for every pair is most of a loader worker's time; a template
         # that writes answers verbatim (checked by _answer_frame) gives the same text from its frame.
@@ -330,7 +358,9 @@ class ChatFormatter:
         frame = self._answer_frame(system_prompt) if self.prompt_cache_size > 0 else None
         if frame is not None and answer == answer.strip() and "<" not in answer:
             return frame[0] + answer + frame[1]
-        full_text = self.render(self.messages(question, answer, system_prompt), add_generation_prompt=False)
+        full_text = self.render(
+            self.messages(question, answer, system_prompt, num_ecgs), add_generation_prompt=False
+        )
         if not full_text.startswith(prompt_text):
             raise ValueError(
                 "the chat template renders the prompt differently once the answer is added, so the answer "

@@ -180,12 +180,12 @@ class ECGLanguageModel(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["ecg"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self(batch)
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["ecg"].shape[0], sync_dist=True)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         # Logits cover the answer span (or everything); position i predicts label i + 1.
         span = out.logits.shape[1] - 1
         self._stats("val").update(out.logits[:, :-1].float(), batch["labels"][:, -span:])
@@ -263,7 +263,7 @@ class ECGLanguageModel(L.LightningModule):
         if condition == "text_only":
             fields = batch["text_only"]
             ecg_tokens = torch.zeros(
-                (batch["ecg"].shape[0], 0, self.backbone.hidden_size), device=self.device
+                (fields["input_ids"].shape[0], 0, self.backbone.hidden_size), device=self.device
             )
         elif condition in ("ecg", "zeroed_ecg"):
             fields = prompt or batch

@@ -208,8 +208,7 @@ def test_builder_streams_through_the_datamodule(built, tokenizer_dir):
 
     out_dir, manifest = built
     dm = ECGQADataModule(str(out_dir), eval_batch_size=2)
-    with pytest.warns(UserWarning, match=r"comparison \(two-ECG\) questions, \{'train': 2"):
-        dm.setup("test")  # they are in the shards, but this DataModule does not stream them
+    dm.setup("test")
     dm.attach(ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir)), num_ecg_tokens=4)
     batches = list(dm.test_dataloader())
 
@@ -384,3 +383,36 @@ def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
     assert "atrial abnormality" not in tokenizer.decode(
         generation["input_ids"][0]
     )  # asked its first question
+
+
+def test_comparison_questions_stream_with_two_ecgs_in_their_row(built, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from ecglm.backbones import ChatFormatter
+    from ecglm.data.datamodule import ECGQADataModule
+
+    out_dir, _ = built
+    formatter = ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir))
+    dm = ECGQADataModule(str(out_dir), batch_size=7, num_workers=0, shuffle_buffer=0)  # 5 single + 2 pairs
+    dm.setup("fit")
+    dm.attach(formatter, num_ecg_tokens=4)
+    assert dm.qa_counts("train") == {"ecgqa-mimic-iv-ecg": 2, "ecgqa-ptbxl": 4, "pulse-ecg-instruct": 1}
+    (batch,) = list(dm.train_dataloader())
+
+    counts = batch["ecg_counts"].tolist()
+    pairs = [k for k, n in zip(batch["key"], counts, strict=True) if n == 2]
+    assert (
+        sorted(batch["question_type"][i][:10] for i, n in enumerate(counts) if n == 2) == ["comparison"] * 2
+    )
+    assert len(pairs) == 2 and all("_w" not in k for k in pairs)  # comparison keys name both ECG ids
+    assert batch["ecg"].shape == (9, 12, 2500)
+    assert batch["ecg_mask"].sum(1).tolist() == [4 * n for n in counts]
+    row = counts.index(2)
+    text = formatter.tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()])
+    assert "ECG 1: " in text and "ECG 2: " in text
+
+    single = ECGQADataModule(str(out_dir), batch_size=5, include_comparison=False)
+    with pytest.warns(UserWarning, match=r"comparison \(two-ECG\) questions, \{'train': 2\}"):
+        single.setup("fit")
+    single.attach(formatter, num_ecg_tokens=4)
+    assert [b["ecg_counts"].tolist() for b in single.train_dataloader()] == [[1] * 5]

@@ -135,6 +135,19 @@ class SubsetFilter:
                 yield item
 
 
+def _num_ecgs(item: dict[str, Any]) -> int:
+    """ECGs of a QA item: ``(12, T)`` is one, ``(n, 12, T)`` (a comparison question) is ``n``."""
+    ecg = np.asarray(item["ecg"])
+    return ecg.shape[0] if ecg.ndim == 3 else 1
+
+
+def _stack_ecgs(items: list[dict[str, Any]]) -> np.ndarray:
+    ecgs = [np.asarray(it["ecg"]) for it in items]
+    if all(e.ndim == 2 for e in ecgs):
+        return np.stack(ecgs)
+    return np.concatenate([e if e.ndim == 3 else e[None] for e in ecgs])
+
+
 class QACollator:
     """Tokenise and pad QA items into a batch; picklable, so it runs in loader workers.
 
@@ -175,6 +188,7 @@ class QACollator:
                 answer_text(it["answer"]) if with_answer else None,
                 k,
                 system_prompt=self.system_prompts.get(it.get("dataset", "unknown")),
+                num_ecgs=_num_ecgs(it),
             )
             for it in items
         ]
@@ -190,7 +204,8 @@ class QACollator:
             input_ids[row, start : start + n] = torch.tensor(e.input_ids)
             labels[row, start : start + n] = torch.tensor(e.labels)
             attention_mask[row, start : start + n] = 1
-            ecg_mask[row, start + e.ecg_start : start + e.ecg_start + k] = True
+            for ecg_start in e.ecg_starts or (e.ecg_start,):
+                ecg_mask[row, start + ecg_start : start + ecg_start + k] = True
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "ecg_mask": ecg_mask}
         if with_answer:
             out["labels"] = labels
@@ -201,7 +216,9 @@ class QACollator:
         batch.update(
             {
                 # As stored (float16): the model converts on its device (ECGLanguageModel.ecg_tokens).
-                "ecg": torch.from_numpy(np.stack([np.asarray(it["ecg"]) for it in items])),
+                # Every ECG of the batch in row order; a comparison question's row has two.
+                "ecg": torch.from_numpy(_stack_ecgs(items)),
+                "ecg_counts": torch.tensor([_num_ecgs(it) for it in items]),
                 "key": [it["key"] for it in items],
                 "question_type": [it["question_type"] for it in items],
                 "dataset": [it.get("dataset", "unknown") for it in items],
@@ -235,6 +252,8 @@ class ECGQADataModule(L.LightningDataModule):
             next epoch. ``None``: every training pair once per epoch. Must name every dataset of
             the training split (0 leaves one out).
         samples_per_epoch: Training pairs per epoch with ``weights`` (default: the split's size).
+        include_comparison: Stream the comparison (two-ECG) questions of the manifest's comparison
+            shards with the rest (a batch row then holds two ECGs, ``batch["ecg_counts"]``).
         strict: Raise :class:`BadSampleError` at the first bad input (corrupt or truncated tar,
             missing or unreadable ``.npy``, wrong shape, NaN/Inf, invalid JSON or non-UTF-8 text,
             empty question or answer), naming shard and key. By default such input is skipped and
@@ -258,8 +277,10 @@ class ECGQADataModule(L.LightningDataModule):
         strict: bool = False,
         weights: dict[str, float] | None = None,
         samples_per_epoch: int | None = None,
+        include_comparison: bool = True,
     ):
         super().__init__()
+        self.include_comparison = include_comparison
         self.data_dir = Path(data_dir)
         self.builder = builder
         self.batch_size = batch_size
@@ -311,11 +332,10 @@ class ECGQADataModule(L.LightningDataModule):
             for split, info in self.manifest["splits"].items()
             if info.get("comparison", {}).get("num_qa")
         }
-        if unread:
+        if unread and not self.include_comparison:
             rank_zero_warn(
                 f"{self.data_dir / 'manifest.json'} holds comparison (two-ECG) questions, {unread} QA pairs "
-                "by split, in its comparison shards; this DataModule streams single-ECG samples, so they are "
-                "neither trained on nor evaluated (build with include_comparison: false to leave them out)"
+                "by split, which include_comparison=False leaves out of training and evaluation"
             )
         model = getattr(self.trainer, "lightning_module", None) if self.trainer else None
         if model is not None:
@@ -327,9 +347,10 @@ class ECGQADataModule(L.LightningDataModule):
                     expected, self.manifest["preprocessing"], str(self.data_dir / "manifest.json")
                 )
 
-    def _urls(self, split: str) -> list[str]:
+    def _urls(self, split: str, shards: list[dict[str, Any]] | None = None) -> list[str]:
+        """Paths of ``shards`` (default: the split's single-ECG shards); a missing one is an error."""
         urls = []
-        for shard in self.manifest["splits"][split]["shards"]:
+        for shard in self.manifest["splits"][split]["shards"] if shards is None else shards:
             path = self.data_dir / shard["path"]
             if not path.exists():
                 raise FileNotFoundError(
@@ -380,13 +401,19 @@ class ECGQADataModule(L.LightningDataModule):
     def qa_counts(self, split: str) -> dict[str, int]:
         """QA pairs per dataset in ``split`` from the manifest (``splits[split]["datasets"]`` in mixtures)."""
         info = self.manifest["splits"][split]
-        return dict(info.get("datasets") or {self.manifest.get("dataset", "unknown"): info["num_qa"]})
+        counts = Counter(info.get("datasets") or {self.manifest.get("dataset", "unknown"): info["num_qa"]})
+        if self.include_comparison:
+            counts.update(info.get("comparison", {}).get("datasets", {}))
+        return dict(counts)
 
     def eval_groups(self, split: str = "test") -> tuple[list[str], list[str] | None]:
         """Dataset names and question types of ``split`` (``None`` when the manifest does not list them)."""
         if self.manifest is None:
             self.manifest = read_manifest(self.data_dir)
-        types = self.manifest["splits"][split].get("question_types")
+        info = self.manifest["splits"][split]
+        types = info.get("question_types")
+        if types is not None and self.include_comparison:
+            types = set(types) | set(info.get("comparison", {}).get("question_types", ()))
         return sorted(self.qa_counts(split)), sorted(types) if types is not None else None
 
     def set_test_subset(self, samples_per_dataset: int | dict[str, int] | None, seed: int) -> dict[str, int]:
@@ -425,8 +452,11 @@ class ECGQADataModule(L.LightningDataModule):
         """The split's shards with their dataset and QA count, as the manifest lists them."""
         info = self.manifest["splits"][split]
         only = list(info.get("datasets") or [self.manifest.get("dataset", "unknown")])
+        entries = list(info["shards"])
+        if self.include_comparison:
+            entries += info.get("comparison", {}).get("shards", [])
         shards = []
-        for url, entry in zip(self._urls(split), info["shards"], strict=True):
+        for url, entry in zip(self._urls(split, entries), entries, strict=True):
             if "num_qa" not in entry:
                 raise ValueError(
                     f"shard {entry['path']} in {self.data_dir / 'manifest.json'} has no num_qa: the shards "

@@ -213,10 +213,14 @@ class CheckedQA:
         if not isinstance(ecg, np.ndarray):
             return "unreadable ecg.npy", f"decoded to {type(ecg).__name__}, not an array"
         width = self.num_samples if self.num_samples is not None else ecg.shape[-1] if ecg.ndim else -1
-        if ecg.shape != (NUM_LEADS, width):
+        # One ECG, or two stacked for a comparison question (its json lists their ecg_ids).
+        ecgs = len(meta["ecg_ids"]) if isinstance(meta.get("ecg_ids"), list) else None
+        expected = (NUM_LEADS, width) if ecgs is None else (ecgs, NUM_LEADS, width)
+        if ecg.shape != expected:
             return (
                 "wrong shape",
-                f"ecg.npy has shape {ecg.shape}, expected ({NUM_LEADS}, {self.num_samples or 'N'})",
+                f"ecg.npy has shape {ecg.shape}, expected "
+                f"({', '.join(map(str, expected[:-1]))}, {self.num_samples or 'N'})",
             )
         if not np.isfinite(ecg).all():
             return "non-finite ecg", f"ecg.npy holds {int((~np.isfinite(ecg)).sum())} NaN/Inf values"
