@@ -202,3 +202,23 @@ def test_strict_mode_raises_naming_shard_and_key(shard_dir, formatter, tmp_path,
         _keys(dm)
 
     assert f"shard {shard_dir / case}.tar, key {key}: " in str(raised.value)
+
+
+def test_a_broken_shard_read_beside_another_dataset_names_its_own_key(shard_dir, formatter, tmp_path):
+    """A worker reads one shard per dataset at a time; a tar error must not name the other's member."""
+    manifest = read_manifest(shard_dir)["splits"]["test"]["shards"]
+    broken = next(s for s in manifest if s["path"] == "not_a_tar.tar")
+    other = [
+        {"__key__": f"other_{i}", "ecg.npy": _ecg(), "json": {**_meta(), "dataset": "other"}}
+        for i in range(40)
+    ]
+    shards = [
+        {**broken, "path": str(shard_dir / "not_a_tar.tar"), "datasets": {"ecgqa-ptbxl": 4}},
+        *write_shards(other, tmp_path, "other"),
+    ]
+    dm = _module(_dataset(tmp_path, shards), formatter, strict=True)
+
+    with pytest.raises(BadSampleError) as raised:
+        _keys(dm)
+
+    assert f"shard {shard_dir / 'not_a_tar'}.tar, key unknown: " in str(raised.value)

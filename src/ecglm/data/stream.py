@@ -18,6 +18,7 @@ Without weights ``Q`` is the dataset's size, so an epoch is one pass over every 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -75,7 +76,9 @@ class BadInput:
     runs the pipeline (a loader worker keeps its own and logs a summary when its stream ends).
     ``shards`` maps each url to its sample count in the manifest (or None), to notice a tar that
     ends early without an error (tarfile reads a corrupt header past the first as the end).
-    Picklable, so it travels to loader workers.
+    What it tracks of the tar being read is per stream: a worker reads one shard per dataset at a
+    time, so each dataset's stream reads through its own :meth:`for_stream` copy, which shares the
+    counts. Picklable, so it travels to loader workers.
     """
 
     def __init__(self, shards: dict[str, int | None], strict: bool = False):
@@ -88,10 +91,19 @@ class BadInput:
     def reset(self) -> None:
         """Start a new pass over the shards."""
         self.counts.clear()
+        self._start_stream()
+
+    def _start_stream(self) -> None:
         self.read: Counter[str] = Counter()  # samples per shard that came out of the tar
         self.broken: set[str | None] = set()  # shards with a tar error already reported
         self.last_member: str | None = None
         self.done_key: str | None = None  # the last sample past the tar stages
+
+    def for_stream(self) -> BadInput:
+        """A handler for one more stream read beside others: its own tar position, the same counts."""
+        stream = copy.copy(self)  # shares counts (and strict, muted, shards)
+        stream._start_stream()
+        return stream
 
     def report(self, url: Any, key: Any, reason: str, detail: str) -> None:
         message = f"shard {url}, key {key}: {reason}: {detail}"
@@ -546,7 +558,7 @@ class QAStream(IterableDataset):
         return self.plan.rank_length(self.rank)
 
     def _read(self, segments: list[Segment], checked: CheckedQA) -> Iterator[dict[str, Any]]:
-        bad = self.bad
+        bad = checked.bad
         for segment in segments:
             urls = iter([{"url": segment.shard.url}])
             samples = tarfile_samples(urls, handler=bad, rename_files=bad.see_member)
@@ -554,9 +566,11 @@ class QAStream(IterableDataset):
 
     def _slot(self, worker: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{self.plan.seed}:{self.epoch}:{self.rank}:{worker}")
-        checked = CheckedQA(self.bad, self.num_samples)
         segments = self.plan.segments(self.epoch, self.rank, worker)
-        streams = {d: self._read(segs, checked) for d, segs in segments.items()}
+        streams = {
+            d: self._read(segs, CheckedQA(self.bad.for_stream(), self.num_samples))
+            for d, segs in segments.items()
+        }
         items = interleave(streams, self.plan.slot_counts(self.rank, worker), rng)
         if self.item_filter is not None:
             items = self.item_filter(items)
