@@ -25,7 +25,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, count, pairwise
+from itertools import accumulate, count, islice, pairwise
 from typing import Any
 
 import numpy as np
@@ -407,22 +407,17 @@ class EpochPlan:
         """Per dataset, the ``[start, stop)`` offsets into its epoch quota that each slot reads.
 
         Each slot takes every dataset in proportion to the dataset's quota (so every worker mixes
-        all datasets), rounded down, then makes up its target from the datasets with the largest
-        rounding remainders that still have pairs left. Pairs left over after all slots are full
-        (``drop_last``) are not read this epoch.
+        all datasets), rounded by largest remainder; where a dataset has fewer pairs left than that,
+        the rest comes from the datasets with pairs to spare. Pairs left over after all slots are
+        full (``drop_last``) are not read this epoch.
         """
         left = dict(self.quotas)
         counts: dict[str, list[int]] = {d: [] for d in self.quotas}
         for slot, target in enumerate(self.targets):
-            exact = {d: q * target / self.total if self.total else 0.0 for d, q in self.quotas.items()}
-            taken = {d: min(left[d], math.floor(x)) for d, x in exact.items()}
+            share = _largest_remainder(target, self.quotas) if target else dict.fromkeys(self.quotas, 0)
+            taken = {d: min(n, left[d]) for d, n in share.items()}
             short = target - sum(taken.values())
-            order = sorted(exact, key=lambda d: (taken[d] - exact[d], d))
-            for d in order:  # one more for the largest remainders (Hamilton's method)
-                if short and left[d] > taken[d]:
-                    taken[d] += 1
-                    short -= 1
-            for d in order:  # more only where a dataset ran out of pairs for this slot
+            for d in sorted(taken):
                 extra = min(short, left[d] - taken[d])
                 taken[d] += extra
                 short -= extra
@@ -431,10 +426,7 @@ class EpochPlan:
             for d, n in taken.items():
                 counts[d].append(n)
                 left[d] -= n
-        ranges = {}
-        for d, ns in counts.items():
-            ranges[d] = list(pairwise([0, *accumulate(ns)]))
-        return ranges
+        return {d: list(pairwise([0, *accumulate(ns)])) for d, ns in counts.items()}
 
     def rank_length(self, rank: int) -> int:
         """Pairs rank ``rank`` yields in an epoch (the loader's length in pairs)."""
@@ -622,13 +614,11 @@ class QAStream(IterableDataset):
         self.bad.reset()
         target = self.plan.targets[self.rank * workers + worker]
         skip = self.plan.worker_batches_done(self.skip_batches, worker) * self.plan.batch_size
-        stats = {"_worker": worker}
-        for index, item in enumerate(self._padded(worker, target)):
-            if index < skip:
-                continue
+        for item in islice(self._padded(worker, target), skip, None):
+            item["_worker"] = worker  # items are fresh dicts (expand_qa)
             if self.bad.counts:
-                stats["_skipped"] = dict(self.bad.counts)
-            yield {**item, **stats}
+                item["_skipped"] = dict(self.bad.counts)
+            yield item
         if self.bad.counts:
             log.warning(
                 "%s skipped bad input at the end of its stream: %s",
