@@ -291,9 +291,12 @@ class ECGQADataModule(L.LightningDataModule):
         self.strict = strict
         self.weights = dict(weights) if weights is not None else None
         self.samples_per_epoch = samples_per_epoch
-        self.skipped: Counter[str] = Counter()
-        self.train_skipped: Counter[str] = Counter()
-        self._worker_skips: dict[str, dict[int, dict[str, int]]] = {"train": {}, "eval": {}}
+        # Per kind of pass ("train", "eval"): the bad-input counts of a loader that runs in this
+        # process, and each worker's latest counts as its batches report them.
+        self._skips: dict[str, tuple[Counter[str], dict[int, dict[str, int]]]] = {
+            "train": (Counter(), {}),
+            "eval": (Counter(), {}),
+        }
         self._pass = "eval"  # the kind of pass started last
         self.epoch = 0  # the training epoch to stream when there is no Trainer
         self._train_position = {"epoch": 0, "batches": 0}  # training batches handed out this epoch
@@ -543,8 +546,7 @@ class ECGQADataModule(L.LightningDataModule):
         )
 
     def _start_eval(self, stream: QAStream) -> None:
-        self._pass, self._worker_skips["eval"] = "eval", {}
-        self.skipped = stream.bad.counts  # counted here when the loader runs in this process
+        self._pass, self._skips["eval"] = "eval", (stream.bad.counts, {})
 
     def _start_train_epoch(self, stream: QAStream) -> None:
         """Before each pass over the training loader: which epoch, and where to resume in it."""
@@ -563,8 +565,7 @@ class ECGQADataModule(L.LightningDataModule):
                 skip = resume["batches"]
         stream.epoch, stream.skip_batches = epoch, skip
         self._train_position = {"epoch": epoch, "batches": skip}
-        self._pass, self._worker_skips["train"] = "train", {}
-        self.skipped = self.train_skipped = stream.bad.counts
+        self._pass, self._skips["train"] = "train", (stream.bad.counts, {})
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Counts training batches (the stream position) and gathers the workers' bad-input counts."""
@@ -575,15 +576,27 @@ class ECGQADataModule(L.LightningDataModule):
         if kind == "train":
             self._train_position["batches"] += 1
         if stream.get("skipped"):  # the worker's counts so far in this pass
-            self._worker_skips[kind][stream["worker"]] = stream["skipped"]
-            total: Counter[str] = Counter()
-            for counts in self._worker_skips[kind].values():
-                total.update(counts)
-            if kind == "train":
-                self.train_skipped = total
-            if kind == self._pass:
-                self.skipped = total
+            self._skips[kind][1][stream["worker"]] = stream["skipped"]
         return batch
+
+    def _skipped(self, kind: str) -> Counter[str]:
+        local, workers = self._skips[kind]
+        if not workers:
+            return local
+        total: Counter[str] = Counter()
+        for counts in workers.values():
+            total.update(counts)
+        return total
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Bad input skipped by reason in the pass started last (every worker's, as batches report it)."""
+        return self._skipped(self._pass)
+
+    @property
+    def train_skipped(self) -> Counter[str]:
+        """Bad input skipped by reason in the current training epoch (every worker's)."""
+        return self._skipped("train")
 
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position: the epoch and how many of its batches were handed out.
