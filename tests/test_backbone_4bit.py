@@ -1,0 +1,74 @@
+"""4-bit (bitsandbytes NF4) backbones across a validation pass: what training sees after eval.
+
+bitsandbytes 0.49+ repacks 4-bit weights for a bf16 inference kernel on AVX512-BF16 CPUs the first
+time a layer runs in eval mode without gradients; ecglm turns that off (``keep_4bit_layout_on_cpu``).
+These tests run on every CPU; on one without AVX512-BF16 they pass with or without the fix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ecglm.backbones import HFBackbone
+from ecglm_testing import FAMILIES
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def saved_qwen(tiny_backbone_factory, tmp_path_factory) -> str:
+    """A tiny Qwen3.5 text model: its linear-attention gates have 4 outputs, not a multiple of 32."""
+    backbone = tiny_backbone_factory("qwen3_5_text", config_overrides=FAMILIES["qwen3_5_text"])
+    folder = tmp_path_factory.mktemp("qwen3_5_4bit")
+    backbone.model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _batch(backbone: HFBackbone, rows: int = 2) -> dict[str, torch.Tensor]:
+    """Left-padded QA pairs with one ECG position each, as the collator writes them."""
+    chats = [backbone.formatter.encode(f"Rate {i}?", f"answer {i}", num_ecg_tokens=1) for i in range(rows)]
+    width = max(len(c.input_ids) for c in chats)
+    batch = {
+        "input_ids": torch.full((rows, width), backbone.formatter.pad_token_id),
+        "attention_mask": torch.zeros((rows, width), dtype=torch.long),
+        "ecg_mask": torch.zeros((rows, width), dtype=torch.bool),
+        "labels": torch.full((rows, width), -100),
+    }
+    for row, chat in enumerate(chats):
+        start = width - len(chat.input_ids)
+        batch["input_ids"][row, start:] = torch.tensor(chat.input_ids)
+        batch["labels"][row, start:] = torch.tensor(chat.labels)
+        batch["attention_mask"][row, start:] = 1
+        batch["ecg_mask"][row, start + chat.ecg_start] = True
+    return batch
+
+
+def test_4bit_layers_keep_training_after_a_validation_pass(saved_qwen):
+    """Train step, no-grad eval pass, train step: same loss and the same gradients reach the ECG tokens."""
+    import bitsandbytes as bnb
+
+    four = HFBackbone(saved_qwen, quantization="nf4", dtype="float32", bnb_compute_dtype="float32")
+    four.requires_grad_(False).eval()  # a frozen LLM stays in eval mode while the connector trains
+    batch = _batch(four)
+    torch.manual_seed(0)
+    ecg = torch.randn(2, 1, four.hidden_size) * 0.02
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = ecg.clone().requires_grad_(True)
+        args = (batch["input_ids"], batch["attention_mask"], batch["ecg_mask"], tokens, batch["labels"])
+        loss = four(*args).loss
+        loss.backward()
+        return loss.detach(), tokens.grad
+
+    loss_before, grad_before = step()
+    with torch.no_grad():  # validation: the pass in which bitsandbytes would repack the weights
+        four(batch["input_ids"], batch["attention_mask"], batch["ecg_mask"], ecg)
+    layers = [m for m in four.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any(m.out_features % 32 for m in layers)  # shapes the bf16 kernel refuses ran
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    loss_after, grad_after = step()
+    torch.testing.assert_close(loss_after, loss_before)
+    assert grad_after is not None and grad_after.abs().sum() > 0
+    torch.testing.assert_close(grad_after, grad_before)
