@@ -1,4 +1,4 @@
-"""Bootstrap intervals and paired sign-flip tests over records (ecglm.statistics), against references."""
+"""Bootstrap intervals and paired sign-flip tests over records (ecglm.uncertainty), against references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from ecglm.statistics import bootstrap_mean, paired_gap, record_of
+from ecglm.uncertainty import bootstrap_mean, paired_gap, record_of
 
 
 def test_unclustered_interval_matches_the_normal_approximation():
