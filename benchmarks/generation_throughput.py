@@ -22,7 +22,7 @@ from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.data.synthetic import QUESTIONS
 from ecglm.encoders import Wav2Vec2ECGEncoder
-from ecglm.evaluation import Decoding
+from ecglm.model import Decoding
 from ecglm.module import ECGLanguageModel
 
 
@@ -78,13 +78,13 @@ def main() -> None:
         return {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def run(batch_size: int) -> tuple[list[str], float]:
-        model.generate_answers(to_device(collate(items[:batch_size])))  # warm-up
+        model.model.generate(to_device(collate(items[:batch_size])), model.decoding)  # warm-up
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         answers = []
         for i in range(0, len(items), batch_size):
-            answers += model.generate_answers(to_device(collate(items[i : i + batch_size])))
+            answers += model.model.generate(to_device(collate(items[i : i + batch_size])), model.decoding)
         if args.device == "cuda":
             torch.cuda.synchronize()
         return answers, time.perf_counter() - t0

@@ -200,16 +200,16 @@ def test_encoder_free_trains_only_the_connector_and_generates(encoder_free_model
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
-    keys = model.persistent_keys()  # the tiny backbone's random weights are in it too
+    keys = model.model.persistent_keys()  # the tiny backbone's random weights are in it too
     assert {f"connector.{k}" for k in model.connector.state_dict()} <= keys
     assert not [k for k in keys if k.startswith("encoder.")]
 
     collate = QACollator(model.backbone.formatter, 2, for_generation=True)
-    answers = model.generate_answers(collate(items(2)), max_new_tokens=3)
+    answers = model.model.generate(collate(items(2)), max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with torch.no_grad():
-        real = model.ecg_tokens(batch["ecg"])
-        zeroed = model.ecg_tokens(torch.zeros_like(batch["ecg"]))
+        real = model.model.ecg_tokens(batch["ecg"])
+        zeroed = model.model.ecg_tokens(torch.zeros_like(batch["ecg"]))
     assert not torch.allclose(real, zeroed)
 
 
@@ -223,7 +223,7 @@ def test_fp32_connector_feeds_a_bf16_backbone(tiny_backbone_factory, tiny_encode
     )
     batch = QACollator(backbone.formatter, 2)(items(2))
 
-    tokens = model.ecg_tokens(batch["ecg"])
+    tokens = model.model.ecg_tokens(batch["ecg"])
     embeds = backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
     loss = model(batch).loss
     loss.backward()

@@ -109,7 +109,7 @@ def test_quickstart_recipe_can_name_it(installed, ptb_window, tokenizer_dir, tmp
     assert (encoder.output_dim, len(encoder.blocks)) == (32, 2)
     assert cli.model.connector.input_dim == 32
     with torch.no_grad():
-        tokens = cli.model.ecg_tokens(torch.from_numpy(ptb_window)[None].repeat(2, 1, 1))
+        tokens = cli.model.model.ecg_tokens(torch.from_numpy(ptb_window)[None].repeat(2, 1, 1))
     assert tokens.shape == (2, 1, TINY["hidden_size"]) and torch.isfinite(tokens).all()
 
 

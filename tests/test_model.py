@@ -105,7 +105,7 @@ def test_formatter_rejects_a_template_that_drops_the_ecg(tokenizer_dir):
 
 def test_splice_writes_ecg_tokens_only_at_placeholders(model):
     batch = QACollator(model.backbone.formatter, K)(items(3))
-    tokens = model.ecg_tokens(batch["ecg"])
+    tokens = model.model.ecg_tokens(batch["ecg"])
     embeds = model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
     plain = model.backbone.embed_tokens(batch["input_ids"])
     mask = batch["ecg_mask"]
@@ -152,7 +152,7 @@ def test_comparison_rows_carry_two_ecgs_through_loss_and_generation(model):
     assert batch["ecg_mask"].sum(1).tolist() == [K, 2 * K, K]
     _assert_span_loss_is_full_loss(model, batch)
     with torch.no_grad():
-        tokens = model.ecg_tokens(batch["ecg"])
+        tokens = model.model.ecg_tokens(batch["ecg"])
         embeds = model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
     # Row 1's second ECG tokens are the second ECG's: tokens stay in row order, ECG by ECG.
     second = batch["ecg_mask"][1].nonzero().squeeze(1)[K:]
@@ -161,7 +161,7 @@ def test_comparison_rows_carry_two_ecgs_through_loss_and_generation(model):
     generation = QACollator(model.backbone.formatter, K, for_generation=True)(data)
     for condition in ("ecg", "zeroed_ecg", "text_only"):
         with torch.no_grad():
-            answers = model.generate_answers(generation, condition=condition, max_new_tokens=2)
+            answers = model.model.generate(generation, condition=condition, max_new_tokens=2)
         assert len(answers) == 3, condition
 
 
@@ -172,7 +172,7 @@ def test_left_padding_does_not_change_a_sample(model):
     assert (batch["attention_mask"] == 0).any(), "the items must need padding for this test to mean anything"
     with torch.no_grad():
         alone = model(collate(data[:1])).loss
-        tokens = model.ecg_tokens(batch["ecg"])
+        tokens = model.model.ecg_tokens(batch["ecg"])
         logits = model.backbone.model(
             inputs_embeds=model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens),
             attention_mask=batch["attention_mask"],
@@ -206,12 +206,12 @@ def test_gradients_reach_exactly_the_trainable_parameters(
 def test_batched_generation_matches_one_by_one(model):
     data = items(3)
     collate = QACollator(model.backbone.formatter, K, for_generation=True)
-    batched = model.generate_answers(collate(data), max_new_tokens=5)
-    single = [model.generate_answers(collate([it]), max_new_tokens=5)[0] for it in data]
+    batched = model.model.generate(collate(data), max_new_tokens=5)
+    single = [model.model.generate(collate([it]), max_new_tokens=5)[0] for it in data]
     assert batched == single
     assert all(isinstance(a, str) for a in batched)
-    zeroed = model.generate_answers(collate(data), "zeroed_ecg", max_new_tokens=5)
-    text_only = model.generate_answers(collate(data), "text_only", max_new_tokens=5)
+    zeroed = model.model.generate(collate(data), condition="zeroed_ecg", max_new_tokens=5)
+    text_only = model.model.generate(collate(data), condition="text_only", max_new_tokens=5)
     assert len(zeroed) == len(text_only) == 3
     # Text-only prompts are the same prompts without the ECG positions.
     batch = collate(data)
@@ -223,8 +223,8 @@ def test_generation_depends_on_the_ecg(model):
     collate = QACollator(model.backbone.formatter, K, for_generation=True)
     batch = collate(items(2))
     with torch.no_grad():
-        a = model.ecg_tokens(batch["ecg"])
-        b = model.ecg_tokens(torch.zeros_like(batch["ecg"]))
+        a = model.model.ecg_tokens(batch["ecg"])
+        b = model.model.ecg_tokens(torch.zeros_like(batch["ecg"]))
     assert not torch.allclose(a, b)
 
 

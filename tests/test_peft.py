@@ -287,7 +287,7 @@ def test_lora_on_the_multimodal_gemma4_class_stays_in_the_language_model(tokeniz
     assert policy.targets and all(t.startswith("model.language_model.") for t in policy.targets)
     assert not any(t.startswith("model.vision") or t.startswith("model.audio") for t in policy.targets)
     batch = QACollator(model.backbone.formatter, K, for_generation=True)(items(2))
-    assert len(model.generate_answers(batch, max_new_tokens=2)) == 2  # generate still splices the ECG
+    assert len(model.model.generate(batch, max_new_tokens=2)) == 2  # generate still splices the ECG
 
 
 # --- QLoRA ------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_qlora_casts_the_unquantised_weights_to_float32_and_generates(saved_llam
     assert model.connector.mlp[0].weight.grad.abs().sum() > 0
     model.eval()
     batch = QACollator(backbone.formatter, K, for_generation=True)(items(2))
-    assert len(model.generate_answers(batch, max_new_tokens=2)) == 2
+    assert len(model.model.generate(batch, max_new_tokens=2)) == 2
 
 
 # --- encoder fine-tuning ----------------------------------------------------------------------------
@@ -468,7 +468,7 @@ def test_checkpoint_holds_the_adapters_and_reloads_exactly(kbit, saved_llama, tm
         backbone=backbone(),
         policy=policy(),
     )
-    assert saved == rebuilt.persistent_keys()
+    assert saved == rebuilt.model.persistent_keys()
     batch = QACollator(model.backbone.formatter, K)(items(3, seed=1))
     model.eval()
     rebuilt.eval()

@@ -2,7 +2,18 @@
 
 The component layer (``ecglm.encoders``, ``ecglm.connectors``, ``ecglm.backbones``, ``ecglm.peft``)
 needs torch, transformers and peft only; Lightning, data streaming and the CLI live in
-``ecglm.module``, ``ecglm.data`` and ``ecglm.cli``.
+``ecglm.module``, ``ecglm.data`` and ``ecglm.cli``. :class:`ECGLM` (``ecglm.model``) composes the
+components into one ``torch.nn.Module`` without Lightning.
 """
 
 __version__ = "0.1.0"
+__all__ = ["ECGLM", "Decoding", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import ecglm` (for __version__) does not import torch and transformers.
+    if name in ("ECGLM", "Decoding"):
+        from ecglm import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'ecglm' has no attribute {name!r}")

@@ -43,8 +43,8 @@ from ecglm.metrics import (
     answer_text,
     failure_modes,
 )
+from ecglm.model import CONDITIONS, Decoding  # noqa: F401  (Decoding: recipes name it here too)
 
-CONDITIONS = ("ecg", "zeroed_ecg", "text_only")
 #: Test QA pairs per dataset of the paper's protocol (other datasets: every pair).
 DEFAULT_SAMPLES_PER_DATASET = {
     "ecgqa-ptbxl": 20_000,
@@ -60,30 +60,6 @@ METRIC_TITLES = {
     "bertscore_f1": "BERTScore-F1",
 }
 ABNORMALITY_METRICS = ("sensitivity", "specificity", "precision", "f1")
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding options of every generated answer; recorded in each report.
-
-    Greedy by default. With ``do_sample`` the seed of the protocol also seeds the sampling.
-    """
-
-    max_new_tokens: int = 16
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def generation_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "num_beams": self.num_beams,
-            "do_sample": self.do_sample,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from ecglm.encoders import ECGEncoder
 from ecglm.evaluation import AnswerEvaluation, Decoding, MetricsConfig, render_markdown, summarize
 from ecglm.io import save_run_file
 from ecglm.metrics import AnswerTokenStats
-from ecglm.peft import PEFTPolicy, ProjectionOnly, count_parameters, frozen_part_mode
+from ecglm.model import ECGLM
+from ecglm.peft import PEFTPolicy, count_parameters
 
 
 class ECGLanguageModel(L.LightningModule):
@@ -74,12 +75,13 @@ class ECGLanguageModel(L.LightningModule):
         )
         # Plain dicts in the hyper-parameters: logged to MLflow, and no pickled classes in checkpoints.
         self.hparams.update(decoding=asdict(self.decoding), evaluation=asdict(self.metrics_config))
-        self.encoder = encoder
-        self.connector = connector
-        self.backbone = backbone
-        self.connector.configure(encoder.output_dim, backbone.hidden_size)
-        self.policy = policy or ProjectionOnly()
-        self.policy.apply(encoder, connector, backbone)
+        model = ECGLM(encoder, connector, backbone, policy)
+        # The parts are registered here under the names ECGLM gives them, so a checkpoint's keys are
+        # those of ECGLM's own state dict; the ECGLM is kept outside the module tree, which would
+        # otherwise hold every weight twice.
+        self.__dict__["model"] = model
+        self.encoder, self.connector, self.backbone = model.encoder, model.connector, model.backbone
+        self.policy = model.policy
         # Lightning never calls train() in fit (it only restores each submodule's mode after
         # validation), so frozen parts must start in eval mode: a randomly initialised LLM would not.
         self.train()
@@ -152,31 +154,15 @@ class ECGLanguageModel(L.LightningModule):
     def train(self, mode: bool = True) -> ECGLanguageModel:
         """Frozen parts stay in eval mode, so a frozen encoder or LLM never applies dropout."""
         super().train(mode)
-        for part in (self.encoder, self.connector, self.backbone):
-            if not any(p.requires_grad for p in part.parameters()):
-                frozen_part_mode(part, mode)  # eval; checkpointed layers still recompute in training
+        self.model.train(mode)
         return self
 
     @property
     def num_ecg_tokens(self) -> int:
-        return self.connector.num_tokens
+        return self.model.num_ecg_tokens
 
-    def ecg_tokens(self, ecg: Tensor) -> Tensor:
-        """``(batch, leads, samples)`` -> ``(batch, num_ecg_tokens, hidden_size)``."""
-        # Loaders ship ECGs as stored (float16: half the bytes through worker pipes and to the device,
-        # no conversion in the workers); the encoder reads them in its own precision.
-        dtype = next((t.dtype for t in self.encoder.parameters() if t.is_floating_point()), torch.float32)
-        return self.connector(self.encoder(ecg.to(dtype)))
-
-    def forward(self, batch: dict[str, Any], zero_ecg: bool = False):
-        ecg = torch.zeros_like(batch["ecg"]) if zero_ecg else batch["ecg"]
-        return self.backbone(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["ecg_mask"],
-            self.ecg_tokens(ecg),
-            batch.get("labels"),
-        )
+    def forward(self, batch: dict[str, Any], zero_ecg: bool = False) -> Any:
+        return self.model(batch, zero_ecg)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self(batch).loss
@@ -192,7 +178,7 @@ class ECGLanguageModel(L.LightningModule):
         evaluation = self._evaluations.get("val")
         wanted = self.hparams.val_generation_samples
         if evaluation is not None and "prompt" in batch and self._val_generated < wanted:
-            answers = self.generate_answers(batch, "ecg", prompt=batch["prompt"])
+            answers = self.model.generate(batch, self.decoding, prompt=batch["prompt"])
             evaluation.update("ecg", answers, batch)
             self._val_generated += len(answers)
 
@@ -246,42 +232,10 @@ class ECGLanguageModel(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate_answers(
-        self,
-        batch: dict[str, Any],
-        condition: str = "ecg",
-        prompt: dict[str, Any] | None = None,
-        **generation_kwargs: Any,
-    ) -> list[str]:
-        """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
-
-        ``condition`` is ``ecg``, ``zeroed_ecg`` (ECG tokens of an all-zero signal) or ``text_only``
-        (the batch's ``text_only`` prompts, which have no ECG positions). Decoding follows
-        ``self.decoding`` unless ``generation_kwargs`` say otherwise.
-        """
-        if condition == "text_only":
-            fields = batch["text_only"]
-            ecg_tokens = torch.zeros(
-                (fields["input_ids"].shape[0], 0, self.backbone.hidden_size), device=self.device
-            )
-        elif condition in ("ecg", "zeroed_ecg"):
-            fields = prompt or batch
-            ecg = torch.zeros_like(batch["ecg"]) if condition == "zeroed_ecg" else batch["ecg"]
-            ecg_tokens = self.ecg_tokens(ecg)
-        else:
-            raise ValueError(f"unknown condition {condition!r}; expected ecg, zeroed_ecg or text_only")
-        kwargs = {**self.decoding.generation_kwargs(), **generation_kwargs}
-        new_ids = self.backbone.generate(
-            fields["input_ids"], fields["attention_mask"], fields["ecg_mask"], ecg_tokens, **kwargs
-        )
-        texts = self.backbone.formatter.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-        return [t.strip() for t in texts]
-
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         evaluation = self._evaluations["test"]
         for condition in evaluation.conditions:
-            evaluation.update(condition, self.generate_answers(batch, condition), batch)
+            evaluation.update(condition, self.model.generate(batch, self.decoding, condition), batch)
 
     def on_test_start(self) -> None:
         if self._weights_from == "initialisation" and any(p.requires_grad for p in self.parameters()):
@@ -345,24 +299,15 @@ class ECGLanguageModel(L.LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
-    def persistent_keys(self) -> set[str]:
-        """State-dict keys a checkpoint must hold: trainable weights and all of non-pretrained parts."""
-        keys = {name for name, p in self.named_parameters() if p.requires_grad}
-        for part_name in ("encoder", "connector", "backbone"):
-            part = getattr(self, part_name)
-            if not getattr(part, "pretrained", False):
-                keys.update(f"{part_name}.{k}" for k in part.state_dict())
-        return keys
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.persistent_keys()
+        keep = self.model.persistent_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["ecglm"] = {"version": __version__, "state_dict": "trainable-and-unrecoverable-only"}
         if self.demonstrations is not None:
             checkpoint["ecglm"]["demonstrations"] = self.demonstrations
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected = self.persistent_keys()
+        expected = self.model.persistent_keys()
         found = set(checkpoint["state_dict"])
         missing, unexpected = sorted(expected - found), sorted(found - set(self.state_dict()))
         if missing or unexpected:

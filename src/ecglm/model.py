@@ -1,0 +1,158 @@
+"""``ECGLM``: an ECG-language model as a plain ``torch.nn.Module``, with no training framework in it.
+
+``backbone(prompt with connector(encoder(ecg)) spliced in)``, with a PEFT policy deciding what
+trains. It computes the loss of a collated batch and generates answers; the Lightning task
+(:class:`ecglm.module.ECGLanguageModel`) adds optimisation, logging, checkpoints and evaluation
+around it, and any other loop (plain PyTorch, a server, a notebook) can use it directly.
+
+Component layer: imports torch and ecglm's components only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ecglm.backbones import Backbone
+from ecglm.connectors import Connector
+from ecglm.encoders import ECGEncoder
+from ecglm.peft import PEFTPolicy, ProjectionOnly, frozen_part_mode
+
+#: What the ECG positions of a prompt hold when answers are generated (see :meth:`ECGLM.generate`).
+CONDITIONS = ("ecg", "zeroed_ecg", "text_only")
+PARTS = ("encoder", "connector", "backbone")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding options of every generated answer; recorded in each report.
+
+    Greedy by default. With ``do_sample`` the seed of the protocol also seeds the sampling.
+    """
+
+    max_new_tokens: int = 16
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+class ECGLM(nn.Module):
+    """Encoder + connector + backbone, with ``policy`` applied (projection-only by default).
+
+    The connector is sized from the encoder's ``output_dim`` and the backbone's ``hidden_size``;
+    the policy then sets ``requires_grad`` and adds any adapters, once, here.
+
+    Batches are what :class:`ecglm.data.datamodule.QACollator` writes: ``ecg`` (every ECG of the
+    batch, in row order), ``input_ids``, ``attention_mask``, ``ecg_mask`` and, for training,
+    ``labels``.
+    """
+
+    def __init__(
+        self,
+        encoder: ECGEncoder,
+        connector: Connector,
+        backbone: Backbone,
+        policy: PEFTPolicy | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.backbone = backbone
+        self.connector.configure(encoder.output_dim, backbone.hidden_size)
+        self.policy = policy or ProjectionOnly()
+        self.policy.apply(encoder, connector, backbone)
+        self.train()  # frozen parts start in eval mode (a randomly initialised LLM would not)
+
+    def train(self, mode: bool = True) -> ECGLM:
+        """Frozen parts stay in eval mode, so a frozen encoder or LLM never applies dropout."""
+        super().train(mode)
+        for name in PARTS:
+            part = getattr(self, name)
+            if not any(p.requires_grad for p in part.parameters()):
+                frozen_part_mode(part, mode)  # eval; checkpointed layers still recompute in training
+        return self
+
+    @property
+    def num_ecg_tokens(self) -> int:
+        return self.connector.num_tokens
+
+    def ecg_tokens(self, ecg: Tensor) -> Tensor:
+        """``(batch, leads, samples)`` -> ``(batch, num_ecg_tokens, hidden_size)``."""
+        # Loaders ship ECGs as stored (float16: half the bytes through worker pipes and to the device,
+        # no conversion in the workers); the encoder reads them in its own precision.
+        dtype = next((t.dtype for t in self.encoder.parameters() if t.is_floating_point()), torch.float32)
+        return self.connector(self.encoder(ecg.to(dtype)))
+
+    def forward(self, batch: dict[str, Any], zero_ecg: bool = False) -> Any:
+        """The backbone's output for a collated batch: ``loss`` over the answer spans when the batch
+        has ``labels``, and ``logits`` (over the answer span, where the backbone can keep only that)."""
+        ecg = torch.zeros_like(batch["ecg"]) if zero_ecg else batch["ecg"]
+        return self.backbone(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["ecg_mask"],
+            self.ecg_tokens(ecg),
+            batch.get("labels"),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, Any],
+        decoding: Decoding | None = None,
+        condition: str = "ecg",
+        prompt: dict[str, Any] | None = None,
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
+
+        ``condition`` is ``ecg``, ``zeroed_ecg`` (ECG tokens of an all-zero signal) or ``text_only``
+        (the batch's ``text_only`` prompts, which have no ECG positions). ``prompt`` replaces the
+        batch's token fields (validation generates from the prompt part of a training batch).
+        Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
+        """
+        if condition == "text_only":
+            fields = batch["text_only"]
+            rows = fields["input_ids"].shape[0]
+            device = fields["input_ids"].device
+            ecg_tokens = torch.zeros((rows, 0, self.backbone.hidden_size), device=device)
+        elif condition in ("ecg", "zeroed_ecg"):
+            fields = prompt or batch
+            ecg = torch.zeros_like(batch["ecg"]) if condition == "zeroed_ecg" else batch["ecg"]
+            ecg_tokens = self.ecg_tokens(ecg)
+        else:
+            raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
+        kwargs = {**(decoding or Decoding()).generation_kwargs(), **generation_kwargs}
+        new_ids = self.backbone.generate(
+            fields["input_ids"], fields["attention_mask"], fields["ecg_mask"], ecg_tokens, **kwargs
+        )
+        texts = self.backbone.formatter.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def persistent_keys(self) -> set[str]:
+        """State-dict keys a checkpoint must hold: trainable weights and all of non-pretrained parts."""
+        keys = {name for name, p in self.named_parameters() if p.requires_grad}
+        for name in PARTS:
+            part = getattr(self, name)
+            if not getattr(part, "pretrained", False):
+                keys.update(f"{name}.{k}" for k in part.state_dict())
+        return keys
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The part of the state dict that :meth:`persistent_keys` names (what checkpoints hold)."""
+        keep = self.persistent_keys()
+        return {k: v for k, v in self.state_dict().items() if k in keep}
