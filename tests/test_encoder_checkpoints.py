@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import pickle
+import re
 import warnings
 
 import numpy as np
@@ -25,6 +28,7 @@ from ecglm.encoders import (
     Wav2Vec2ECGEncoder,
     check_preprocessing,
     convert_fairseq_state_dict,
+    explain_unpickling_error,
     parse_conv_layers,
 )
 
@@ -183,6 +187,64 @@ def finetuned_cfg() -> dict:
         "conv_feature_layers": "[(256, 2, 2)] * 4",
         "args": {"task": TASK_CFG, "model": MODEL_CFG},
     }
+
+
+#: MODEL_CFG's sizes as Wav2Vec2ECGEncoder arguments: an architecture given in full.
+REFERENCE_ARCH = {
+    "in_channels": 12,
+    "conv_layers": CONV,
+    "embed_dim": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "ffn_dim": 64,
+    "conv_pos_kernel": 8,
+    "conv_pos_groups": 4,
+    "layer_norm_first": False,
+    "conv_bias": False,
+}
+#: A wav2vec2_dc-style fine-tuning config (Wav2Vec2DcConfig): its own size fields are defaults; the
+#: pretrained model's config is stored in ``w2v_args`` when the fine-tuning run builds the model.
+W2V_FINETUNING_CFG = {
+    "_name": "wav2vec2_dc",
+    "w2v_path": "/ckpt/pretrained.pt",
+    "no_pretrained_weights": False,
+    "encoder_layers": 12,
+    "encoder_embed_dim": 768,
+    "encoder_ffn_embed_dim": 3072,
+    "encoder_attention_heads": 12,
+    "in_d": 12,
+    "final_dropout": 0.0,
+    "output_size": 5,
+    "w2v_args": None,
+}
+FINETUNING_TASK = {"_name": "ecg_classification", "data": "/data/ptbxl", "sample_rate": 500}
+W2V_LAYOUTS = ["cfg.model.w2v_args", "cfg.model.w2v_args-namespace", "args.w2v_args"]
+
+
+def w2v_finetuned_state(encoder: Wav2Vec2ECGEncoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A fine-tuned model's weights: the pretrained model under ``prefix``, the task head beside it.
+
+    remove_pretraining_modules drops the quantizer and projections but keeps ``mask_emb``.
+    """
+    state = {**fairseq_state(encoder, MODEL_CFG, "weight_g_v"), "mask_emb": torch.rand(32)}
+    wrapper = prefix.split(".")[0] + "." if prefix.count(".") > 1 else ""
+    head = {f"{wrapper}proj.weight": torch.randn(5, 32), f"{wrapper}proj.bias": torch.randn(5)}
+    return {**{prefix + k: v for k, v in state.items()}, **head}
+
+
+def write_w2v_finetuned(path, state: dict, layout: str) -> str:
+    """A fine-tuned file whose pretrained config sits in ``w2v_args``, in each way fairseq writes it."""
+    flat = argparse.Namespace(**{k: v for k, v in MODEL_CFG.items() if k != "_name"})
+    if layout == "cfg.model.w2v_args":
+        w2v_args = {"_name": None, "task": TASK_CFG, "model": MODEL_CFG, "criterion": None}
+        return write_checkpoint(path, state, {**W2V_FINETUNING_CFG, "w2v_args": w2v_args}, FINETUNING_TASK)
+    if layout == "cfg.model.w2v_args-namespace":
+        return write_checkpoint(path, state, {**W2V_FINETUNING_CFG, "w2v_args": flat}, FINETUNING_TASK)
+    assert layout == "args.w2v_args"
+    legacy = {k: v for k, v in W2V_FINETUNING_CFG.items() if k != "_name"}
+    args = argparse.Namespace(**{**legacy, "w2v_args": flat}, arch="wav2vec2_dc", sample_rate=500)
+    torch.save({"args": args, "model": state, "extra_state": {"epoch": 3}}, path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +431,79 @@ def test_pre_hydra_file_with_argparse_namespace_loads_without_trusting_pickle(tm
         torch.testing.assert_close(encoder(ecg), reference(ecg), **EXACT)
 
 
+@pytest.mark.parametrize("prefix", ["w2v_encoder.w2v_model.", "encoder.w2v_model."])
+@pytest.mark.parametrize("layout", W2V_LAYOUTS)
+def test_finetuned_file_takes_the_architecture_from_w2v_args(tmp_path, reference, ecg, layout, prefix):
+    state = w2v_finetuned_state(reference, prefix)
+    path = write_w2v_finetuned(tmp_path / "finetuned.pt", state, layout)
+    encoder = Wav2Vec2ECGEncoder(checkpoint=path)
+    assert (
+        encoder.output_dim == 32 and len(encoder.encoder.layers) == 2 and encoder.conv_layers == tuple(CONV)
+    )
+    assert encoder.preprocessing.sampling_rate == 500
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ecg), reference(ecg), **EXACT)
+    head = {k for k in state if not k.startswith(prefix)}
+    assert set(encoder.load_fairseq_state_dict(state)) == {prefix + "mask_emb", *head}
+
+
+def test_size_conflict_reports_the_value_in_the_file_or_that_it_does_not_state_it(tmp_path, reference):
+    state = w2v_finetuned_state(reference, "w2v_encoder.w2v_model.")
+    finetuned = write_w2v_finetuned(tmp_path / "finetuned.pt", state, "cfg.model.w2v_args")
+    with pytest.raises(
+        ValueError,
+        match=r"architecture comes from cfg\['model'\]\['w2v_args'\]\['model'\] of checkpoint "
+        r"\S*finetuned\.pt[\s\S]*embed_dim=768 \(the file has 32\)",
+    ):
+        Wav2Vec2ECGEncoder(checkpoint=finetuned, embed_dim=768)
+    unstated = {k: v for k, v in MODEL_CFG.items() if k not in ("conv_bias", "layer_norm_first")}
+    path = write_checkpoint(
+        tmp_path / "unstated.pt", fairseq_state(reference, MODEL_CFG, "weight_g_v"), unstated
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"conv_bias=True \(the file does not state conv_bias; fairseq-signals' default is False\)",
+    ):
+        Wav2Vec2ECGEncoder(checkpoint=path, conv_bias=True)
+    assert not Wav2Vec2ECGEncoder(checkpoint=path).encoder.layer_norm_first
+
+
+@pytest.mark.parametrize("config", ["cfg-without-sizes", "neither-cfg-nor-args"])
+def test_file_that_states_no_architecture_needs_every_size_argument(tmp_path, reference, ecg, config):
+    state = fairseq_state(reference, MODEL_CFG, "weight_g_v")
+    path = str(tmp_path / "bare.pt")
+    if config == "cfg-without-sizes":
+        write_checkpoint(path, state, {"_name": "wav2vec2_cmsc", "dropout": 0.1, "args": None})
+        looked = r"looked in cfg\['model'\]"
+    else:
+        torch.save({"model": state}, path)
+        looked = "the file has neither cfg\\['model'\\] nor args"
+    with pytest.raises(
+        CheckpointImportError, match=rf"{re.escape(path)} states no architecture[\s\S]*{looked}"
+    ):
+        Wav2Vec2ECGEncoder(checkpoint=path)
+    partial = {k: REFERENCE_ARCH[k] for k in ("embed_dim", "num_layers", "conv_layers")}
+    with pytest.raises(
+        CheckpointImportError, match=r"not given: in_channels, num_heads, ffn_dim, conv_pos_kernel"
+    ):
+        Wav2Vec2ECGEncoder(checkpoint=path, **partial)
+    explicit = Wav2Vec2ECGEncoder(checkpoint=path, **REFERENCE_ARCH)
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(ecg), reference(ecg), **EXACT)
+
+
+def test_imported_encoder_is_returned_in_eval_mode(checkpoint, reference, ecg):
+    for encoder in (
+        Wav2Vec2ECGEncoder(checkpoint=checkpoint),
+        Wav2Vec2ECGEncoder.from_fairseq_checkpoint(checkpoint),
+    ):
+        assert not any(module.training for module in encoder.modules())
+        with torch.no_grad():  # dropout is 0.1: any of it would change the output
+            torch.testing.assert_close(encoder(ecg), reference(ecg), **EXACT)
+    with torch.no_grad():
+        assert not torch.equal(encoder.train()(ecg), reference(ecg))  # training code gets dropout back
+
+
 def test_layer_norm_extractor_mode_is_refused(tmp_path, reference):
     cfg = {**MODEL_CFG, "extractor_mode": "layer_norm"}
     path = write_checkpoint(tmp_path / "ln.pt", fairseq_state(reference, MODEL_CFG, "weight_g_v"), cfg)
@@ -388,15 +523,41 @@ def test_conv_feature_layers_are_parsed_without_eval():
 # --- refusals: missing, unknown, shape, pickle ---------------------------------------------------------
 
 
-def test_missing_key_is_an_error_naming_it(tmp_path, reference):
-    state = fairseq_state(reference, MODEL_CFG, "weight_g_v")
-    del state["encoder.layers.1.fc2.bias"], state["conv_pos.pos_conv.0.weight_g"]
-    path = write_checkpoint(tmp_path / "missing.pt", state, MODEL_CFG)
-    with pytest.raises(
-        CheckpointImportError,
-        match=r"nothing was loaded[\s\S]*missing from the file \(2\): "
-        r"conv_pos\.pos_conv\.0\.parametrizations\.weight\.original0, encoder\.layers\.1\.fc2\.bias",
-    ):
+MISSING_CASES = {
+    "weight_g_v": ("", "weight_g_v", ["conv_pos.pos_conv.0.weight_g", "encoder.layers.1.fc2.bias"]),
+    "parametrizations": (
+        "",
+        "parametrizations",
+        ["conv_pos.pos_conv.0.parametrizations.weight.original0", "encoder.layers.1.fc2.bias"],
+    ),
+    "pre_2022_encoder_pos_conv": (
+        "",
+        "pre_2022_encoder_pos_conv",
+        ["encoder.layers.1.fc2.bias", "encoder.pos_conv.0.weight_v"],
+    ),
+    "finetuned": (
+        "encoder.",
+        "weight_g_v",
+        ["encoder.conv_pos.pos_conv.0.weight_g", "encoder.encoder.layers.1.fc2.bias"],
+    ),
+    "w2v_finetuned": (
+        "w2v_encoder.w2v_model.",
+        "weight_g_v",
+        ["w2v_encoder.w2v_model.conv_pos.pos_conv.0.weight_g", "w2v_encoder.w2v_model.layer_norm.bias"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISSING_CASES))
+def test_missing_keys_are_an_error_naming_them_as_the_file_would(tmp_path, reference, case):
+    prefix, spelling, deleted = MISSING_CASES[case]
+    state = {prefix + k: v for k, v in fairseq_state(reference, MODEL_CFG, spelling).items()}
+    for key in deleted:
+        del state[key]
+    cfg = finetuned_cfg() if prefix else MODEL_CFG
+    path = write_checkpoint(tmp_path / "missing.pt", state, cfg)
+    expected = re.escape(f"missing from the file (2): {', '.join(deleted)}\n")
+    with pytest.raises(CheckpointImportError, match=rf"nothing was loaded[\s\S]*{expected}"):
         Wav2Vec2ECGEncoder(checkpoint=path)
     with pytest.raises(CheckpointImportError, match="missing from the file"):
         Wav2Vec2ECGEncoder(checkpoint=path, strict=False)
@@ -448,6 +609,76 @@ def test_pickled_arbitrary_class_is_refused_under_weights_only(tmp_path, referen
     ):
         Wav2Vec2ECGEncoder(checkpoint=path)
     assert Wav2Vec2ECGEncoder(checkpoint=path, trust_pickle=True).pretrained
+
+
+class RunsACommand:
+    """Pickles as a call of ``os.system("true")``, as a hostile checkpoint would; only ever saved here."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_pickle_that_would_run_a_command_is_refused_naming_the_blocked_global(tmp_path, reference):
+    state = fairseq_state(reference, MODEL_CFG, "weight_g_v")
+    path = write_checkpoint(tmp_path / "hostile.pt", state, MODEL_CFG, extra_state=RunsACommand())
+    module = os.system.__module__  # posix here
+    with pytest.raises(
+        pickle.UnpicklingError, match=rf"GLOBAL {module}\.system whose module {module} is blocked"
+    ):
+        torch.load(path, weights_only=True)  # torch's own wording, which the message must read
+    with pytest.raises(CheckpointImportError) as caught:
+        Wav2Vec2ECGEncoder(checkpoint=path)
+    message = str(caught.value)
+    assert message.startswith(
+        f"{path}: torch.load(weights_only=True) refused to unpickle the global {module}.system"
+    )
+    assert f"torch blocks the module {module} outright" in message
+    assert "trust_pickle=True (this runs any code the pickle names)" in message
+    assert "pytorch.org" not in message
+    assert message.startswith(explain_unpickling_error(path, caught.value.__cause__))
+
+
+TORCH_WORDINGS = {
+    "blocked-module": (
+        "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` "
+        "argument.\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\n"
+        "Check the documentation of torch.load to learn more about types accepted by default with "
+        "weights_only https://pytorch.org/docs/stable/generated/torch.load.html.",
+        "the global posix.system: torch blocks the module posix outright",
+    ),
+    "not-allowed": (
+        "Weights only load failed. This file can still be loaded, to do so you have two options, "
+        "\x1b[1mdo those steps only if you trust the source of the checkpoint\x1b[0m.\n\tWeightsUnpickler "
+        "error: Unsupported global: GLOBAL fairseq_signals.dataclass.Dataclass was not an allowed global "
+        "by default. Please use `torch.serialization.add_safe_globals([fairseq_signals.dataclass.Dataclass])`"
+        "\n\nCheck the documentation of torch.load to learn more about types accepted by default with "
+        "weights_only https://pytorch.org/docs/stable/generated/torch.load.html.",
+        "the global fairseq_signals.dataclass.Dataclass, because creating it could run code",
+    ),
+    "build": (
+        "Weights only load failed. WeightsUnpickler error: Can only build Tensor, Parameter, OrderedDict or "
+        "types allowlisted via `add_safe_globals`, but got <class 'omegaconf.dictconfig.DictConfig'>",
+        "the global omegaconf.dictconfig.DictConfig, because",
+    ),
+    "unknown-wording": (
+        "Weights only load failed. Please file an issue with the following so that we can make "
+        "`weights_only=True` compatible with your use case: WeightsUnpickler error: \n\nUnsupported operand "
+        "149\n\nCheck the documentation of torch.load to learn more about types accepted by default with "
+        "weights_only https://pytorch.org/docs/stable/generated/torch.load.html.",
+        "refused the file's pickle; torch said: Unsupported operand 149.",
+    ),
+}
+
+
+@pytest.mark.parametrize("wording", list(TORCH_WORDINGS))
+def test_explain_unpickling_error_names_the_global_in_every_torch_wording(wording):
+    torch_message, expected = TORCH_WORDINGS[wording]
+    message = explain_unpickling_error("ckpt/last.ckpt", pickle.UnpicklingError(torch_message))
+    assert message.startswith("ckpt/last.ckpt: torch.load(weights_only=True) ")
+    assert expected in message and "only if you trust" in message.lower()
+    assert "pytorch.org" not in message and "\x1b" not in message
+    if wording == "not-allowed":
+        assert "torch.serialization.add_safe_globals([fairseq_signals.dataclass.Dataclass])" in message
 
 
 def test_file_without_a_state_dict_is_refused(tmp_path):

@@ -18,7 +18,7 @@ import pickle
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,13 +295,20 @@ PRETRAINING_ONLY = (
 #: (models/finetuning_model.py): ``proj`` (classification/ecg_transformer_classifier.py,
 #: classification/linear_projection.py) and ``kernel`` (identification/arcface.py).
 FINETUNING_HEADS = ("proj", "kernel")
-FINETUNED_PREFIX = "encoder."
+#: Every encoder key contains this; what precedes it is the prefix a fine-tuned model puts before the
+#: pretrained one: ``encoder.`` (FinetuningModel.encoder) or ``w2v_encoder.w2v_model.`` (wav2vec2_dc's
+#: Wav2Vec2Encoder.w2v_model, as in fairseq's wav2vec2_asr).
+_FEATURE_EXTRACTOR = "feature_extractor.conv_layers."
 _OLD_POS_CONV, _POS_CONV = "encoder.pos_conv.", "conv_pos.pos_conv."
 #: torch.nn.utils.weight_norm's names -> torch.nn.utils.parametrizations.weight_norm's.
 _WEIGHT_NORM = {
     "weight_g": "parametrizations.weight.original0",
     "weight_v": "parametrizations.weight.original1",
 }
+#: Where a fine-tuned file keeps the pretrained model's config: ``w2v_args`` (wav2vec2_dc and
+#: fairseq's wav2vec2_asr lineage) or ``args`` (ConvTransformerModel / TransformerModel.from_pretrained).
+#: Under Hydra it is a whole config (its ``model`` section holds the sizes); pre-Hydra, a flat Namespace.
+PRETRAINED_CONFIG_KEYS = ("w2v_args", "args")
 
 #: Classes a checkpoint may pickle besides tensors and containers. fairseq files before Hydra store
 #: their arguments as ``args = argparse.Namespace(...)``; unpickling one only sets attributes on a
@@ -334,7 +341,9 @@ FAIRSEQ_ARCHITECTURE_FIELDS = {
     "layer_norm_first": "layer_norm_first",
     "conv_bias": "conv_bias",
 }
+_FAIRSEQ_FIELD = {argument: field for field, argument in FAIRSEQ_ARCHITECTURE_FIELDS.items()}
 _MAX_REPEAT = 1000
+_MAX_CONFIG_DEPTH = 8  # fine-tuned-from-fine-tuned files nest a few levels; a pickle can nest forever
 
 
 class CheckpointImportError(ValueError):
@@ -381,17 +390,58 @@ def _allow_globals(globals_: Sequence[Any]) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def _refused_pickle_message(path: str, err: Exception) -> str:
-    match = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
-    what = f"the global {match.group(1)}" if match else "an object"
-    detail = "" if match else f" torch said: {str(err).strip().splitlines()[-1]}"
-    allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
+#: How torch names the global it refused: "Trying to load unsupported GLOBAL posix.system whose module
+#: posix is blocked" (a blocked module, torch 2.13), "Unsupported global: GLOBAL m.C was not an allowed
+#: global by default" (torch 2.4+), "... but got <class 'm.C'>" (an object built from a refused class).
+_REFUSED_GLOBAL = (re.compile(r"GLOBAL (\S+)"), re.compile(r"but got <class '([^']+)'>"))
+_BLOCKED_MODULE = re.compile(r"whose module (\S+) is blocked")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _refused_global(message: str) -> str | None:
+    for pattern in _REFUSED_GLOBAL:
+        match = pattern.search(message)
+        if match:
+            return match.group(1).rstrip(".,;:")
+    return None
+
+
+def _torch_reason(message: str) -> str:
+    """torch's own words without its boilerplate (the weights_only default, the documentation link)."""
+    text = _ANSI_ESCAPE.sub("", message).split("Check the documentation of torch.load")[0]
+    if "WeightsUnpickler error:" in text:
+        text = text.rpartition("WeightsUnpickler error:")[2]
+    return " ".join(text.split()).rstrip(".")
+
+
+def explain_unpickling_error(path: str | os.PathLike, err: Exception) -> str:
+    """What ``torch.load(path, weights_only=True)`` refused, why, and what to do: ``err``'s full message.
+
+    Names the refused global in every wording torch uses (quoting torch's reason when it names none)
+    and says what to do: only for a file you trust, load it with ``trust_pickle=True``
+    (``weights_only=False``) or allow-list that one global; a global of a module torch blocks outright
+    (``os``, ``posix``, ``sys``) has no place in a checkpoint.
+    """
+    path, message = os.fspath(path), str(err)
+    name, blocked = _refused_global(message), _BLOCKED_MODULE.search(message)
+    trust = "trust_pickle=True (this runs any code the pickle names)"
+    if name is None:
+        return (
+            f"{path}: torch.load(weights_only=True) refused the file's pickle; torch said: "
+            f"{_torch_reason(message)}. Only if you trust the file: load it with {trust}."
+        )
+    if blocked:
+        return (
+            f"{path}: torch.load(weights_only=True) refused to unpickle the global {name}: torch blocks "
+            f"the module {blocked.group(1)} outright, because it runs commands on this machine, and no "
+            f"allow-list can admit it. A checkpoint has no need for {name}: treat the file as hostile. "
+            f"Only if you trust the file and know why it names {name}: load it with {trust}."
+        )
     return (
-        f"{path}: torch.load(weights_only=True) refused to unpickle {what}, because creating it could run "
-        f"code chosen by whoever wrote the file. ecglm allows tensors, plain containers and {allowed}. "
-        "If you trust the file, pass trust_pickle=True (this runs any code the pickle names); or, in an "
-        "environment you trust, re-save it as torch.save({'cfg': <plain dict>, 'model': <state dict>}, path)."
-        + detail
+        f"{path}: torch.load(weights_only=True) refused to unpickle the global {name}, because creating it "
+        f"could run code chosen by whoever wrote the file. Only if you trust the file: load it with {trust}, "
+        f"or allow just this global with torch.serialization.add_safe_globals([{name}]) (or the "
+        "torch.serialization.safe_globals context manager) and load it again."
     )
 
 
@@ -413,7 +463,12 @@ def load_fairseq_checkpoint(
             with _allow_globals(SAFE_GLOBALS):
                 ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            raise CheckpointImportError(_refused_pickle_message(path, err)) from err
+            allowed = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
+            raise CheckpointImportError(
+                f"{explain_unpickling_error(path, err)} ecglm allows tensors, plain containers and {allowed} "
+                "(SAFE_GLOBALS). Or, in an environment you trust, re-save the file as "
+                "torch.save({'cfg': <plain dict>, 'model': <state dict>}, path)."
+            ) from err
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
         found = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointImportError(
@@ -429,53 +484,179 @@ def _as_dict(value: Any) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, Mapping) else None
 
 
-def fairseq_model_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The model config of a fairseq checkpoint: ``cfg['model']``, or ``vars(args)`` for pre-Hydra files.
+def _child(where: str, parent: Any, key: str) -> str:
+    return f"{where}.{key}" if isinstance(parent, argparse.Namespace) else f"{where}[{key!r}]"
 
-    A fine-tuned model built its encoder from the pretrained file's config, which fairseq-signals keeps
-    as ``cfg['model']['args']`` (TransformerModel.from_pretrained sets ``cfg.args``); that one wins,
-    since the fine-tuning config's own size fields may be unrelated defaults.
+
+def _states_architecture(config: Mapping[str, Any]) -> bool:
+    return any(config.get(field) is not None for field in FAIRSEQ_ARCHITECTURE_FIELDS)
+
+
+def _search_model_config(node: Any, where: str, looked: list[str]) -> tuple[dict[str, Any], str] | None:
+    """The innermost config under ``node`` that states the architecture, and where it is.
+
+    The pretrained model's config wins over the fine-tuning model's: fairseq-signals built the encoder
+    from it, and the fine-tuning config's own size fields can be unrelated defaults.
     """
+    config = _as_dict(node)
+    if config is None or len(looked) >= _MAX_CONFIG_DEPTH:
+        return None
+    looked.append(where)
+    for key in PRETRAINED_CONFIG_KEYS:
+        pretrained = config.get(key)
+        section = _as_dict(pretrained)
+        if section is None:
+            continue
+        inner = _child(where, node, key)
+        if _as_dict(section.get("model")) is not None:
+            found = _search_model_config(section["model"], _child(inner, pretrained, "model"), looked)
+        else:
+            found = _search_model_config(pretrained, inner, looked)
+        if found is not None:
+            return found
+    return (config, where) if _states_architecture(config) else None
+
+
+def find_fairseq_model_config(ckpt: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """``(config, where, looked)``: the model config that states a fairseq checkpoint's architecture.
+
+    Searched, first found wins: ``cfg['model']`` (Hydra files), then ``args`` (pre-Hydra
+    ``argparse.Namespace``); in each, the pretrained model's config a fine-tuned file keeps under
+    ``w2v_args`` or ``args`` (a dict with a ``model`` section, or a flat Namespace) comes first. A
+    config states the architecture when it sets any of :data:`FAIRSEQ_ARCHITECTURE_FIELDS`.
+    ``config`` is None when none does; ``looked`` lists every config searched, by its path in the file.
+    """
+    looked: list[str] = []
     cfg = _as_dict(ckpt.get("cfg"))
-    model = _as_dict(cfg.get("model")) if cfg else None
-    if model is None:
-        model = _as_dict(ckpt.get("args"))
-    if model is None:
-        raise CheckpointImportError(
-            "the checkpoint has neither cfg['model'] nor args: its architecture is unknown"
-        )
-    pretrained = _as_dict(model.get("args"))
-    if pretrained is not None:
-        return _as_dict(pretrained.get("model")) or pretrained
-    return model
+    candidates = ((cfg.get("model"), "cfg['model']"),) if cfg else ()
+    for node, where in (*candidates, (ckpt.get("args"), "args")):
+        found = _search_model_config(node, where, looked)
+        if found is not None:
+            return found[0], found[1], looked
+    return None, "", looked
 
 
-def fairseq_sample_rate(ckpt: Mapping[str, Any]) -> int | None:
-    """``cfg['task']['sample_rate']`` (or ``args.sample_rate``); fairseq-signals' datasets refuse others."""
+def _no_architecture_message(source: str, looked: Sequence[str], missing: Sequence[str] = ()) -> str:
+    searched = (
+        f"looked in {', '.join(looked)}, and none sets any of fairseq-signals' size fields "
+        f"({', '.join(FAIRSEQ_ARCHITECTURE_FIELDS)})"
+        if looked
+        else "the file has neither cfg['model'] nor args"
+    )
+    missing = missing or tuple(ARCHITECTURE_DEFAULTS)
+    return (
+        f"{source} states no architecture: {searched}. ecglm does not guess it from its defaults: pass "
+        f"every size argument to import the file anyway (not given: {', '.join(missing)}), or re-save it "
+        "with cfg['model'] from the run that trained it."
+    )
+
+
+def fairseq_model_config(ckpt: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
+    """The model config that states a fairseq checkpoint's architecture (:func:`find_fairseq_model_config`).
+
+    Raises :class:`CheckpointImportError` naming ``source`` and the configs searched when none does.
+    """
+    config, _, looked = find_fairseq_model_config(ckpt)
+    if config is None:
+        raise CheckpointImportError(_no_architecture_message(source, looked))
+    return config
+
+
+def fairseq_sample_rate(ckpt: Mapping[str, Any], depth: int = 0) -> int | None:
+    """``cfg['task']['sample_rate']`` (or ``args.sample_rate``); fairseq-signals' datasets refuse others.
+
+    A fine-tuned file whose own task leaves the rate unset (fairseq-signals' classification task allows
+    it) takes its pretraining run's, from the config it keeps under ``w2v_args`` / ``args``.
+    """
     cfg = _as_dict(ckpt.get("cfg"))
     task = _as_dict(cfg.get("task")) if cfg else _as_dict(ckpt.get("args"))
     rate = task.get("sample_rate") if task else None
-    return int(rate) if isinstance(rate, (int, float)) and rate > 0 else None
+    if isinstance(rate, (int, float)) and rate > 0:
+        return int(rate)
+    model = _as_dict(cfg.get("model")) if cfg else _as_dict(ckpt.get("args"))
+    for key in PRETRAINED_CONFIG_KEYS if model and depth < _MAX_CONFIG_DEPTH else ():
+        pretrained = _as_dict(model.get(key))
+        if pretrained is not None:
+            hydra = "task" in pretrained or "model" in pretrained
+            found = fairseq_sample_rate({"cfg": pretrained} if hydra else {"args": pretrained}, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
-def architecture_from_fairseq(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Wav2Vec2ECGEncoder arguments from a fairseq-signals model config (fairseq defaults where absent)."""
+def stated_architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The Wav2Vec2ECGEncoder arguments a fairseq-signals model config sets (only those it sets)."""
     mode = model_cfg.get("extractor_mode", "default")
     if mode != "default":
         raise CheckpointImportError(
             f"extractor_mode={mode!r} is not supported: Wav2Vec2ECGEncoder has the 'default' feature "
             "extractor (GroupNorm on the first convolution only)"
         )
-    arch = dict(ARCHITECTURE_DEFAULTS)
-    for field, argument in FAIRSEQ_ARCHITECTURE_FIELDS.items():
-        if model_cfg.get(field) is not None:
-            arch[argument] = model_cfg[field]
+    stated = {
+        argument: model_cfg[field]
+        for field, argument in FAIRSEQ_ARCHITECTURE_FIELDS.items()
+        if model_cfg.get(field) is not None
+    }
+    if "conv_layers" in stated:
+        stated["conv_layers"] = parse_conv_layers(stated["conv_layers"])
+    return stated
+
+
+def architecture_from_fairseq(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Wav2Vec2ECGEncoder arguments from a fairseq-signals model config (fairseq defaults where absent)."""
+    arch = {**ARCHITECTURE_DEFAULTS, **stated_architecture(model_cfg)}
     arch["conv_layers"] = parse_conv_layers(arch["conv_layers"])
     return arch
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@dataclass(frozen=True)
+class FairseqLayout:
+    """How a fairseq-signals state dict spells the encoder's keys.
+
+    ``prefix``: ``""`` in a pretraining file, ``"encoder."`` or ``"w2v_encoder.w2v_model."`` in a
+    fine-tuned one. ``old_pos_conv``: the positional convolution under ``encoder.pos_conv.``
+    (ConvTransformerModel). ``weight_g_v``: torch.nn.utils.weight_norm's names (what fairseq-signals
+    writes; assumed when the file holds neither spelling).
+    """
+
+    prefix: str = ""
+    old_pos_conv: bool = False
+    weight_g_v: bool = True
+
+    @classmethod
+    def of(cls, keys: Iterable[str]) -> FairseqLayout:
+        keys = list(keys)
+        found = {k.partition(_FEATURE_EXTRACTOR)[0] for k in keys if _FEATURE_EXTRACTOR in k}
+        prefixes = sorted(p for p in found if p == "" or p.endswith("."))
+        if len(prefixes) > 1 and "" not in prefixes:
+            raise CheckpointImportError(
+                f"the state dict holds several encoders (under {', '.join(prefixes)}): save the one to import"
+            )
+        prefix = prefixes[0] if prefixes else ""
+        return cls(
+            prefix=prefix,
+            old_pos_conv=any(k.startswith(prefix + _OLD_POS_CONV) for k in keys),
+            weight_g_v=not any(".parametrizations.weight.original" in k for k in keys),
+        )
+
+    def file_key(self, name: str) -> str:
+        """An encoder parameter's name as this file would spell it."""
+        if self.weight_g_v and name.startswith(_POS_CONV + "0."):
+            leaf = name.removeprefix(_POS_CONV + "0.")
+            name = _POS_CONV + "0." + next((g for g, p in _WEIGHT_NORM.items() if p == leaf), leaf)
+        if self.old_pos_conv and name.startswith(_POS_CONV):
+            name = _OLD_POS_CONV + name.removeprefix(_POS_CONV)
+        return self.prefix + name
+
+    def is_task_head(self, key: str) -> bool:
+        """A fine-tuned model's head, beside the encoder at any level of its prefix (``w2v_encoder.proj``)."""
+        parts = self.prefix.split(".")[:-1]
+        wrappers = {"".join(f"{p}." for p in parts[:i]) for i in range(len(parts))}
+        return any(key.startswith(w) and _under(key.removeprefix(w), FINETUNING_HEADS) for w in wrappers)
 
 
 def _ecglm_name(name: str) -> str:
@@ -494,24 +675,19 @@ def convert_fairseq_state_dict(
 
     Returns ``(state, source, ignored)``: the renamed tensors, each new name's key in the file, and
     the file's keys left out (pretraining-only parameters, a fine-tuned model's task head).
-    Fine-tuned files (everything under ``encoder.``) are recognised and unwrapped.
+    Fine-tuned files (the encoder under a prefix, see :class:`FairseqLayout`) are recognised and
+    unwrapped.
     """
-    finetuned = not any(k.startswith("feature_extractor.") for k in state) and any(
-        k.startswith(FINETUNED_PREFIX + "feature_extractor.") for k in state
-    )
+    layout = FairseqLayout.of(state)
     converted: dict[str, Tensor] = {}
     source: dict[str, str] = {}
     ignored: list[str] = []
     for key, value in state.items():
         if not isinstance(value, Tensor):
             raise CheckpointImportError(f"{key} holds a {type(value).__name__}, not a tensor")
-        name = key
-        if finetuned:
-            if not key.startswith(FINETUNED_PREFIX) and _under(key, FINETUNING_HEADS):
-                ignored.append(key)
-                continue
-            name = key.removeprefix(FINETUNED_PREFIX)
-        if _under(name, PRETRAINING_ONLY):
+        inside = key.startswith(layout.prefix)
+        name = key.removeprefix(layout.prefix)
+        if (not inside and layout.is_task_head(key)) or _under(name, PRETRAINING_ONLY):
             ignored.append(key)
             continue
         name = _ecglm_name(name)
@@ -526,10 +702,28 @@ def _key_list(keys: Sequence[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _describe_ignored(ignored: Sequence[str]) -> str:
-    """``["quantizer.vars", "encoder.mask_emb", "proj.weight"]`` -> ``"mask_emb, proj.*, quantizer.*"``."""
-    modules = {k.removeprefix(FINETUNED_PREFIX) for k in ignored}
-    return ", ".join(sorted({m if "." not in m else m.split(".")[0] + ".*" for m in modules}))
+def _ignored_module(key: str, prefix: str) -> str:
+    inside = key.startswith(prefix)
+    name = key.removeprefix(prefix)
+    if "." not in name:
+        return name
+    return (name.split(".")[0] if inside else name.rpartition(".")[0]) + ".*"
+
+
+def _describe_ignored(ignored: Sequence[str], prefix: str) -> str:
+    """``["encoder.quantizer.vars", "encoder.mask_emb", "proj.weight"]``, ``"encoder."`` ->
+    ``"mask_emb, proj.*, quantizer.*"``."""
+    return ", ".join(sorted({_ignored_module(k, prefix) for k in ignored}))
+
+
+def _size_conflict(argument: str, value: Any, stated: Mapping[str, Any]) -> str:
+    if argument in stated:
+        return f"{argument}={value!r} (the file has {stated[argument]!r})"
+    field = _FAIRSEQ_FIELD[argument]
+    return (
+        f"{argument}={value!r} (the file does not state {field}; fairseq-signals' default is "
+        f"{ARCHITECTURE_DEFAULTS[argument]!r})"
+    )
 
 
 class Wav2Vec2ECGEncoder(ECGEncoder):
@@ -537,9 +731,12 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
 
     The defaults are the CMSC / ECG-FM size: four ``(256, 2, 2)`` convolutions turn 2,500 samples
     into 156 frames, projected to 768 and fed through 12 post-LN transformer layers. With
-    ``checkpoint``, the architecture comes from the file's ``cfg['model']`` and its weights are
-    loaded (``pretrained`` is then True); size arguments may be left out, and one that contradicts
-    the file is an error.
+    ``checkpoint``, the architecture comes from the file's config (:func:`find_fairseq_model_config`:
+    ``cfg['model']``, ``args``, or the pretrained model's config a fine-tuned file keeps in them) and
+    its weights are loaded (``pretrained`` is then True); size arguments may be left out, and one that
+    contradicts the file is an error. A file that states no architecture needs every size argument.
+    An imported encoder is returned in eval mode (no dropout); ``.train()`` turns dropout back on, as
+    :class:`ecglm.module.ECGLanguageModel` does for an encoder that trains.
 
     Args:
         in_channels: Number of leads (default 12).
@@ -606,6 +803,9 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
         if ckpt is not None:
             self.load_fairseq_state_dict(ckpt["model"], strict=strict, source=self.checkpoint)
             self.pretrained = True
+            # Imported weights are mostly used as they are (frozen, or to encode); whatever trains them
+            # calls .train() (ECGLanguageModel does), so eval is the mode that cannot silently add dropout.
+            self.eval()
 
     @staticmethod
     def _architecture(given: dict[str, Any], ckpt: Mapping | None, path: str | None) -> dict[str, Any]:
@@ -613,12 +813,19 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
             given["conv_layers"] = parse_conv_layers(given["conv_layers"])
         if ckpt is None:
             return {**ARCHITECTURE_DEFAULTS, **given}
-        arch = architecture_from_fairseq(fairseq_model_config(ckpt))
-        conflicts = [f"{k}={v!r} (the file has {arch[k]!r})" for k, v in given.items() if v != arch[k]]
+        config, where, looked = find_fairseq_model_config(ckpt)
+        if config is None:
+            missing = [k for k in ARCHITECTURE_DEFAULTS if k not in given]
+            if missing:
+                raise CheckpointImportError(_no_architecture_message(f"checkpoint {path}", looked, missing))
+            return given
+        stated = stated_architecture(config)
+        arch = architecture_from_fairseq(config)
+        conflicts = [_size_conflict(k, v, stated) for k, v in given.items() if v != arch[k]]
         if conflicts:
             raise ValueError(
-                f"the architecture comes from checkpoint {path}, and these arguments contradict it: "
-                f"{'; '.join(conflicts)}. Leave them out, or use a checkpoint of that size."
+                f"the architecture comes from {where} of checkpoint {path}, and these arguments contradict "
+                f"it: {'; '.join(conflicts)}. Leave them out, or use a checkpoint of that size."
             )
         return arch
 
@@ -677,11 +884,12 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
         trust_pickle: bool = False,
         **overrides: Any,
     ) -> Wav2Vec2ECGEncoder:
-        """Import a fairseq-signals / ECG-FM checkpoint (pretrained or fine-tuned).
+        """Import a fairseq-signals / ECG-FM checkpoint (pretrained or fine-tuned), in eval mode.
 
         The architecture comes from the file; ``overrides`` may set the other constructor arguments
         (``dropout``, ``sampling_rate``, ``num_samples``, ``normalization``) and repeat size arguments
-        that agree with the file. The encoder is moved to ``map_location`` after loading.
+        that agree with the file (or give all of them, for a file that states none). The encoder is
+        moved to ``map_location`` after loading; call ``.train()`` to train it with dropout.
         """
         encoder = cls(checkpoint=os.fspath(path), strict=strict, trust_pickle=trust_pickle, **overrides)
         return encoder.to(map_location)
@@ -692,11 +900,13 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
         """Load fairseq-signals weights exactly; return the file's keys that were left out on purpose.
 
         Missing keys and shape mismatches always raise :class:`CheckpointImportError` listing them;
-        unknown keys raise too unless ``strict=False`` (then they are listed in a warning).
+        unknown keys raise too unless ``strict=False`` (then they are listed in a warning). Every key is
+        named as the file spells it (its prefix, its weight-norm names), missing ones included.
         """
         converted, keys_in_file, ignored = convert_fairseq_state_dict(state)
+        layout = FairseqLayout.of(state)
         expected = self.state_dict()
-        missing = sorted(set(expected) - set(converted))
+        missing = sorted(layout.file_key(k) for k in set(expected) - set(converted))
         unknown = sorted(keys_in_file[k] for k in set(converted) - set(expected))
         if missing or (unknown and strict):
             raise CheckpointImportError(
@@ -717,7 +927,8 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
             raise CheckpointImportError(f"{source}: shape mismatch (nothing was loaded): {'; '.join(shapes)}")
         self.load_state_dict({k: converted[k] for k in expected}, strict=True)
         if ignored:
-            log.info("%s: left out %d unused keys (%s)", source, len(ignored), _describe_ignored(ignored))
+            described = _describe_ignored(ignored, layout.prefix)
+            log.info("%s: left out %d unused keys (%s)", source, len(ignored), described)
         return ignored
 
     def num_frames(self, num_samples: int) -> int:
