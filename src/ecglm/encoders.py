@@ -145,6 +145,18 @@ class ECGEncoder(nn.Module, ABC):
     def forward(self, ecg: Tensor) -> Tensor:
         """Encode ``ecg`` of shape ``(batch, leads, samples)`` into ``(batch, frames, output_dim)``."""
 
+    def top_layers(self, n: int) -> list[nn.Module]:
+        """Optional: the modules that training the top ``n`` layers unfreezes, lowest first.
+
+        Policies call it for ``encoder_top_layers: n``. An encoder without a stack of layers to
+        choose from keeps this default, which refuses.
+        """
+        raise TypeError(
+            f"encoder_top_layers needs an encoder that says which its top layers are; "
+            f"{type(self).__name__} has neither known layers nor a top_layers(n) -> list[nn.Module] of "
+            "its own. Use train_encoder: true to train all of it"
+        )
+
 
 class _SamePad(nn.Module):
     """Drops the extra frame that an even-sized, centre-padded convolution produces."""
@@ -930,6 +942,18 @@ class Wav2Vec2ECGEncoder(ECGEncoder):
             described = _describe_ignored(ignored, layout.prefix)
             log.info("%s: left out %d unused keys (%s)", source, len(ignored), described)
         return ignored
+
+    def top_layers(self, n: int) -> list[nn.Module]:
+        """The last ``n`` transformer layers and, in a pre-LN encoder (``layer_norm_first``), the norm
+        applied after them; in the post-LN layout of fairseq-signals that norm comes before the first
+        layer and stays frozen, as do the convolutions, projection and positional convolution."""
+        layers = self.encoder.layers
+        if not 1 <= n <= len(layers):
+            raise ValueError(f"encoder_top_layers must be between 1 and {len(layers)} (its layers); got {n}")
+        top: list[nn.Module] = list(layers[len(layers) - n :])
+        if self.encoder.layer_norm_first:
+            top.append(self.encoder.layer_norm)
+        return top
 
     def num_frames(self, num_samples: int) -> int:
         """Frames returned for ``num_samples`` input samples: ``floor((n - k) / s) + 1`` per convolution."""

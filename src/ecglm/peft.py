@@ -20,7 +20,7 @@ from torch import nn
 
 from ecglm.backbones import Backbone
 from ecglm.connectors import Connector
-from ecglm.encoders import ECGEncoder, Wav2Vec2ECGEncoder
+from ecglm.encoders import ECGEncoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -81,27 +81,10 @@ def is_4bit(model: nn.Module) -> bool:
 def encoder_top_layers(encoder: ECGEncoder, n: int) -> list[nn.Module]:
     """The modules that training the top ``n`` layers of ``encoder`` unfreezes, lowest first.
 
-    For :class:`~ecglm.encoders.Wav2Vec2ECGEncoder` these are the last ``n`` of its transformer
-    layers (``encoder.encoder.layers``) and, in a pre-LN encoder (``layer_norm_first``), the norm
-    applied after them; in the post-LN layout of fairseq-signals that norm comes before the first
-    layer and stays frozen, as do the convolutions, projection and positional convolution. Any
-    other encoder opts in with a ``top_layers(n) -> list[nn.Module]`` method.
+    The encoder says which they are (:meth:`ECGEncoder.top_layers`; for
+    :class:`~ecglm.encoders.Wav2Vec2ECGEncoder` its last ``n`` transformer layers).
     """
-    if hasattr(encoder, "top_layers"):
-        return list(encoder.top_layers(n))
-    if not isinstance(encoder, Wav2Vec2ECGEncoder):
-        raise TypeError(
-            f"encoder_top_layers needs an encoder whose layers are known: Wav2Vec2ECGEncoder, or one that "
-            f"defines top_layers(n) -> list[nn.Module]; {type(encoder).__name__} has neither. Use "
-            "train_encoder: true to train all of it"
-        )
-    layers = encoder.encoder.layers
-    if not 1 <= n <= len(layers):
-        raise ValueError(f"encoder_top_layers must be between 1 and {len(layers)} (its layers); got {n}")
-    top: list[nn.Module] = list(layers[len(layers) - n :])
-    if encoder.encoder.layer_norm_first:
-        top.append(encoder.encoder.layer_norm)
-    return top
+    return list(encoder.top_layers(n))
 
 
 # --- gradient checkpointing -------------------------------------------------------------------------
