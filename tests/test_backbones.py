@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 
 import pytest
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ecglm.backbones import IGNORE_INDEX, ChatFormatter, HFBackbone, positions_from_mask
+from ecglm.backbones import (
+    ECG_MARKER,
+    IGNORE_INDEX,
+    Backbone,
+    ChatFormatter,
+    HFBackbone,
+    positions_from_mask,
+    resolve_model_path,
+)
 from ecglm_testing import FAMILIES, GEMMA4_TEXT, TINY, VOCAB
 
 K = 3  # ECG tokens per sample
@@ -411,6 +420,64 @@ def test_truncation_refuses_when_the_prompt_alone_is_too_long(tok):
         )  # 280 ECG tokens
 
 
+class QuestionBeforeECG(ChatFormatter):
+    """A user turn that asks first and shows the ECG after the question."""
+
+    def messages(self, question, answer=None, system_prompt=None, num_ecgs=1):
+        turns = super().messages(question, answer, system_prompt, num_ecgs)
+        user = next(t for t in turns if t["role"] == "user")
+        user["content"] = user["content"].replace(f"{ECG_MARKER}\n{question}", f"{question}\n{ECG_MARKER}")
+        return turns
+
+
+def test_truncation_cuts_the_question_end_when_the_ecg_follows_it(tok):
+    unlimited = QuestionBeforeECG(tok, "You read ECGs.")
+    full = unlimited.encode(LONG_QUESTION, "irregular", K)
+    question_ids = unlimited._tokens(LONG_QUESTION.strip())
+    between = unlimited._tokens(" \n")  # the question's trailing space, the newline before the ECG
+    closing = unlimited._tokens("<|im_end|>\n<|im_start|>assistant\n")
+    answer = [t for t, label in zip(full.input_ids, full.labels, strict=True) if label != IGNORE_INDEX]
+    # 13 system-turn tokens + 200 question + 1 between, then the ECG; 6 closing tokens; the answer is 4.
+    assert (len(question_ids), len(between), len(closing), len(answer)) == (200, 1, 6, 4)
+    assert full.ecg_start == 13 + 200 + 1 and full.prompt_length == full.ecg_start + K + 6
+
+    formatter = QuestionBeforeECG(tok, "You read ECGs.", max_length=120)
+    cut = formatter.encode(LONG_QUESTION, "irregular", K)
+
+    kept = 120 - 4 - 13 - 1 - K - 6  # the question's first 93 tokens
+    assert len(cut.input_ids) == 120 and cut.prompt_length == 116
+    assert cut.input_ids[:13] == full.input_ids[:13]  # the system turn and the user turn's opening
+    assert cut.input_ids[13 : 13 + kept] == question_ids[:kept]
+    assert cut.input_ids[13 + kept : cut.ecg_start] == between
+    assert cut.ecg_starts == (13 + kept + 1,)
+    assert cut.input_ids[cut.ecg_start : cut.ecg_start + K] == [formatter.placeholder_token_id] * K
+    assert cut.input_ids[cut.ecg_start + K : cut.prompt_length] == closing
+    assert [t for t, label in zip(cut.input_ids, cut.labels, strict=True) if label != IGNORE_INDEX] == answer
+    # Generation reads the same shortened question, with room for min_answer_tokens = 16 new tokens.
+    prompt = formatter.encode(LONG_QUESTION, None, K)
+    assert len(prompt.input_ids) == 120 - 16 and prompt.input_ids[:13] == full.input_ids[:13]
+    assert prompt.input_ids[prompt.ecg_start :] == [formatter.placeholder_token_id] * K + closing
+    with pytest.raises(ValueError, match="the prompt without its question is 23 tokens"):
+        QuestionBeforeECG(tok, "You read ECGs.", max_length=26).encode(LONG_QUESTION, "irregular", K)
+
+
+@pytest.mark.parametrize(
+    "formatter_class", [ChatFormatter, QuestionBeforeECG], ids=["ecg-first", "question-first"]
+)
+def test_truncation_leaves_a_system_prompt_that_repeats_the_question(tok, formatter_class):
+    question = "Describe the morphology of every beat in the tracing. " * 10  # 100 tokens
+    system = f"You read ECGs. Example question: {question.strip()} Answer: sinus rhythm."
+    full = formatter_class(tok, system).encode(question, "irregular", K)
+    cut = formatter_class(tok, system, max_length=full.prompt_length - 30 + 4).encode(
+        question, "irregular", K
+    )
+
+    assert len(cut.input_ids) == len(full.input_ids) - 30
+    system_turn = tok(f"<|im_start|>system\n{system}<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert cut.input_ids[: len(system_turn)] == full.input_ids[: len(system_turn)] == system_turn
+    assert cut.input_ids[-4:] == full.input_ids[-4:]  # the answer
+
+
 #: Gemma 2's chat template (no system role: it raises), and one that silently drops system turns.
 GEMMA2_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
@@ -545,3 +612,54 @@ def test_conversation_falls_back_to_its_first_turn_when_the_template_rewrites_hi
         enc = formatter.encode_turns(TURNS, K)
     assert enc == formatter.encode(TURNS[0]["question"], TURNS[0]["answer"], K)
     assert "training on first turns only" in caplog.text
+
+
+class NoWidthBackbone(Backbone):
+    """Implements every abstract method but never sets ``hidden_size``."""
+
+    def __init__(self, formatter: ChatFormatter):
+        super().__init__()
+        self.formatter = formatter
+
+    def embed_tokens(self, input_ids): ...
+
+    def forward(self, input_ids, attention_mask, ecg_mask, ecg_tokens, labels=None): ...
+
+    def generate(self, input_ids, attention_mask, ecg_mask, ecg_tokens, **generation_kwargs): ...
+
+
+def test_a_backbone_without_hidden_size_is_named_where_it_is_needed(tok, tiny_encoder_factory):
+    from ecglm.connectors import MLPConnector
+    from ecglm.module import ECGLanguageModel
+
+    backbone = NoWidthBackbone(ChatFormatter(tok))
+    message = r"NoWidthBackbone has no hidden_size: a Backbone must set self\.hidden_size"
+    with pytest.raises(AttributeError, match=message):
+        ECGLanguageModel(tiny_encoder_factory(), MLPConnector(), backbone)
+    assert not hasattr(backbone, "hidden_size")  # still an AttributeError, for getattr with a default
+    with pytest.raises(AttributeError, match="has no attribute 'width'"):
+        backbone.width  # noqa: B018 - other attributes keep torch's message
+
+
+@pytest.mark.parametrize(
+    "model", ["/no/such/dir", "./models/missing", "../missing", "~/no-such-model", "a/b/c"]
+)
+def test_a_local_model_path_that_does_not_exist_is_named(model):
+    with pytest.raises(FileNotFoundError, match=f"model path {re.escape(repr(model))} does not exist"):
+        HFBackbone(model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HFBackbone("llama", tokenizer=model, random_init=True)
+
+
+@pytest.mark.parametrize("model", ["HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "llama"])
+def test_hub_ids_and_model_types_are_not_taken_for_paths(model):
+    assert resolve_model_path(model) == model
+
+
+def test_an_existing_local_folder_and_home_paths_resolve(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    assert resolve_model_path(str(tmp_path / "model")) == str(tmp_path / "model")
+    assert resolve_model_path("~/model") == str(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("./model") == "./model"

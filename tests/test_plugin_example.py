@@ -19,7 +19,8 @@ from ecglm.backbones import ECG_MARKER, IGNORE_INDEX
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
-from ecglm.plugins import discover, format_registry, resolve_class_paths
+from ecglm.plugins import component_provenance, discover, format_registry, resolve_class_paths
+from ecglm.testing import check_backbone, tiny_backbone
 from ecglm_testing import REPO, TINY, import_fresh_from, package_version, pip_install_copy
 
 PLUGIN_SRC = REPO / "plugins" / "ecglm-plain-prompt"
@@ -60,6 +61,19 @@ def test_discovered_and_listed(installed):
     assert re.search(line, format_registry(registry), re.M)
 
 
+def test_checkpoint_provenance_names_the_plugin_distribution(installed, no_template_tokenizer_dir):
+    backbone = tiny_backbone(tokenizer=no_template_tokenizer_dir, backbone_class=plugin_class())
+
+    provenance = component_provenance(backbone, MLPConnector())
+
+    assert provenance[CLASS_PATH] == {
+        "class_path": CLASS_PATH,
+        "distribution": DIST,
+        "version": plugin_version(),
+    }
+    assert provenance["ecglm.connectors.MLPConnector"]["distribution"] == "ecglm"
+
+
 def test_safe_to_import_twice(installed):
     first = plugin_class()
     del sys.modules[PACKAGE]  # a fresh import, as in another process or after a reload
@@ -83,6 +97,54 @@ def test_templates_are_checked_before_the_model_loads(installed):
         cls("no-such-model", prompt_template="Question: {question}\nAnswer:")
     with pytest.raises(ValueError, match="answer_template"):
         cls("no-such-model", answer_template=" {reply}")
+
+
+def test_a_template_with_the_ecg_after_the_question_is_truncated_and_trains(
+    installed, tokenizer_dir, tiny_encoder_factory
+):
+    template = f"Question: {{question}}\nECG: {ECG_MARKER}\nAnswer:"
+    torch.manual_seed(0)
+    backbone = plugin_class()(
+        "llama",
+        tokenizer=tokenizer_dir,
+        random_init=True,
+        config_overrides=dict(TINY, vocab_size=49152),
+        max_length=40,
+        prompt_template=template,
+    )
+    model = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=2), backbone)
+    question = "Describe the morphology of every beat in the tracing. " * 5
+    items = [
+        {
+            "key": "ecg0",
+            "ecg": np.zeros((12, 2500), np.float32),
+            "question": question,
+            "answer": "sinus",
+            "question_type": "morphology",
+        }
+    ]
+
+    batch = QACollator(backbone.formatter, 2)(items)
+
+    tok = backbone.tokenizer
+    answer_ids = tok(f" sinus{tok.eos_token}", add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"].shape == (1, 40)
+    assert batch["labels"][0, -len(answer_ids) :].tolist() == answer_ids
+    assert batch["ecg_mask"][0].sum() == 2
+    text = tok.decode(batch["input_ids"][0][~batch["ecg_mask"][0]])
+    start = "Question: Describe the morphology of every beat"
+    assert text.startswith(start) and text.endswith(f"\nECG: \nAnswer: sinus{tok.eos_token}")
+    assert len(text) < len(f"Question: {question}\nECG: \nAnswer:")  # the question was shortened
+    loss = model(batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.connector.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_keeps_the_backbone_contract(installed, no_template_tokenizer_dir):
+    backbone = tiny_backbone(
+        tokenizer=no_template_tokenizer_dir, backbone_class=plugin_class(), system_prompt=SYSTEM
+    )
+    assert torch.isfinite(check_backbone(backbone))
 
 
 @pytest.fixture(scope="module")

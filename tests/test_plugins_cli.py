@@ -42,13 +42,16 @@ def test_plugins_command_lists_every_group(capsys):
     assert "ecglm.backbones.HFBackbone" in out and "ecglm 0.1.0" in out
 
 
-def write_dist(site: Path, dist: str, module: str, body: str, entry: str) -> None:
-    """A real installed distribution (dist-info with entry_points.txt) in ``site``."""
+def write_dist(
+    site: Path, dist: str, module: str, body: str, entry: str, group: str = "ecglm.backbones"
+) -> None:
+    """A real installed distribution (dist-info with entry_points.txt and RECORD) in ``site``."""
     (site / f"{module}.py").write_text(body)
     info = site / f"{dist.replace('-', '_')}-9.9.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 9.9\n")
-    (info / "entry_points.txt").write_text(f"[ecglm.backbones]\n{entry}\n")
+    (info / "RECORD").write_text(f"{module}.py,,\n{info.name}/METADATA,,\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{entry}\n" if entry else "")
 
 
 def test_broken_plugin_is_reported_and_others_still_load(tmp_path, monkeypatch, capsys):
@@ -70,13 +73,112 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path, monkeypatch, 
         resolve_class_paths({"model": {"backbone": {"class_path": "broken"}}}, registry)
 
 
-def test_a_second_package_cannot_take_a_registered_name(tmp_path, monkeypatch):
-    write_dist(tmp_path, "squatter", "squatter_backbone", "class B: ...\n", "hf = squatter_backbone:B")
+def discovered_first(dist: str, monkeypatch) -> None:
+    """``discover`` sees the entry points of ``dist`` before every other (the order is the file system's)."""
+    import importlib.metadata
+
+    real = importlib.metadata.entry_points
+
+    def ordered(group: str) -> list:
+        return sorted(real(group=group), key=lambda ep: ep.dist.name != dist)
+
+    monkeypatch.setattr("ecglm.plugins.entry_points", ordered)
+
+
+SQUATTER = "from ecglm.backbones import HFBackbone\n\nclass Squatter(HFBackbone): ...\n"
+
+
+@pytest.mark.parametrize("first", ["squatter", "ecglm"])
+def test_a_plugin_cannot_take_a_builtin_name_whatever_the_order(first, tmp_path, monkeypatch):
+    write_dist(tmp_path, "squatter", "squatter_backbone", SQUATTER, "hf = squatter_backbone:Squatter")
     monkeypatch.syspath_prepend(str(tmp_path))
+    discovered_first(first, monkeypatch)
+
     registry = discover()
-    assert registry.plugins["ecglm.backbones"]["hf"].distribution in {"ecglm", "squatter"}
+
+    hf = registry.plugins["ecglm.backbones"]["hf"]
+    assert (hf.distribution, hf.class_path) == ("ecglm", "ecglm.backbones.HFBackbone")
     [failure] = registry.failures
-    assert failure.plugin.name == "hf" and "already registered by" in failure.error
+    assert (failure.plugin.name, failure.plugin.distribution) == ("hf", "squatter")
+    assert "already registered by ecglm's own ecglm 0.1.0 (ecglm.backbones.HFBackbone)" in failure.error
+    assert "FAILED ecglm.backbones 'hf' from squatter 9.9: " in format_registry(registry)
+    config = {"model": {"backbone": {"class_path": "hf"}}}
+    assert (
+        resolve_class_paths(config, registry)["model"]["backbone"]["class_path"]
+        == "ecglm.backbones.HFBackbone"
+    )
+
+
+@pytest.mark.parametrize("first", ["alpha-plugin", "beta-plugin"])
+def test_two_plugins_with_one_name_are_both_refused_whatever_the_order(first, tmp_path, monkeypatch):
+    for dist in ("alpha-plugin", "beta-plugin"):
+        module = dist.replace("-", "_")
+        write_dist(tmp_path, dist, module, SQUATTER, f"twin = {module}:Squatter")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    discovered_first(first, monkeypatch)
+
+    registry = discover()
+
+    assert "twin" not in registry.plugins["ecglm.backbones"]
+    assert sorted(f.plugin.distribution for f in registry.failures) == ["alpha-plugin", "beta-plugin"]
+    both = "alpha-plugin 9.9 (alpha_plugin.Squatter); beta-plugin 9.9 (beta_plugin.Squatter)"
+    for failure in registry.failures:
+        assert f"name 'twin' is registered by more than one distribution: {both}" in failure.error
+    with pytest.raises(
+        UnknownComponentError, match=r"which clashes with another plugin: .*alpha-plugin.*beta-plugin"
+    ):
+        resolve_class_paths({"model": {"backbone": {"class_path": "twin"}}}, registry)
+
+
+INVALID = """
+from torch import nn
+from ecglm.backbones import Backbone
+from ecglm.encoders import ECGEncoder
+
+class NoGenerate(Backbone):
+    def embed_tokens(self, input_ids): ...
+    def forward(self, *args): ...
+
+class NoForward(ECGEncoder): ...
+
+class NotABackbone(nn.Module): ...
+
+def make_backbone(): ...
+"""
+
+
+def test_invalid_components_are_reported_at_discovery(tmp_path, monkeypatch, capsys):
+    entries = {
+        "ecglm.backbones": [
+            "abstract = invalid:NoGenerate",
+            "wrong-base = invalid:NotABackbone",
+            "function = invalid:make_backbone",
+        ],
+        "ecglm.encoders": [
+            "abstract-encoder = invalid:NoForward",
+            "backbone-as-encoder = ecglm.backbones:HFBackbone",
+        ],
+    }
+    write_dist(tmp_path, "invalid-plugin", "invalid", INVALID, "")
+    text = "".join(f"[{group}]\n" + "".join(f"{e}\n" for e in lines) for group, lines in entries.items())
+    (tmp_path / "invalid_plugin-9.9.dist-info" / "entry_points.txt").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    registry = discover()
+
+    errors = {f.plugin.name: f.error for f in registry.failures}
+    assert errors == {
+        "abstract": "invalid.NoGenerate is abstract: it does not implement generate",
+        "wrong-base": "invalid.NotABackbone is not a subclass of ecglm.backbones.Backbone",
+        "function": "invalid.make_backbone is a function, not a class",
+        "abstract-encoder": "invalid.NoForward is abstract: it does not implement forward",
+        "backbone-as-encoder": "ecglm.backbones.HFBackbone is not a subclass of ecglm.encoders.ECGEncoder",
+    }
+    assert not set(errors) & {name for group in registry.plugins.values() for name in group}
+    assert main(["plugins"]) == 1
+    assert "FAILED ecglm.backbones 'abstract' from invalid-plugin 9.9: invalid.NoGenerate is abstract" in (
+        capsys.readouterr().out
+    )
 
 
 def test_entry_point_names_resolve_to_import_paths():
@@ -147,6 +249,56 @@ def test_entry_point_names_in_command_line_flags_resolve():
     ]
     with pytest.raises(UnknownComponentError, match=r"unknown ecglm\.backbones component 'gpt5'"):
         resolve_cli_args(["--model.backbone.class_path=gpt5"], registry)
+
+
+@pytest.mark.parametrize(
+    ("flags", "class_path"),
+    [
+        (["--model.backbone.help", "hf"], "ecglm.backbones.HFBackbone"),
+        (["--model.connector.help=linear"], "ecglm.connectors.LinearConnector"),
+    ],
+    ids=["flag-value", "flag=value"],
+)
+def test_help_for_one_component_takes_its_entry_point_name(flags, class_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *flags])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0, out.err
+    flag = flags[0].split("=")[0]
+    assert f"Help for {flag}={class_path}" in out.out
+
+
+def test_provenance_names_the_distribution_of_each_component(tmp_path, monkeypatch):
+    from ecglm import __version__
+    from ecglm.connectors import LinearConnector
+    from ecglm.plugins import component_provenance
+
+    write_dist(tmp_path, "provider", "provider_module", "class Thing: ...\n", "")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from provider_module import Thing
+
+    class Local:
+        pass
+
+    provenance = component_provenance(LinearConnector(), Thing(), Local())
+
+    assert provenance == {
+        "ecglm.connectors.LinearConnector": {
+            "class_path": "ecglm.connectors.LinearConnector",
+            "distribution": "ecglm",
+            "version": __version__,
+        },
+        "provider_module.Thing": {
+            "class_path": "provider_module.Thing",
+            "distribution": "provider",
+            "version": "9.9",
+        },
+        f"{__name__}.{Local.__qualname__}": {
+            "class_path": f"{__name__}.{Local.__qualname__}",
+            "distribution": "unknown",
+            "version": "unknown",
+        },
+    }
 
 
 def test_recipe_with_a_wrong_type_names_the_key(tmp_path, capsys):

@@ -70,8 +70,9 @@ class ChatFormatter:
     raises on it or leaves it out, found by rendering a probe) gets the system prompt at the start
     of the first user turn instead.
 
-    Sequences longer than ``max_length`` lose the end of the question first — never the ECG, the
-    template's tokens or the start of the answer — until the prompt leaves room for the first
+    Sequences longer than ``max_length`` lose the end of the question first (wherever the template
+    puts it, before or after the ECG) — never the ECG, the template's tokens or the start of the
+    answer — until the prompt leaves room for the first
     ``min_answer_tokens`` answer tokens (all of a shorter answer; for a generation prompt,
     ``min_answer_tokens`` new tokens); only then is the end of the answer cut.
 
@@ -188,25 +189,27 @@ class ChatFormatter:
         ``system_prompt`` replaces the formatter's own for this pair (few-shot prompts differ by dataset).
         ``num_ecgs`` ECGs (2 for comparison questions) each get ``num_ecg_tokens`` positions.
         """
-        prompt_text, pieces, after, tail = self._prompt(question, system_prompt, num_ecgs)
-        head, starts = [], []
-        for piece in pieces:
-            head += piece
-            starts.append(len(head))
-            head += [self.placeholder_token_id] * num_ecg_tokens
+        prompt_text, pieces, _, tail = self._prompt(question, system_prompt, num_ecgs)
         answer_ids = (
             self._tokens(self._answer_text(question, answer, prompt_text, system_prompt, num_ecgs))
             if answer is not None
             else []
         )
+        segments = [*pieces, tail]
         if self.max_length is not None:
             wanted = (
                 self.min_answer_tokens if answer is None else min(self.min_answer_tokens, len(answer_ids))
             )
-            if len(head) + len(tail) + wanted > self.max_length:
-                tail = self._shorten_question(question, after, len(head), wanted, num_ecg_tokens)
-            answer_ids = answer_ids[: self.max_length - len(head) - len(tail)]
-        prompt = head + tail
+            if sum(map(len, segments)) + num_ecgs * num_ecg_tokens + wanted > self.max_length:
+                segments = self._shorten_question(question, prompt_text, segments, wanted, num_ecg_tokens)
+        prompt, starts = [], []
+        for segment in segments[:-1]:
+            prompt += segment
+            starts.append(len(prompt))
+            prompt += [self.placeholder_token_id] * num_ecg_tokens
+        prompt += segments[-1]
+        if self.max_length is not None:
+            answer_ids = answer_ids[: self.max_length - len(prompt)]
         labels = [IGNORE_INDEX] * len(prompt) + answer_ids
         return EncodedChat(prompt + answer_ids, labels, starts[0], len(prompt), tuple(starts))
 
@@ -290,26 +293,36 @@ class ChatFormatter:
         return entry[0], [list(p) for p in entry[1]], entry[2], list(entry[3])
 
     def _shorten_question(
-        self, question: str, after: str, head_length: int, answer_room: int, num_ecg_tokens: int
-    ) -> list[int]:
-        """The prompt's tokens after the ECG with the question's end cut, leaving ``answer_room`` tokens."""
-        core = question.strip()
-        start = after.find(core) if core else -1
-        if start < 0:
+        self,
+        question: str,
+        prompt_text: str,
+        segments: list[list[int]],
+        answer_room: int,
+        num_ecg_tokens: int,
+    ) -> list[list[int]]:
+        """``segments``, the prompt's tokens between its ECGs, with the question's end cut so that
+        ``answer_room`` tokens fit; the question may come before, between or after the ECGs."""
+        texts = prompt_text.split(ECG_MARKER)
+        ecg_positions = (len(texts) - 1) * num_ecg_tokens
+        found = self._find_question(question, texts)
+        if found is None:
             raise ValueError(
-                f"prompt of {head_length + len(self._tokens(after))} tokens (with {num_ecg_tokens} ECG "
-                f"tokens) leaves no room for {answer_room} answer tokens within "
+                f"prompt of {ecg_positions + sum(map(len, segments))} tokens (with {num_ecg_tokens} tokens "
+                f"per ECG) leaves no room for {answer_room} answer tokens within "
                 f"max_length={self.max_length}, and the question cannot be shortened: the template does "
                 "not write it verbatim"
             )
-        end = start + len(core)
-        lead, cut, closing = (self._tokens(t) for t in (after[:start], after[start:end], after[end:]))
-        keep = self.max_length - answer_room - head_length - len(lead) - len(closing)
+        index, start, end = found
+        text = texts[index]
+        lead, cut, closing = (self._tokens(t) for t in (text[:start], text[start:end], text[end:]))
+        others = sum(len(s) for i, s in enumerate(segments) if i != index)
+        rest = ecg_positions + others + len(lead) + len(closing)
+        keep = self.max_length - answer_room - rest
         if keep < 0:
             raise ValueError(
-                f"the prompt without its question is {head_length + len(lead) + len(closing)} tokens (with "
-                f"{num_ecg_tokens} ECG tokens), which leaves no room for {answer_room} answer tokens within "
-                f"max_length={self.max_length}; shorten the system prompt or raise max_length"
+                f"the prompt without its question is {rest} tokens (with {num_ecg_tokens} tokens per ECG), "
+                f"which leaves no room for {answer_room} answer tokens within max_length={self.max_length}; "
+                "shorten the system prompt or raise max_length"
             )
         if not self._warned_truncation:
             self._warned_truncation = True
@@ -319,7 +332,20 @@ class ChatFormatter:
                 keep,
                 self.max_length,
             )
-        return lead + cut[:keep] + closing
+        return [*segments[:index], lead + cut[:keep] + closing, *segments[index + 1 :]]
+
+    @staticmethod
+    def _find_question(question: str, texts: list[str]) -> tuple[int, int, int] | None:
+        """``(segment, start, end)`` of the question's last verbatim occurrence in the prompt's texts.
+
+        The last, because the system prompt before it may repeat the question (few-shot demonstrations).
+        """
+        core = question.strip()
+        for index in reversed(range(len(texts)) if core else ()):
+            start = texts[index].rfind(core)
+            if start >= 0:
+                return index, start, start + len(core)
+        return None
 
     def _answer_frame(self, system_prompt: str | None) -> tuple[str, str] | None:
         """The text the template writes before and after an answer, if it writes answers verbatim.
@@ -383,6 +409,25 @@ class Backbone(nn.Module, ABC):
     formatter: ChatFormatter
     pretrained: bool = True
     prefix_reuse: bool = False
+
+    #: What a subclass must set in ``__init__``, and why (named when it is missing).
+    REQUIRED_ATTRIBUTES = {
+        "hidden_size": "the width of its token embeddings, which the connector projects the ECG to",
+        "formatter": "the ChatFormatter that tokenises its prompts",
+    }
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module.__getattr__ runs only for attributes not found the usual way; its message names
+        # neither the contract nor the class that broke it.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in self.REQUIRED_ATTRIBUTES:
+                raise
+        raise AttributeError(
+            f"{type(self).__name__} has no {name}: a Backbone must set self.{name} in __init__ "
+            f"({self.REQUIRED_ATTRIBUTES[name]})"
+        )
 
     @abstractmethod
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -613,9 +658,13 @@ def answer_loss(logits: Tensor, labels: Tensor, span: int) -> Tensor:
 
 
 def resolve_model_path(model: str) -> str:
-    """``pkg:NAME`` names the folder of an installed Python package that ships model files."""
+    """``pkg:NAME`` names the folder of an installed Python package that ships model files.
+
+    A value that can only be a local path (``/abs``, ``./rel``, ``../rel``, ``~/...``, or more than
+    one ``/``; a hub id is ``org/name``) must exist: transformers would call it a malformed repo id.
+    """
     if not model.startswith("pkg:"):
-        return model
+        return _local_path(model) if _is_local_path(model) else model
     name = model[len("pkg:") :]
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
@@ -623,6 +672,20 @@ def resolve_model_path(model: str) -> str:
             f"model {model!r}: no installed package named {name!r} (pip install it first)"
         )
     return next(iter(spec.submodule_search_locations))
+
+
+def _is_local_path(model: str) -> bool:
+    relative = model in (".", "..") or model.startswith(("./", "../", "~"))
+    return relative or os.path.isabs(model) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+
+
+def _local_path(model: str) -> str:
+    path = os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model path {model!r} does not exist (a local folder; a hub id reads org/name)"
+        )
+    return path
 
 
 def torch_dtype(name: str, what: str = "dtype") -> torch.dtype:

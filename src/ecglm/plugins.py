@@ -2,15 +2,21 @@
 
 ecglm's own encoders, connectors, backbones and PEFT policies are registered in its
 ``pyproject.toml`` exactly as a third-party package registers its own, under the groups in
-:data:`GROUPS`. Loading is safe to repeat, and a plugin that fails to import is reported with its
-distribution and error without breaking the others.
+:data:`GROUPS`. Loading is safe to repeat, and a plugin that fails to import, is not a valid
+component, or clashes with another's name is reported with its distribution and the reason
+without breaking the others. ecglm's own names always win; two plugins that claim the same name
+are both refused. :func:`component_provenance` says which distribution provides a component.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, packages_distributions, version
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +27,17 @@ GROUPS = {
     "backbone": "ecglm.backbones",
     "policy": "ecglm.peft",
 }
+
+#: The base class every component of a group derives from, imported only when a plugin is checked.
+BASE_CLASSES = {
+    "ecglm.encoders": "ecglm.encoders:ECGEncoder",
+    "ecglm.connectors": "ecglm.connectors:Connector",
+    "ecglm.backbones": "ecglm.backbones:Backbone",
+    "ecglm.peft": "ecglm.peft:PEFTPolicy",
+}
+
+#: The distribution whose entry points are the built-ins, which no plugin can replace.
+OWN_DISTRIBUTION = "ecglm"
 
 
 @dataclass(frozen=True)
@@ -35,11 +52,19 @@ class Plugin:
     def class_path(self) -> str:
         return self.target.replace(":", ".")
 
+    @property
+    def is_builtin(self) -> bool:
+        return self.distribution == OWN_DISTRIBUTION
+
+    def __str__(self) -> str:
+        return f"{self.distribution} {self.version} ({self.class_path})"
+
 
 @dataclass
 class PluginFailure:
     plugin: Plugin
     error: str
+    reason: str = "failed to load"  # completes "comes from DIST VERSION, which ..."
 
 
 @dataclass
@@ -54,18 +79,69 @@ class Registry:
         plugin = self.plugins.get(group, {}).get(name)
         return plugin.class_path if plugin else None
 
+    def fail(self, plugin: Plugin, error: str, reason: str) -> None:
+        self.failures.append(PluginFailure(plugin, error, reason))
+        log.warning(
+            "ecglm plugin %r (%s) from %s %s was not registered: %s",
+            *(plugin.name, plugin.group, plugin.distribution, plugin.version, error),
+        )
+
 
 def _describe(group: str, ep: EntryPoint) -> Plugin:
     dist = ep.dist
     return Plugin(group, ep.name, ep.value, dist.name if dist else "?", dist.version if dist else "?")
 
 
-def _load_error(ep: EntryPoint) -> str | None:
+def _load_error(ep: EntryPoint, group: str) -> str | None:
     try:
-        ep.load()
+        loaded = ep.load()
     except Exception as err:  # a broken plugin must not take the others down
         return f"{type(err).__name__}: {err}"
+    return component_error(loaded, group)
+
+
+def component_error(obj: object, group: str) -> str | None:
+    """Why ``obj`` cannot be a component of ``group`` (not a class, wrong base, abstract), or ``None``."""
+    module, _, name = BASE_CLASSES[group].partition(":")
+    base = getattr(importlib.import_module(module), name)
+    where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    if not inspect.isclass(obj):
+        return f"{where} is a {type(obj).__name__}, not a class"
+    if not issubclass(obj, base):
+        return f"{where} is not a subclass of {base.__module__}.{base.__qualname__}"
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        return f"{where} is abstract: it does not implement {missing}"
     return None
+
+
+def _ranked(candidates: Iterable[Plugin]) -> list[Plugin]:
+    """ecglm's own entry first, the rest by distribution: the same order whatever the discovery order."""
+    return sorted(candidates, key=lambda p: (not p.is_builtin, p.distribution, p.version, p.target))
+
+
+def _claim(registry: Registry, found: dict[Plugin, EntryPoint], load: bool) -> None:
+    """Register the one entry point that may hold its name, and report the refused ones."""
+    first, *others = _ranked(found)
+    if others and not first.is_builtin:
+        listed = "; ".join(str(p) for p in (first, *others))
+        for plugin in (first, *others):
+            error = (
+                f"name {plugin.name!r} is registered by more than one distribution: {listed}. Uninstall "
+                "all but one, or name the class by its full import path"
+            )
+            registry.fail(plugin, error, "clashes with another plugin")
+        return
+    for plugin in others:
+        error = (
+            f"name {plugin.name!r} is already registered by ecglm's own {first}; a plugin cannot replace it"
+        )
+        registry.fail(plugin, error, "was refused")
+    error = _load_error(found[first], first.group) if load else None
+    if error is not None:
+        registry.fail(first, error, "failed to load")
+        return
+    registry.plugins[first.group][first.name] = first
 
 
 def discover(load: bool = True) -> Registry:
@@ -76,22 +152,11 @@ def discover(load: bool = True) -> Registry:
     registry = Registry()
     for group in GROUPS.values():
         registry.plugins[group] = {}
+        by_name: dict[str, dict[Plugin, EntryPoint]] = {}
         for ep in entry_points(group=group):
-            plugin = _describe(group, ep)
-            error = _load_error(ep) if load else None
-            taken = registry.plugins[group].get(plugin.name)
-            if error is None and taken is not None:
-                error = (
-                    f"name already registered by {taken.distribution} {taken.version} ({taken.class_path})"
-                )
-            if error is not None:
-                registry.failures.append(PluginFailure(plugin, error))
-                log.warning(
-                    "ecglm plugin %r (%s) from %s %s was not registered: %s",
-                    *(plugin.name, group, plugin.distribution, plugin.version, error),
-                )
-                continue
-            registry.plugins[group][plugin.name] = plugin
+            by_name.setdefault(ep.name, {})[_describe(group, ep)] = ep
+        for name in sorted(by_name):
+            _claim(registry, by_name[name], load)
     return registry
 
 
@@ -150,7 +215,7 @@ def _resolve_name(name: str, group: str, registry: Registry, where: str) -> str:
         f = failed[0]
         raise UnknownComponentError(
             f"{group} component {name!r} at {where}.class_path comes from {f.plugin.distribution} "
-            f"{f.plugin.version}, which failed to load: {f.error}"
+            f"{f.plugin.version}, which {f.reason}: {f.error}"
         )
     known = ", ".join(registry.names(group)) or "none"
     raise UnknownComponentError(
@@ -162,15 +227,48 @@ def _resolve_name(name: str, group: str, registry: Registry, where: str) -> str:
 def resolve_cli_args(args: list[str], registry: Registry) -> list[str]:
     """Resolve entry-point names given on the command line (``--model.encoder.class_path s4d``).
 
-    The YAML loader resolves names inside recipes; flags bypass it, so they are rewritten here.
+    The YAML loader resolves names inside recipes; flags bypass it, so they are rewritten here: the
+    ``class_path`` of each group, and its ``help`` (jsonargparse's help for one class).
     """
     out = list(args)
     for i, arg in enumerate(out):
         for part, group in GROUPS.items():
-            flag = f"--model.{part}.class_path"
-            where = f"model.{part}"
-            if arg.startswith(flag + "="):
-                out[i] = f"{flag}={_resolve_name(arg.split('=', 1)[1], group, registry, where)}"
-            elif arg == flag and i + 1 < len(out):
-                out[i + 1] = _resolve_name(out[i + 1], group, registry, where)
+            for key in ("class_path", "help"):
+                flag, where = f"--model.{part}.{key}", f"model.{part}"
+                if arg.startswith(flag + "="):
+                    out[i] = f"{flag}={_resolve_name(arg.split('=', 1)[1], group, registry, where)}"
+                elif arg == flag and i + 1 < len(out):
+                    out[i + 1] = _resolve_name(out[i + 1], group, registry, where)
     return out
+
+
+def component_provenance(*components: object) -> dict[str, dict[str, str]]:
+    """Per component's class path: that path, and the distribution and version that provide it.
+
+    Looked up in the entry-point registry first, then by the distribution that installed the
+    class's top-level package; ``"unknown"`` for a class no installed distribution provides
+    (defined in a script or a test). For checkpoints, so that a run records which plugins it used.
+    """
+    registered = {p.class_path: p for group in discover(load=False).plugins.values() for p in group.values()}
+    out = {}
+    for component in components:
+        cls = type(component)
+        class_path = f"{cls.__module__}.{cls.__qualname__}"
+        plugin = registered.get(class_path)
+        dist, ver = (plugin.distribution, plugin.version) if plugin else _module_distribution(cls.__module__)
+        out[class_path] = {"class_path": class_path, "distribution": dist, "version": ver}
+    return out
+
+
+def _module_distribution(module: str) -> tuple[str, str]:
+    top = module.split(".")[0]
+    dists = packages_distributions().get(top, [])
+    for dist in dists:
+        try:
+            return dist, version(dist)
+        except PackageNotFoundError:
+            continue
+    own = sys.modules.get(OWN_DISTRIBUTION)
+    if top == OWN_DISTRIBUTION and own is not None:  # an editable install may not list its modules
+        return OWN_DISTRIBUTION, own.__version__
+    return "unknown", "unknown"

@@ -1,4 +1,5 @@
-"""The S4D layer and encoder on their own: FFT path, causality, symmetry, initialisation, frames.
+"""The S4D layer and encoder on their own: ecglm's encoder contract, FFT path, causality, symmetry,
+initialisation, frames.
 
 ecglm's tests/test_encoder_plugin.py checks the installed package: discovery, recipes, a real
 ECG, gradients, and the convolution against a step-by-step recurrence.
@@ -11,6 +12,19 @@ import math
 import pytest
 import torch
 from ecglm_s4_encoder import S4D, S4DECGEncoder
+
+from ecglm.testing import check_encoder
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+def test_keeps_the_encoder_contract(bidirectional):
+    """Shapes, output_dim, num_frames, rows independent, a gradient for every parameter."""
+    torch.manual_seed(0)
+    encoder = S4DECGEncoder(dim=16, state_dim=4, num_layers=2, bidirectional=bidirectional, dropout=0.0)
+
+    frames = check_encoder(encoder)
+
+    assert frames.shape == (2, 157, 16)
 
 
 def test_fft_convolution_equals_the_kernel_impulse_response():

