@@ -107,3 +107,21 @@ def test_a_plain_pytorch_step_equals_the_lightning_step(tmp_path, tokenizer_dir,
     assert set(plain["grads"]) == set(capture.grads) and capture.grads
     for name, grad in plain["grads"].items():
         torch.testing.assert_close(grad, capture.grads[name], msg=name)
+
+
+def test_checkpoints_record_which_distribution_provided_each_part(tokenizer_dir, tiny_encoder_factory):
+    import ecglm
+
+    config = dict(TINY_LLAMA, vocab_size=49152)
+    backbone = HFBackbone("llama", tokenizer=tokenizer_dir, random_init=True, config_overrides=config)
+    task = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=K), backbone)
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+    components = checkpoint["ecglm"]["components"]
+    assert set(components) == {
+        "ecglm.encoders.Wav2Vec2ECGEncoder",
+        "ecglm.connectors.MLPConnector",
+        "ecglm.backbones.HFBackbone",
+        "ecglm.peft.ProjectionOnly",
+    }
+    assert {(c["distribution"], c["version"]) for c in components.values()} == {("ecglm", ecglm.__version__)}

@@ -25,6 +25,7 @@ from ecglm.io import save_run_file
 from ecglm.metrics import AnswerTokenStats
 from ecglm.model import ECGLM
 from ecglm.peft import PEFTPolicy, count_parameters
+from ecglm.plugins import component_provenance
 
 
 class ECGLanguageModel(L.LightningModule):
@@ -302,7 +303,12 @@ class ECGLanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.model.persistent_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["ecglm"] = {"version": __version__, "state_dict": "trainable-and-unrecoverable-only"}
+        checkpoint["ecglm"] = {
+            "version": __version__,
+            "state_dict": "trainable-and-unrecoverable-only",
+            # Which distribution (ecglm or a plugin) and version provided each part.
+            "components": component_provenance(self.encoder, self.connector, self.backbone, self.policy),
+        }
         if self.demonstrations is not None:
             checkpoint["ecglm"]["demonstrations"] = self.demonstrations
 
