@@ -318,7 +318,7 @@ def test_component_layer_imports_without_lightning():
     code = textwrap.dedent(
         """
         import sys
-        import ecglm.encoders, ecglm.connectors, ecglm.backbones, ecglm.peft, ecglm.plugins
+        import ecglm.encoders, ecglm.connectors, ecglm.backbones, ecglm.peft, ecglm.plugins, ecglm.model
         above = {"lightning", "pytorch_lightning", "webdataset", "mlflow"}
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in above)
         assert not heavy, heavy
