@@ -183,12 +183,6 @@ class ECGLanguageModel(L.LightningModule):
             evaluation.update("ecg", answers, batch)
             self._val_generated += len(answers)
 
-    def on_train_epoch_end(self) -> None:
-        # Bad input the training stream skipped this epoch (corrupt shards, NaN ECGs, ...), every rank's.
-        skipped = getattr(getattr(self.trainer, "datamodule", None), "train_skipped", None)
-        if skipped is not None:
-            self.log("data/skipped", float(sum(skipped.values())), reduce_fx="sum", sync_dist=True)
-
     def on_validation_epoch_start(self) -> None:
         self._val_generated = 0
         if self.hparams.val_generation_samples > 0 and "val" not in self._evaluations:

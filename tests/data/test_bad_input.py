@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ecglm.data.datamodule import BadSampleError, ECGQADataModule
-from ecglm.data.shards import json_bytes, npy_bytes, read_manifest, write_manifest, write_shards
+from ecglm.data.shards import json_bytes, npy_bytes, read_manifest, sha256_file, write_manifest, write_shards
 
 N = 50  # samples per lead, recorded in the manifest's preprocessing
 QA = [
@@ -148,8 +149,8 @@ def _keys(dm: ECGQADataModule) -> list[str]:
     return [key for batch in dm.test_dataloader() for key in batch["key"]]
 
 
-def _module(data_dir: Path, formatter, strict: bool = False) -> ECGQADataModule:
-    dm = ECGQADataModule(str(data_dir), eval_batch_size=4, num_workers=0, strict=strict)
+def _module(data_dir: Path, formatter, strict: bool = False, **kwargs) -> ECGQADataModule:
+    dm = ECGQADataModule(str(data_dir), eval_batch_size=4, num_workers=0, strict=strict, **kwargs)
     dm.setup("test")
     dm.attach(formatter, 1)
     return dm
@@ -175,10 +176,11 @@ def test_default_mode_yields_the_good_pairs_and_logs_each_bad_sample(shard_dir, 
     assert "1 of the 3 in the manifest" in next(m for m in tar_errors if "corrupt.tar" in m)
     for i in (0, 2, 3):
         assert any(f"key empty_qa_qa{i}: empty QA" in m for m in skips), (i, skips)
-    assert dm.skipped["empty QA"] == 3 and dm.skipped["corrupt or truncated tar"] == 3
-    assert sum(dm.skipped.values()) == len(skips)
+    # QA pairs lost: a bad sample's two; what a broken tar did not yield of the pairs its manifest lists.
+    lost = {reason: 2 * n for reason, n in Counter(reason for _, reason in CASES.values()).items()}
+    assert dm.skipped == {**lost, "empty QA": 3, "corrupt or truncated tar": 2 + 4 + 4}
     summary = [r.getMessage() for r in caplog.records if "at the end of its stream" in r.getMessage()]
-    assert len(summary) == 1 and "'wrong shape': 2" in summary[0]
+    assert len(summary) == 1 and "'wrong shape': 4" in summary[0]
 
 
 BAD_SHARDS = {
@@ -222,3 +224,71 @@ def test_a_broken_shard_read_beside_another_dataset_names_its_own_key(shard_dir,
         _keys(dm)
 
     assert f"shard {shard_dir / 'not_a_tar'}.tar, key unknown: " in str(raised.value)
+
+
+def _flip_two_bytes_in_an_ecg(shard: Path) -> None:
+    """The low bits of the first ECG's last two values flipped: still finite, the tar still valid."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".ecg.npy"))
+    with open(shard, "r+b") as f:
+        for offset in (member.offset_data + member.size - 2, member.offset_data + member.size - 4):
+            f.seek(offset)
+            byte = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([byte ^ 1]))
+
+
+def _checksummed(out: Path) -> tuple[Path, dict]:
+    """An intact shard and one whose ECG bytes changed after the build; returns the damaged one's entry."""
+    intact = [{"__key__": f"intact_{i}", "ecg.npy": _ecg(), "json": _meta()} for i in range(2)]
+    flipped = [{"__key__": f"flipped_{i}", "ecg.npy": _ecg(), "json": _meta()} for i in range(2)]
+    shards = write_shards(intact, out, "intact") + write_shards(flipped, out, "flipped")
+    _flip_two_bytes_in_an_ecg(out / shards[1]["path"])
+    return _dataset(out, shards), shards[1]
+
+
+def test_a_shard_changed_after_its_build_is_skipped_and_its_pairs_counted(tmp_path, formatter, caplog):
+    data_dir, damaged = _checksummed(tmp_path)
+    dm = _module(data_dir, formatter)
+    with caplog.at_level(logging.WARNING, logger="ecglm.data"):
+        keys = _keys(dm)
+
+    assert sorted(keys) == [f"intact_{i}_qa{j}" for i in range(2) for j in range(2)]
+    assert dm.skipped == {"sha256 mismatch": 4}
+    skips = [r.getMessage() for r in caplog.records if "skipped bad input: shard" in r.getMessage()]
+    assert len(skips) == 1 and f"shard {data_dir / damaged['path']}: sha256 mismatch" in skips[0]
+    assert damaged["sha256"] in skips[0] and sha256_file(data_dir / damaged["path"]) in skips[0]
+
+
+def test_a_shard_changed_after_its_build_raises_in_strict_mode(tmp_path, formatter):
+    data_dir, damaged = _checksummed(tmp_path)
+    dm = _module(data_dir, formatter, strict=True)
+
+    with pytest.raises(BadSampleError) as raised:
+        _keys(dm)
+
+    message = str(raised.value)
+    assert f"shard {data_dir / damaged['path']}: sha256 mismatch" in message
+    assert str(data_dir / "manifest.json") in message and "ecglm shard" in message
+
+
+def test_without_the_check_the_changed_shard_streams_unnoticed(tmp_path, formatter):
+    data_dir, _ = _checksummed(tmp_path)
+    dm = _module(data_dir, formatter, verify_checksums=False)
+
+    assert len(_keys(dm)) == 8 and not dm.skipped  # what the check is for: nothing else notices
+
+
+def test_each_shard_is_hashed_once_per_process(tmp_path, formatter, monkeypatch):
+    import ecglm.data.shards
+
+    data_dir, _ = _checksummed(tmp_path)
+    hashed = Counter()
+    monkeypatch.setattr(
+        ecglm.data.shards, "sha256_file", lambda path: hashed.update([path.name]) or sha256_file(path)
+    )
+    dm = _module(data_dir, formatter)
+    _keys(dm)
+    _keys(dm)
+
+    assert hashed == {"intact-000000.tar": 1, "flipped-000000.tar": 1}

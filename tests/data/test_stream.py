@@ -238,12 +238,28 @@ def test_bad_input_counts_are_gathered_from_every_worker(tmp_path, formatter):
         start = data.index(b'"qa":[{"answer"')  # the first sample's QA list: now invalid JSON
         data[start : start + 4] = b"@@@@"
         (tmp_path / shard).write_bytes(bytes(data))
-    dm = _module(tmp_path, formatter, batch_size=1, num_workers=2, shuffle_buffer=0)
+    # Unchecked: the sha256 check would skip both changed shards whole.
+    dm = _module(tmp_path, formatter, batch_size=1, num_workers=2, shuffle_buffer=0, verify_checksums=False)
 
     batches = _batches(dm)
 
-    assert dm.skipped == dm.train_skipped == {"unreadable json": 2}  # one in each worker's shard
+    assert dm.skipped == dm.train_skipped == {"unreadable json": 4}  # two pairs in each worker's shard
     assert len(batches) == 8  # each worker repeats its good pairs to keep the batch count
+
+
+def test_a_bad_sample_split_between_workers_counts_each_of_its_pairs_once(tmp_path, formatter):
+    samples = [_sample("ptbxl", 0, i, n) for i, n in enumerate([1, 4, 1])]
+    samples[1]["ecg.npy"] = np.zeros((12, N + 1), dtype=np.float32)  # wrong shape
+    shards = write_shards(samples, tmp_path, "ptbxl")
+    split = {"num_qa": 6, "datasets": {"ptbxl": 6}, "shards": shards}
+    splits = dict.fromkeys(("train", "val", "test"), split)
+    write_manifest(tmp_path, {"dataset": "mix", "preprocessing": {"num_samples": N}, "splits": splits})
+    # Worker 0 reads positions 0-2, worker 1 positions 3-5: the bad sample's are 1-4.
+    dm = _module(tmp_path, formatter, batch_size=1, num_workers=2, shuffle_buffer=0)
+
+    _batches(dm)
+
+    assert dm.train_skipped == {"wrong shape": 4}
 
 
 def _free_port() -> int:

@@ -33,6 +33,7 @@ from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa r
     CheckedQA,
     EpochPlan,
     QAStream,
+    ShardChecksums,
     ShardInfo,
     expand_qa,
 )
@@ -254,15 +255,19 @@ class ECGQADataModule(L.LightningDataModule):
         samples_per_epoch: Training pairs per epoch with ``weights`` (default: the split's size).
         include_comparison: Stream the comparison (two-ECG) questions of the manifest's comparison
             shards with the rest (a batch row then holds two ECGs, ``batch["ecg_counts"]``).
-        strict: Raise :class:`BadSampleError` at the first bad input (corrupt or truncated tar,
-            missing or unreadable ``.npy``, wrong shape, NaN/Inf, invalid JSON or non-UTF-8 text,
-            empty question or answer), naming shard and key. By default such input is skipped and
-            logged as a WARNING on ``ecglm.data`` with shard, key and reason (see :class:`BadInput`);
-            ``skipped`` holds the counts by reason of the pass over a loader started last, and
-            ``train_skipped`` those of the current training epoch, gathered from every loader
-            worker (Lightning passes each batch through :meth:`on_before_batch_transfer`); each
-            worker also logs its own summary when its stream ends. The model logs
-            ``data/skipped``, summed over ranks, at the end of each training epoch.
+        strict: Raise :class:`BadSampleError` at the first bad input (corrupt or truncated tar, a
+            shard whose sha256 does not match the manifest, missing or unreadable ``.npy``, wrong
+            shape, NaN/Inf, invalid JSON or non-UTF-8 text, empty question or answer), naming shard
+            and key. By default such input is skipped and logged as a WARNING on ``ecglm.data`` with
+            shard, key and reason (see :class:`BadInput`); ``skipped`` holds the QA pairs lost by
+            reason in the pass over a loader started last, and ``train_skipped`` those of the
+            current training epoch, gathered from every loader worker (Lightning passes each batch
+            through :meth:`on_before_batch_transfer`); each worker also logs its own summary when
+            its stream ends. :class:`ecglm.data.monitor.SkippedInputLogger` logs them during training.
+        verify_checksums: Check each shard against the sha256 in the manifest before reading it,
+            once per shard per process (a mismatch is bad input: skipped, or raised under
+            ``strict``). ``False`` skips the check (it reads each shard file once more, mostly from
+            the OS cache).
     """
 
     def __init__(
@@ -278,8 +283,10 @@ class ECGQADataModule(L.LightningDataModule):
         weights: dict[str, float] | None = None,
         samples_per_epoch: int | None = None,
         include_comparison: bool = True,
+        verify_checksums: bool = True,
     ):
         super().__init__()
+        self.verify_checksums = verify_checksums
         self.include_comparison = include_comparison
         self.data_dir = Path(data_dir)
         self.builder = builder
@@ -473,7 +480,9 @@ class ECGQADataModule(L.LightningDataModule):
                     f"{datasets}; weights need one dataset per shard (build the shards again)"
                 )
             name = datasets[0] if len(datasets) == 1 else "+".join(sorted(datasets))
-            shards.append(ShardInfo(url, name, int(entry["num_qa"]), entry.get("num_samples")))
+            shards.append(
+                ShardInfo(url, name, int(entry["num_qa"]), entry.get("num_samples"), entry.get("sha256"))
+            )
         return shards
 
     def _world(self) -> tuple[int, int]:
@@ -524,6 +533,7 @@ class ECGQADataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer if train else 0,
             item_filter=SubsetFilter(*subset) if subset is not None else None,
             pad=train,
+            checksums=self._checksums(split, shards),
         )
         collate = QACollator(
             self.formatter,
@@ -544,6 +554,19 @@ class ECGQADataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
         )
+
+    def _checksums(self, split: str, shards: list[ShardInfo]) -> ShardChecksums | None:
+        if not self.verify_checksums:
+            return None
+        manifest = self.data_dir / "manifest.json"
+        unrecorded = [s.url for s in shards if s.sha256 is None]
+        if unrecorded:
+            rank_zero_warn(
+                f"{len(unrecorded)} shard(s) of the {split} split have no sha256 in {manifest} (e.g. "
+                f"{unrecorded[0]}) and are streamed unverified: build the shards again to record one, or "
+                "set verify_checksums=False"
+            )
+        return ShardChecksums(str(manifest))
 
     def _start_eval(self, stream: QAStream) -> None:
         self._pass, self._skips["eval"] = "eval", (stream.bad.counts, {})
@@ -590,12 +613,12 @@ class ECGQADataModule(L.LightningDataModule):
 
     @property
     def skipped(self) -> Counter[str]:
-        """Bad input skipped by reason in the pass started last (every worker's, as batches report it)."""
+        """QA pairs lost to bad input by reason in the pass started last (every worker's, so far)."""
         return self._skipped(self._pass)
 
     @property
     def train_skipped(self) -> Counter[str]:
-        """Bad input skipped by reason in the current training epoch (every worker's)."""
+        """QA pairs lost to bad input by reason in the current training epoch (every worker's)."""
         return self._skipped("train")
 
     def state_dict(self) -> dict[str, Any]:

@@ -83,6 +83,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: str | Path) -> str:
+    """:func:`sha256_file`, computed once per process while the file keeps its size and mtime.
+
+    Streaming checks every shard it reads, each epoch; a file rewritten since changes its mtime.
+    """
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(Path(path))
+    return _DIGESTS[key]
+
+
 class _ShardFile:
     """One tar shard being written to ``{name}.tmp``; :meth:`close` checksums it and moves it in place."""
 

@@ -34,7 +34,25 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.autodecode import DecodingError
 from webdataset.tariterators import base_plus_ext, tarfile_samples
 
+from ecglm.data.shards import cached_sha256
+
 NUM_LEADS = 12
+TAR_ERROR = "corrupt or truncated tar"
+#: Why input was skipped: a fixed set, so that every rank logs the same per-reason metrics.
+REASONS = (
+    TAR_ERROR,
+    "sha256 mismatch",
+    "missing json",
+    "invalid json",
+    "unreadable json",
+    "non-UTF-8 text",
+    "missing ecg.npy",
+    "unreadable ecg.npy",
+    "unreadable member",
+    "wrong shape",
+    "non-finite ecg",
+    "empty QA",
+)
 
 log = logging.getLogger("ecglm.data")
 
@@ -72,8 +90,11 @@ class BadInput:
     One object serves every stage of a loader's pipeline: webdataset's ``handler=`` for tar and
     decoding errors, its ``rename_files=`` hook (:meth:`see_member`, its only per-member hook, which
     tells a tar error the member it broke on) and :class:`CheckedQA`. Each skip is a WARNING on the
-    ``ecglm.data`` logger naming shard and key; ``counts`` holds skips by reason in the process that
-    runs the pipeline (a loader worker keeps its own and logs a summary when its stream ends).
+    ``ecglm.data`` logger naming shard and key. ``counts`` holds the QA pairs lost, by reason (one of
+    :data:`REASONS`), in the process that runs the pipeline (a loader worker keeps its own and logs a
+    summary when its stream ends). A bad sample loses its pairs; a broken tar or an unreadable sample,
+    whose pairs are unknown when it is met, loses what its shard segment then fails to yield of the
+    pairs the manifest lists (:meth:`end_segment`).
     ``shards`` maps each url to its sample count in the manifest (or None), to notice a tar that
     ends early without an error (tarfile reads a corrupt header past the first as the end).
     What it tracks of the tar being read is per stream: a worker reads one shard per dataset at a
@@ -98,6 +119,7 @@ class BadInput:
         self.broken: set[str | None] = set()  # shards with a tar error already reported
         self.last_member: str | None = None
         self.done_key: str | None = None  # the last sample past the tar stages
+        self.start_segment(None)
 
     def for_stream(self) -> BadInput:
         """A handler for one more stream read beside others: its own tar position, the same counts."""
@@ -105,14 +127,52 @@ class BadInput:
         stream._start_stream()
         return stream
 
-    def report(self, url: Any, key: Any, reason: str, detail: str) -> None:
-        message = f"shard {url}, key {key}: {reason}: {detail}"
+    def start_segment(self, url: str | None) -> None:
+        """A shard segment starts: pairs lost in it are accounted for anew."""
+        if url is not None:
+            self.read[url] = 0
+        self.explained = 0  # pairs of the segment lost to problems of known size
+        self.unsized: str | None = None  # the last problem met whose pairs are unknown
+
+    def report(
+        self, url: Any, key: Any, reason: str, detail: str, pairs: int | None = None, announce: bool = True
+    ) -> None:
+        """Bad input met in the segment being read: raise (``strict``), else count it and log it.
+
+        ``pairs``: the segment's QA pairs lost to it; None where they are unknown (a broken tar, a
+        sample dropped unread), which :meth:`end_segment` then puts the segment's shortfall down to.
+        ``announce=False``: another segment of the shard logs it (each reader counts its own pairs).
+        """
+        if reason not in REASONS:
+            raise ValueError(f"unknown bad-input reason {reason!r}; expected one of {REASONS}")
+        where = f"shard {url}" if key is None else f"shard {url}, key {key}"
+        message = f"{where}: {reason}: {detail}"
         if self.strict:
             raise BadSampleError(message)
         if self.muted:
             return
-        self.counts[reason] += 1
-        log.warning("skipped bad input: %s", message)
+        if pairs is not None:
+            self._lose(reason, pairs)
+        elif self.unsized != TAR_ERROR:  # after a tar error, what else goes wrong is its symptom
+            self.unsized = reason
+        if announce:
+            log.warning("skipped bad input: %s", message)
+
+    def _lose(self, reason: str, pairs: int) -> None:
+        self.explained += pairs
+        if pairs > 0:
+            self.counts[reason] += pairs
+
+    def end_segment(self, url: str, key: str, shortfall: int) -> None:
+        """A segment ended ``shortfall`` pairs short of its share: count what no known problem explains."""
+        lost = shortfall - self.explained
+        if lost <= 0:
+            return
+        if self.unsized is None:  # no error: the tar ended early (an early end of a shard read in part)
+            detail = f"the tar ends after this sample, {lost} QA pairs short of this reader's share of it"
+            self.report(url, key, TAR_ERROR, detail + "; the rest of this shard is lost", lost)
+        elif not self.muted:
+            self.counts[self.unsized] += lost
 
     def see_member(self, name: str) -> str:
         self.last_member = name
@@ -130,7 +190,7 @@ class BadInput:
             self.report(
                 url,
                 key,
-                "corrupt or truncated tar",
+                TAR_ERROR,
                 f"the tar ends after this sample, {read} of the {expected} in the manifest; "
                 "the rest of this shard is lost",
             )
@@ -149,7 +209,17 @@ class BadInput:
         detail = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
         detail += f" (last member read: {member})" if member else " (no member of it read)"
         key = base_plus_ext(member)[0] if member else "unknown"
-        self.report(url, key, "corrupt or truncated tar", detail + "; the rest of this shard is lost")
+        self.report(url, key, TAR_ERROR, detail + "; the rest of this shard is lost")
+
+    def _decoding_error(self, exn: DecodingError) -> None:
+        self.passed(exn.url, exn.key)
+        cause = exn.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            problem = "non-UTF-8 text"
+        else:
+            problem = f"unreadable {exn.k}" if exn.k in ("json", "ecg.npy") else "unreadable member"
+        # webdataset drops the sample: its pairs are unknown here, the segment's shortfall counts them.
+        self.report(exn.url, exn.key, problem, f"{exn.k}: {type(cause).__name__}: {cause}")
 
     def __call__(self, exn: Exception) -> bool:
         """webdataset's exception handler: report, then go on with the next shard.
@@ -163,10 +233,7 @@ class BadInput:
             raise exn
         try:
             if isinstance(exn, DecodingError):
-                self.passed(exn.url, exn.key)
-                cause = exn.__cause__
-                problem = "non-UTF-8 text" if isinstance(cause, UnicodeDecodeError) else f"unreadable {exn.k}"
-                self.report(exn.url, exn.key, problem, f"{type(cause).__name__}: {cause}")
+                self._decoding_error(exn)
                 return True
             self._tar_error(exn)
         except BadSampleError as error:
@@ -251,6 +318,7 @@ class CheckedQA:
                     f"{sample['__key__']}_qa{i}",
                     "empty QA",
                     f"empty or missing {' and '.join(missing)}",
+                    pairs=1,
                 )
                 continue
             for item in expand_qa(iter([{**sample, "json": {**meta, "qa": [qa]}}]), first=i):
@@ -264,31 +332,52 @@ class CheckedQA:
 
         The shard is read from its start (a tar has no index to seek by) and left as soon as the
         segment ends; only a segment that reaches the shard's end checks the shard's sample count.
-        A bad sample is reported by the segment that holds its first position, so a shard split
-        between slots reports it once. A sample whose JSON is unreadable has no known QA count and
-        takes no positions: pairs after it in that shard move up (the price of keeping no index).
+        A bad sample is logged by the segment that holds its first position, so a shard split
+        between slots logs it once; each segment counts the pairs it loses. A sample whose JSON is
+        unreadable has no known QA count and takes no positions: pairs after it in that shard move
+        up (the price of keeping no index), and the segments after it fall short by its count.
         """
         url = segment.shard.url
-        self.bad.read[url] = 0
-        key, offset = None, 0
+        self.bad.start_segment(url)
+        key, offset, yielded = None, 0, 0
         for sample in samples:
             key = sample.get("__key__")
             self.bad.passed(url, key)
-            meta = sample.get("json")
-            qa = meta.get("qa") if isinstance(meta, dict) else None
-            first, offset = offset, offset + (len(qa) if isinstance(qa, list) else 0)
-            if first < segment.start and offset <= segment.start:
-                continue  # wholly before the segment
+            qa = _qa_list(sample)
+            first, offset = offset, offset + (len(qa) if qa is not None else 0)
             if first >= segment.stop and not segment.complete:
-                return  # past the segment: the rest of the shard belongs to another slot
-            problem = self._problem(sample)
-            if problem is not None:
-                if segment.start <= first < segment.stop or (segment.complete and first >= segment.stop):
-                    self.bad.report(url, key, *problem)
-                continue
-            yield from self._pairs(sample, segment.start - first, segment.stop - first)
+                break  # past the segment: the rest of the shard belongs to another slot
+            for item in self._in_segment(sample, segment, first, offset):
+                yielded += 1
+                yield item
+        key = key if key is not None else "unknown"
         if segment.complete:
-            self.bad.check_count(url, key if key is not None else "unknown")
+            self.bad.check_count(url, key)
+        self.bad.end_segment(url, key, segment.stop - segment.start - yielded)
+
+    def _in_segment(
+        self, sample: dict[str, Any], segment: Segment, first: int, stop: int
+    ) -> Iterator[dict[str, Any]]:
+        """The good pairs of a sample at shard positions ``[first, stop)`` that lie in ``segment``."""
+        url, key = segment.shard.url, sample.get("__key__")
+        owner = segment.start <= first < segment.stop or (segment.complete and first >= segment.stop)
+        if _qa_list(sample) is None:  # its pairs are unknown: the segment's shortfall is put down to it
+            self.bad.report(url, key, *self._problem(sample), announce=owner)
+            return
+        if first < segment.start and stop <= segment.start:
+            return  # wholly before the segment
+        problem = self._problem(sample)
+        if problem is not None:
+            lost = max(0, min(stop, segment.stop) - max(first, segment.start))
+            self.bad.report(url, key, *problem, pairs=lost, announce=owner)
+            return
+        yield from self._pairs(sample, segment.start - first, segment.stop - first)
+
+
+def _qa_list(sample: dict[str, Any]) -> list[Any] | None:
+    meta = sample.get("json")
+    qa = meta.get("qa") if isinstance(meta, dict) else None
+    return qa if isinstance(qa, list) else None
 
 
 @dataclass(frozen=True)
@@ -299,6 +388,7 @@ class ShardInfo:
     dataset: str
     num_qa: int
     num_samples: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -313,6 +403,32 @@ class Segment:
     def complete(self) -> bool:
         """Whether the segment runs to the shard's end (then the shard's sample count is checked)."""
         return self.stop == self.shard.num_qa
+
+
+class ShardChecksums:
+    """Checks each shard's file against the sha256 its manifest records, before any of its pairs is used.
+
+    The whole file is hashed before its tar is read: a digest taken while streaming is known only at
+    the shard's end, after its pairs have trained; the second read comes from the OS cache. Each
+    process hashes a file once while its size and modification time stay the same. Picklable.
+    """
+
+    def __init__(self, manifest: str):
+        self.manifest = manifest
+
+    def problem(self, shard: ShardInfo) -> str | None:
+        """Why ``shard``'s file does not match the manifest, or None (also when it records no sha256)."""
+        if shard.sha256 is None:
+            return None
+        actual = cached_sha256(shard.url)
+        if actual == shard.sha256:
+            return None
+        return (
+            f"the file's sha256 is {actual}, {self.manifest} records {shard.sha256}: the shard changed "
+            "or was damaged after it was built, and none of its pairs is used. Build the shards again "
+            "(`ecglm shard --config CONFIG --out_dir DIR` rebuilds those whose sha256 does not match) "
+            "or restore the file"
+        )
 
 
 def _largest_remainder(total: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -527,6 +643,7 @@ class QAStream(IterableDataset):
         pad: Top a slot that lost pairs to bad input back up to its target by reading its share
             again (training: every rank must make the same number of batches). Evaluation does not
             pad: a repeated pair would count twice.
+        checksums: Verifies each shard against the manifest's sha256 before reading it (None: no check).
     """
 
     def __init__(
@@ -538,9 +655,11 @@ class QAStream(IterableDataset):
         shuffle_buffer: int = 0,
         item_filter: Any = None,
         pad: bool = True,
+        checksums: ShardChecksums | None = None,
     ):
         self.plan, self.rank, self.bad, self.num_samples = plan, rank, bad, num_samples
         self.shuffle_buffer, self.item_filter, self.pad = shuffle_buffer, item_filter, pad
+        self.checksums = checksums
         self.epoch = 0
         self.skip_batches = 0
 
@@ -552,6 +671,10 @@ class QAStream(IterableDataset):
     def _read(self, segments: list[Segment], checked: CheckedQA) -> Iterator[dict[str, Any]]:
         bad = checked.bad
         for segment in segments:
+            damaged = self.checksums.problem(segment.shard) if self.checksums is not None else None
+            if damaged is not None:
+                bad.report(segment.shard.url, None, "sha256 mismatch", damaged, segment.stop - segment.start)
+                continue
             urls = iter([{"url": segment.shard.url}])
             samples = tarfile_samples(urls, handler=bad, rename_files=bad.see_member)
             yield from checked.segment(wds.decode(handler=bad)(samples), segment)
@@ -621,7 +744,7 @@ class QAStream(IterableDataset):
             yield item
         if self.bad.counts:
             log.warning(
-                "%s skipped bad input at the end of its stream: %s",
+                "%s at the end of its stream: QA pairs lost to bad input, by reason: %s",
                 f"loader worker {worker}" if info else "the loader",
                 dict(sorted(self.bad.counts.items())),
             )
