@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from ecglm.backbones import ChatFormatter
 from ecglm.data.datamodule import ECGQADataModule
 from ecglm.data.shards import write_manifest, write_shards
+from ecglm.prompts import ChatFormatter
 
 # ECG-QA-style questions: paraphrases x attributes x leads, so that prompts repeat across ECGs about
 # as much as they do in ECG-QA (which asks tens of thousands of distinct questions, not a handful).

@@ -11,21 +11,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import sys
 
 import pytest
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ecglm.backbones import (
-    ECG_MARKER,
-    IGNORE_INDEX,
-    Backbone,
-    ChatFormatter,
-    HFBackbone,
-    positions_from_mask,
-    resolve_model_path,
-)
+from ecglm.backbones import Backbone, HFBackbone, positions_from_mask, resolve_model_path
+from ecglm.prompts import ECG_MARKER, IGNORE_INDEX, ChatFormatter
 from ecglm_testing import FAMILIES, GEMMA4_TEXT, TINY, VOCAB
 
 K = 3  # ECG tokens per sample
@@ -337,7 +331,7 @@ def test_trust_remote_code_is_off_unless_asked(saved_models, monkeypatch):
 
 
 def test_qwen3_5_reports_which_kernels_run(tiny_backbone_factory, tiny, caplog):
-    with caplog.at_level(logging.INFO, logger="ecglm.backbones"):
+    with caplog.at_level(logging.INFO, logger="ecglm.kernels"):
         qwen = tiny_backbone_factory("qwen3_5_text", config_overrides=FAMILIES["qwen3_5_text"])
     assert set(qwen.kernels) == {
         "chunk_gated_delta_rule",
@@ -349,7 +343,7 @@ def test_qwen3_5_reports_which_kernels_run(tiny_backbone_factory, tiny, caplog):
         ("fla", "flash-linear-attention", "chunk_gated_delta_rule"),
         ("causal_conv1d", "causal-conv1d", "causal_conv1d_fn"),
     ]:
-        ours = [r.getMessage() for r in caplog.records if r.name == "ecglm.backbones"]
+        ours = [r.getMessage() for r in caplog.records if r.name == "ecglm.kernels"]
         [line] = [m for m in ours if kernel in m]
         if importlib.util.find_spec(package) is None:
             assert qwen.kernels[kernel] == "torch"
@@ -358,6 +352,28 @@ def test_qwen3_5_reports_which_kernels_run(tiny_backbone_factory, tiny, caplog):
         else:
             assert qwen.kernels[kernel].startswith(package) and f"fast kernels of {dist}" in line
     assert tiny("llama").kernels == {} and tiny("gemma4").kernels == {}
+
+
+def test_a_kernel_binding_ecglm_cannot_read_gives_an_empty_report_and_a_warning(caplog, monkeypatch):
+    """transformers' kernel fallback is read from closures; another layout of them must not break loading."""
+    import types
+
+    from ecglm.kernels import kernel_bindings
+
+    def bind(is_new_implementation, renamed):
+        def kernel(*args):
+            return is_new_implementation, renamed
+
+        return kernel
+
+    fake = types.ModuleType("fake_modeling")
+    fake.kernel = bind(False, "chunk_gated_delta_rule")
+    monkeypatch.setitem(sys.modules, "fake_modeling", fake)
+    layer = type("Layer", (nn.Module,), {"__module__": "fake_modeling"})()
+    with caplog.at_level(logging.WARNING, logger="ecglm.kernels"):
+        assert kernel_bindings(layer) == []
+    assert "binds kernels differently than ecglm reads them" in caplog.text
+    assert "fake_modeling.kernel" in caplog.text
 
 
 # --- prompts: max_length and system prompts -------------------------------------------------------------

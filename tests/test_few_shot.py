@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoTokenizer
 
-from ecglm.backbones import ChatFormatter, HFBackbone
+from ecglm.backbones import HFBackbone
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import ECGQADataModule, QACollator, read_qa_text, select_demonstrations
 from ecglm.data.shards import write_manifest, write_shards
@@ -23,6 +23,7 @@ from ecglm.evaluation import Decoding, EvaluationProtocol, MetricsConfig
 from ecglm.metrics import answer_text
 from ecglm.module import ECGLanguageModel
 from ecglm.peft import FewShotConnector, ProjectionOnly
+from ecglm.prompts import ChatFormatter
 from ecglm_testing import FAMILIES as SHARED_FAMILIES
 from ecglm_testing import GEMMA4_TEXT, TINY
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ecglm.backbones import ECG_MARKER, IGNORE_INDEX, ChatFormatter, positions_from_mask
+from ecglm.backbones import positions_from_mask
 from ecglm.connectors import LinearConnector, MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.encoders import Wav2Vec2ECGEncoder
 from ecglm.module import ECGLanguageModel
 from ecglm.peft import ProjectionOnly, count_parameters
+from ecglm.prompts import ECG_MARKER, IGNORE_INDEX, ChatFormatter
 
 #: Per-architecture config so that each tiny model has both of its layer kinds.
 ARCHITECTURES = {

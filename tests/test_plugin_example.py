@@ -15,11 +15,11 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from ecglm.backbones import ECG_MARKER, IGNORE_INDEX
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
 from ecglm.plugins import component_provenance, discover, format_registry, resolve_class_paths
+from ecglm.prompts import ECG_MARKER, IGNORE_INDEX
 from ecglm.testing import check_backbone, tiny_backbone
 from ecglm_testing import REPO, TINY, import_fresh_from, package_version, pip_install_copy
 

@@ -140,7 +140,7 @@ def shard_dir(tmp_path_factory) -> Path:
 def formatter(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ecglm.backbones import ChatFormatter
+    from ecglm.prompts import ChatFormatter
 
     return ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
 

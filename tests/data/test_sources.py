@@ -203,8 +203,8 @@ def test_samples_store_each_ecg_once_with_all_its_qa(built):
 def test_builder_streams_through_the_datamodule(built, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ecglm.backbones import ChatFormatter
     from ecglm.data.datamodule import ECGQADataModule
+    from ecglm.prompts import ChatFormatter
 
     out_dir, manifest = built
     dm = ECGQADataModule(str(out_dir), eval_batch_size=2)
@@ -359,9 +359,9 @@ def test_ptbxl_table_without_its_columns_is_refused_naming_them(tmp_path):
 def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ecglm.backbones import IGNORE_INDEX, ChatFormatter
     from ecglm.data.datamodule import QACollator
     from ecglm.data.stream import BadInput, CheckedQA
+    from ecglm.prompts import IGNORE_INDEX, ChatFormatter
 
     out_dir, manifest = built
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
@@ -388,8 +388,8 @@ def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
 def test_comparison_questions_stream_with_two_ecgs_in_their_row(built, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ecglm.backbones import ChatFormatter
     from ecglm.data.datamodule import ECGQADataModule
+    from ecglm.prompts import ChatFormatter
 
     out_dir, _ = built
     formatter = ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -149,7 +149,7 @@ def data_dir(tmp_path_factory) -> tuple[Path, set[str]]:
 def formatter(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ecglm.backbones import ChatFormatter
+    from ecglm.prompts import ChatFormatter
 
     return ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
 
@@ -271,7 +271,7 @@ def _free_port() -> int:
 def _ddp_rank(rank: int, world: int, port: int, data_dir: str, tokenizer_dir: str, out: str) -> None:
     from transformers import AutoTokenizer
 
-    from ecglm.backbones import ChatFormatter
+    from ecglm.prompts import ChatFormatter
 
     # mp.spawn makes spawn the default start method in its children, and loader workers would re-import
     # torch (seconds each); Lightning's ddp strategy starts ranks as fresh scripts, where workers fork.

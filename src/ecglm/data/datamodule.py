@@ -2,7 +2,7 @@
 
 A shard sample holds one ECG and every QA pair about it; pairs are expanded while streaming, so an
 ECG is stored once however many questions use it. Tokenisation runs in the loader's workers with
-the backbone's :class:`~ecglm.backbones.ChatFormatter`.
+the backbone's :class:`~ecglm.prompts.ChatFormatter`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
-from ecglm.backbones import IGNORE_INDEX, ChatFormatter
 from ecglm.data.shards import read_manifest
 from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa re-exported for users
     BadInput,
@@ -39,6 +38,7 @@ from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa r
 )
 from ecglm.encoders import check_preprocessing
 from ecglm.metrics import answer_text
+from ecglm.prompts import IGNORE_INDEX, ChatFormatter
 
 SPLITS = ("train", "val", "test")
 

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ecglm.backbones import IGNORE_INDEX, Backbone, ChatFormatter, EncodedChat
+from ecglm.backbones import Backbone
 from ecglm.connectors import Connector, MLPConnector
 from ecglm.encoders import ECGEncoder, Preprocessing
 from ecglm.peft import PEFTPolicy
+from ecglm.prompts import IGNORE_INDEX, ChatFormatter, EncodedChat
 
 QA_PAIRS = [
     ("Is the rhythm regular or irregular?", "irregular"),

@@ -12,7 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ecglm.backbones import ECG_MARKER, ChatFormatter, HFBackbone
+from ecglm.backbones import HFBackbone
+from ecglm.prompts import ECG_MARKER, ChatFormatter
 
 __all__ = ["PlainPromptBackbone", "PlainPromptFormatter", "check_templates"]
 
