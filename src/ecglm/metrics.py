@@ -54,6 +54,8 @@ WORDNET_APT_COMMAND = "apt-get install wordnet-base wordnet-sense-index"
 AUROC_THRESHOLDS = 201
 #: Distinct texts whose BERTScore token embeddings are kept (a few MB for short answers).
 BERTSCORE_CACHE_SIZE = 20_000
+#: Seconds to wait for the Hugging Face hub before a BERTScore model missing from the cache fails.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 # WordNet 3.0's 45 lexicographer files (number, name, syntactic category: noun 1, verb 2, adjective 3,
 # adverb 4), from the table in the lexnames(5WN) man page of Debian's wordnet-base (WordNet 3.0, Dec 2006).
@@ -305,13 +307,46 @@ def resolve_bertscore_model(name: str) -> str:
     return str(folder / "model" if (folder / "model").is_dir() else folder)
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (``None`` when it answers): one request, no retries."""
+    from huggingface_hub import constants, get_session
+
+    # The hub reads these once, at import; a process may set them later (a notebook, a test).
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if constants.HF_HUB_OFFLINE or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # the HTTP client's own errors (httpx, httpx2) differ across hub versions
+        return f"{constants.ENDPOINT} did not answer ({type(err).__name__}: {err})"
+    return None
+
+
+def _from_pretrained(path: str, **kwargs: Any) -> tuple[Any, torch.nn.Module]:
+    return AutoTokenizer.from_pretrained(path, **kwargs), AutoModel.from_pretrained(path, **kwargs)
+
+
+def _load_cached_first(path: str) -> tuple[Any, torch.nn.Module]:
+    """A local folder or the Hugging Face cache first; the hub only when it answers, because offline
+    the hub client retries each file five times (about 45 s) before it fails."""
+    try:
+        return _from_pretrained(path, local_files_only=True)
+    except OSError:
+        if Path(path).exists():
+            raise
+        offline = _hub_unreachable()
+    if offline is not None:
+        raise OSError(f"not in the Hugging Face cache, and the hub cannot be reached: {offline}")
+    return _from_pretrained(path)
+
+
 @functools.lru_cache(maxsize=2)
 def _load_bertscore_encoder(name: str) -> tuple[Any, torch.nn.Module]:
     """BERTScore's tokenizer and model, loaded once per process and shared by every BERTScoreF1
     (several conditions, validation and each seed of an evaluation score with the same model)."""
     path = resolve_bertscore_model(name)
     try:
-        tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+        tokenizer, model = _load_cached_first(path)
     except OSError as err:
         raise OSError(
             f"could not load the BERTScore model {path!r} ({err}); offline, use "
