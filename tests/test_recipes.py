@@ -11,8 +11,10 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ecglm.callbacks import AtomicCheckpointIO
 from ecglm.cli import run_cli
 from ecglm.data.datamodule import QACollator
+from ecglm.data.monitor import SkippedInputLogger
 from ecglm_testing import FAMILIES, REPO, TINY, VOCAB
 
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*/*.yaml"))
@@ -87,6 +89,9 @@ def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved
     ]
     cli = run_cli(args, run=False)
     model = cli.model
+    # Every run logs the QA pairs bad input cost, and saves checkpoints staged beside their target.
+    assert any(isinstance(c, SkippedInputLogger) for c in cli.trainer.callbacks)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     policy = config["model"]["policy"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("connector.", "backbone.")) for n in trainable)

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ecglm import callbacks as ecglm_callbacks
-from ecglm import cli as ecglm_cli
+from ecglm import resume
 from ecglm.backbones import HFBackbone
 from ecglm.cli import main, run_cli, run_evaluate
 from ecglm.data.synthetic import SyntheticHeartQA
@@ -263,5 +263,5 @@ def test_an_unsafe_ckpt_path_is_refused_naming_the_global_before_the_llm_is_buil
 
     partial = tmp_path / "partial.ckpt"
     partial.write_bytes(unsafe.read_bytes()[:100])
-    with pytest.raises(ecglm_cli.CheckpointError, match=r"partial\.ckpt is not a complete checkpoint"):
+    with pytest.raises(resume.CheckpointError, match=r"partial\.ckpt is not a complete checkpoint"):
         run_cli(["fit", "--config", str(recipe), "--ckpt_path", str(partial)])
