@@ -507,3 +507,27 @@ def test_every_yaml_policy_in_the_docs_parses_and_applies(saved_llama, tiny_back
         backbone = load_4bit(saved_llama) if quantized else tiny_backbone_factory("llama")
         model = build(backbone, policy)
         assert 0 < count_parameters(model)[0] < count_parameters(model)[1], block
+
+
+def test_adapters_need_a_backbone_that_declares_its_transformers_model():
+    """``Backbone.transformers_model`` is the declared hook; a backbone without one is named in the error."""
+    from ecglm.backbones import Backbone
+
+    class Bare(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.hidden_size = 8
+
+        def embed_tokens(self, input_ids):
+            raise NotImplementedError
+
+        def forward(self, *args, **kwargs):
+            raise NotImplementedError
+
+        def generate(self, *args, **kwargs):
+            raise NotImplementedError
+
+    assert Bare().transformers_model is None
+    for policy in (LoRA(), ProjectionOnly(gradient_checkpointing=True)):
+        with pytest.raises(TypeError, match="Backbone.transformers_model.*Bare wraps none"):
+            policy.apply(RawECGEncoder(), MLPConnector(), Bare())

@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -81,6 +82,13 @@ class Backbone(nn.Module, ABC):
             f"{type(self).__name__} has no {name}: a Backbone must set self.{name} in __init__ "
             f"({self.REQUIRED_ATTRIBUTES[name]})"
         )
+
+    @property
+    def transformers_model(self) -> PreTrainedModel | None:
+        """Optional: the wrapped ``transformers`` model, which adapters (LoRA, DoRA, QLoRA) and gradient
+        checkpointing act on. ``None`` (the default) for a backbone that wraps none: those policy
+        options then refuse it, naming the backbone."""
+        return None
 
     @abstractmethod
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -256,6 +264,10 @@ class HFBackbone(Backbone):
         self.prefix_cache = PrefixCache()
         self._prefix_unsupported: str | None = None  # why this LM's cache cannot be shared, once found
         self._prefix_warned: set[str] = set()
+
+    @property
+    def transformers_model(self) -> PreTrainedModel:
+        return self.model
 
     def load_tokenizer(self, source: str | None) -> PreTrainedTokenizerBase:
         path = resolve_model_path(source or self.model_name)

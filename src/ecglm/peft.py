@@ -57,14 +57,12 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 
 
 def hf_model(backbone: Backbone, what: str) -> PreTrainedModel:
-    """The backbone's transformers model, which adapters and checkpointing act on."""
-    from transformers import PreTrainedModel
-
-    model = getattr(backbone, "model", None)
-    if not isinstance(model, PreTrainedModel):
+    """The backbone's transformers model (:attr:`Backbone.transformers_model`), which ``what`` acts on."""
+    model = getattr(backbone, "transformers_model", None)  # a stand-in need not derive from Backbone
+    if model is None:
         raise TypeError(
-            f"{what} needs a backbone whose `model` is a transformers PreTrainedModel (as HFBackbone's "
-            f"is); {type(backbone).__name__}.model is {type(model).__name__}"
+            f"{what} needs a backbone that wraps a transformers PreTrainedModel "
+            f"(Backbone.transformers_model, as HFBackbone's does); {type(backbone).__name__} wraps none"
         )
     return model
 
