@@ -529,5 +529,5 @@ def test_adapters_need_a_backbone_that_declares_its_transformers_model():
 
     assert Bare().transformers_model is None
     for policy in (LoRA(), ProjectionOnly(gradient_checkpointing=True)):
-        with pytest.raises(TypeError, match="Backbone.transformers_model.*Bare wraps none"):
+        with pytest.raises(TypeError, match=r"Backbone\.transformers_model.*Bare wraps none"):
             policy.apply(RawECGEncoder(), MLPConnector(), Bare())
