@@ -200,7 +200,7 @@ def index_groups(builder, out: Path) -> dict:
     from collections import Counter
 
     from ecglm.data.mixture import INDEX_NAME, _QAIndex
-    from ecglm.data.sources import SPLITS
+    from ecglm.data.splits import SPLITS
 
     out.mkdir(parents=True, exist_ok=True)
     splits = {}

@@ -42,7 +42,10 @@ from ecglm.metrics import (
     answer_text,
     failure_modes,
     normalize_answer,
+    plot_confusion,
 )
+from ecglm.metrics import bertscore as metrics_bertscore
+from ecglm.metrics import wordnet as metrics_wordnet
 from ecglm_testing import SHARED_DATA
 
 #: (prediction, reference) free-text ECG findings, worded as generated reports and cardiologists write them.
@@ -322,7 +325,7 @@ def test_ensure_wordnet_is_idempotent(nltk_wordnet):
     before = {p.name: p.stat().st_mtime_ns for p in corpus_dir.iterdir()}
     assert metrics.ensure_wordnet(nltk_wordnet) == nltk_wordnet
     assert {p.name: p.stat().st_mtime_ns for p in corpus_dir.iterdir()} == before
-    assert metrics.nltk.data.path.count(str(nltk_wordnet)) == 1
+    assert metrics_wordnet.nltk.data.path.count(str(nltk_wordnet)) == 1
     from nltk.corpus import wordnet
 
     assert wordnet.get_version() == "3.0"
@@ -341,7 +344,7 @@ def test_meteor_builds_nltk_wordnet_on_first_use(nltk_wordnet, tmp_path):
 
 
 def test_wordnet_errors_name_the_apt_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(metrics, "DEBIAN_WORDNET", tmp_path / "absent")
+    monkeypatch.setattr(metrics_wordnet, "DEBIAN_WORDNET", tmp_path / "absent")
     with pytest.raises(RuntimeError, match="apt-get install wordnet-base wordnet-sense-index"):
         metrics.ensure_wordnet(tmp_path / "nltk_data")
 
@@ -349,7 +352,7 @@ def test_wordnet_errors_name_the_apt_command(monkeypatch, tmp_path):
         def ensure_loaded(self):
             raise LookupError("Resource wordnet not found.")
 
-    monkeypatch.setattr(metrics, "wordnet", NoWordNet())
+    monkeypatch.setattr(metrics_wordnet, "nltk_wordnet", NoWordNet())
     with pytest.raises(RuntimeError, match="apt-get install wordnet-base wordnet-sense-index"):
         METEOR().update(["sinus rhythm"], ["sinus rhythm"])
 
@@ -487,7 +490,7 @@ def test_bertscore_embedding_cache_is_exact_and_bounded(minilm, monkeypatch):
     fresh = per_pair(BERTScoreF1, preds, target, model=minilm)
     metric = BERTScoreF1(minilm, batch_size=4, num_groups=len(preds))
     slots = list(range(1, len(preds) + 1))
-    monkeypatch.setattr(metrics, "BERTSCORE_CACHE_SIZE", 3)
+    monkeypatch.setattr(metrics_bertscore, "BERTSCORE_CACHE_SIZE", 3)
     metric.update(preds, target, slots)
     metric.update(preds, target, slots)  # second pass: from the cache (partly evicted)
     assert len(metric._embedding_cache) == 3
@@ -550,6 +553,17 @@ def test_abnormality_metrics_on_a_hand_computed_confusion_matrix(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown group 'z'"):
         metric.plot_confusion(tmp_path / "z.png", group="z")
+
+
+def test_plot_confusion_draws_a_panel_per_matrix_and_leaves_pyplot_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    matrices = {"ecgqa-ptbxl": [[10.0, 2.5], [3.0, 4.0]], "pulse": torch.tensor([[1, 0], [0, 1]])}
+    png = plot_confusion(matrices, tmp_path / "c.png")  # float counts (sums over seeds) are rounded
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (matplotlib.get_backend(), plt.get_fignums()) == (backend, figures)
 
 
 def test_label_set_metrics_hand_computed():

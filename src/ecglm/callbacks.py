@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -102,9 +103,7 @@ def window_stats(values: Iterable[float]) -> dict[str, float] | None:
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < 2:
         return None
-    mean = sum(finite) / len(finite)
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-    return {"mean": mean, "std": std, "n": len(finite)}
+    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite), "n": len(finite)}
 
 
 def compare(

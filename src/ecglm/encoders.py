@@ -26,15 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecglm.ecg import NORMALIZATIONS
+
 log = logging.getLogger(__name__)
 
 # --- expected input ----------------------------------------------------------------------------------
-
-#: Normalisations an encoder can expect, and what each means.
-NORMALIZATIONS = {
-    "zscore": "per lead: subtract each lead's mean and divide by its standard deviation",
-    "minmax": "global: map the record's minimum over all leads to 0 and its maximum to 1",
-}
 
 
 class PreprocessingMismatchWarning(UserWarning):

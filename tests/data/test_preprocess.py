@@ -121,3 +121,36 @@ def test_config_rejects_unknown_choices():
     with pytest.raises(ValueError, match="window"):
         PreprocessConfig(window="random")
     assert PreprocessConfig().manifest_entry()["normalisation"] == "zscore"
+
+
+def test_leads_and_normalisations_have_one_definition():
+    from ecglm import ecg, encoders
+    from ecglm.data import preprocess as pre
+    from ecglm.data import sources, synthetic
+
+    assert pre.LEADS is synthetic.LEADS is ecg.LEADS and len(ecg.LEADS) == 12
+    # PTB-XL's headers spell the augmented leads in capitals; the order is the canonical one.
+    assert ("I", "II", "III", "AVR", "AVL", "AVF", *ecg.LEADS[6:]) == sources.PTBXL_LEADS
+    assert pre.NORMALISATIONS == tuple(encoders.NORMALIZATIONS) == ("zscore", "minmax")
+
+
+def test_zscore_is_the_zscore_normalisation_and_keeps_float64():
+    from ecglm.data.preprocess import normalise, zscore
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(12, 500))
+    z = zscore(x)
+    assert z.dtype == np.float64
+    np.testing.assert_array_equal(normalise(x, "zscore"), z)
+    np.testing.assert_allclose(z.std(axis=1), 1.0, rtol=1e-12)
+    assert zscore(x, np.float32).dtype == np.float32
+
+
+def test_read_wfdb_names_a_missing_record_and_reads_a_real_one(tmp_path, ptb_record):
+    from ecglm.data.preprocess import read_wfdb
+
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        read_wfdb(tmp_path / "nothing")
+    x, names, rate = read_wfdb(ptb_record)
+    rec = wfdb.rdrecord(str(ptb_record))
+    np.testing.assert_array_equal(x, rec.p_signal)
+    assert names == list(rec.sig_name) and rate == float(rec.fs) == 1000.0

@@ -149,3 +149,22 @@ def test_shards_close_at_the_size_limit_and_count_qa_per_dataset(tmp_path: Path)
     assert [s["datasets"] for s in shards] == [{"a": 6}, {"a": 3, "b": 3}, {"b": 6}]
     with pytest.raises(ValueError, match="max_shard_mb"):
         write_shards(samples, tmp_path, "x", max_shard_mb=0)
+
+
+def test_shards_built_checks_the_manifest_entries_and_every_shard(tmp_path: Path) -> None:
+    from ecglm.data.shards import shards_built
+
+    splits = {}
+    for split in ("train", "val", "test"):
+        shards = write_shards(make_samples(2), tmp_path, split)
+        comparison = write_shards(make_samples(1, seed=1), tmp_path, f"{split}-comparison")
+        splits[split] = {"shards": shards, "comparison": {"shards": comparison}}
+    write_manifest(tmp_path, {"params": {"a": 1}, "version": 2, "splits": splits})
+
+    assert shards_built(tmp_path, params={"a": 1}, version=2)
+    assert not shards_built(tmp_path, params={"a": 2}, version=2)
+    assert not shards_built(tmp_path, params={"a": 1}, version=2, inputs_fingerprint="x")  # absent entry
+    assert not shards_built(tmp_path / "nowhere", params={"a": 1})
+    comparison = tmp_path / splits["val"]["comparison"]["shards"][0]["path"]
+    comparison.write_bytes(comparison.read_bytes()[:-512])  # a comparison shard counts too
+    assert not shards_built(tmp_path, params={"a": 1}, version=2)

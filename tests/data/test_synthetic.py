@@ -9,8 +9,9 @@ import pytest
 import webdataset as wds
 from scipy import signal
 
+from ecglm.data.preprocess import zscore
 from ecglm.data.shards import read_manifest
-from ecglm.data.synthetic import LEADS, SyntheticHeartQA, zscore
+from ecglm.data.synthetic import LEADS, SyntheticHeartQA
 
 PTB_RECORD = Path(__file__).resolve().parents[3] / "shared/data/ptb-s0010/s0010_re"
 RANGES = {"bradycardia": (40, 52), "normal": (65, 92), "tachycardia": (110, 150)}
@@ -179,7 +180,7 @@ def test_record_length_follows_sampling_rate_and_seconds() -> None:
 def test_zscore_maps_a_constant_lead_to_zeros() -> None:
     x = np.vstack([np.full((1, 100), 3.0), np.arange(100.0)[None], np.zeros((10, 100))])
 
-    z = zscore(x)
+    z = zscore(x, np.float32)  # as the synthetic records are stored
 
     assert z.dtype == np.float32 and np.isfinite(z).all()
     np.testing.assert_array_equal(z[0], 0.0)

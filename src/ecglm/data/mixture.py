@@ -32,19 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from ecglm.data.preprocess import (
-    LEADS,
-    MissingLeadError,
-    PreprocessConfig,
-    Preprocessed,
-    preprocess_task,
-)
-from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_intact, write_manifest, write_shards
+from ecglm.data.preprocess import MissingLeadError, PreprocessConfig, Preprocessed, preprocess_task
+from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_built, write_manifest, write_shards
 from ecglm.data.sources import (
     MIMIC,
     MIMIC_SPLIT_RATIOS,
     PTBXL,
-    SPLITS,
     ECGRecord,
     ecgqa_pair,
     iter_mimic,
@@ -52,6 +45,8 @@ from ecglm.data.sources import (
     read_ecgqa,
     read_pulse,
 )
+from ecglm.data.splits import SPLITS
+from ecglm.ecg import LEADS
 
 log = logging.getLogger(__name__)
 
@@ -211,18 +206,9 @@ class ECGQAMixture:
 
     def is_built(self, out_dir: str | Path) -> bool:
         """True when ``out_dir`` holds a manifest of these params and inputs with intact shards (sha256)."""
-        out_dir = Path(out_dir)
-        try:
-            manifest = read_manifest(out_dir)
-            current = (
-                manifest["params"] == self.params
-                and manifest["version"] == VERSION
-                and manifest["inputs_fingerprint"] == self.inputs_fingerprint()
-            )
-            shards = [s for info in manifest["splits"].values() for s in _all_shards(info)]
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        return current and shards_intact(out_dir, shards)
+        return shards_built(
+            out_dir, params=self.params, version=VERSION, inputs_fingerprint=self.inputs_fingerprint()
+        )
 
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""
@@ -565,10 +551,6 @@ class _QAIndex:
             " AND q.source = p.source AND q.patient_id = p.patient_id WHERE p.split = ?"
         )
         return self.db.execute(query, (b, a)).fetchone()[0]
-
-
-def _all_shards(info: dict[str, Any]) -> list[dict[str, Any]]:
-    return info["shards"] + info.get("comparison", {}).get("shards", [])
 
 
 def _imap(pool, tasks: Iterable, ahead: int, chunk: int = 16) -> Iterator[Preprocessed]:

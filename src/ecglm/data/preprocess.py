@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 from scipy import signal
 
-LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-NORMALISATIONS = ("zscore", "minmax")
+from ecglm.ecg import LEADS, NORMALIZATIONS
+
+NORMALISATIONS = tuple(NORMALIZATIONS)
 WINDOW_POLICIES = ("first", "centre", "all")
 STORAGE_DTYPE = np.float16
 
@@ -167,12 +169,17 @@ def cut_windows(x: np.ndarray, num_samples: int, policy: str) -> list[np.ndarray
     return [x[:, i : i + num_samples] for i in range(0, n - num_samples + 1, num_samples)]
 
 
+def zscore(x: np.ndarray, dtype: DTypeLike = np.float64) -> np.ndarray:
+    """Per-lead z-score of ``x`` (leads, n) as ``dtype``; a constant lead becomes zeros instead of NaN."""
+    mean = x.mean(axis=1, keepdims=True)
+    std = x.std(axis=1, keepdims=True)
+    return np.where(std > 1e-8, (x - mean) / np.where(std > 1e-8, std, 1.0), 0.0).astype(dtype, copy=False)
+
+
 def normalise(x: np.ndarray, method: str) -> np.ndarray:
     """Per-lead z-score or global min-max to [0, 1]; constant leads (windows) become zeros."""
     if method == "zscore":
-        mean = x.mean(axis=1, keepdims=True)
-        std = x.std(axis=1, keepdims=True)
-        return np.where(std > 1e-8, (x - mean) / np.where(std > 1e-8, std, 1.0), 0.0)
+        return zscore(x)
     low, high = float(x.min()), float(x.max())
     if high - low <= 1e-8:
         return np.zeros_like(x)
@@ -210,21 +217,31 @@ def preprocess(
     return Preprocessed(record, windows=stacked.astype(STORAGE_DTYPE))
 
 
+def read_wfdb(path: str | Path) -> tuple[np.ndarray, list[str], float]:
+    """The WFDB record ``path`` (no extension): its signal (samples by leads, physical units), lead names
+    and sampling rate. A record without a header file is a :class:`FileNotFoundError` naming it."""
+    import wfdb
+
+    header = Path(f"{path}.hea")
+    if not header.is_file():
+        raise FileNotFoundError(f"WFDB record {path} not found: no header file {header}")
+    rec = wfdb.rdrecord(str(path))
+    return rec.p_signal, list(rec.sig_name), float(rec.fs)
+
+
 def preprocess_record(path: str | Path, config: PreprocessConfig, record: str | None = None) -> Preprocessed:
     """Read the WFDB record ``path`` (no extension) and :func:`preprocess` it.
 
     A missing or unreadable record is a drop (``missing_record`` / ``unreadable``), not an error.
     """
-    import wfdb
-
     record = record or str(path)
     if not Path(f"{path}.hea").is_file():
         return Preprocessed(record, drop_reason="missing_record", detail=f"no header {path}.hea")
     try:
-        rec = wfdb.rdrecord(str(path))
+        x, names, rate = read_wfdb(path)
     except Exception as error:  # wfdb raises many types for corrupt headers and data files
         return Preprocessed(record, drop_reason="unreadable", detail=f"{type(error).__name__}: {error}")
-    return preprocess(rec.p_signal, list(rec.sig_name), float(rec.fs), record, config)
+    return preprocess(x, names, rate, record, config)
 
 
 def preprocess_task(task: tuple[str, str, PreprocessConfig]) -> Preprocessed:

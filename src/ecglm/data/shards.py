@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from ecglm.io import atomic_write_bytes
+from ecglm.data.splits import SPLITS
+from ecglm.io import atomic_write_bytes, commit, partial_path
 
 MANIFEST_NAME = "manifest.json"
 # TarWriter stamps every member with time.time() unless given an mtime; a fixed one keeps
@@ -99,10 +100,11 @@ def cached_sha256(path: str | Path) -> str:
 
 
 class _ShardFile:
-    """One tar shard being written to ``{name}.tmp``; :meth:`close` checksums it and moves it in place."""
+    """One tar shard being written beside its path (:func:`ecglm.io.partial_path`); :meth:`close` checksums
+    it and commits it in place (:func:`ecglm.io.commit`)."""
 
     def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.path, self.tmp = path, partial_path(path)
         self.stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in close() / abort()
         self.writer = wds.TarWriter(self.stream, encoder=False, mtime=TAR_MTIME)
         self.keys: set[str] = set()
@@ -129,7 +131,7 @@ class _ShardFile:
         self.stream.close()
         digest = sha256_file(self.tmp)
         size = self.tmp.stat().st_size
-        os.replace(self.tmp, self.path)
+        commit(self.tmp, self.path)
         return {
             "path": self.path.name,
             "num_samples": len(self.keys),
@@ -205,6 +207,24 @@ def shards_intact(out_dir: Path, shards: Iterable[dict]) -> bool:
     return all(
         (out_dir / s["path"]).is_file() and sha256_file(out_dir / s["path"]) == s["sha256"] for s in shards
     )
+
+
+def split_shards(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every shard entry of one split of a manifest: its single-ECG shards, then its comparison shards."""
+    return info["shards"] + info.get("comparison", {}).get("shards", [])
+
+
+def shards_built(out_dir: str | Path, **expected: Any) -> bool:
+    """True when ``out_dir`` holds a manifest whose top-level entries equal ``expected`` (a builder's
+    ``params``, ``version``, ...) and every shard of every split (:data:`SPLITS`) matches its sha256."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = read_manifest(out_dir)
+        current = all(manifest[key] == value for key, value in expected.items())
+        shards = [shard for split in SPLITS for shard in split_shards(manifest["splits"][split])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return current and shards_intact(out_dir, shards)
 
 
 def read_manifest(out_dir: Path) -> dict:

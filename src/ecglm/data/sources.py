@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 import json
 import re
 from collections import Counter
@@ -27,7 +26,9 @@ from typing import Any
 
 import ijson
 
-SPLITS = ("train", "val", "test")
+from ecglm.data.splits import hash_uniform
+from ecglm.ecg import LEADS
+
 PTBXL, MIMIC = "ptbxl", "mimic-iv-ecg"  # ECG-QA's folder names for the two signal sources
 ECGQA_SPLITS = {"train": "train", "valid": "val", "test": "test"}
 ECGQA_VARIANTS = ("paraphrased", "template")
@@ -44,7 +45,7 @@ PTBXL_COLUMNS = (
 )  # fmt: skip
 PTBXL_REQUIRED = ("ecg_id", "patient_id", "strat_fold")
 #: Lead names as PTB-XL's WFDB headers write them (upper-case augmented leads).
-PTBXL_LEADS = ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
+PTBXL_LEADS = tuple(lead.upper() for lead in LEADS)
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -118,8 +119,7 @@ def read_ptbxl(root: str | Path) -> dict[int, ECGRecord]:
 
 def mimic_split(subject_id: int, ratios: tuple[float, float, float] = MIMIC_SPLIT_RATIOS) -> str:
     """The split of a MIMIC-IV-ECG patient, fixed by a hash of ``subject_id`` (not by row order)."""
-    digest = hashlib.blake2b(f"mimic-iv-ecg:{subject_id}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2**64
+    u = hash_uniform(f"mimic-iv-ecg:{subject_id}")
     total = sum(ratios)
     return "train" if u < ratios[0] / total else "val" if u < (ratios[0] + ratios[1]) / total else "test"
 

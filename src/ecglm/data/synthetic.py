@@ -17,22 +17,22 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import signal
 
-from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_intact, write_manifest, write_shards
+from ecglm.data.preprocess import read_wfdb, resample, select_leads, zscore
+from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_built, write_manifest, write_shards
+from ecglm.data.splits import SPLITS
+from ecglm.ecg import LEADS
 
 log = logging.getLogger(__name__)
 
 DATASET = "synthetic-heart-qa"
 VERSION = 4  # 2: heart-rate questions list the exact answer words; 3: splits list datasets, question types;
 # 4: shard entries carry num_qa, datasets and bytes (the DataModule plans epochs from them)
-LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-SPLITS = ("train", "val", "test")
 HEART_RATE_CLASSES = {"bradycardia": (40.0, 52.0), "normal": (65.0, 92.0), "tachycardia": (110.0, 150.0)}
 RHYTHM_JITTER = {"regular": (0.0, 0.03), "irregular": (0.25, 0.35)}  # max relative RR deviation per beat
 MIN_IRREGULAR_RR_CV = 0.08  # a few AF-like beats can look regular by chance
@@ -118,20 +118,8 @@ def neurokit_templates(fs: int, seed: int) -> tuple[BeatTemplate, ...]:
 
 def read_wfdb_leads(record: str | Path, fs: int) -> np.ndarray:
     """The 12 standard leads (canonical order, resampled to ``fs``) of a WFDB record, as (12, n)."""
-    import wfdb
-
-    header = Path(f"{record}.hea")
-    if not header.is_file():
-        raise FileNotFoundError(f"WFDB record {record} not found: no header file {header}")
-    rec = wfdb.rdrecord(str(record))
-    names = [name.lower() for name in rec.sig_name]
-    missing = [lead for lead in LEADS if lead.lower() not in names]
-    if missing:
-        raise ValueError(f"WFDB record {record} lacks lead(s) {missing}; it has {rec.sig_name}")
-    leads = rec.p_signal[:, [names.index(lead.lower()) for lead in LEADS]].T
-    ratio = Fraction(fs / rec.fs).limit_denominator(1000)
-    leads = signal.resample_poly(np.nan_to_num(leads), ratio.numerator, ratio.denominator, axis=1)
-    return leads
+    x, names, rate = read_wfdb(record)
+    return resample(np.nan_to_num(select_leads(x, names, str(record))), rate, fs)
 
 
 def wfdb_templates(record: str | Path, fs: int, max_templates: int = 4) -> tuple[BeatTemplate, ...]:
@@ -161,13 +149,6 @@ def _place_beat(out: np.ndarray, template: BeatTemplate, r_pos: float, rr: float
     i0 = np.minimum(pos.astype(int), length - 2)
     frac = pos - i0
     out[:, n] += template.beat[:, i0] * (1 - frac) + template.beat[:, i0 + 1] * frac
-
-
-def zscore(x: np.ndarray) -> np.ndarray:
-    """Per-lead z-score; a constant lead becomes zeros instead of NaN."""
-    mean = x.mean(axis=1, keepdims=True)
-    std = x.std(axis=1, keepdims=True)
-    return np.where(std > 1e-8, (x - mean) / np.where(std > 1e-8, std, 1.0), 0.0).astype(np.float32)
 
 
 class SyntheticHeartQA:
@@ -275,7 +256,7 @@ class SyntheticHeartQA:
             2 * np.pi * wander_freq * t + rng.uniform(0, 2 * np.pi, size=(len(LEADS), 1))
         )
         noise = rng.normal(0.0, self.noise_std, size=clean.shape)
-        return zscore(clean + scale * (wander + noise))
+        return zscore(clean + scale * (wander + noise), np.float32)
 
     def make_record(self, split: str, index: int) -> dict[str, Any]:
         """The WebDataset sample ``index`` of ``split``; depends only on (seed, split, index)."""
@@ -308,14 +289,7 @@ class SyntheticHeartQA:
 
     def is_built(self, out_dir: str | Path) -> bool:
         """True when ``out_dir`` holds a manifest for these params whose shards all match their sha256."""
-        out_dir = Path(out_dir)
-        try:
-            manifest = read_manifest(out_dir)
-            current = manifest["params"] == self.params and manifest["version"] == VERSION
-            shards = [shard for split in SPLITS for shard in manifest["splits"][split]["shards"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        return current and shards_intact(out_dir, shards)
+        return shards_built(out_dir, params=self.params, version=VERSION)
 
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""
