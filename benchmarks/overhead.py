@@ -49,7 +49,7 @@ def build(folder: str):
         conv_pos_kernel=16,
         conv_pos_groups=4,
     )
-    backbone = HFBackbone(folder, system_prompt="You read ECGs. Answer briefly.")
+    backbone = HFBackbone(folder)
     return ECGLanguageModel(encoder, MLPConnector(num_tokens=4, hidden_dim=256), backbone, learning_rate=1e-5)
 
 
@@ -58,10 +58,12 @@ def batches(task, n: int) -> list[dict]:
 
     from ecglm.data.datamodule import QACollator
     from ecglm.data.synthetic import QUESTIONS
+    from ecglm.prompts import ChatTemplate
 
     rng = np.random.default_rng(0)
     questions = [q for qs in QUESTIONS.values() for q in qs]
-    collate = QACollator(task.backbone.formatter, task.num_ecg_tokens)
+    prompt = ChatTemplate(system_prompt="You read ECGs. Answer briefly.").bind(task.backbone.tokenizer)
+    collate = QACollator(prompt, task.num_ecg_tokens)
     out = []
     for b in range(n):
         items = [

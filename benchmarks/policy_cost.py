@@ -116,6 +116,7 @@ def measure(name: str, folder: str, steps: int, warmup: int, device: str) -> dic
     from ecglm.data.synthetic import QUESTIONS
     from ecglm.encoders import Wav2Vec2ECGEncoder
     from ecglm.module import ECGLanguageModel
+    from ecglm.prompts import ChatTemplate
 
     cls, kwargs, four_bit = POLICIES[name]
     torch.manual_seed(0)
@@ -130,7 +131,7 @@ def measure(name: str, folder: str, steps: int, warmup: int, device: str) -> dic
         conv_pos_groups=4,
     )
     quantized = {"quantization": "nf4", "bnb_compute_dtype": "float32"} if four_bit else {}
-    backbone = HFBackbone(folder, system_prompt="You read ECGs. Answer briefly.", **quantized)
+    backbone = HFBackbone(folder, **quantized)
     policy = getattr(ecglm.peft, cls)(**kwargs)
     model = ECGLanguageModel(encoder, MLPConnector(num_tokens=4, hidden_dim=256), backbone, policy).to(device)
     model.train()
@@ -150,7 +151,8 @@ def measure(name: str, folder: str, steps: int, warmup: int, device: str) -> dic
         }
         for i in range(8)
     ]
-    batch = QACollator(backbone.formatter, model.num_ecg_tokens)(items)
+    prompt = ChatTemplate(system_prompt="You read ECGs. Answer briefly.").bind(backbone.tokenizer)
+    batch = QACollator(prompt, model.num_ecg_tokens)(items)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.startswith("cuda")

@@ -30,6 +30,7 @@ from ecglm.data.datamodule import QACollator
 from ecglm.encoders import Wav2Vec2ECGEncoder
 from ecglm.module import ECGLanguageModel
 from ecglm.peft import FewShotConnector
+from ecglm.prompts import ChatTemplate
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = (
@@ -105,7 +106,6 @@ def build_model(args: argparse.Namespace, tokenizer: str) -> ECGLanguageModel:
         "llama",
         tokenizer=tokenizer,
         random_init=True,
-        system_prompt=args.system_prompt,
         config_overrides={
             "hidden_size": args.hidden,
             "intermediate_size": 3 * args.hidden,
@@ -120,11 +120,14 @@ def build_model(args: argparse.Namespace, tokenizer: str) -> ECGLanguageModel:
     return ECGLanguageModel(encoder, MLPConnector(num_tokens=1), backbone, policy).to(args.device)
 
 
-def batches(model: ECGLanguageModel, datasets: list[str], n: int, batch_size: int) -> list[dict]:
+def batches(
+    model: ECGLanguageModel, datasets: list[str], n: int, batch_size: int, system_prompt: str | None
+) -> list[dict]:
     """``n`` batches of ``batch_size`` rows drawn round-robin from ``datasets`` (not the demonstrations)."""
     demos = {d: [{"question": q, "answer": a} for q, a in QA[d][:1]] for d in QA}
-    prompts = model.policy.system_prompts(model.backbone.formatter.system_prompt, demos)
-    collate = QACollator(model.backbone.formatter, model.num_ecg_tokens, system_prompts=prompts)
+    prompt = ChatTemplate(system_prompt=system_prompt).bind(model.backbone.tokenizer)
+    prompts = model.policy.system_prompts(prompt.system_prompt, demos)
+    collate = QACollator(prompt, model.num_ecg_tokens, system_prompts=prompts)
     rng = np.random.default_rng(0)
     out = []
     for b in range(n):
@@ -213,7 +216,7 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|")
     for name, datasets in mixtures.items():
-        data = batches(model, datasets, args.steps + 1, args.batch_size)
+        data = batches(model, datasets, args.steps + 1, args.batch_size, args.system_prompt)
         first = torch.cat([b["attention_mask"].argmax(1) for b in data]).float()
         ecg = torch.cat([b["ecg_mask"].long().argmax(1) for b in data]).float()
         length = torch.tensor([b["input_ids"].shape[1] for b in data for _ in range(args.batch_size)]).float()

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from ecglm.data.datamodule import ECGQADataModule
 from ecglm.data.shards import write_manifest, write_shards
-from ecglm.prompts import ChatFormatter
+from ecglm.prompts import ChatTemplate
 
 # ECG-QA-style questions: paraphrases x attributes x leads, so that prompts repeat across ECGs about
 # as much as they do in ECG-QA (which asks tens of thousands of distinct questions, not a handful).
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--prompt-cache", type=int, default=4096, help="ChatFormatter prompt_cache_size (0: no cache)"
+        "--prompt-cache", type=int, default=4096, help="ChatTemplate prompt_cache_size (0: no cache)"
     )
     args = parser.parse_args()
 
@@ -131,9 +131,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(
         next(iter(spec.submodule_search_locations)), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
     )
-    formatter = ChatFormatter(
-        tokenizer, "You read ECGs. Answer briefly.", prompt_cache_size=args.prompt_cache
-    )
+    formatter = ChatTemplate(tokenizer, "You read ECGs. Answer briefly.", prompt_cache_size=args.prompt_cache)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         started = time.perf_counter()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ecglm.backbones import HFBackbone
+from ecglm.testing import bound_prompt
 from ecglm_testing import FAMILIES
 
 pytest.importorskip("bitsandbytes")
@@ -28,10 +29,12 @@ def saved_qwen(tiny_backbone_factory, tmp_path_factory) -> str:
 
 def _batch(backbone: HFBackbone, rows: int = 2) -> dict[str, torch.Tensor]:
     """Left-padded QA pairs with one ECG position each, as the collator writes them."""
-    chats = [backbone.formatter.encode(f"Rate {i}?", f"answer {i}", num_ecg_tokens=1) for i in range(rows)]
+    chats = [
+        bound_prompt(backbone).encode(f"Rate {i}?", f"answer {i}", num_ecg_tokens=1) for i in range(rows)
+    ]
     width = max(len(c.input_ids) for c in chats)
     batch = {
-        "input_ids": torch.full((rows, width), backbone.formatter.pad_token_id),
+        "input_ids": torch.full((rows, width), backbone.pad_token_id),
         "attention_mask": torch.zeros((rows, width), dtype=torch.long),
         "ecg_mask": torch.zeros((rows, width), dtype=torch.bool),
         "labels": torch.full((rows, width), -100),

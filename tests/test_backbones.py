@@ -19,7 +19,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ecglm.backbones import Backbone, HFBackbone, positions_from_mask, resolve_model_path
-from ecglm.prompts import ECG_MARKER, IGNORE_INDEX, ChatFormatter
+from ecglm.prompts import ECG_MARKER, IGNORE_INDEX, ChatTemplate
+from ecglm.testing import bound_prompt
 from ecglm_testing import FAMILIES, GEMMA4_TEXT, TINY, VOCAB
 
 K = 3  # ECG tokens per sample
@@ -63,7 +64,7 @@ def backbone(request, tiny) -> HFBackbone:
     return tiny(request.param)
 
 
-def left_padded(formatter: ChatFormatter, n: int, with_answers: bool = True) -> dict[str, torch.Tensor]:
+def left_padded(formatter: ChatTemplate, n: int, with_answers: bool = True) -> dict[str, torch.Tensor]:
     """The first ``n`` QA pairs, tokenised and left-padded as the data pipeline does."""
     answers = ANSWERS[:n] if with_answers else [None] * n
     encoded = [formatter.encode(q, a, K) for q, a in zip(QUESTIONS[:n], answers, strict=True)]
@@ -95,12 +96,12 @@ def random_ecg_tokens(backbone: HFBackbone, n: int, seed: int = 0) -> torch.Tens
 
 def placeholder_tokens(backbone: HFBackbone, n: int) -> torch.Tensor:
     """ECG tokens equal to the placeholder's own embedding: the splice must then change nothing."""
-    ids = torch.full((n, K), backbone.formatter.placeholder_token_id)
+    ids = torch.full((n, K), backbone.placeholder_token_id)
     return backbone.embed_tokens(ids).detach()
 
 
 def test_forward_and_backward_reach_the_ecg_tokens(backbone):
-    batch = left_padded(backbone.formatter, 3)
+    batch = left_padded(bound_prompt(backbone), 3)
     backbone.requires_grad_(False)  # a frozen LM, as in projection-only training
     tokens = random_ecg_tokens(backbone, 3).requires_grad_(True)
     out = backbone(batch["input_ids"], batch["attention_mask"], batch["ecg_mask"], tokens, batch["labels"])
@@ -112,7 +113,7 @@ def test_forward_and_backward_reach_the_ecg_tokens(backbone):
 
 
 def test_answer_span_loss_equals_the_full_logits_loss(backbone):
-    batch = left_padded(backbone.formatter, 3)
+    batch = left_padded(bound_prompt(backbone), 3)
     tokens = random_ecg_tokens(backbone, 3)
     args = (batch["input_ids"], batch["attention_mask"], batch["ecg_mask"], tokens, batch["labels"])
     with torch.no_grad():
@@ -131,7 +132,7 @@ def until_eos(row: torch.Tensor, eos: int) -> list[int]:
 
 
 def test_batched_generation_matches_one_by_one(backbone):
-    batch = left_padded(backbone.formatter, 3, with_answers=False)
+    batch = left_padded(bound_prompt(backbone), 3, with_answers=False)
     assert (batch["attention_mask"] == 0).any(), "the prompts must need padding for this test to mean much"
     tokens = random_ecg_tokens(backbone, 3)
     eos = backbone.tokenizer.eos_token_id
@@ -150,7 +151,7 @@ def test_gemma4_splice_equals_the_models_own_computation(family, tiny):
     expected_class = {"gemma4_text": "Gemma4ForCausalLM", "gemma4": "Gemma4ForConditionalGeneration"}
     assert type(backbone.model).__name__ == expected_class[family]
     lm = backbone.model
-    batch = left_padded(backbone.formatter, 3)
+    batch = left_padded(bound_prompt(backbone), 3)
     ids, mask, ecg_mask, labels = (batch[k] for k in ("input_ids", "attention_mask", "ecg_mask", "labels"))
     same = placeholder_tokens(backbone, 3)
     with torch.no_grad():
@@ -174,8 +175,8 @@ def test_gemma4_splice_equals_the_models_own_computation(family, tiny):
         with pytest.raises(RuntimeError, match="reverse the embedding"):
             lm(inputs_embeds=spliced, attention_mask=mask)
 
-    prompts = left_padded(backbone.formatter, 3, with_answers=False)
-    pad = backbone.formatter.pad_token_id
+    prompts = left_padded(bound_prompt(backbone), 3, with_answers=False)
+    pad = backbone.pad_token_id
     own = lm.generate(
         input_ids=prompts["input_ids"],
         attention_mask=prompts["attention_mask"],
@@ -207,7 +208,7 @@ def test_qwen3_5_hub_layout_loads_its_text_model(tmp_path, tokenizer_dir):
     vlm.save_pretrained(tmp_path)
     backbone = HFBackbone(str(tmp_path), tokenizer=tokenizer_dir)
     assert type(backbone.model).__name__ == "Qwen3_5ForCausalLM"
-    batch = left_padded(backbone.formatter, 2)
+    batch = left_padded(bound_prompt(backbone), 2)
     mask = batch["attention_mask"]
     with torch.no_grad():
         ours = backbone(batch["input_ids"], mask, batch["ecg_mask"], placeholder_tokens(backbone, 2)).logits
@@ -245,7 +246,7 @@ def test_4bit_backbone_trains_the_ecg_tokens_and_generates(family, saved_models,
     assert type(four.model.get_input_embeddings()) is type(full.model.get_input_embeddings())
     assert type(four.model.get_output_embeddings()) is nn.Linear
 
-    batch = left_padded(four.formatter, 3)
+    batch = left_padded(bound_prompt(four), 3)
     tokens = random_ecg_tokens(full, 3)
     four.requires_grad_(False)
     trained = tokens.clone().requires_grad_(True)
@@ -261,7 +262,7 @@ def test_4bit_backbone_trains_the_ecg_tokens_and_generates(family, saved_models,
         logits = four(batch["input_ids"], batch["attention_mask"], batch["ecg_mask"], tokens).logits
         reference = full(batch["input_ids"], batch["attention_mask"], batch["ecg_mask"], tokens).logits
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
-    prompts = left_padded(four.formatter, 3, with_answers=False)
+    prompts = left_padded(bound_prompt(four), 3, with_answers=False)
     assert four.generate(**prompts, ecg_tokens=tokens, max_new_tokens=4).shape == (3, 4)
 
 
@@ -289,7 +290,7 @@ def test_4bit_options_reach_bitsandbytes(saved_models):
 def test_dtype_sets_the_lm_weights_and_ecg_tokens_follow(tiny_backbone_factory):
     backbone = tiny_backbone_factory("llama", dtype="bfloat16")
     assert {p.dtype for p in backbone.parameters()} == {torch.bfloat16}
-    batch = left_padded(backbone.formatter, 2)
+    batch = left_padded(bound_prompt(backbone), 2)
     tokens = torch.randn(2, K, backbone.hidden_size, requires_grad=True)  # a float32 connector's output
     out = backbone(batch["input_ids"], batch["attention_mask"], batch["ecg_mask"], tokens, batch["labels"])
     out.loss.backward()
@@ -389,7 +390,7 @@ LONG_ANSWER = "sinus rhythm with occasional premature ventricular complexes and 
 
 
 def test_truncation_cuts_the_question_end_never_the_ecg_or_the_answer_start(tok):
-    unlimited = ChatFormatter(tok, "You read ECGs.")
+    unlimited = ChatTemplate(tok, "You read ECGs.")
     full = unlimited.encode(LONG_QUESTION, "irregular", K)
     question_ids = unlimited._tokens(LONG_QUESTION.strip())
     closing = unlimited._tokens(" <|im_end|>\n<|im_start|>assistant\n")  # the question's trailing space too
@@ -398,7 +399,7 @@ def test_truncation_cuts_the_question_end_never_the_ecg_or_the_answer_start(tok)
     assert (full.ecg_start, len(question_ids), len(closing), len(answer)) == (13, 200, 7, 4)
     assert full.prompt_length == 224
 
-    cut = ChatFormatter(tok, "You read ECGs.", max_length=120).encode(LONG_QUESTION, "irregular", K)
+    cut = ChatTemplate(tok, "You read ECGs.", max_length=120).encode(LONG_QUESTION, "irregular", K)
     assert len(cut.input_ids) == 120 and cut.prompt_length == 116  # the whole 4-token answer fits
     assert cut.input_ids[:17] == full.input_ids[:17]  # system turn, ECG positions, newline
     assert cut.input_ids[17 : 17 + 92] == question_ids[:92]  # 120 - 4 - 17 - 7: the question's first 92
@@ -406,37 +407,35 @@ def test_truncation_cuts_the_question_end_never_the_ecg_or_the_answer_start(tok)
     assert [t for t, label in zip(cut.input_ids, cut.labels, strict=True) if label != IGNORE_INDEX] == answer
 
     # A long answer (37 tokens) keeps its first min_answer_tokens = 16; only then is its end cut.
-    long = ChatFormatter(tok, "You read ECGs.", max_length=120).encode(LONG_QUESTION, LONG_ANSWER, K)
+    long = ChatTemplate(tok, "You read ECGs.", max_length=120).encode(LONG_QUESTION, LONG_ANSWER, K)
     full_long = unlimited.encode(LONG_QUESTION, LONG_ANSWER, K)
     assert len(full_long.input_ids) - full_long.prompt_length == 37
     assert len(long.input_ids) == 120 and long.prompt_length == 104  # a question of 80 tokens
     assert long.input_ids[-16:] == full_long.input_ids[full_long.prompt_length :][:16]
     # The generation prompt leaves min_answer_tokens of room too: training and evaluation read the
     # same (shortened) question.
-    prompt = ChatFormatter(tok, "You read ECGs.", max_length=120).encode(LONG_QUESTION, None, K)
+    prompt = ChatTemplate(tok, "You read ECGs.", max_length=120).encode(LONG_QUESTION, None, K)
     assert prompt.input_ids == long.input_ids[: long.prompt_length]
 
     # A short question is never cut: the answer's end goes.
-    short = ChatFormatter(tok, "You read ECGs.", max_length=60).encode(QUESTIONS[0], LONG_ANSWER, K)
+    short = ChatTemplate(tok, "You read ECGs.", max_length=60).encode(QUESTIONS[0], LONG_ANSWER, K)
     whole = unlimited.encode(QUESTIONS[0], LONG_ANSWER, K)
     assert short.prompt_length == whole.prompt_length and short.input_ids == whole.input_ids[:60]
     # Fits: nothing changes.
-    assert ChatFormatter(tok, "You read ECGs.", max_length=300).encode(LONG_QUESTION, "irregular", K) == full
+    assert ChatTemplate(tok, "You read ECGs.", max_length=300).encode(LONG_QUESTION, "irregular", K) == full
 
 
 def test_truncation_refuses_when_the_prompt_alone_is_too_long(tok):
     # Without its question the prompt is 13 + 3 + 1 + 7 = 24 tokens; the answer needs 4.
-    formatter = ChatFormatter(tok, "You read ECGs.", max_length=28)
+    formatter = ChatTemplate(tok, "You read ECGs.", max_length=28)
     assert len(formatter.encode(LONG_QUESTION, "irregular", K).input_ids) == 28  # no question left
     with pytest.raises(ValueError, match="leaves no room for 4 answer tokens within max_length=27"):
-        ChatFormatter(tok, "You read ECGs.", max_length=27).encode(LONG_QUESTION, "irregular", K)
+        ChatTemplate(tok, "You read ECGs.", max_length=27).encode(LONG_QUESTION, "irregular", K)
     with pytest.raises(ValueError, match="leaves no room for 16 answer tokens within max_length=300"):
-        ChatFormatter(tok, "You read ECGs.", max_length=300).encode(
-            LONG_QUESTION, None, 280
-        )  # 280 ECG tokens
+        ChatTemplate(tok, "You read ECGs.", max_length=300).encode(LONG_QUESTION, None, 280)  # 280 ECG tokens
 
 
-class QuestionBeforeECG(ChatFormatter):
+class QuestionBeforeECG(ChatTemplate):
     """A user turn that asks first and shows the ECG after the question."""
 
     def messages(self, question, answer=None, system_prompt=None, num_ecgs=1):
@@ -478,7 +477,7 @@ def test_truncation_cuts_the_question_end_when_the_ecg_follows_it(tok):
 
 
 @pytest.mark.parametrize(
-    "formatter_class", [ChatFormatter, QuestionBeforeECG], ids=["ecg-first", "question-first"]
+    "formatter_class", [ChatTemplate, QuestionBeforeECG], ids=["ecg-first", "question-first"]
 )
 def test_truncation_leaves_a_system_prompt_that_repeats_the_question(tok, formatter_class):
     question = "Describe the morphology of every beat in the tracing. " * 10  # 100 tokens
@@ -516,7 +515,7 @@ DROPS_SYSTEM = (
 def test_system_prompt_joins_the_user_turn_without_a_system_role(tokenizer_dir, template):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = template
-    formatter = ChatFormatter(tok, system_prompt="You read ECGs. Answer with one word.")
+    formatter = ChatTemplate(tok, system_prompt="You read ECGs. Answer with one word.")
     assert not formatter.template_has_system
     enc = formatter.encode("Is the rhythm regular?", "irregular", K)
     text = tok.decode(enc.input_ids)
@@ -530,7 +529,7 @@ def test_system_prompt_joins_the_user_turn_without_a_system_role(tokenizer_dir, 
 
 
 def test_system_prompt_stays_a_system_turn_when_the_template_has_one(tok):
-    formatter = ChatFormatter(tok, system_prompt="You read ECGs.")
+    formatter = ChatTemplate(tok, system_prompt="You read ECGs.")
     assert formatter.template_has_system
     text = tok.decode(formatter.encode("Is the rhythm regular?", None, K).input_ids)
     assert text.startswith("<|im_start|>system\nYou read ECGs.<|im_end|>\n<|im_start|>user\n")
@@ -561,8 +560,8 @@ def test_prompt_cache_and_answer_frame_give_the_full_render_tokens(tokenizer_dir
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if template is not None:
         tok.chat_template = template
-    fast = ChatFormatter(tok, system_prompt)
-    full = ChatFormatter(tok, system_prompt, prompt_cache_size=0)  # renders every pair in full
+    fast = ChatTemplate(tok, system_prompt)
+    full = ChatTemplate(tok, system_prompt, prompt_cache_size=0)  # renders every pair in full
 
     for _ in range(2):  # the second round is served from the cache
         for question, answer in QA_PAIRS:
@@ -590,7 +589,7 @@ HISTORY_DIFFERS = (  # earlier assistant turns are rendered shorter once the con
 
 
 def test_conversation_supervises_every_answer_and_renders_like_the_template(tok):
-    formatter = ChatFormatter(tok, system_prompt="You read ECGs.")
+    formatter = ChatTemplate(tok, system_prompt="You read ECGs.")
     enc = formatter.encode_turns(TURNS, K)
 
     messages = formatter.messages(TURNS[0]["question"], TURNS[0]["answer"])
@@ -613,8 +612,8 @@ def test_conversation_supervises_every_answer_and_renders_like_the_template(tok)
     )
 
     # Whole turns are dropped from the end to fit max_length.
-    two = ChatFormatter(tok, system_prompt="You read ECGs.").encode_turns(TURNS[:2], K)
-    fitted = ChatFormatter(
+    two = ChatTemplate(tok, system_prompt="You read ECGs.").encode_turns(TURNS[:2], K)
+    fitted = ChatTemplate(
         tok, system_prompt="You read ECGs.", max_length=len(two.input_ids) + 3
     ).encode_turns(TURNS, K)
     assert fitted == two
@@ -623,7 +622,7 @@ def test_conversation_supervises_every_answer_and_renders_like_the_template(tok)
 def test_conversation_falls_back_to_its_first_turn_when_the_template_rewrites_history(tokenizer_dir, caplog):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = HISTORY_DIFFERS
-    formatter = ChatFormatter(tok)
+    formatter = ChatTemplate(tok)
     with caplog.at_level(logging.WARNING):
         enc = formatter.encode_turns(TURNS, K)
     assert enc == formatter.encode(TURNS[0]["question"], TURNS[0]["answer"], K)
@@ -633,7 +632,7 @@ def test_conversation_falls_back_to_its_first_turn_when_the_template_rewrites_hi
 class NoWidthBackbone(Backbone):
     """Implements every abstract method but never sets ``hidden_size``."""
 
-    def __init__(self, formatter: ChatFormatter):
+    def __init__(self, formatter: ChatTemplate):
         super().__init__()
         self.formatter = formatter
 
@@ -648,7 +647,7 @@ def test_a_backbone_without_hidden_size_is_named_where_it_is_needed(tok, tiny_en
     from ecglm.connectors import MLPConnector
     from ecglm.module import ECGLanguageModel
 
-    backbone = NoWidthBackbone(ChatFormatter(tok))
+    backbone = NoWidthBackbone(ChatTemplate(tok))
     message = r"NoWidthBackbone has no hidden_size: a Backbone must set self\.hidden_size"
     with pytest.raises(AttributeError, match=message):
         ECGLanguageModel(tiny_encoder_factory(), MLPConnector(), backbone)

@@ -21,6 +21,7 @@ from ecglm.data.datamodule import QACollator
 from ecglm.encoders import RawECGEncoder
 from ecglm.module import ECGLanguageModel
 from ecglm.plugins import discover, resolve_class_paths
+from ecglm.testing import bound_prompt
 
 IN, OUT = 16, 24
 
@@ -188,7 +189,7 @@ def test_encoder_free_trains_only_the_connector_and_generates(encoder_free_model
     model = encoder_free_model
     assert (model.connector.input_dim, model.connector.output_dim) == (12, 64)
     assert list(model.encoder.parameters()) == []
-    batch = QACollator(model.backbone.formatter, 2)(items(2))
+    batch = QACollator(bound_prompt(model.backbone), 2)(items(2))
 
     model.zero_grad()
     loss = model(batch).loss
@@ -204,7 +205,7 @@ def test_encoder_free_trains_only_the_connector_and_generates(encoder_free_model
     assert {f"connector.{k}" for k in model.connector.state_dict()} <= keys
     assert not [k for k in keys if k.startswith("encoder.")]
 
-    collate = QACollator(model.backbone.formatter, 2, for_generation=True)
+    collate = QACollator(bound_prompt(model.backbone), 2, for_generation=True)
     answers = model.model.generate(collate(items(2)), max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with torch.no_grad():
@@ -221,7 +222,7 @@ def test_fp32_connector_feeds_a_bf16_backbone(tiny_backbone_factory, tiny_encode
     model = ECGLanguageModel(
         tiny_encoder_factory(), MLPConnector(num_tokens=2, pooling="attention"), backbone
     )
-    batch = QACollator(backbone.formatter, 2)(items(2))
+    batch = QACollator(bound_prompt(backbone), 2)(items(2))
 
     tokens = model.model.ecg_tokens(batch["ecg"])
     embeds = backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)

@@ -14,6 +14,7 @@ from ecglm.backbones import HFBackbone
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
+from ecglm.testing import bound_prompt
 
 K = 2
 TINY_LLAMA = dict(
@@ -26,6 +27,7 @@ from ecglm import ECGLM
 from ecglm.backbones import HFBackbone
 from ecglm.connectors import MLPConnector
 from ecglm.encoders import Wav2Vec2ECGEncoder
+from ecglm.testing import bound_prompt
 
 tokenizer, config, folder = sys.argv[1], eval(sys.argv[2]), sys.argv[3]
 encoder = Wav2Vec2ECGEncoder(conv_layers=[(16, 10, 5), (16, 5, 5)], embed_dim=32, num_layers=1, num_heads=2,
@@ -56,7 +58,7 @@ def _batch(task: ECGLanguageModel) -> dict:
         }
         for i in range(3)
     ]
-    return QACollator(task.backbone.formatter, K)(items)
+    return QACollator(bound_prompt(task.backbone), K)(items)
 
 
 class Capture(L.Callback):

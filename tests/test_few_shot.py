@@ -23,7 +23,9 @@ from ecglm.evaluation import Decoding, EvaluationProtocol, MetricsConfig
 from ecglm.metrics import answer_text
 from ecglm.module import ECGLanguageModel
 from ecglm.peft import FewShotConnector, ProjectionOnly
-from ecglm.prompts import ChatFormatter
+from ecglm.prompts import ChatTemplate
+from ecglm.testing import bound_prompt
+from ecglm.wiring import connect
 from ecglm_testing import FAMILIES as SHARED_FAMILIES
 from ecglm_testing import GEMMA4_TEXT, TINY
 
@@ -161,7 +163,7 @@ def items_of(split: str = "test") -> list[dict]:
 def test_each_row_carries_its_datasets_demonstration_before_the_ecg(mixture, tokenizer_dir, template):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = template or tok.chat_template
-    formatter = ChatFormatter(tok, SYSTEM)
+    formatter = ChatTemplate(tok, SYSTEM)
     assert formatter.template_has_system == (template is None)
     policy = FewShotConnector()
     demos = ECGQADataModule(str(mixture)).sample_demonstrations(0, 1)
@@ -207,11 +209,18 @@ def build_model(tiny_backbone_factory, tiny_encoder_factory, policy) -> ECGLangu
     return ECGLanguageModel(
         tiny_encoder_factory(),
         MLPConnector(num_tokens=K),
-        tiny_backbone_factory("llama", system_prompt=SYSTEM),
+        tiny_backbone_factory("llama"),
         policy,
         decoding=Decoding(max_new_tokens=2),
         evaluation=MetricsConfig(metrics=("acc",), bertscore_model=None, conditions=("ecg", "text_only")),
     )
+
+
+def connected(model: ECGLanguageModel, mixture: Path, **kwargs) -> ECGQADataModule:
+    """The mixture's DataModule, with the system prompt, connected to ``model``."""
+    data = ECGQADataModule(str(mixture), prompt=ChatTemplate(system_prompt=SYSTEM), **kwargs)
+    connect(model, data)
+    return data
 
 
 def trainer_in(folder: Path, **kwargs) -> L.Trainer:
@@ -232,7 +241,7 @@ def test_demonstrations_are_recorded_and_reused_at_evaluation_after_a_rebuild(
     model = build_model(tiny_backbone_factory, tiny_encoder_factory, FewShotConnector(seed=0))
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     trainer = trainer_in(tmp_path, max_steps=2, limit_val_batches=1, callbacks=[checkpoints])
-    trainer.fit(model, ECGQADataModule(str(mixture), batch_size=4, eval_batch_size=8))
+    trainer.fit(model, connected(model, mixture, batch_size=4, eval_batch_size=8))
 
     drawn = ECGQADataModule(str(mixture)).sample_demonstrations(0, 1)
     assert model.demonstrations == drawn
@@ -263,7 +272,7 @@ def test_demonstrations_are_recorded_and_reused_at_evaluation_after_a_rebuild(
     protocol = EvaluationProtocol(
         ckpt_path=str(last), seeds=[0], samples_per_dataset=None, out_dir=str(tmp_path / "e")
     )
-    summary = protocol.run(trainer_in(tmp_path / "eval"), rebuilt, ECGQADataModule(str(mixture), seed=7))
+    summary = protocol.run(trainer_in(tmp_path / "eval"), rebuilt, connected(rebuilt, mixture, seed=7))
 
     assert rebuilt.demonstrations == drawn
     assert set(summary["conditions"]) == {"ecg", "text_only"}
@@ -274,7 +283,7 @@ def test_demonstrations_are_recorded_and_reused_at_evaluation_after_a_rebuild(
     # A checkpoint and a policy that disagree about demonstrations are refused.
     with pytest.raises(RuntimeError, match="trained with few-shot demonstrations"):
         plain = build_model(tiny_backbone_factory, tiny_encoder_factory, ProjectionOnly())
-        trainer_in(tmp_path / "plain").test(plain, ECGQADataModule(str(mixture)), ckpt_path=str(last))
+        trainer_in(tmp_path / "plain").test(plain, connected(plain, mixture), ckpt_path=str(last))
     few_shot = build_model(tiny_backbone_factory, tiny_encoder_factory, FewShotConnector())
     with pytest.raises(RuntimeError, match="records none"):
         few_shot._restore_demonstrations(None)
@@ -300,7 +309,7 @@ PROMPTS = {
 }
 
 
-def prefix_lengths(formatter: ChatFormatter) -> list[int]:
+def prefix_lengths(formatter: ChatTemplate) -> list[int]:
     return sorted(formatter.encode("q", None, K, system_prompt=p).ecg_start for p in PROMPTS.values())
 
 
@@ -318,11 +327,11 @@ def tiny_family(family: str, tiny_backbone_factory, tokenizer_dir: str) -> HFBac
     overrides = dict(FAMILIES["gemma4_text" if family == "gemma4" else family])
     if "sliding_attention" in overrides.get("layer_types", ()):
         shortest, *_, longest = prefix_lengths(
-            ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), SYSTEM)
+            ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir), SYSTEM)
         )
         overrides["sliding_window"] = (shortest + longest) // 2
     if family != "gemma4":
-        return tiny_backbone_factory(family, config_overrides=overrides, system_prompt=SYSTEM)
+        return tiny_backbone_factory(family, config_overrides=overrides)
     torch.manual_seed(0)
     vocab = overrides["vocab_size_per_layer_input"]
     # Multimodal placeholder ids inside the tiny vocabulary; they never occur in these prompts.
@@ -337,7 +346,6 @@ def tiny_family(family: str, tiny_backbone_factory, tokenizer_dir: str) -> HFBac
         tokenizer=tokenizer_dir,
         random_init=True,
         config_overrides={**config, **special},
-        system_prompt=SYSTEM,
     )
 
 
@@ -351,7 +359,7 @@ def test_prefix_reuse_gives_the_full_sequence_loss_logits_and_gradients(
     assert backbone.prefix_reuse
     model.train()  # as in training: the connector trains, the frozen LLM stays in eval mode
     prompts = {d: f"{SYSTEM}\n\n{p}" for d, p in PROMPTS.items()}
-    batch = QACollator(backbone.formatter, K, system_prompts=prompts)(items_of("train"))
+    batch = QACollator(bound_prompt(backbone), K, system_prompts=prompts)(items_of("train"))
     assert (batch["attention_mask"] == 0).any()
 
     loss, logits, grads = loss_logits_grads(model, batch, reuse=False)
@@ -373,10 +381,10 @@ def test_prefix_reuse_gives_the_full_sequence_loss_logits_and_gradients(
 def test_prefix_reuse_steps_aside_where_it_would_be_wrong(
     tiny_backbone_factory, tiny_encoder_factory, caplog
 ):
-    backbone = tiny_backbone_factory("llama", system_prompt=SYSTEM)
+    backbone = tiny_backbone_factory("llama")
     model = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=K), backbone, FewShotConnector())
     model.eval()
-    batch = QACollator(backbone.formatter, K, system_prompts=PROMPTS)(items_of("train"))
+    batch = QACollator(bound_prompt(backbone), K, system_prompts=PROMPTS)(items_of("train"))
     cache = backbone.prefix_cache
     with torch.no_grad():
         backbone.prefix_reuse = False

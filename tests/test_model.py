@@ -14,7 +14,8 @@ from ecglm.data.datamodule import QACollator
 from ecglm.encoders import Wav2Vec2ECGEncoder
 from ecglm.module import ECGLanguageModel
 from ecglm.peft import ProjectionOnly, count_parameters
-from ecglm.prompts import ECG_MARKER, IGNORE_INDEX, ChatFormatter
+from ecglm.prompts import ECG_MARKER, IGNORE_INDEX, ChatTemplate
+from ecglm.testing import bound_prompt
 
 #: Per-architecture config so that each tiny model has both of its layer kinds.
 ARCHITECTURES = {
@@ -76,7 +77,7 @@ def test_formatter_marks_answer_span_from_the_template(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    formatter = ChatFormatter(tok, system_prompt="You read ECGs.")
+    formatter = ChatTemplate(tok, system_prompt="You read ECGs.")
     enc = formatter.encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
     answer_ids = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
     assert tok.decode(answer_ids) == "irregular<|im_end|>\n"
@@ -86,13 +87,13 @@ def test_formatter_marks_answer_span_from_the_template(tokenizer_dir):
     assert prompt.input_ids == enc.input_ids[: enc.prompt_length]
     assert tok.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
 
-    short = ChatFormatter(
+    short = ChatTemplate(
         tok, system_prompt="You read ECGs.", max_length=enc.prompt_length + 1, min_answer_tokens=1
     )
     cut = short.encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
     assert len(cut.input_ids) == enc.prompt_length + 1 and cut.labels[-1] == answer_ids[0]
     with pytest.raises(ValueError, match="leaves no room"):
-        ChatFormatter(tok, max_length=5).encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
+        ChatTemplate(tok, max_length=5).encode("Is the rhythm regular?", "irregular", num_ecg_tokens=K)
 
 
 def test_formatter_rejects_a_template_that_drops_the_ecg(tokenizer_dir):
@@ -101,11 +102,11 @@ def test_formatter_rejects_a_template_that_drops_the_ecg(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
     with pytest.raises(ValueError, match=ECG_MARKER):
-        ChatFormatter(tok).encode("q", "a", num_ecg_tokens=1)
+        ChatTemplate(tok).encode("q", "a", num_ecg_tokens=1)
 
 
 def test_splice_writes_ecg_tokens_only_at_placeholders(model):
-    batch = QACollator(model.backbone.formatter, K)(items(3))
+    batch = QACollator(bound_prompt(model.backbone), K)(items(3))
     tokens = model.model.ecg_tokens(batch["ecg"])
     embeds = model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
     plain = model.backbone.embed_tokens(batch["input_ids"])
@@ -128,7 +129,7 @@ def _assert_span_loss_is_full_loss(model, batch: dict) -> None:
 
 
 def test_answer_span_loss_equals_full_logits_loss(model):
-    batch = QACollator(model.backbone.formatter, K)(items(4))
+    batch = QACollator(bound_prompt(model.backbone), K)(items(4))
     _assert_span_loss_is_full_loss(model, batch)
 
 
@@ -138,7 +139,7 @@ def test_conversation_loss_equals_full_logits_loss(model):
         {"question": data[1]["question"], "answer": data[1]["answer"]},
         {"question": "Is that a problem?", "answer": "Not on its own."},
     ]  # answers with a user turn between them: the kept logits span covers both
-    batch = QACollator(model.backbone.formatter, K)(data)
+    batch = QACollator(bound_prompt(model.backbone), K)(data)
     assert (batch["labels"][1] != IGNORE_INDEX).sum() > (batch["labels"][0] != IGNORE_INDEX).sum()
     _assert_span_loss_is_full_loss(model, batch)
 
@@ -148,7 +149,7 @@ def test_comparison_rows_carry_two_ecgs_through_loss_and_generation(model):
     rng = np.random.default_rng(1)
     data[1]["ecg"] = rng.standard_normal((2, 12, 2500)).astype(np.float16)  # a comparison question
     data[1]["question"] = "Compared with ECG 1, is ECG 2 faster?"
-    batch = QACollator(model.backbone.formatter, K)(data)
+    batch = QACollator(bound_prompt(model.backbone), K)(data)
     assert batch["ecg"].shape == (4, 12, 2500) and batch["ecg_counts"].tolist() == [1, 2, 1]
     assert batch["ecg_mask"].sum(1).tolist() == [K, 2 * K, K]
     _assert_span_loss_is_full_loss(model, batch)
@@ -159,7 +160,7 @@ def test_comparison_rows_carry_two_ecgs_through_loss_and_generation(model):
     second = batch["ecg_mask"][1].nonzero().squeeze(1)[K:]
     torch.testing.assert_close(embeds[1, second], tokens[2])
 
-    generation = QACollator(model.backbone.formatter, K, for_generation=True)(data)
+    generation = QACollator(bound_prompt(model.backbone), K, for_generation=True)(data)
     for condition in ("ecg", "zeroed_ecg", "text_only"):
         with torch.no_grad():
             answers = model.model.generate(generation, condition=condition, max_new_tokens=2)
@@ -168,7 +169,7 @@ def test_comparison_rows_carry_two_ecgs_through_loss_and_generation(model):
 
 def test_left_padding_does_not_change_a_sample(model):
     data = items(3)
-    collate = QACollator(model.backbone.formatter, K)
+    collate = QACollator(bound_prompt(model.backbone), K)
     batch = collate(data)
     assert (batch["attention_mask"] == 0).any(), "the items must need padding for this test to mean anything"
     with torch.no_grad():
@@ -191,7 +192,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(
     backbone = tiny_backbone_factory("qwen3_5_text", config_overrides=ARCHITECTURES["qwen3_5_text"])
     policy = ProjectionOnly(train_encoder)
     model = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=K), backbone, policy)
-    model(QACollator(backbone.formatter, K)(items(2))).loss.backward()
+    model(QACollator(bound_prompt(backbone), K)(items(2))).loss.backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} is trainable but got no gradient"
@@ -206,7 +207,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(
 
 def test_batched_generation_matches_one_by_one(model):
     data = items(3)
-    collate = QACollator(model.backbone.formatter, K, for_generation=True)
+    collate = QACollator(bound_prompt(model.backbone), K, for_generation=True)
     batched = model.model.generate(collate(data), max_new_tokens=5)
     single = [model.model.generate(collate([it]), max_new_tokens=5)[0] for it in data]
     assert batched == single
@@ -221,7 +222,7 @@ def test_batched_generation_matches_one_by_one(model):
 
 
 def test_generation_depends_on_the_ecg(model):
-    collate = QACollator(model.backbone.formatter, K, for_generation=True)
+    collate = QACollator(bound_prompt(model.backbone), K, for_generation=True)
     batch = collate(items(2))
     with torch.no_grad():
         a = model.model.ecg_tokens(batch["ecg"])
@@ -242,7 +243,7 @@ def test_evaluating_untrained_weights_is_refused(model):
     import lightning as L
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(items(2), batch_size=2, collate_fn=QACollator(model.backbone.formatter, K, True))
+    loader = DataLoader(items(2), batch_size=2, collate_fn=QACollator(bound_prompt(model.backbone), K, True))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(RuntimeError, match="refusing to evaluate untrained weights"):
         trainer.test(model, dataloaders=loader)

@@ -30,6 +30,7 @@ from ecglm.peft import (
     encoder_top_layers,
     frozen_part_mode,
 )
+from ecglm.testing import bound_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 K = 2  # ECG tokens per sample
@@ -189,7 +190,7 @@ def test_gradients_reach_exactly_the_policy_parameters(case, tiny_backbone_facto
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     model.train()
-    model(QACollator(backbone.formatter, K)(items(2))).loss.backward()
+    model(QACollator(bound_prompt(backbone), K)(items(2))).loss.backward()
 
     expected = expected_trainable(case, model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -241,7 +242,7 @@ def test_adapters_train_in_float32_over_a_bfloat16_llm(tiny_backbone_factory):
         torch.bfloat16
     )
     model.train()
-    model(QACollator(backbone.formatter, K)(items(2))).loss.backward()
+    model(QACollator(bound_prompt(backbone), K)(items(2))).loss.backward()
     lora_a = model.backbone.model.get_submodule("model.layers.0.self_attn.q_proj").lora_A["default"].weight
     assert lora_a.grad is not None and lora_a.grad.dtype == torch.float32
 
@@ -286,7 +287,7 @@ def test_lora_on_the_multimodal_gemma4_class_stays_in_the_language_model(tokeniz
     model = build(gemma4_multimodal(tokenizer_dir), policy)
     assert policy.targets and all(t.startswith("model.language_model.") for t in policy.targets)
     assert not any(t.startswith("model.vision") or t.startswith("model.audio") for t in policy.targets)
-    batch = QACollator(model.backbone.formatter, K, for_generation=True)(items(2))
+    batch = QACollator(bound_prompt(model.backbone), K, for_generation=True)(items(2))
     assert len(model.model.generate(batch, max_new_tokens=2)) == 2  # generate still splices the ECG
 
 
@@ -310,10 +311,10 @@ def test_qlora_casts_the_unquantised_weights_to_float32_and_generates(saved_llam
     assert lm.model.norm.weight.dtype == lm.get_input_embeddings().weight.dtype == torch.float32
     assert isinstance(lm.get_submodule("model.layers.0.self_attn.q_proj.base_layer"), bnb.nn.Linear4bit)
     model.train()
-    model(QACollator(backbone.formatter, K)(items(2))).loss.backward()
+    model(QACollator(bound_prompt(backbone), K)(items(2))).loss.backward()
     assert model.connector.mlp[0].weight.grad.abs().sum() > 0
     model.eval()
-    batch = QACollator(backbone.formatter, K, for_generation=True)(items(2))
+    batch = QACollator(bound_prompt(backbone), K, for_generation=True)(items(2))
     assert len(model.model.generate(batch, max_new_tokens=2)) == 2
 
 
@@ -371,7 +372,7 @@ def layer_calls(model: ECGLanguageModel) -> list[int]:
 
 @pytest.mark.parametrize("train_connector", [True, False])
 def test_gradient_checkpointing_recomputes_and_gradients_still_flow(train_connector, tiny_backbone_factory):
-    batch = QACollator(tiny_backbone_factory("llama").formatter, K)(items(2))
+    batch = QACollator(bound_prompt(tiny_backbone_factory("llama")), K)(items(2))
     grads, counts = [], []
     for checkpointing in (False, True):
         policy = LoRA(4, 8, 0.0, train_connector=train_connector, gradient_checkpointing=checkpointing)
@@ -396,7 +397,7 @@ def test_gradient_checkpointing_recomputes_and_gradients_still_flow(train_connec
 def test_a_frozen_llm_recomputes_in_training_without_dropout(tiny_backbone_factory):
     """Projection-only with checkpointing: the frozen LLM is in eval mode, its layers still recompute."""
     overrides = {"attention_dropout": 0.5}  # would change every forward if dropout ran
-    batch = QACollator(tiny_backbone_factory("llama").formatter, K)(items(2))
+    batch = QACollator(bound_prompt(tiny_backbone_factory("llama")), K)(items(2))
     reference = build(tiny_backbone_factory("llama", config_overrides=overrides), ProjectionOnly())
     reference.train()
     reference(batch).loss.backward()
@@ -435,7 +436,7 @@ def test_checkpoint_holds_the_adapters_and_reloads_exactly(kbit, saved_llama, tm
         return load_4bit(saved_llama) if kbit else HFBackbone(saved_llama)
 
     model = build(backbone(), policy())
-    loader = DataLoader(items(2), batch_size=2, collate_fn=QACollator(model.backbone.formatter, K))
+    loader = DataLoader(items(2), batch_size=2, collate_fn=QACollator(bound_prompt(model.backbone), K))
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=1,
@@ -469,7 +470,7 @@ def test_checkpoint_holds_the_adapters_and_reloads_exactly(kbit, saved_llama, tm
         policy=policy(),
     )
     assert saved == rebuilt.model.persistent_keys()
-    batch = QACollator(model.backbone.formatter, K)(items(3, seed=1))
+    batch = QACollator(bound_prompt(model.backbone), K)(items(3, seed=1))
     model.eval()
     rebuilt.eval()
     with torch.no_grad():

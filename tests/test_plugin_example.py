@@ -1,4 +1,7 @@
-"""The example plugin ``plugins/ecglm-plain-prompt``, installed for real by pip: found, resolved, trained."""
+"""The example plugin ``plugins/ecglm-plain-prompt``, installed for real by pip: found, resolved, trained.
+
+It is a prompt style (the data side's component): it changes how prompts are written for any backbone,
+without touching the backbone."""
 
 from __future__ import annotations
 
@@ -15,17 +18,18 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from ecglm.backbones import HFBackbone
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
 from ecglm.plugins import component_provenance, discover, format_registry, resolve_class_paths
 from ecglm.prompts import ECG_MARKER, IGNORE_INDEX
-from ecglm.testing import check_backbone, tiny_backbone
+from ecglm.testing import bound_prompt, check_backbone, tiny_backbone
 from ecglm_testing import REPO, TINY, import_fresh_from, package_version, pip_install_copy
 
 PLUGIN_SRC = REPO / "plugins" / "ecglm-plain-prompt"
-DIST, PACKAGE, NAME, GROUP = "ecglm-plain-prompt", "ecglm_plain_prompt", "plain-prompt", "ecglm.backbones"
-CLASS_PATH = f"{PACKAGE}.PlainPromptBackbone"
+DIST, PACKAGE, NAME, GROUP = "ecglm-plain-prompt", "ecglm_plain_prompt", "plain", "ecglm.prompts"
+CLASS_PATH = f"{PACKAGE}.PlainPrompt"
 SYSTEM = "You read ECGs."
 
 
@@ -34,7 +38,7 @@ def plugin_version() -> str:
 
 
 def plugin_class() -> type:
-    """The backbone class, loaded as ecglm loads it: through its entry point."""
+    """The prompt-style class, loaded as ecglm loads it: through its entry point."""
     return entry_points(group=GROUP)[NAME].load()
 
 
@@ -61,10 +65,8 @@ def test_discovered_and_listed(installed):
     assert re.search(line, format_registry(registry), re.M)
 
 
-def test_checkpoint_provenance_names_the_plugin_distribution(installed, no_template_tokenizer_dir):
-    backbone = tiny_backbone(tokenizer=no_template_tokenizer_dir, backbone_class=plugin_class())
-
-    provenance = component_provenance(backbone, MLPConnector())
+def test_checkpoint_provenance_names_the_plugin_distribution(installed):
+    provenance = component_provenance(plugin_class()(), MLPConnector())
 
     assert provenance[CLASS_PATH] == {
         "class_path": CLASS_PATH,
@@ -84,19 +86,22 @@ def test_safe_to_import_twice(installed):
 
 
 def test_recipe_name_resolves_to_import_path(installed):
-    config = {"model": {"backbone": {"class_path": NAME, "init_args": {"model": "llama"}}}}
+    config = {"data": {"init_args": {"prompt": {"class_path": NAME, "init_args": {"system_prompt": "S"}}}}}
 
     resolved = resolve_class_paths(config, discover())
 
-    assert resolved["model"]["backbone"] == {"class_path": CLASS_PATH, "init_args": {"model": "llama"}}
+    assert resolved["data"]["init_args"]["prompt"] == {
+        "class_path": CLASS_PATH,
+        "init_args": {"system_prompt": "S"},
+    }
 
 
-def test_templates_are_checked_before_the_model_loads(installed):
+def test_templates_are_checked_when_the_style_is_built(installed):
     cls = plugin_class()
     with pytest.raises(ValueError, match="exactly once"):
-        cls("no-such-model", prompt_template="Question: {question}\nAnswer:")
+        cls(prompt_template="Question: {question}\nAnswer:")
     with pytest.raises(ValueError, match="answer_template"):
-        cls("no-such-model", answer_template=" {reply}")
+        cls(answer_template=" {reply}")
 
 
 def test_a_template_with_the_ecg_after_the_question_is_truncated_and_trains(
@@ -104,15 +109,11 @@ def test_a_template_with_the_ecg_after_the_question_is_truncated_and_trains(
 ):
     template = f"Question: {{question}}\nECG: {ECG_MARKER}\nAnswer:"
     torch.manual_seed(0)
-    backbone = plugin_class()(
-        "llama",
-        tokenizer=tokenizer_dir,
-        random_init=True,
-        config_overrides=dict(TINY, vocab_size=49152),
-        max_length=40,
-        prompt_template=template,
+    backbone = HFBackbone(
+        "llama", tokenizer=tokenizer_dir, random_init=True, config_overrides=dict(TINY, vocab_size=49152)
     )
     model = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=2), backbone)
+    prompt = bound_prompt(backbone, plugin_class()(prompt_template=template, max_length=40))
     question = "Describe the morphology of every beat in the tracing. " * 5
     items = [
         {
@@ -124,7 +125,7 @@ def test_a_template_with_the_ecg_after_the_question_is_truncated_and_trains(
         }
     ]
 
-    batch = QACollator(backbone.formatter, 2)(items)
+    batch = QACollator(prompt, 2)(items)
 
     tok = backbone.tokenizer
     answer_ids = tok(f" sinus{tok.eos_token}", add_special_tokens=False)["input_ids"]
@@ -140,11 +141,9 @@ def test_a_template_with_the_ecg_after_the_question_is_truncated_and_trains(
     assert torch.isfinite(loss) and model.connector.mlp[0].weight.grad.abs().sum() > 0
 
 
-def test_keeps_the_backbone_contract(installed, no_template_tokenizer_dir):
-    backbone = tiny_backbone(
-        tokenizer=no_template_tokenizer_dir, backbone_class=plugin_class(), system_prompt=SYSTEM
-    )
-    assert torch.isfinite(check_backbone(backbone))
+def test_writes_prompts_a_backbone_keeps_its_contract_with(installed, no_template_tokenizer_dir):
+    backbone = tiny_backbone(tokenizer=no_template_tokenizer_dir)
+    assert torch.isfinite(check_backbone(backbone, prompt=plugin_class()(system_prompt=SYSTEM)))
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +160,15 @@ def no_template_tokenizer_dir(tokenizer_dir, tmp_path_factory) -> str:
 def test_trains_one_step_with_plain_prompts(
     installed, chat_template, tokenizer_dir, no_template_tokenizer_dir, tiny_encoder_factory, tmp_path
 ):
-    cls = plugin_class()
     torch.manual_seed(0)
-    backbone = cls(
+    backbone = HFBackbone(
         "llama",
         tokenizer=tokenizer_dir if chat_template else no_template_tokenizer_dir,
         random_init=True,
         config_overrides=dict(TINY, vocab_size=49152),
-        system_prompt=SYSTEM,
     )
     assert (backbone.tokenizer.chat_template is not None) == chat_template
+    prompt = bound_prompt(backbone, plugin_class()(system_prompt=SYSTEM))
     model = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=2), backbone)
     rng = np.random.default_rng(0)
     items = [
@@ -188,9 +186,9 @@ def test_trains_one_step_with_plain_prompts(
             ]
         )
     ]
-    collate = QACollator(backbone.formatter, 2)
+    collate = QACollator(prompt, 2)
 
-    _check_plain_prompt_and_labels(backbone, collate(items), items)
+    _check_plain_prompt_and_labels(prompt, collate(items), items)
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = L.Trainer(
@@ -209,8 +207,8 @@ def test_trains_one_step_with_plain_prompts(
     assert changed == {name for name in before if name.startswith("connector.")}
 
 
-def _check_plain_prompt_and_labels(backbone, batch, items):
-    formatter, tok = backbone.formatter, backbone.tokenizer
+def _check_plain_prompt_and_labels(formatter, batch, items):
+    tok = formatter.tokenizer
     for row, item in enumerate(items):
         prompt = f"{SYSTEM}\n\nECG: {ECG_MARKER}\nQuestion: {item['question']}\nAnswer:"
         assert formatter.render(formatter.messages(item["question"]), add_generation_prompt=True) == prompt

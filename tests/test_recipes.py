@@ -117,6 +117,10 @@ def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved
         for i in range(2)
     ]
     model.train()
-    batch = QACollator(model.backbone.formatter, model.num_ecg_tokens)(items)
+    # The recipe's prompt style, bound to the backbone by the CLI's wiring (ecglm.wiring.connect).
+    prompt = cli.datamodule.formatter
+    assert prompt is cli.datamodule.prompt and prompt.tokenizer is model.backbone.tokenizer
+    assert prompt.max_length == config["data"]["init_args"]["prompt"].get("init_args", {}).get("max_length")
+    batch = QACollator(prompt, model.num_ecg_tokens)(items)
     model(batch).loss.backward()
     assert all(model.get_parameter(n).grad is not None for n in trainable)

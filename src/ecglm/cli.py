@@ -42,6 +42,7 @@ from ecglm.plugins import (
     resolve_cli_args,
 )
 from ecglm.resume import prepare_ckpt_path
+from ecglm.wiring import connect
 
 PARSER_MODE = "ecglm_yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -93,6 +94,11 @@ class ECGLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # A recipe carries its evaluation protocol; only `ecglm evaluate` acts on it.
         parser.add_class_arguments(EvaluationProtocol, "evaluate", instantiate=False)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.datamodule is not None:
+            connect(self.model, self.datamodule)  # what each side needs from the other, once
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)

@@ -20,6 +20,7 @@ from ecglm.backbones import Backbone
 from ecglm.connectors import Connector
 from ecglm.encoders import ECGEncoder
 from ecglm.peft import PEFTPolicy, ProjectionOnly, frozen_part_mode
+from ecglm.prompts import PromptStyle
 
 #: What the ECG positions of a prompt hold when answers are generated (see :meth:`ECGLM.generate`).
 CONDITIONS = ("ecg", "zeroed_ecg", "text_only")
@@ -54,7 +55,8 @@ class ECGLM(nn.Module):
     """Encoder + connector + backbone, with ``policy`` applied (projection-only by default).
 
     The connector is sized from the encoder's ``output_dim`` and the backbone's ``hidden_size``;
-    the policy then sets ``requires_grad`` and adds any adapters, once, here.
+    the policy then sets ``requires_grad`` and adds any adapters, once, here. ``prompt`` is the
+    prompt style batches were written with (see :mod:`ecglm.prompts`), bound to the backbone.
 
     Batches are what :class:`ecglm.data.datamodule.QACollator` writes: ``ecg`` (every ECG of the
     batch, in row order), ``input_ids``, ``attention_mask``, ``ecg_mask`` and, for training,
@@ -67,8 +69,12 @@ class ECGLM(nn.Module):
         connector: Connector,
         backbone: Backbone,
         policy: PEFTPolicy | None = None,
+        prompt: PromptStyle | None = None,
     ):
         super().__init__()
+        #: How this model's prompts are written (bound to the backbone's tokenizer); set by
+        #: :func:`ecglm.wiring.connect` from the data side when not given.
+        self.prompt = prompt.bind(backbone.tokenizer, backbone.placeholder_token_id) if prompt else None
         self.encoder = encoder
         self.connector = connector
         self.backbone = backbone
@@ -140,7 +146,7 @@ class ECGLM(nn.Module):
         new_ids = self.backbone.generate(
             fields["input_ids"], fields["attention_mask"], fields["ecg_mask"], ecg_tokens, **kwargs
         )
-        texts = self.backbone.formatter.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+        texts = self.backbone.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
     def persistent_keys(self) -> set[str]:

@@ -8,6 +8,7 @@ trainable parameters, plus every weight of a component that has no pretrained so
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -98,6 +99,19 @@ class ECGLanguageModel(L.LightningModule):
         #: Few-shot demonstrations by dataset, when the policy asks for them: drawn at fit, recorded
         #: in checkpoints, restored from them (see :meth:`setup`, :meth:`on_load_checkpoint`).
         self.demonstrations: dict[str, list[dict[str, str]]] | None = None
+        # What the data side provides, handed over by ecglm.wiring.connect (never read from the Trainer).
+        self._sample_demonstrations: Callable[..., dict[str, list[dict[str, str]]]] | None = None
+        self._eval_groups: Callable[[str], tuple[list[str], list[str] | None]] | None = None
+
+    def connect_data(
+        self,
+        sample_demonstrations: Callable[..., dict[str, list[dict[str, str]]]] | None = None,
+        eval_groups: Callable[[str], tuple[list[str], list[str] | None]] | None = None,
+    ) -> None:
+        """What the model needs from the data: few-shot demonstrations drawn from the training split
+        (``sample_demonstrations(seed, per_dataset, max_chars)``) and, per split, the datasets and
+        question types evaluation reports on (``eval_groups(split)``). See :func:`ecglm.wiring.connect`."""
+        self._sample_demonstrations, self._eval_groups = sample_demonstrations, eval_groups
 
     # --- few-shot demonstrations ------------------------------------------------------------------------
 
@@ -114,15 +128,14 @@ class ECGLanguageModel(L.LightningModule):
         """
         if stage != "fit" or not self.wants_demonstrations or self.demonstrations is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not hasattr(datamodule, "sample_demonstrations"):
+        if self._sample_demonstrations is None:
             raise RuntimeError(
                 f"policy {type(self.policy).__name__} needs few-shot demonstrations from the training split: "
-                "fit with a DataModule that has sample_demonstrations (ECGQADataModule), or set "
-                "model.demonstrations first"
+                "connect the model to a DataModule that draws them (ecglm.wiring.connect(model, data) with "
+                "ECGQADataModule; the ecglm command does it), or set model.demonstrations first"
             )
         policy = self.policy
-        self.demonstrations = datamodule.sample_demonstrations(
+        self.demonstrations = self._sample_demonstrations(
             policy.seed, policy.demos_per_dataset, getattr(policy, "max_demo_chars", None)
         )
 
@@ -135,7 +148,8 @@ class ECGLanguageModel(L.LightningModule):
                 f"policy {type(self.policy).__name__} wants few-shot demonstrations, but none were drawn "
                 "(fit) or loaded: pass the trained checkpoint (--ckpt_path)"
             )
-        return self.policy.system_prompts(self.backbone.formatter.system_prompt, self.demonstrations)
+        base = self.model.prompt.system_prompt if self.model.prompt is not None else None
+        return self.policy.system_prompts(base, self.demonstrations)
 
     def _record_demonstrations(self) -> None:
         """Print the demonstrations and write ``demonstrations.json`` into the run (and its MLflow run)."""
@@ -211,9 +225,8 @@ class ECGLanguageModel(L.LightningModule):
     def _build_evaluation(
         self, split: str, conditions: tuple[str, ...] | None = None, keep_records: bool = True
     ) -> AnswerEvaluation:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "eval_groups"):
-            datasets, question_types = datamodule.eval_groups(split)
+        if self._eval_groups is not None:
+            datasets, question_types = self._eval_groups(split)
         else:
             datasets, question_types = ["unknown"], None
         evaluation = AnswerEvaluation(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import logging
 import sys
 from collections.abc import Iterable
@@ -26,6 +27,12 @@ GROUPS = {
     "connector": "ecglm.connectors",
     "backbone": "ecglm.backbones",
     "policy": "ecglm.peft",
+    "prompt": "ecglm.prompts",
+}
+
+#: Where each group's component sits in the CLI's config (the prompt style is the data side's).
+CLI_PLACES = {part: (f"model.{part}",) for part in GROUPS} | {
+    "prompt": ("data.prompt", "data.init_args.prompt")
 }
 
 #: The base class every component of a group derives from, imported only when a plugin is checked.
@@ -34,6 +41,7 @@ BASE_CLASSES = {
     "ecglm.connectors": "ecglm.connectors:Connector",
     "ecglm.backbones": "ecglm.backbones:Backbone",
     "ecglm.peft": "ecglm.peft:PEFTPolicy",
+    "ecglm.prompts": "ecglm.prompts:PromptStyle",
 }
 
 #: The distribution whose entry points are the built-ins, which no plugin can replace.
@@ -233,8 +241,8 @@ def resolve_cli_args(args: list[str], registry: Registry) -> list[str]:
     out = list(args)
     for i, arg in enumerate(out):
         for part, group in GROUPS.items():
-            for key in ("class_path", "help"):
-                flag, where = f"--model.{part}.{key}", f"model.{part}"
+            for where, key in itertools.product(CLI_PLACES[part], ("class_path", "help")):
+                flag = f"--{where}.{key}"
                 if arg.startswith(flag + "="):
                     out[i] = f"{flag}={_resolve_name(arg.split('=', 1)[1], group, registry, where)}"
                 elif arg == flag and i + 1 < len(out):

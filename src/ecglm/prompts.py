@@ -1,15 +1,25 @@
-"""Prompts: how an ECG question (and its answer) becomes token ids, answer labels and ECG positions.
+"""Prompt styles: how an ECG question (and its answer) becomes token ids, answer labels and ECG positions.
 
-Component layer: imports transformers' tokenizer types and jinja2 only. A :class:`ChatFormatter` is
-a small picklable object that data-loader workers use to tokenise; the backbone only supplies the
-tokenizer and the id written at the ECG positions.
+A prompt style is a component of the data side: a recipe names it under ``data.init_args.prompt``
+(entry-point group ``ecglm.prompts``; ``chat`` is :class:`ChatTemplate`), it holds the system prompt
+and the length limit, and data-loader workers use it to tokenise (it is small and picklable). The
+backbone supplies only its tokenizer and the id written at the ECG positions, through :meth:`bind`,
+which :func:`ecglm.wiring.connect` (the CLI) calls once.
+
+:class:`PromptStyle` does everything but the rendering of a conversation as text: ECG placement,
+system prompts, few-shot system prompts per dataset, multi-turn conversations, answer spans found
+by rendering, truncation. A new style implements :meth:`PromptStyle.render` only.
+
+Component layer: imports transformers' tokenizer types and jinja2 only.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -31,8 +41,13 @@ class EncodedChat:
     ecg_starts: tuple[int, ...] = ()  # every ECG's first position, when the prompt holds several
 
 
-class ChatFormatter:
-    """Renders an ECG question (and its answer) with the tokenizer's chat template and tokenises it.
+def default_placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id written at the ECG positions unless a backbone says otherwise: pad, else end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class PromptStyle(ABC):
+    """Writes an ECG question (and its answer) as text with :meth:`render` and tokenises it.
 
     The ECG goes where the first user turn says ``<ecg>``; it is replaced by ``num_ecg_tokens``
     copies of ``placeholder_token_id`` whose embeddings the backbone overwrites. The answer span is
@@ -47,12 +62,12 @@ class ChatFormatter:
     ``min_answer_tokens`` answer tokens (all of a shorter answer; for a generation prompt,
     ``min_answer_tokens`` new tokens); only then is the end of the answer cut.
 
-    :meth:`encode` takes a ``system_prompt`` for one pair, which replaces the formatter's own (few-shot
-    prompts carry each dataset's demonstrations there); it takes the same path as the formatter's
-    own, so on a template without a system role the demonstrations start the user turn.
+    :meth:`encode` takes a ``system_prompt`` for one pair, which replaces the style's own (few-shot
+    prompts carry each dataset's demonstrations there); it takes the same path as the style's own,
+    so on a template without a system role the demonstrations start the user turn.
 
     Args:
-        tokenizer: The backbone's tokenizer (with a chat template).
+        tokenizer: The backbone's tokenizer; usually left out and given by :meth:`bind`.
         system_prompt: System turn, if any.
         placeholder_token_id: Token id at the ECG positions (default: the pad token, else end of
             sequence). Only its position matters, except for models that look token ids up beside
@@ -67,34 +82,68 @@ class ChatFormatter:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         system_prompt: str | None = None,
         placeholder_token_id: int | None = None,
         max_length: int | None = None,
         min_answer_tokens: int = 16,
         prompt_cache_size: int = 4096,
     ):
-        self.tokenizer = tokenizer
         self.prompt_cache_size = prompt_cache_size
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.min_answer_tokens = min_answer_tokens
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.placeholder_token_id = placeholder_token_id
+        self._warned_truncation = False
+        self._warned_turns = False
+        self._forget_renderings()
+        if tokenizer is not None:
+            self.bind(tokenizer, placeholder_token_id)
+
+    def bind(
+        self, tokenizer: PreTrainedTokenizerBase, placeholder_token_id: int | None = None
+    ) -> PromptStyle:
+        """Write prompts for ``tokenizer``, with ``placeholder_token_id`` at the ECG positions (default:
+        the one given at construction, else :func:`default_placeholder_id`); returns ``self``."""
+        self.tokenizer = tokenizer
+        if placeholder_token_id is not None:
+            self.placeholder_token_id = placeholder_token_id
+        elif self.placeholder_token_id is None:
+            self.placeholder_token_id = default_placeholder_id(tokenizer)
+        self._forget_renderings()
+        self.check_tokenizer(tokenizer)
+        return self
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:  # noqa: B027 (optional hook)
+        """Raise ``ValueError`` if this style cannot write prompts for ``tokenizer`` (default: any can)."""
+
+    @abstractmethod
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The conversation (``system`` / ``user`` / ``assistant`` turns, ``<ecg>`` where the ECG goes) as
+        text; the prompt (``add_generation_prompt``) must be a prefix of the text with the answer."""
+
+    def _forget_renderings(self) -> None:
         # (question, system prompt, ECGs) -> (prompt text, ids before each ECG, text and ids after the last)
         self._prompts: OrderedDict[tuple, tuple[str, list[list[int]], str, list[int]]] = OrderedDict()
         self._frames: dict[str | None, tuple[str, str] | None] = {}  # system prompt -> answer frame
-        self.system_prompt = system_prompt
-        if placeholder_token_id is None:
-            placeholder_token_id = (
-                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._template_has_system: bool | None = None  # found on first use
+
+    def _bound_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no tokenizer yet: ecglm.wiring.connect(model, data) binds the "
+                "backbone's (the ecglm command does it), or call bind(tokenizer)"
             )
-        self.placeholder_token_id = placeholder_token_id
-        self.max_length = max_length
-        self.min_answer_tokens = min_answer_tokens
-        self._template_has_system: bool | None = None  # found on first use: subclasses render
-        self._warned_truncation = False
-        self._warned_turns = False
+        return self.tokenizer
 
     @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return default_placeholder_id(self._bound_tokenizer())
+
+    def decode(self, ids: Any) -> list[str]:
+        """Generated token ids, ``(batch, new_tokens)``, as answer strings (special tokens dropped)."""
+        return [t.strip() for t in self._bound_tokenizer().batch_decode(ids, skip_special_tokens=True)]
 
     @property
     def template_has_system(self) -> bool:
@@ -131,12 +180,6 @@ class ChatFormatter:
         if answer is not None:
             turns.append({"role": "assistant", "content": answer})
         return turns
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        """The conversation as text; subclasses override this for models without a chat template."""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
 
     def _tokens(self, text: str) -> list[int]:
         # Special-token strings in the rendered template are parsed; none is added on top. A fast
@@ -241,6 +284,7 @@ class ChatFormatter:
         self, question: str, system_prompt: str | None, num_ecgs: int = 1
     ) -> tuple[str, list[list[int]], str, list[int]]:
         """The rendered prompt, the ids before each ECG marker, the text and ids after the last (cached)."""
+        self._bound_tokenizer()
         key = (question, system_prompt, num_ecgs)
         cached = self._prompts.get(key)
         if cached is not None:
@@ -364,3 +408,24 @@ class ChatFormatter:
                 f"span cannot be found:\nprompt: {prompt_text!r}\nfull:   {full_text!r}"
             )
         return full_text[len(prompt_text) :]
+
+
+class ChatTemplate(PromptStyle):
+    """The tokenizer's own chat template (``apply_chat_template``): the style for instruction-tuned LMs.
+
+    Registered as ``chat`` in ``ecglm.prompts``. A base LM without a chat template needs a style that
+    writes plain text instead (the ``ecglm-plain-prompt`` plugin's ``plain``).
+    """
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if tokenizer.chat_template is None:
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ValueError(
+                f"tokenizer {name!r} has no chat template: name a prompt style that writes plain text in "
+                "data.init_args.prompt (`plain` from the ecglm-plain-prompt plugin; see docs/plugins.md)"
+            )
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )

@@ -140,9 +140,9 @@ def shard_dir(tmp_path_factory) -> Path:
 def formatter(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ecglm.prompts import ChatFormatter
+    from ecglm.prompts import ChatTemplate
 
-    return ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
+    return ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
 
 
 def _keys(dm: ECGQADataModule) -> list[str]:

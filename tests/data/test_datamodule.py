@@ -1,8 +1,6 @@
-"""ECGQADataModule checks its manifest against what the model's encoder expects."""
+"""ECGQADataModule checks its manifest against what the model's encoder expects (handed over by connect)."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,12 +13,7 @@ def _setup(tmp_path, preprocessing: dict, expected: Preprocessing) -> list[str]:
     splits = {s: {"num_qa": 0, "shards": []} for s in ("train", "val", "test")}
     write_manifest(tmp_path, {"dataset": "d", "splits": splits, "preprocessing": preprocessing})
     dm = ECGQADataModule(str(tmp_path))
-    model = SimpleNamespace(
-        backbone=SimpleNamespace(formatter=object()),
-        num_ecg_tokens=1,
-        encoder=SimpleNamespace(preprocessing=expected),
-    )
-    dm.trainer = SimpleNamespace(lightning_module=model, world_size=1)
+    dm.attach(dm.prompt, num_ecg_tokens=1, preprocessing=expected)  # what connect(model, dm) hands over
     with pytest.warns(PreprocessingMismatchWarning) as caught:
         dm.setup("fit")
     return [str(w.message) for w in caught if issubclass(w.category, PreprocessingMismatchWarning)]

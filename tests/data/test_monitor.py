@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ecglm.data.shards import write_manifest, write_shards
+from ecglm.wiring import connect
 
 N = 50  # samples per lead
 GOOD = 4 * 4 * 4  # 4 shards of 4 ECGs with 4 questions each
@@ -100,6 +101,7 @@ def test_pairs_lost_are_logged_during_the_epoch(
         shuffle_buffer=0,
         verify_checksums=verify,
     )
+    connect(model, data)
     trainer.fit(model, datamodule=data)
 
     logged = [(step, m) for step, m in recorded.records if "data/pairs_lost" in m]

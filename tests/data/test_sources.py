@@ -204,12 +204,12 @@ def test_builder_streams_through_the_datamodule(built, tokenizer_dir):
     from transformers import AutoTokenizer
 
     from ecglm.data.datamodule import ECGQADataModule
-    from ecglm.prompts import ChatFormatter
+    from ecglm.prompts import ChatTemplate
 
     out_dir, manifest = built
     dm = ECGQADataModule(str(out_dir), eval_batch_size=2)
     dm.setup("test")
-    dm.attach(ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir)), num_ecg_tokens=4)
+    dm.attach(ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir)), num_ecg_tokens=4)
     batches = list(dm.test_dataloader())
 
     keys = [key for batch in batches for key in batch["key"]]
@@ -361,7 +361,7 @@ def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
 
     from ecglm.data.datamodule import QACollator
     from ecglm.data.stream import BadInput, CheckedQA
-    from ecglm.prompts import IGNORE_INDEX, ChatFormatter
+    from ecglm.prompts import IGNORE_INDEX, ChatTemplate
 
     out_dir, manifest = built
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
@@ -371,7 +371,7 @@ def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
     assert items[0]["answer"] == "The ECG shows sinus rhythm at about 72 bpm."  # what evaluation scores
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    batch = QACollator(ChatFormatter(tokenizer), 1)(items)
+    batch = QACollator(ChatTemplate(tokenizer), 1)(items)
     labels = batch["labels"][0]
     supervised = tokenizer.decode(labels[labels != IGNORE_INDEX])
     assert supervised == (
@@ -379,7 +379,7 @@ def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
         "Possible right atrial abnormality.<|im_end|>\n"
     )
     assert "Is there any sign of atrial abnormality?" in tokenizer.decode(batch["input_ids"][0])
-    generation = QACollator(ChatFormatter(tokenizer), 1, for_generation=True)(items)
+    generation = QACollator(ChatTemplate(tokenizer), 1, for_generation=True)(items)
     assert "atrial abnormality" not in tokenizer.decode(
         generation["input_ids"][0]
     )  # asked its first question
@@ -389,10 +389,10 @@ def test_comparison_questions_stream_with_two_ecgs_in_their_row(built, tokenizer
     from transformers import AutoTokenizer
 
     from ecglm.data.datamodule import ECGQADataModule
-    from ecglm.prompts import ChatFormatter
+    from ecglm.prompts import ChatTemplate
 
     out_dir, _ = built
-    formatter = ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir))
+    formatter = ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir))
     dm = ECGQADataModule(str(out_dir), batch_size=7, num_workers=0, shuffle_buffer=0)  # 5 single + 2 pairs
     dm.setup("fit")
     dm.attach(formatter, num_ecg_tokens=4)

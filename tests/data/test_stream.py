@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from ecglm.data.datamodule import ECGQADataModule
 from ecglm.data.shards import write_manifest, write_shards
 from ecglm.data.stream import EpochPlan, ShardInfo
+from ecglm.wiring import connect
 
 N = 50  # samples per lead
 #: dataset -> shards -> QA pairs of each sample: uneven shard sizes and fan-outs on purpose.
@@ -149,9 +150,9 @@ def data_dir(tmp_path_factory) -> tuple[Path, set[str]]:
 def formatter(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ecglm.prompts import ChatFormatter
+    from ecglm.prompts import ChatTemplate
 
-    return ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
+    return ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
 
 
 def _module(data_dir: Path, formatter, **kwargs) -> ECGQADataModule:
@@ -271,7 +272,7 @@ def _free_port() -> int:
 def _ddp_rank(rank: int, world: int, port: int, data_dir: str, tokenizer_dir: str, out: str) -> None:
     from transformers import AutoTokenizer
 
-    from ecglm.prompts import ChatFormatter
+    from ecglm.prompts import ChatTemplate
 
     # mp.spawn makes spawn the default start method in its children, and loader workers would re-import
     # torch (seconds each); Lightning's ddp strategy starts ranks as fresh scripts, where workers fork.
@@ -286,7 +287,7 @@ def _ddp_rank(rank: int, world: int, port: int, data_dir: str, tokenizer_dir: st
     try:
         dm = ECGQADataModule(data_dir, batch_size=4, num_workers=2, shuffle_buffer=16, seed=5)
         dm.setup("fit")
-        dm.attach(ChatFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly."), 1)
+        dm.attach(ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly."), 1)
         epochs = []
         for epoch in (0, 1):
             dm.epoch = epoch
@@ -345,6 +346,7 @@ def _fit(model, data_dir: Path, root: Path, ckpt_path: str | None = None, **trai
         **trainer_args,
     )
     dm = ECGQADataModule(str(data_dir), batch_size=8, num_workers=2, shuffle_buffer=16, seed=7)
+    connect(model, dm)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return keys.keys
 

