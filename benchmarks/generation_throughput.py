@@ -76,7 +76,7 @@ def main() -> None:
     collate = QACollator(prompt, model.num_ecg_tokens, for_generation=True)
 
     def to_device(batch):
-        return {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch.to(args.device)
 
     def run(batch_size: int) -> tuple[list[str], float]:
         model.model.generate(to_device(collate(items[:batch_size])), model.decoding)  # warm-up

@@ -153,7 +153,7 @@ def measure(name: str, folder: str, steps: int, warmup: int, device: str) -> dic
     ]
     prompt = ChatTemplate(system_prompt="You read ECGs. Answer briefly.").bind(backbone.tokenizer)
     batch = QACollator(prompt, model.num_ecg_tokens)(items)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = batch.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.startswith("cuda")
 
@@ -177,8 +177,8 @@ def measure(name: str, folder: str, steps: int, warmup: int, device: str) -> dic
         "name": name,
         "trainable": trainable,
         "total": total,
-        "tokens": int(batch["attention_mask"].sum()),
-        "seq": int(batch["input_ids"].shape[1]),
+        "tokens": int(batch.attention_mask.sum()),
+        "seq": int(batch.input_ids.shape[1]),
         "median_ms": 1000 * statistics.median(times),
         "min_ms": 1000 * min(times),
         "weights_mib": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20,

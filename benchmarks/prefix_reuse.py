@@ -155,7 +155,7 @@ def step(
 ) -> tuple[float, float]:
     """Seconds of one forward and backward pass, and its loss (no optimizer step: the connector stays)."""
     model.backbone.prefix_reuse = reuse
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = batch.to(device)
     if device == "cuda":
         torch.cuda.synchronize()
     started = clock()
@@ -217,9 +217,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, datasets in mixtures.items():
         data = batches(model, datasets, args.steps + 1, args.batch_size, args.system_prompt)
-        first = torch.cat([b["attention_mask"].argmax(1) for b in data]).float()
-        ecg = torch.cat([b["ecg_mask"].long().argmax(1) for b in data]).float()
-        length = torch.tensor([b["input_ids"].shape[1] for b in data for _ in range(args.batch_size)]).float()
+        first = torch.cat([b.attention_mask.argmax(1) for b in data]).float()
+        ecg = torch.cat([b.ecg_mask.long().argmax(1) for b in data]).float()
+        length = torch.tensor([b.input_ids.shape[1] for b in data for _ in range(args.batch_size)]).float()
         naive, reuse = compare(model, data, args.device, clock)
         n, r = statistics.median(naive), statistics.median(reuse)
         ratio = statistics.median(a / b for a, b in zip(naive, reuse, strict=True))

@@ -159,7 +159,7 @@ def main() -> None:
         for _ in dm.train_dataloader():  # warm-up: worker start, tokenizer pickling
             break
         t0 = time.perf_counter()
-        seen = sum(len(batch["key"]) for batch in dm.train_dataloader())
+        seen = sum(len(batch.key) for batch in dm.train_dataloader())
         elapsed = time.perf_counter() - t0
         print(
             f"  streamed {seen} QA pairs in {elapsed:.1f} s with {args.workers} workers, "

@@ -209,8 +209,8 @@ def test_encoder_free_trains_only_the_connector_and_generates(encoder_free_model
     answers = model.model.generate(collate(items(2)), max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     with torch.no_grad():
-        real = model.model.ecg_tokens(batch["ecg"])
-        zeroed = model.model.ecg_tokens(torch.zeros_like(batch["ecg"]))
+        real = model.model.ecg_tokens(batch.ecg)
+        zeroed = model.model.ecg_tokens(torch.zeros_like(batch.ecg))
     assert not torch.allclose(real, zeroed)
 
 
@@ -224,8 +224,8 @@ def test_fp32_connector_feeds_a_bf16_backbone(tiny_backbone_factory, tiny_encode
     )
     batch = QACollator(bound_prompt(backbone), 2)(items(2))
 
-    tokens = model.model.ecg_tokens(batch["ecg"])
-    embeds = backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
+    tokens = model.model.ecg_tokens(batch.ecg)
+    embeds = backbone.splice(batch.input_ids, batch.ecg_mask, tokens)
     loss = model(batch).loss
     loss.backward()
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ecglm.backbones import HFBackbone
+from ecglm.batch import ECGQABatch
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
@@ -27,7 +28,6 @@ from ecglm import ECGLM
 from ecglm.backbones import HFBackbone
 from ecglm.connectors import MLPConnector
 from ecglm.encoders import Wav2Vec2ECGEncoder
-from ecglm.testing import bound_prompt
 
 tokenizer, config, folder = sys.argv[1], eval(sys.argv[2]), sys.argv[3]
 encoder = Wav2Vec2ECGEncoder(conv_layers=[(16, 10, 5), (16, 5, 5)], embed_dim=32, num_layers=1, num_heads=2,
@@ -35,7 +35,7 @@ encoder = Wav2Vec2ECGEncoder(conv_layers=[(16, 10, 5), (16, 5, 5)], embed_dim=32
 backbone = HFBackbone("llama", tokenizer=tokenizer, random_init=True, config_overrides=config)
 model = ECGLM(encoder, MLPConnector(num_tokens=int(sys.argv[4])), backbone)
 model.load_state_dict(torch.load(folder + "/weights.pt"))
-batch = torch.load(folder + "/batch.pt")
+batch = torch.load(folder + "/batch.pt", weights_only=False)  # an ECGQABatch this test wrote
 model.train()
 loss = model(batch).loss
 loss.backward()
@@ -46,9 +46,9 @@ assert not heavy, heavy
 """
 
 
-def _batch(task: ECGLanguageModel) -> dict:
+def _items() -> list[dict]:
     rng = np.random.default_rng(0)
-    items = [
+    return [
         {
             "key": f"ecg{i}_qa0",
             "ecg": rng.standard_normal((12, 2500)).astype(np.float16),
@@ -58,7 +58,10 @@ def _batch(task: ECGLanguageModel) -> dict:
         }
         for i in range(3)
     ]
-    return QACollator(bound_prompt(task.backbone), K)(items)
+
+
+def _batch(task: ECGLanguageModel) -> ECGQABatch:
+    return QACollator(bound_prompt(task.backbone), K)(_items())
 
 
 class Capture(L.Callback):
@@ -127,3 +130,20 @@ def test_checkpoints_record_which_distribution_provided_each_part(tokenizer_dir,
         "ecglm.peft.ProjectionOnly",
     }
     assert {(c["distribution"], c["version"]) for c in components.values()} == {("ecglm", ecglm.__version__)}
+
+
+def test_a_typed_batch_moves_to_a_device_with_its_prompt_fields(tokenizer_dir, tiny_encoder_factory):
+    """What a loop without Lightning does with a batch (Lightning moves dataclasses itself)."""
+    backbone = HFBackbone(
+        "llama",
+        tokenizer=tokenizer_dir,
+        random_init=True,
+        config_overrides=TINY_LLAMA | {"vocab_size": 49152},
+    )
+    task = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=K), backbone)
+    batch = _batch(task)
+    generation = QACollator(bound_prompt(backbone), K, for_generation=True)(_items())
+    moved = generation.to("meta")
+    assert type(moved) is ECGQABatch and moved.input_ids.is_meta and moved.text_only.input_ids.is_meta
+    assert moved.key == generation.key and generation.input_ids.device.type == "cpu"  # a copy
+    assert batch.labels is not None and generation.labels is None

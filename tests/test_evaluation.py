@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -79,7 +80,7 @@ def formatter(tokenizer_dir):
 
 
 def _test_keys(dm: ECGQADataModule) -> list[str]:
-    return [key for batch in dm.test_dataloader() for key in batch["key"]]
+    return [key for batch in dm.test_dataloader() for key in batch.key]
 
 
 def test_subset_is_fixed_by_seed_whatever_the_worker_split(mixture_dir, formatter):
@@ -119,12 +120,13 @@ def test_subset_fraction_is_uniform():
 
 
 def _batch(references, datasets, types):
-    return {
-        "key": [f"k{i}" for i in range(len(references))],
-        "answer": references,
-        "dataset": datasets,
-        "question_type": types,
-    }
+    """The per-row fields of an ECGQABatch that evaluation reads."""
+    return SimpleNamespace(
+        key=[f"k{i}" for i in range(len(references))],
+        answer=references,
+        dataset=datasets,
+        question_type=types,
+    )
 
 
 def test_answer_evaluation_scores_each_condition_and_dataset():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
@@ -46,12 +47,12 @@ def _evaluation() -> AnswerEvaluation:
 
 def _score(rows: list[int]) -> dict:
     evaluation = _evaluation()
-    batch = {
-        "key": [f"k{i}" for i in rows],
-        "answer": [REFERENCES[i][0] for i in rows],
-        "dataset": [REFERENCES[i][1] for i in rows],
-        "question_type": [REFERENCES[i][2] for i in rows],
-    }
+    batch = SimpleNamespace(  # the per-row fields of an ECGQABatch that evaluation reads
+        key=[f"k{i}" for i in rows],
+        answer=[REFERENCES[i][0] for i in rows],
+        dataset=[REFERENCES[i][1] for i in rows],
+        question_type=[REFERENCES[i][2] for i in rows],
+    )
     evaluation.update("ecg", [PREDICTIONS[i] for i in rows], batch)
     return evaluation.compute()
 

@@ -174,11 +174,11 @@ def test_each_row_carries_its_datasets_demonstration_before_the_ecg(mixture, tok
         QACollator(formatter, K, True, system_prompts=prompts),
     ):
         batch = collate(items)
-        rows = [batch] + ([batch["text_only"]] if "text_only" in batch else [])
+        rows = [batch] + ([batch.text_only] if batch.text_only is not None else [])
         for part in rows:
             for row, item in enumerate(items):
-                ids = part["input_ids"][row][part["attention_mask"][row].bool()]
-                ecg = part["ecg_mask"][row][part["attention_mask"][row].bool()]
+                ids = part.input_ids[row][part.attention_mask[row].bool()]
+                ecg = part.ecg_mask[row][part.attention_mask[row].bool()]
                 first_ecg = int(ecg.long().argmax()) if ecg.any() else len(ids)
                 before = tok.decode(ids[:first_ecg])
                 own = demos[item["dataset"]][0]
@@ -188,9 +188,9 @@ def test_each_row_carries_its_datasets_demonstration_before_the_ecg(mixture, tok
                 if template:  # no system role: the demonstration opens the user turn
                     assert before.startswith(f"{tok.bos_token}<start_of_turn>user\n{SYSTEM}\n\nExample:")
     # Without per-dataset prompts (and for a dataset with none) the formatter's own system prompt stays.
-    plain = tok.decode(QACollator(formatter, K)(items[:1])["input_ids"][0])
+    plain = tok.decode(QACollator(formatter, K)(items[:1]).input_ids[0])
     assert SYSTEM in plain and "Example:" not in plain
-    partial = QACollator(formatter, K, system_prompts={"other": "X"})(items[:1])["input_ids"][0]
+    partial = QACollator(formatter, K, system_prompts={"other": "X"})(items[:1]).input_ids[0]
     assert tok.decode(partial) == plain
     # The DataModule's loaders say which datasets of a split have no demonstration.
     dm = ECGQADataModule(str(mixture))
@@ -264,7 +264,7 @@ def test_demonstrations_are_recorded_and_reused_at_evaluation_after_a_rebuild(
 
     def spy(batch, batch_idx):
         prompts.extend(
-            zip(batch["dataset"], rebuilt.backbone.tokenizer.batch_decode(batch["input_ids"]), strict=True)
+            zip(batch.dataset, rebuilt.backbone.tokenizer.batch_decode(batch.input_ids), strict=True)
         )
         return test_step(batch, batch_idx)
 
@@ -360,14 +360,14 @@ def test_prefix_reuse_gives_the_full_sequence_loss_logits_and_gradients(
     model.train()  # as in training: the connector trains, the frozen LLM stays in eval mode
     prompts = {d: f"{SYSTEM}\n\n{p}" for d, p in PROMPTS.items()}
     batch = QACollator(bound_prompt(backbone), K, system_prompts=prompts)(items_of("train"))
-    assert (batch["attention_mask"] == 0).any()
+    assert (batch.attention_mask == 0).any()
 
     loss, logits, grads = loss_logits_grads(model, batch, reuse=False)
     assert backbone.prefix_cache.misses == 0
     for step in range(2):
         reused_loss, reused_logits, reused_grads = loss_logits_grads(model, batch, reuse=True)
         torch.testing.assert_close(reused_loss, loss, rtol=1e-5, atol=1e-6)
-        supervised = batch["labels"][:, -logits.shape[1] + 1 :] != -100
+        supervised = batch.labels[:, -logits.shape[1] + 1 :] != -100
         torch.testing.assert_close(
             reused_logits[:, :-1][supervised], logits[:, :-1][supervised], rtol=0, atol=1e-4
         )

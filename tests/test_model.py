@@ -107,10 +107,10 @@ def test_formatter_rejects_a_template_that_drops_the_ecg(tokenizer_dir):
 
 def test_splice_writes_ecg_tokens_only_at_placeholders(model):
     batch = QACollator(bound_prompt(model.backbone), K)(items(3))
-    tokens = model.model.ecg_tokens(batch["ecg"])
-    embeds = model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
-    plain = model.backbone.embed_tokens(batch["input_ids"])
-    mask = batch["ecg_mask"]
+    tokens = model.model.ecg_tokens(batch.ecg)
+    embeds = model.backbone.splice(batch.input_ids, batch.ecg_mask, tokens)
+    plain = model.backbone.embed_tokens(batch.input_ids)
+    mask = batch.ecg_mask
     assert mask.sum(1).tolist() == [K, K, K]
     torch.testing.assert_close(embeds[mask], tokens.reshape(-1, tokens.shape[-1]))
     torch.testing.assert_close(embeds[~mask], plain[~mask])
@@ -140,7 +140,7 @@ def test_conversation_loss_equals_full_logits_loss(model):
         {"question": "Is that a problem?", "answer": "Not on its own."},
     ]  # answers with a user turn between them: the kept logits span covers both
     batch = QACollator(bound_prompt(model.backbone), K)(data)
-    assert (batch["labels"][1] != IGNORE_INDEX).sum() > (batch["labels"][0] != IGNORE_INDEX).sum()
+    assert (batch.labels[1] != IGNORE_INDEX).sum() > (batch.labels[0] != IGNORE_INDEX).sum()
     _assert_span_loss_is_full_loss(model, batch)
 
 
@@ -150,14 +150,14 @@ def test_comparison_rows_carry_two_ecgs_through_loss_and_generation(model):
     data[1]["ecg"] = rng.standard_normal((2, 12, 2500)).astype(np.float16)  # a comparison question
     data[1]["question"] = "Compared with ECG 1, is ECG 2 faster?"
     batch = QACollator(bound_prompt(model.backbone), K)(data)
-    assert batch["ecg"].shape == (4, 12, 2500) and batch["ecg_counts"].tolist() == [1, 2, 1]
-    assert batch["ecg_mask"].sum(1).tolist() == [K, 2 * K, K]
+    assert batch.ecg.shape == (4, 12, 2500) and batch.ecg_counts.tolist() == [1, 2, 1]
+    assert batch.ecg_mask.sum(1).tolist() == [K, 2 * K, K]
     _assert_span_loss_is_full_loss(model, batch)
     with torch.no_grad():
-        tokens = model.model.ecg_tokens(batch["ecg"])
-        embeds = model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens)
+        tokens = model.model.ecg_tokens(batch.ecg)
+        embeds = model.backbone.splice(batch.input_ids, batch.ecg_mask, tokens)
     # Row 1's second ECG tokens are the second ECG's: tokens stay in row order, ECG by ECG.
-    second = batch["ecg_mask"][1].nonzero().squeeze(1)[K:]
+    second = batch.ecg_mask[1].nonzero().squeeze(1)[K:]
     torch.testing.assert_close(embeds[1, second], tokens[2])
 
     generation = QACollator(bound_prompt(model.backbone), K, for_generation=True)(data)
@@ -171,16 +171,16 @@ def test_left_padding_does_not_change_a_sample(model):
     data = items(3)
     collate = QACollator(bound_prompt(model.backbone), K)
     batch = collate(data)
-    assert (batch["attention_mask"] == 0).any(), "the items must need padding for this test to mean anything"
+    assert (batch.attention_mask == 0).any(), "the items must need padding for this test to mean anything"
     with torch.no_grad():
         alone = model(collate(data[:1])).loss
-        tokens = model.model.ecg_tokens(batch["ecg"])
+        tokens = model.model.ecg_tokens(batch.ecg)
         logits = model.backbone.model(
-            inputs_embeds=model.backbone.splice(batch["input_ids"], batch["ecg_mask"], tokens),
-            attention_mask=batch["attention_mask"],
-            position_ids=positions_from_mask(batch["attention_mask"]),
+            inputs_embeds=model.backbone.splice(batch.input_ids, batch.ecg_mask, tokens),
+            attention_mask=batch.attention_mask,
+            position_ids=positions_from_mask(batch.attention_mask),
         ).logits
-    labels = batch["labels"][0]
+    labels = batch.labels[0]
     row = torch.nn.functional.cross_entropy(logits[0, :-1], labels[1:], ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(row, alone, rtol=1e-4, atol=1e-4)
 
@@ -217,16 +217,16 @@ def test_batched_generation_matches_one_by_one(model):
     assert len(zeroed) == len(text_only) == 3
     # Text-only prompts are the same prompts without the ECG positions.
     batch = collate(data)
-    assert not batch["text_only"]["ecg_mask"].any()
-    assert (batch["attention_mask"].sum(1) - batch["text_only"]["attention_mask"].sum(1)).tolist() == [K] * 3
+    assert not batch.text_only.ecg_mask.any()
+    assert (batch.attention_mask.sum(1) - batch.text_only.attention_mask.sum(1)).tolist() == [K] * 3
 
 
 def test_generation_depends_on_the_ecg(model):
     collate = QACollator(bound_prompt(model.backbone), K, for_generation=True)
     batch = collate(items(2))
     with torch.no_grad():
-        a = model.model.ecg_tokens(batch["ecg"])
-        b = model.model.ecg_tokens(torch.zeros_like(batch["ecg"]))
+        a = model.model.ecg_tokens(batch.ecg)
+        b = model.model.ecg_tokens(torch.zeros_like(batch.ecg))
     assert not torch.allclose(a, b)
 
 

@@ -129,10 +129,10 @@ def test_a_template_with_the_ecg_after_the_question_is_truncated_and_trains(
 
     tok = backbone.tokenizer
     answer_ids = tok(f" sinus{tok.eos_token}", add_special_tokens=False)["input_ids"]
-    assert batch["input_ids"].shape == (1, 40)
-    assert batch["labels"][0, -len(answer_ids) :].tolist() == answer_ids
-    assert batch["ecg_mask"][0].sum() == 2
-    text = tok.decode(batch["input_ids"][0][~batch["ecg_mask"][0]])
+    assert batch.input_ids.shape == (1, 40)
+    assert batch.labels[0, -len(answer_ids) :].tolist() == answer_ids
+    assert batch.ecg_mask[0].sum() == 2
+    text = tok.decode(batch.input_ids[0][~batch.ecg_mask[0]])
     start = "Question: Describe the morphology of every beat"
     assert text.startswith(start) and text.endswith(f"\nECG: \nAnswer: sinus{tok.eos_token}")
     assert len(text) < len(f"Question: {question}\nECG: \nAnswer:")  # the question was shortened
@@ -213,10 +213,10 @@ def _check_plain_prompt_and_labels(formatter, batch, items):
         prompt = f"{SYSTEM}\n\nECG: {ECG_MARKER}\nQuestion: {item['question']}\nAnswer:"
         assert formatter.render(formatter.messages(item["question"]), add_generation_prompt=True) == prompt
         answer_ids = tok(f" {item['answer']}{tok.eos_token}", add_special_tokens=False)["input_ids"]
-        labels = batch["labels"][row]
+        labels = batch.labels[row]
         # Left padding: the supervised tokens are exactly the answer's, at the end of the row.
         assert labels[-len(answer_ids) :].tolist() == answer_ids
         assert (labels[: -len(answer_ids)] == IGNORE_INDEX).all()
-        ids = batch["input_ids"][row][batch["attention_mask"][row].bool() & ~batch["ecg_mask"][row]]
+        ids = batch.input_ids[row][batch.attention_mask[row].bool() & ~batch.ecg_mask[row]]
         before, _, after = prompt.partition(ECG_MARKER)
         assert tok.decode(ids) == before + after + f" {item['answer']}{tok.eos_token}"

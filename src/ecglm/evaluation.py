@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ecglm.batch import ECGQABatch
 from ecglm.io import atomic_write_bytes, log_artifacts
 from ecglm.metrics import (
     DEFAULT_BERTSCORE_MODEL,
@@ -126,7 +127,7 @@ class AnswerEvaluation(nn.Module):
 
     Args:
         config: Metrics and answer mapping.
-        datasets: Dataset names the batches carry (``batch["dataset"]``).
+        datasets: Dataset names the batches carry (``batch.dataset``).
         question_types: Question types for the per-type table; ``None`` skips it.
         conditions: Conditions evaluated (default: ``config.conditions``).
         keep_records: Keep every answer (for the report and failure modes); off in validation.
@@ -173,13 +174,13 @@ class AnswerEvaluation(nn.Module):
         self.keep_records = keep_records
         self.records: list[dict[str, Any]] = []
 
-    def update(self, condition: str, predictions: Sequence[str], batch: dict[str, Any]) -> None:
-        references = batch["answer"]
-        datasets = batch.get("dataset") or ["unknown"] * len(references)
+    def update(self, condition: str, predictions: Sequence[str], batch: ECGQABatch) -> None:
+        references = batch.answer
+        datasets = batch.dataset or ["unknown"] * len(references)
         self.text[condition].update(predictions, references, datasets)
         self.abnormality[condition].update(predictions, references, datasets)
         if self.question_types:
-            self.by_type[condition].update(predictions, references, batch["question_type"])
+            self.by_type[condition].update(predictions, references, batch.question_type)
         for index, dataset in enumerate(self.label_set_datasets):
             rows = [i for i, d in enumerate(datasets) if d == dataset]
             if rows:
@@ -190,9 +191,9 @@ class AnswerEvaluation(nn.Module):
             for i, prediction in enumerate(predictions):
                 self.records.append(
                     {
-                        "key": batch["key"][i],
+                        "key": batch.key[i],
                         "dataset": datasets[i],
-                        "question_type": batch["question_type"][i],
+                        "question_type": batch.question_type[i],
                         "condition": condition,
                         "reference": references[i],
                         "prediction": prediction,

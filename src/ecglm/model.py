@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ecglm.backbones import Backbone
+from ecglm.batch import ECGQABatch, TokenFields
 from ecglm.connectors import Connector
 from ecglm.encoders import ECGEncoder
 from ecglm.peft import PEFTPolicy, ProjectionOnly, frozen_part_mode
@@ -58,9 +59,9 @@ class ECGLM(nn.Module):
     the policy then sets ``requires_grad`` and adds any adapters, once, here. ``prompt`` is the
     prompt style batches were written with (see :mod:`ecglm.prompts`), bound to the backbone.
 
-    Batches are what :class:`ecglm.data.datamodule.QACollator` writes: ``ecg`` (every ECG of the
-    batch, in row order), ``input_ids``, ``attention_mask``, ``ecg_mask`` and, for training,
-    ``labels``.
+    Batches are :class:`ecglm.batch.ECGQABatch` (what :class:`ecglm.data.datamodule.QACollator`
+    writes): ``ecg`` (every ECG of the batch, in row order), ``input_ids``, ``attention_mask``,
+    ``ecg_mask`` and, for training, ``labels``.
     """
 
     def __init__(
@@ -103,25 +104,21 @@ class ECGLM(nn.Module):
         dtype = next((t.dtype for t in self.encoder.parameters() if t.is_floating_point()), torch.float32)
         return self.connector(self.encoder(ecg.to(dtype)))
 
-    def forward(self, batch: dict[str, Any], zero_ecg: bool = False) -> Any:
+    def forward(self, batch: ECGQABatch, zero_ecg: bool = False) -> Any:
         """The backbone's output for a collated batch: ``loss`` over the answer spans when the batch
         has ``labels``, and ``logits`` (over the answer span, where the backbone can keep only that)."""
-        ecg = torch.zeros_like(batch["ecg"]) if zero_ecg else batch["ecg"]
+        ecg = torch.zeros_like(batch.ecg) if zero_ecg else batch.ecg
         return self.backbone(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["ecg_mask"],
-            self.ecg_tokens(ecg),
-            batch.get("labels"),
+            batch.input_ids, batch.attention_mask, batch.ecg_mask, self.ecg_tokens(ecg), batch.labels
         )
 
     @torch.no_grad()
     def generate(
         self,
-        batch: dict[str, Any],
+        batch: ECGQABatch,
         decoding: Decoding | None = None,
         condition: str = "ecg",
-        prompt: dict[str, Any] | None = None,
+        prompt: TokenFields | None = None,
         **generation_kwargs: Any,
     ) -> list[str]:
         """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
@@ -132,19 +129,22 @@ class ECGLM(nn.Module):
         Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
         """
         if condition == "text_only":
-            fields = batch["text_only"]
-            rows = fields["input_ids"].shape[0]
-            device = fields["input_ids"].device
-            ecg_tokens = torch.zeros((rows, 0, self.backbone.hidden_size), device=device)
+            fields = batch.text_only
+            if fields is None:
+                raise ValueError(
+                    "a text_only condition needs generation batches (QACollator(..., for_generation=True))"
+                )
+            device = fields.input_ids.device
+            ecg_tokens = torch.zeros((fields.rows, 0, self.backbone.hidden_size), device=device)
         elif condition in ("ecg", "zeroed_ecg"):
             fields = prompt or batch
-            ecg = torch.zeros_like(batch["ecg"]) if condition == "zeroed_ecg" else batch["ecg"]
+            ecg = torch.zeros_like(batch.ecg) if condition == "zeroed_ecg" else batch.ecg
             ecg_tokens = self.ecg_tokens(ecg)
         else:
             raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
         kwargs = {**(decoding or Decoding()).generation_kwargs(), **generation_kwargs}
         new_ids = self.backbone.generate(
-            fields["input_ids"], fields["attention_mask"], fields["ecg_mask"], ecg_tokens, **kwargs
+            fields.input_ids, fields.attention_mask, fields.ecg_mask, ecg_tokens, **kwargs
         )
         texts = self.backbone.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
         return [t.strip() for t in texts]

@@ -19,6 +19,7 @@ from transformers import get_scheduler
 
 from ecglm import __version__
 from ecglm.backbones import Backbone
+from ecglm.batch import ECGQABatch
 from ecglm.connectors import Connector
 from ecglm.encoders import ECGEncoder
 from ecglm.evaluation import AnswerEvaluation, Decoding, MetricsConfig, render_markdown, summarize
@@ -176,24 +177,24 @@ class ECGLanguageModel(L.LightningModule):
     def num_ecg_tokens(self) -> int:
         return self.model.num_ecg_tokens
 
-    def forward(self, batch: dict[str, Any], zero_ecg: bool = False) -> Any:
+    def forward(self, batch: ECGQABatch, zero_ecg: bool = False) -> Any:
         return self.model(batch, zero_ecg)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: ECGQABatch, batch_idx: int) -> Tensor:
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.rows)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: ECGQABatch, batch_idx: int) -> None:
         out = self(batch)
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch.rows, sync_dist=True)
         # Logits cover the answer span (or everything); position i predicts label i + 1.
         span = out.logits.shape[1] - 1
-        self._stats("val").update(out.logits[:, :-1].float(), batch["labels"][:, -span:])
+        self._stats("val").update(out.logits[:, :-1].float(), batch.labels[:, -span:])
         evaluation = self._evaluations.get("val")
         wanted = self.hparams.val_generation_samples
-        if evaluation is not None and "prompt" in batch and self._val_generated < wanted:
-            answers = self.model.generate(batch, self.decoding, prompt=batch["prompt"])
+        if evaluation is not None and batch.prompt is not None and self._val_generated < wanted:
+            answers = self.model.generate(batch, self.decoding, prompt=batch.prompt)
             evaluation.update("ecg", answers, batch)
             self._val_generated += len(answers)
 
@@ -240,7 +241,7 @@ class ECGLanguageModel(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------------
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: ECGQABatch, batch_idx: int) -> None:
         evaluation = self._evaluations["test"]
         for condition in evaluation.conditions:
             evaluation.update(condition, self.model.generate(batch, self.decoding, condition), batch)

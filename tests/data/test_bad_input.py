@@ -146,7 +146,7 @@ def formatter(tokenizer_dir):
 
 
 def _keys(dm: ECGQADataModule) -> list[str]:
-    return [key for batch in dm.test_dataloader() for key in batch["key"]]
+    return [key for batch in dm.test_dataloader() for key in batch.key]
 
 
 def _module(data_dir: Path, formatter, strict: bool = False, **kwargs) -> ECGQADataModule:

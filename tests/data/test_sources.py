@@ -212,10 +212,10 @@ def test_builder_streams_through_the_datamodule(built, tokenizer_dir):
     dm.attach(ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir)), num_ecg_tokens=4)
     batches = list(dm.test_dataloader())
 
-    keys = [key for batch in batches for key in batch["key"]]
+    keys = [key for batch in batches for key in batch.key]
     assert len(keys) == len(set(keys)) == manifest["splits"]["test"]["num_qa"] == 3
-    assert all(batch["ecg"].shape[1:] == (12, 2500) for batch in batches)
-    datasets = sorted(d for batch in batches for d in batch["dataset"])
+    assert all(batch.ecg.shape[1:] == (12, 2500) for batch in batches)
+    datasets = sorted(d for batch in batches for d in batch.dataset)
     assert datasets == ["ecgqa-mimic-iv-ecg", "ecgqa-ptbxl", "ecgqa-ptbxl"]
     assert dm.eval_groups("test")[0] == ["ecgqa-mimic-iv-ecg", "ecgqa-ptbxl"]
 
@@ -372,17 +372,15 @@ def test_pulse_conversation_is_trained_on_every_answer(built, tokenizer_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     batch = QACollator(ChatTemplate(tokenizer), 1)(items)
-    labels = batch["labels"][0]
+    labels = batch.labels[0]
     supervised = tokenizer.decode(labels[labels != IGNORE_INDEX])
     assert supervised == (
         "The ECG shows sinus rhythm at about 72 bpm.<|im_end|>\n"
         "Possible right atrial abnormality.<|im_end|>\n"
     )
-    assert "Is there any sign of atrial abnormality?" in tokenizer.decode(batch["input_ids"][0])
+    assert "Is there any sign of atrial abnormality?" in tokenizer.decode(batch.input_ids[0])
     generation = QACollator(ChatTemplate(tokenizer), 1, for_generation=True)(items)
-    assert "atrial abnormality" not in tokenizer.decode(
-        generation["input_ids"][0]
-    )  # asked its first question
+    assert "atrial abnormality" not in tokenizer.decode(generation.input_ids[0])  # asked its first question
 
 
 def test_comparison_questions_stream_with_two_ecgs_in_their_row(built, tokenizer_dir):
@@ -399,20 +397,18 @@ def test_comparison_questions_stream_with_two_ecgs_in_their_row(built, tokenizer
     assert dm.qa_counts("train") == {"ecgqa-mimic-iv-ecg": 2, "ecgqa-ptbxl": 4, "pulse-ecg-instruct": 1}
     (batch,) = list(dm.train_dataloader())
 
-    counts = batch["ecg_counts"].tolist()
-    pairs = [k for k, n in zip(batch["key"], counts, strict=True) if n == 2]
-    assert (
-        sorted(batch["question_type"][i][:10] for i, n in enumerate(counts) if n == 2) == ["comparison"] * 2
-    )
+    counts = batch.ecg_counts.tolist()
+    pairs = [k for k, n in zip(batch.key, counts, strict=True) if n == 2]
+    assert sorted(batch.question_type[i][:10] for i, n in enumerate(counts) if n == 2) == ["comparison"] * 2
     assert len(pairs) == 2 and all("_w" not in k for k in pairs)  # comparison keys name both ECG ids
-    assert batch["ecg"].shape == (9, 12, 2500)
-    assert batch["ecg_mask"].sum(1).tolist() == [4 * n for n in counts]
+    assert batch.ecg.shape == (9, 12, 2500)
+    assert batch.ecg_mask.sum(1).tolist() == [4 * n for n in counts]
     row = counts.index(2)
-    text = formatter.tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()])
+    text = formatter.tokenizer.decode(batch.input_ids[row][batch.attention_mask[row].bool()])
     assert "ECG 1: " in text and "ECG 2: " in text
 
     single = ECGQADataModule(str(out_dir), batch_size=5, include_comparison=False)
     with pytest.warns(UserWarning, match=r"comparison \(two-ECG\) questions, \{'train': 2\}"):
         single.setup("fit")
     single.attach(formatter, num_ecg_tokens=4)
-    assert [b["ecg_counts"].tolist() for b in single.train_dataloader()] == [[1] * 5]
+    assert [b.ecg_counts.tolist() for b in single.train_dataloader()] == [[1] * 5]

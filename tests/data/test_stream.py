@@ -166,7 +166,7 @@ def _batches(dm: ECGQADataModule, limit: int | None = None) -> list[list[str]]:
     """Training batches' keys, passed through the hook Lightning calls on every batch."""
     out = []
     for batch in dm.train_dataloader():
-        out.append(dm.on_before_batch_transfer(batch, 0)["key"])
+        out.append(dm.on_before_batch_transfer(batch, 0).key)
         if len(out) == limit:
             break
     return out
@@ -293,7 +293,7 @@ def _ddp_rank(rank: int, world: int, port: int, data_dir: str, tokenizer_dir: st
             dm.epoch = epoch
             batches = []
             for batch in dm.train_dataloader():
-                batches.append(batch["key"])
+                batches.append(batch.key)
                 # What DDP does every step: a rank with a batch fewer would leave the other waiting here.
                 dist.all_reduce(torch.ones(1))
             epochs.append(batches)
@@ -331,7 +331,7 @@ def _fit(model, data_dir: Path, root: Path, ckpt_path: str | None = None, **trai
             self.keys: list[list[str]] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.keys.append(list(batch["key"]))
+            self.keys.append(list(batch.key))
 
     keys = Keys()
     every_8 = ModelCheckpoint(dirpath=root, every_n_train_steps=8, save_top_k=-1, filename="{epoch}-{step}")

@@ -24,9 +24,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
+from ecglm.batch import ECGQABatch, TokenFields
 from ecglm.data.shards import read_manifest, split_shards
 from ecglm.data.splits import SPLITS, hash_uniform
 from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa re-exported for users
+    REASONS,
     BadInput,
     BadSampleError,
     CheckedQA,
@@ -153,7 +155,7 @@ class QACollator:
     logits for the answer span only). Generation batches (``for_generation``) hold prompts without
     the answer, the reference answers as strings, and under ``text_only`` the same prompts with no
     ECG positions (the text-only ablation). ``with_prompts`` adds the generation prompts to a
-    teacher-forced batch (``batch["prompt"]``), for metrics on generated answers during validation.
+    teacher-forced batch (``batch.prompt``), for metrics on generated answers during validation.
     ``system_prompts`` maps a dataset name to the system prompt of its items (few-shot prompts with
     that dataset's demonstrations); other items get the prompt style's own.
     """
@@ -172,7 +174,7 @@ class QACollator:
         self.with_prompts = with_prompts
         self.system_prompts = dict(system_prompts or {})
 
-    def _pad(self, items: list[dict[str, Any]], with_answer: bool, num_ecg_tokens: int) -> dict[str, Any]:
+    def _pad(self, items: list[dict[str, Any]], with_answer: bool, num_ecg_tokens: int) -> TokenFields:
         k = num_ecg_tokens
         # ECG-QA answers are lists; the model reads and writes them as "a, b" (metrics compare sets).
         encoded = [
@@ -204,32 +206,25 @@ class QACollator:
             attention_mask[row, start : start + n] = 1
             for ecg_start in e.ecg_starts or (e.ecg_start,):
                 ecg_mask[row, start + ecg_start : start + ecg_start + k] = True
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "ecg_mask": ecg_mask}
-        if with_answer:
-            out["labels"] = labels
-        return out
+        return TokenFields(input_ids, attention_mask, ecg_mask, labels if with_answer else None)
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self._pad(items, not self.for_generation, self.num_ecg_tokens)
-        batch.update(
-            {
-                # As stored (float16): the model converts on its device (ECGLanguageModel.ecg_tokens).
-                # Every ECG of the batch in row order; a comparison question's row has two.
-                "ecg": torch.from_numpy(_stack_ecgs(items)),
-                "ecg_counts": torch.tensor([_num_ecgs(it) for it in items]),
-                "key": [it["key"] for it in items],
-                "question_type": [it["question_type"] for it in items],
-                "dataset": [it.get("dataset", "unknown") for it in items],
-                "answer": [it["answer"] for it in items],
-            }
+    def __call__(self, items: list[dict[str, Any]]) -> ECGQABatch:
+        tokens = self._pad(items, not self.for_generation, self.num_ecg_tokens)
+        return ECGQABatch(
+            **vars(tokens),
+            # As stored (float16): the model converts on its device (ECGLM.ecg_tokens).
+            # Every ECG of the batch in row order; a comparison question's row has two.
+            ecg=torch.from_numpy(_stack_ecgs(items)),
+            ecg_counts=torch.tensor([_num_ecgs(it) for it in items]),
+            key=[it["key"] for it in items],
+            question_type=[it["question_type"] for it in items],
+            dataset=[it.get("dataset", "unknown") for it in items],
+            answer=[it["answer"] for it in items],
+            text_only=self._pad(items, False, num_ecg_tokens=0) if self.for_generation else None,
+            prompt=self._pad(items, False, self.num_ecg_tokens)
+            if self.with_prompts and not self.for_generation
+            else None,
         )
-        if self.for_generation:
-            batch["text_only"] = self._pad(items, with_answer=False, num_ecg_tokens=0)
-        elif self.with_prompts:
-            batch["prompt"] = self._pad(items, with_answer=False, num_ecg_tokens=self.num_ecg_tokens)
-        if "_worker" in items[-1]:  # from a QAStream: which worker made the batch, its bad-input counts
-            batch["stream"] = {"worker": items[-1]["_worker"], "skipped": items[-1].get("_skipped")}
-        return batch
 
 
 class ECGQADataModule(L.LightningDataModule):
@@ -258,16 +253,17 @@ class ECGQADataModule(L.LightningDataModule):
             the training split (0 leaves one out).
         samples_per_epoch: Training pairs per epoch with ``weights`` (default: the split's size).
         include_comparison: Stream the comparison (two-ECG) questions of the manifest's comparison
-            shards with the rest (a batch row then holds two ECGs, ``batch["ecg_counts"]``).
+            shards with the rest (a batch row then holds two ECGs, ``batch.ecg_counts``).
         strict: Raise :class:`BadSampleError` at the first bad input (corrupt or truncated tar, a
             shard whose sha256 does not match the manifest, missing or unreadable ``.npy``, wrong
             shape, NaN/Inf, invalid JSON or non-UTF-8 text, empty question or answer), naming shard
             and key. By default such input is skipped and logged as a WARNING on ``ecglm.data`` with
             shard, key and reason (see :class:`BadInput`); ``skipped`` holds the QA pairs lost by
             reason in the pass over a loader started last, and ``train_skipped`` those of the
-            current training epoch, gathered from every loader worker (Lightning passes each batch
-            through :meth:`on_before_batch_transfer`); each worker also logs its own summary when
-            its stream ends. :class:`ecglm.data.monitor.SkippedInputLogger` logs them during training.
+            current training epoch, gathered from every loader worker (each writes its row of a
+            counter tensor in shared memory; nothing rides in the batches); each worker also logs
+            its own summary when its stream ends. :class:`ecglm.data.monitor.SkippedInputLogger`
+            logs them during training.
         verify_checksums: Check each shard against the sha256 in the manifest before reading it,
             once per shard per process (a mismatch is bad input: skipped, or raised under
             ``strict``). ``False`` skips the check (it reads each shard file once more, mostly from
@@ -303,12 +299,9 @@ class ECGQADataModule(L.LightningDataModule):
         self.strict = strict
         self.weights = dict(weights) if weights is not None else None
         self.samples_per_epoch = samples_per_epoch
-        # Per kind of pass ("train", "eval"): the bad-input counts of a loader that runs in this
-        # process, and each worker's latest counts as its batches report them.
-        self._skips: dict[str, tuple[Counter[str], dict[int, dict[str, int]]]] = {
-            "train": (Counter(), {}),
-            "eval": (Counter(), {}),
-        }
+        # Per kind of pass ("train", "eval"): QA pairs lost to bad input, a row per loader worker and a
+        # column per reason, in shared memory that the workers write (QAStream.counters).
+        self._skips: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._pass = "eval"  # the kind of pass started last
         self.epoch = 0  # the training epoch to stream when there is no Trainer
         self._train_position = {"epoch": 0, "batches": 0}  # training batches handed out this epoch
@@ -542,6 +535,7 @@ class ECGQADataModule(L.LightningDataModule):
             item_filter=SubsetFilter(*subset) if subset is not None else None,
             pad=train,
             checksums=self._checksums(split, shards),
+            counters=torch.zeros((max(1, self.num_workers), len(REASONS)), dtype=torch.long).share_memory_(),
         )
         collate = QACollator(
             self.formatter,
@@ -577,7 +571,7 @@ class ECGQADataModule(L.LightningDataModule):
         return ShardChecksums(str(manifest))
 
     def _start_eval(self, stream: QAStream) -> None:
-        self._pass, self._skips["eval"] = "eval", (stream.bad.counts, {})
+        self._pass, self._skips["eval"] = "eval", stream.counters
 
     def _start_train_epoch(self, stream: QAStream) -> None:
         """Before each pass over the training loader: which epoch, and where to resume in it."""
@@ -596,28 +590,20 @@ class ECGQADataModule(L.LightningDataModule):
                 skip = resume["batches"]
         stream.epoch, stream.skip_batches = epoch, skip
         self._train_position = {"epoch": epoch, "batches": skip}
-        self._pass, self._skips["train"] = "train", (stream.bad.counts, {})
+        self._pass, self._skips["train"] = "train", stream.counters
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Counts training batches (the stream position) and gathers the workers' bad-input counts."""
-        if not isinstance(batch, dict) or "stream" not in batch:
-            return batch
-        stream = batch.pop("stream")
-        kind = ("train" if self.trainer.training else "eval") if self.trainer is not None else self._pass
-        if kind == "train":
+        """Counts training batches: the stream position a checkpoint records."""
+        training = self.trainer.training if self.trainer is not None else self._pass == "train"
+        if training and isinstance(batch, ECGQABatch):
             self._train_position["batches"] += 1
-        if stream.get("skipped"):  # the worker's counts so far in this pass
-            self._skips[kind][1][stream["worker"]] = stream["skipped"]
         return batch
 
     def _skipped(self, kind: str) -> Counter[str]:
-        local, workers = self._skips[kind]
-        if not workers:
-            return local
-        total: Counter[str] = Counter()
-        for counts in workers.values():
-            total.update(counts)
-        return total
+        counters = self._skips[kind]
+        if counters is None:
+            return Counter()
+        return Counter({r: int(n) for r, n in zip(REASONS, counters.sum(0).tolist(), strict=True) if n})
 
     @property
     def skipped(self) -> Counter[str]:

@@ -29,6 +29,7 @@ from itertools import accumulate, count, islice, pairwise
 from typing import Any
 
 import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.autodecode import DecodingError
@@ -629,8 +630,9 @@ class QAStream(IterableDataset):
 
     ``epoch`` and ``skip_batches`` (batches of this epoch already trained on, when resuming) are set
     before each iteration (the DataModule's loader does it); workers get a copy when they start.
-    Each item carries ``_worker`` and, once bad input was met, ``_skipped`` (that worker's counts
-    so far), so the main process can add up all workers' counts.
+    With ``counters`` (a tensor in shared memory, one row per loader worker and one column per
+    reason of :data:`REASONS`), each worker keeps its row equal to the QA pairs it lost so far, so the
+    main process adds up every worker's counts without anything riding in the batches.
 
     Args:
         plan: The epoch plan of the split.
@@ -644,6 +646,7 @@ class QAStream(IterableDataset):
             again (training: every rank must make the same number of batches). Evaluation does not
             pad: a repeated pair would count twice.
         checksums: Verifies each shard against the manifest's sha256 before reading it (None: no check).
+        counters: ``(workers, len(REASONS))`` int64 tensor in shared memory (see above), or None.
     """
 
     def __init__(
@@ -656,8 +659,10 @@ class QAStream(IterableDataset):
         item_filter: Any = None,
         pad: bool = True,
         checksums: ShardChecksums | None = None,
+        counters: torch.Tensor | None = None,
     ):
         self.plan, self.rank, self.bad, self.num_samples = plan, rank, bad, num_samples
+        self.counters = counters
         self.shuffle_buffer, self.item_filter, self.pad = shuffle_buffer, item_filter, pad
         self.checksums = checksums
         self.epoch = 0
@@ -667,6 +672,11 @@ class QAStream(IterableDataset):
         if self.item_filter is not None:
             raise TypeError("a filtered QA stream has no length known in advance")
         return self.plan.rank_length(self.rank)
+
+    def _publish(self, worker: int) -> None:
+        """Write this worker's pairs lost so far into its row of the shared counters."""
+        if self.counters is not None:
+            self.counters[worker] = torch.tensor([self.bad.counts[r] for r in REASONS])
 
     def _read(self, segments: list[Segment], checked: CheckedQA) -> Iterator[dict[str, Any]]:
         bad = checked.bad
@@ -735,13 +745,17 @@ class QAStream(IterableDataset):
                 f"the epoch plan is for {self.plan.num_workers} loader workers, the loader has {workers}"
             )
         self.bad.reset()
+        self._publish(worker)
+        published = 0
         target = self.plan.targets[self.rank * workers + worker]
         skip = self.plan.worker_batches_done(self.skip_batches, worker) * self.plan.batch_size
         for item in islice(self._padded(worker, target), skip, None):
-            item["_worker"] = worker  # items are fresh dicts (expand_qa)
-            if self.bad.counts:
-                item["_skipped"] = dict(self.bad.counts)
+            lost = sum(self.bad.counts.values())
+            if lost != published:
+                self._publish(worker)
+                published = lost
             yield item
+        self._publish(worker)
         if self.bad.counts:
             log.warning(
                 "%s at the end of its stream: QA pairs lost to bad input, by reason: %s",
