@@ -119,7 +119,7 @@ class ECGLanguageModel(L.LightningModule):
     @property
     def wants_demonstrations(self) -> bool:
         """Whether the policy puts in-context demonstrations in the prompts (``demos_per_dataset``)."""
-        return getattr(self.policy, "demos_per_dataset", 0) > 0
+        return self.policy.demos_per_dataset > 0
 
     def setup(self, stage: str) -> None:
         """At fit, draw the policy's demonstrations from the DataModule's training split (unless set).
@@ -137,7 +137,7 @@ class ECGLanguageModel(L.LightningModule):
             )
         policy = self.policy
         self.demonstrations = self._sample_demonstrations(
-            policy.seed, policy.demos_per_dataset, getattr(policy, "max_demo_chars", None)
+            policy.seed, policy.demos_per_dataset, policy.max_demo_chars
         )
 
     def system_prompts(self) -> dict[str, str] | None:

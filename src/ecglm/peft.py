@@ -137,7 +137,15 @@ class PEFTPolicy(ABC):
             :func:`encoder_top_layers`); implies encoder training.
         gradient_checkpointing: Recompute the LLM's layer activations in the backward pass
             (less memory, about one more forward pass of time).
+
+    Few-shot prompting is an optional capability, declared here with its defaults (none):
+    ``demos_per_dataset`` demonstrations per dataset drawn from the training split by ``seed``
+    (pairs longer than ``max_demo_chars`` skipped) and rendered by :meth:`system_prompts`.
     """
+
+    demos_per_dataset: int = 0
+    seed: int = 0
+    max_demo_chars: int | None = None
 
     def __init__(
         self,
@@ -166,6 +174,15 @@ class PEFTPolicy(ABC):
     @abstractmethod
     def adapt(self, connector: Connector, backbone: Backbone) -> None:
         """Set which connector and backbone parameters train; add adapters to the backbone."""
+
+    def system_prompts(
+        self, base: str | None, demonstrations: dict[str, list[dict[str, str]]]
+    ) -> dict[str, str]:
+        """Per dataset, the system prompt with its demonstrations (needed when ``demos_per_dataset`` > 0)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} asks for {self.demos_per_dataset} demonstrations per dataset but does "
+            "not say how they are written: define system_prompts(base, demonstrations)"
+        )
 
 
 class ProjectionOnly(PEFTPolicy):
@@ -377,7 +394,7 @@ class FewShotConnector(ProjectionOnly):
 
     Each dataset type (a QA pair's ``dataset``: ``ecgqa-ptbxl``, ``pulse-ecg-instruct``, ...) gets
     ``demos_per_dataset`` question-answer pairs from the training split, chosen by ``seed`` and fixed
-    for the whole run; its system prompt becomes the backbone's, a blank line, then the
+    for the whole run; its system prompt becomes the prompt style's, a blank line, then the
     demonstrations rendered with ``template`` (separated by blank lines). Demonstrations are text
     only: no ECG goes with them. They are recorded in every checkpoint and in
     ``demonstrations.json``, and ``ecglm test`` / ``ecglm evaluate`` use the recorded ones.

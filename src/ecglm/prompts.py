@@ -162,7 +162,7 @@ class PromptStyle(ABC):
     def messages(
         self, question: str, answer: str | None = None, system_prompt: str | None = None, num_ecgs: int = 1
     ) -> list[dict[str, str]]:
-        """The conversation; a ``system_prompt`` replaces the formatter's own for this call.
+        """The conversation; a ``system_prompt`` replaces the style's own for this call.
 
         Several ECGs (comparison questions) are introduced as ``ECG 1: <ecg>``, ``ECG 2: <ecg>``, ...
         """
@@ -200,7 +200,7 @@ class PromptStyle(ABC):
     ) -> EncodedChat:
         """Tokenise one QA pair; with ``answer=None`` the result ends with the generation prompt.
 
-        ``system_prompt`` replaces the formatter's own for this pair (few-shot prompts differ by dataset).
+        ``system_prompt`` replaces the style's own for this pair (few-shot prompts differ by dataset).
         ``num_ecgs`` ECGs (2 for comparison questions) each get ``num_ecg_tokens`` positions.
         """
         prompt_text, pieces, _, tail = self._prompt(question, system_prompt, num_ecgs)

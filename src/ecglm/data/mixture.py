@@ -6,8 +6,9 @@ ECG used by two datasets (ECG-QA and PULSE) is stored once per dataset, since a 
 dataset. Each shard holds one dataset, ``{split}-{dataset}-NNNNNN.tar``, so that the streaming
 DataModule can mix datasets by weight shard by shard. Comparison questions (two ECGs) go to their
 own shards, ``{split}-comparison-{dataset}-NNNNNN.tar``, whose ``ecg.npy`` stacks both ECGs as
-``(2, 12, num_samples)``; the manifest lists them under ``splits[split]["comparison"]`` and the
-single-ECG DataModule does not read them. ``docs/data.md`` describes the sample and manifest formats.
+``(2, 12, num_samples)``; the manifest lists them under ``splits[split]["comparison"]``, and the
+DataModule streams them with their dataset (``include_comparison``, on by default).
+``docs/data.md`` describes the sample and manifest formats.
 
 The record tables and the grouping of QA pairs by ECG live in a SQLite file in ``out_dir`` while
 building (:class:`_QAIndex`), not in Python dicts: the full mixture has ~800K records and ~1.9M QA
