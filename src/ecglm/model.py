@@ -28,6 +28,18 @@ CONDITIONS = ("ecg", "zeroed_ecg", "text_only")
 PARTS = ("encoder", "connector", "backbone")
 
 
+#: Prefixes that torch's wrappers (FSDP's auto-wrapped units, activation checkpointing) put into
+#: parameter names but not into the full state dict a checkpoint holds.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def state_dict_name(name: str) -> str:
+    """A parameter's name as the (full) state dict spells it, without wrapper prefixes."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 @dataclass(frozen=True)
 class Decoding:
     """Decoding options of every generated answer; recorded in each report.
@@ -151,7 +163,7 @@ class ECGLM(nn.Module):
 
     def persistent_keys(self) -> set[str]:
         """State-dict keys a checkpoint must hold: trainable weights and all of non-pretrained parts."""
-        keys = {name for name, p in self.named_parameters() if p.requires_grad}
+        keys = {state_dict_name(name) for name, p in self.named_parameters() if p.requires_grad}
         for name in PARTS:
             part = getattr(self, name)
             if not getattr(part, "pretrained", False):

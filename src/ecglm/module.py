@@ -322,7 +322,7 @@ class ECGLanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = self.model.persistent_keys()
-        found = set(checkpoint["state_dict"])
+        found = set(checkpoint["state_dict"]) if "state_dict" in checkpoint else self._keys_in_ckpt_file()
         missing, unexpected = sorted(expected - found), sorted(found - set(self.state_dict()))
         if missing or unexpected:
             raise RuntimeError(
@@ -332,6 +332,12 @@ class ECGLanguageModel(L.LightningModule):
             )
         self._restore_demonstrations(checkpoint.get("ecglm", {}).get("demonstrations"))
         self._weights_from = "checkpoint"
+
+    def _keys_in_ckpt_file(self) -> set[str]:
+        # Lightning's FSDPStrategy loads the weights itself and removes them from the dict it hands
+        # this hook; the file still has them (memory-mapped: nothing is read but the keys).
+        path = self.trainer.ckpt_path
+        return set(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"])
 
     def _restore_demonstrations(self, recorded: dict[str, list[dict[str, str]]] | None) -> None:
         """The checkpoint's demonstrations replace any drawn here: evaluation reads what training read."""
