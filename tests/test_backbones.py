@@ -678,3 +678,19 @@ def test_an_existing_local_folder_and_home_paths_resolve(tmp_path, monkeypatch):
     assert resolve_model_path("~/model") == str(tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("./model") == "./model"
+
+
+def test_4bit_weights_can_be_stored_in_a_floating_point_dtype(saved_models):
+    """What FSDP needs to shard 4-bit weights (docs/scaling.md): bnb_4bit_quant_storage."""
+    import bitsandbytes as bnb
+
+    four = HFBackbone(saved_models["llama"], quantization="nf4", dtype="float32", bnb_compute_dtype="float32")
+    floats = HFBackbone(
+        saved_models["llama"],
+        quantization="nf4",
+        dtype="float32",
+        bnb_compute_dtype="float32",
+        bnb_quant_storage="float32",
+    )
+    packed = [next(m for m in b.model.modules() if isinstance(m, bnb.nn.Linear4bit)) for b in (four, floats)]
+    assert (packed[0].weight.dtype, packed[1].weight.dtype) == (torch.uint8, torch.float32)

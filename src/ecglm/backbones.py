@@ -216,6 +216,9 @@ class HFBackbone(Backbone):
             embeddings and the LM head stay in ``dtype``. Needs pretrained weights.
         bnb_double_quant: Quantise the 4-bit scales as well (saves ~0.4 bit per weight).
         bnb_compute_dtype: Dtype the 4-bit layers compute in.
+        bnb_quant_storage: Dtype the packed 4-bit weights are stored in (default uint8). FSDP shards
+            only floating-point tensors: under FSDP store them in the other weights' dtype
+            (``docs/scaling.md``).
         random_init: Build the architecture with random weights instead of loading them
             (for smoke tests; such weights are saved in checkpoints).
         config_overrides: Config fields to change, e.g. a tiny ``hidden_size`` for tests.
@@ -231,6 +234,7 @@ class HFBackbone(Backbone):
         quantization: Quantization | None = None,
         bnb_double_quant: bool = True,
         bnb_compute_dtype: DType = "bfloat16",
+        bnb_quant_storage: DType | None = None,
         random_init: bool = False,
         config_overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
@@ -242,6 +246,9 @@ class HFBackbone(Backbone):
         self.quantization = quantization
         self.bnb_double_quant = bnb_double_quant
         self.bnb_compute_dtype = torch_dtype(bnb_compute_dtype, "bnb_compute_dtype")
+        self.bnb_quant_storage = (
+            torch_dtype(bnb_quant_storage, "bnb_quant_storage") if bnb_quant_storage else None
+        )
         self.pretrained = not random_init
         self.trust_remote_code = trust_remote_code
         if quantization not in (None, "nf4", "fp4"):
@@ -304,6 +311,7 @@ class HFBackbone(Backbone):
             bnb_4bit_quant_type=self.quantization,
             bnb_4bit_use_double_quant=self.bnb_double_quant,
             bnb_4bit_compute_dtype=self.bnb_compute_dtype,
+            **({"bnb_4bit_quant_storage": self.bnb_quant_storage} if self.bnb_quant_storage else {}),
         )
 
     def _check_vocab(self) -> None:

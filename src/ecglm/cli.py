@@ -95,6 +95,14 @@ class ECGLMCLI(LightningCLI):
         # A recipe carries its evaluation protocol; only `ecglm evaluate` acts on it.
         parser.add_class_arguments(EvaluationProtocol, "evaluate", instantiate=False)
 
+    def before_instantiate_classes(self) -> None:
+        # A strategy that cannot run this recipe (FSDP over uint8 4-bit weights, ...) fails here, with
+        # the reason, before the LLM loads rather than mid-run.
+        from ecglm.estimate import check_recipe
+
+        subcommand = self.config.get("subcommand")
+        check_recipe(self.config.get(subcommand) if subcommand else self.config)
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         if self.datamodule is not None:
@@ -200,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if registry.failures else 0
     if args[:1] == ["shard"]:
         run_shard(args[1:])
+        return 0
+    if args[:1] == ["estimate"]:
+        from ecglm.estimate import EstimateError, StrategyError, run_estimate
+
+        try:
+            run_estimate(args[1:])
+        except (EstimateError, StrategyError) as err:
+            print(f"ecglm estimate: {err}", file=sys.stderr)
+            return 2
         return 0
     if args[:1] == ["evaluate"]:
         if argv is None:
