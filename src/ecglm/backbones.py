@@ -121,8 +121,21 @@ class Backbone(nn.Module, ABC):
         ecg_mask: Tensor,
         ecg_tokens: Tensor,
         labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> CausalLMOutputWithPast:
-        """Run the LM on the spliced sequence; with ``labels``, ``loss`` is the mean answer-token loss."""
+        """Run the LM on the spliced sequence; with ``labels``, ``loss`` is the mean answer-token loss.
+
+        ``position_ids`` comes with packed rows only (:func:`ecglm.batch.pack`), and only to a
+        backbone whose :meth:`packing_blocker` is ``None``.
+        """
+
+    def packing_blocker(self) -> str | None:
+        """Why this backbone cannot take packed rows (:func:`ecglm.batch.pack`); ``None`` if it can.
+
+        A backbone that can takes ``position_ids`` in :meth:`forward` (each QA pair numbered from 0)
+        and attends within each pair only, so that the loss is the padded batch's.
+        """
+        return f"{type(self).__name__} does not take packed rows (it does not override packing_blocker)"
 
     @abstractmethod
     def generate(
@@ -134,6 +147,12 @@ class Backbone(nn.Module, ABC):
         **generation_kwargs: Any,
     ) -> Tensor:
         """Continue left-padded prompts; returns only the new token ids, ``(batch, new_tokens)``."""
+
+
+#: Layer types (``config.layer_types``) that transformers masks per packed QA pair.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+#: Config fields of recurrent and hybrid architectures that do not list their layers in ``layer_types``.
+RECURRENT_CONFIG_FIELDS = ("layers_block_type", "hybrid_override_pattern", "mamba_d_state", "state_size")
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -354,12 +373,16 @@ class HFBackbone(Backbone):
         ecg_mask: Tensor,
         ecg_tokens: Tensor,
         labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits (with ``labels``: of the answer span only, and the answer loss) of a left-padded batch.
 
         With ``prefix_reuse`` the loss path may run :meth:`forward_reusing_prefix`: same loss, and the
-        same logits at every supervised position, from less compute.
+        same logits at every supervised position, from less compute. With ``position_ids`` the rows
+        are packed (:meth:`forward_packed`).
         """
+        if position_ids is not None:
+            return self.forward_packed(input_ids, ecg_mask, ecg_tokens, labels, position_ids)
         if labels is not None and self._keeps_logits and self.prefix_reuse:
             out = self.forward_reusing_prefix(input_ids, attention_mask, ecg_mask, ecg_tokens, labels)
             if out is not None:
@@ -378,6 +401,58 @@ class HFBackbone(Backbone):
         span = answer_span(labels)
         out = self.model(**inputs, logits_to_keep=span + 1)
         out.loss = answer_loss(out.logits, labels, span)
+        return out
+
+    def packing_blocker(self) -> str | None:
+        """Packed rows need every layer to be attention that transformers masks per packed pair: its
+        mask builders read the pairs from position ids that restart at 0 when no attention mask is
+        given (``masking_utils.find_packed_sequence_indices``), and flash-attention kernels read the
+        same ids. Recurrent and linear-attention layers (Qwen3.5's Gated DeltaNet, Mamba) carry
+        their state from one pair into the next."""
+        config = self.model.config.get_text_config()
+        recurrent = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+        if not recurrent and any(hasattr(config, a) for a in RECURRENT_CONFIG_FIELDS):
+            recurrent = ["recurrent"]
+        if recurrent:
+            return (
+                f"{config.model_type} has {', '.join(recurrent)} layers, whose state runs from one packed "
+                "QA pair into the next; train it on padded batches (data.init_args.packed: false)"
+            )
+        if self.prefix_reuse:
+            return (
+                "the policy's prefix_reuse computes each row's shared prompt prefix once, on padded "
+                "rows; use one (model.policy.init_args.prefix_reuse: false, or data.init_args.packed: false)"
+            )
+        return None
+
+    def forward_packed(
+        self,
+        input_ids: Tensor,
+        ecg_mask: Tensor,
+        ecg_tokens: Tensor,
+        labels: Tensor | None,
+        position_ids: Tensor,
+    ) -> CausalLMOutputWithPast:
+        """The loss of packed rows: no attention mask (transformers builds a block-diagonal causal
+        mask from the position ids), vocabulary logits only where the next token is supervised."""
+        inputs = {
+            "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
+            "position_ids": position_ids,
+            "use_cache": False,  # with a cache transformers would not look for packed pairs
+            **self.token_inputs(input_ids),
+        }
+        if labels is None or not self._keeps_logits:
+            return self.model(**inputs, labels=labels)
+        # Answers sit inside the row, not at its end: keep the logits of the positions before each
+        # supervised token (logits_to_keep takes their indices).
+        keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            raise ValueError("no supervised token in the batch (every label is ignored)")
+        out = self.model(**inputs, logits_to_keep=keep)
+        logits = out.logits.float()
+        out.loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, keep + 1].reshape(-1), ignore_index=IGNORE_INDEX
+        )
         return out
 
     def forward_reusing_prefix(

@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: Label of a position that is not trained on (the value torch's cross-entropy ignores by default).
+IGNORE_INDEX = -100
+
 
 @dataclass
 class TokenFields:
@@ -20,16 +23,24 @@ class TokenFields:
     ``input_ids``, ``attention_mask`` (1 on real tokens) and ``ecg_mask`` (True at the positions whose
     embeddings the ECG tokens replace), all ``(rows, length)``; ``labels`` (``-100`` outside the
     answer spans) only on teacher-forced rows.
+
+    ``position_ids`` is set on packed rows only (:func:`pack`): several QA pairs laid end to end in
+    one row, each numbered from 0, no padding; the model then attends within each pair alone.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     ecg_mask: Tensor
     labels: Tensor | None = None
+    position_ids: Tensor | None = None
 
     @property
     def rows(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
     def to(self, device: torch.device | str) -> TokenFields:
         """A copy with every tensor (the nested prompt fields' too) on ``device``; for loops without
@@ -68,3 +79,70 @@ class ECGQABatch(TokenFields):
     answer: list[str | list[str]]
     prompt: TokenFields | None = None
     text_only: TokenFields | None = None
+
+
+def pack(batch: ECGQABatch, max_tokens: int | None = None, pad_token_id: int = 0) -> ECGQABatch:
+    """The same teacher-forced QA pairs laid end to end in rows without padding between them.
+
+    Each pair's real tokens follow the previous pair's, in batch order, with position ids restarting
+    at 0, as transformers' ``DataCollatorWithFlattening`` lays them out: a backbone that takes packed
+    rows (:meth:`ecglm.backbones.Backbone.packing_blocker`) then attends within each pair only, so
+    the loss and the answer spans are those of the padded batch. ECGs stay in batch order, so the
+    ECG positions are filled as before. Each pair's first label is ignored (nothing in the pair
+    precedes it; in the padded layout it is a prompt token anyway).
+
+    ``max_tokens``: ``None`` puts the whole batch in one row (the layout for flash-attention kernels,
+    whose cost is per pair). With masked attention (SDPA, eager) a row costs the square of its
+    length, so a bound splits the batch into the fewest rows of at most ``max_tokens`` (a longer
+    pair takes a row alone), pairs kept in order and rows of about equal length; shorter rows are
+    padded at the end with ``pad_token_id`` (position ids counting on from 0 there, labels ignored).
+    """
+    if batch.labels is None or batch.prompt is not None or batch.text_only is not None:
+        raise ValueError("only teacher-forced training batches are packed (labels, no generation prompts)")
+    if batch.packed:
+        return batch
+    real = batch.attention_mask.bool()
+    lengths = real.sum(1).tolist()
+    rows = _pack_rows(lengths, max_tokens)
+    labels = batch.labels.masked_fill(real.long().cumsum(1) == 1, IGNORE_INDEX)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+
+    def lay_out(values: Tensor, fill: int | bool) -> Tensor:
+        out = []
+        for row in rows:
+            flat = torch.cat([values[i][real[i]] for i in row])
+            out.append(torch.cat([flat, flat.new_full((width - len(flat),), fill)]))
+        return torch.stack(out)
+
+    positions = [torch.cat([torch.arange(lengths[i]) for i in row]) for row in rows]
+    return replace(
+        batch,
+        input_ids=lay_out(batch.input_ids, pad_token_id),
+        attention_mask=lay_out(batch.attention_mask, 0),
+        ecg_mask=lay_out(batch.ecg_mask, False),
+        labels=lay_out(labels, IGNORE_INDEX),
+        position_ids=torch.stack([torch.cat([p, torch.arange(width - len(p))]) for p in positions]),
+    )
+
+
+def _pack_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """Pairs (by index, in order) per row: the fewest rows of about equal length within the bound.
+
+    Written here because packing libraries reorder pairs to fill rows (first-fit decreasing), and
+    the batch's ECGs, keys and answers are in pair order. A pair goes to the row its midpoint falls
+    in when the batch's tokens are cut into ``count`` equal parts; ``count`` grows until every row
+    with more than one pair fits.
+    """
+    if max_tokens is None:
+        return [list(range(len(lengths)))]
+    total = sum(lengths)
+    for count in range(max(1, -(-total // max_tokens)), len(lengths) + 1):
+        rows: list[list[int]] = [[] for _ in range(count)]
+        start = 0
+        for pair, n in enumerate(lengths):
+            rows[min(count - 1, int((start + n / 2) * count // total))].append(pair)
+            start += n
+        rows = [row for row in rows if row]
+        if all(len(row) == 1 or sum(lengths[i] for i in row) <= max_tokens for row in rows):
+            return rows
+    return [[pair] for pair in range(len(lengths))]

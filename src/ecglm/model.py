@@ -120,9 +120,20 @@ class ECGLM(nn.Module):
         """The backbone's output for a collated batch: ``loss`` over the answer spans when the batch
         has ``labels``, and ``logits`` (over the answer span, where the backbone can keep only that)."""
         ecg = torch.zeros_like(batch.ecg) if zero_ecg else batch.ecg
+        packed: dict[str, Tensor] = {}
+        if batch.packed:  # padding-free rows (ecglm.batch.pack); only to a backbone that takes them
+            self.check_packing()
+            packed["position_ids"] = batch.position_ids
+        tokens = self.ecg_tokens(ecg)
         return self.backbone(
-            batch.input_ids, batch.attention_mask, batch.ecg_mask, self.ecg_tokens(ecg), batch.labels
+            batch.input_ids, batch.attention_mask, batch.ecg_mask, tokens, batch.labels, **packed
         )
+
+    def check_packing(self) -> None:
+        """Raise, with the reason, if the backbone cannot take packed rows (:func:`ecglm.batch.pack`)."""
+        reason = self.backbone.packing_blocker()
+        if reason is not None:
+            raise ValueError(f"packed batches (data.init_args.packed: true) cannot run this model: {reason}")
 
     @torch.no_grad()
     def generate(
@@ -140,6 +151,8 @@ class ECGLM(nn.Module):
         batch's token fields (validation generates from the prompt part of a training batch).
         Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
         """
+        if batch.packed or (prompt is not None and prompt.packed):
+            raise ValueError("packed rows are for the training loss; generate from padded prompts")
         if condition == "text_only":
             fields = batch.text_only
             if fields is None:

@@ -182,12 +182,12 @@ class ECGLanguageModel(L.LightningModule):
 
     def training_step(self, batch: ECGQABatch, batch_idx: int) -> Tensor:
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.rows)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.key))
         return loss
 
     def validation_step(self, batch: ECGQABatch, batch_idx: int) -> None:
         out = self(batch)
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch.rows, sync_dist=True)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=len(batch.key), sync_dist=True)
         # Logits cover the answer span (or everything); position i predicts label i + 1.
         span = out.logits.shape[1] - 1
         self._stats("val").update(out.logits[:, :-1].float(), batch.labels[:, -span:])

@@ -24,9 +24,10 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from ecglm.batch import IGNORE_INDEX as IGNORE_INDEX  # re-exported: prompt styles write it
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 ECG_MARKER = "<ecg>"
 
 

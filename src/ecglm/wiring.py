@@ -31,6 +31,8 @@ def connect(model: ECGLanguageModel, data: Any) -> None:
             system_prompts=model.system_prompts,
             preprocessing=getattr(model.encoder, "preprocessing", None),
         )
+    if getattr(data, "packed", False):
+        model.model.check_packing()  # before any weight trains, not at the first batch
     model.connect_data(
         sample_demonstrations=getattr(data, "sample_demonstrations", None),
         eval_groups=getattr(data, "eval_groups", None),

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
-from ecglm.batch import ECGQABatch, TokenFields
+from ecglm.batch import ECGQABatch, TokenFields, pack
 from ecglm.data.shards import read_manifest, split_shards
 from ecglm.data.splits import SPLITS, hash_uniform
 from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa re-exported for users
@@ -157,7 +157,9 @@ class QACollator:
     ECG positions (the text-only ablation). ``with_prompts`` adds the generation prompts to a
     teacher-forced batch (``batch.prompt``), for metrics on generated answers during validation.
     ``system_prompts`` maps a dataset name to the system prompt of its items (few-shot prompts with
-    that dataset's demonstrations); other items get the prompt style's own.
+    that dataset's demonstrations); other items get the prompt style's own. ``packed`` lays each
+    training batch out without padding, in one row or in rows of at most ``pack_tokens``
+    (:func:`ecglm.batch.pack`).
     """
 
     def __init__(
@@ -167,12 +169,17 @@ class QACollator:
         for_generation: bool = False,
         with_prompts: bool = False,
         system_prompts: dict[str, str] | None = None,
+        packed: bool = False,
+        pack_tokens: int | None = None,
     ):
         self.formatter = formatter
         self.num_ecg_tokens = num_ecg_tokens
         self.for_generation = for_generation
         self.with_prompts = with_prompts
         self.system_prompts = dict(system_prompts or {})
+        if packed and (for_generation or with_prompts):
+            raise ValueError("only teacher-forced training batches are packed (no generation prompts)")
+        self.packed, self.pack_tokens = packed, pack_tokens
 
     def _pad(self, items: list[dict[str, Any]], with_answer: bool, num_ecg_tokens: int) -> TokenFields:
         k = num_ecg_tokens
@@ -210,7 +217,7 @@ class QACollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> ECGQABatch:
         tokens = self._pad(items, not self.for_generation, self.num_ecg_tokens)
-        return ECGQABatch(
+        batch = ECGQABatch(
             **vars(tokens),
             # As stored (float16): the model converts on its device (ECGLM.ecg_tokens).
             # Every ECG of the batch in row order; a comparison question's row has two.
@@ -225,6 +232,9 @@ class QACollator:
             if self.with_prompts and not self.for_generation
             else None,
         )
+        if not self.packed:
+            return batch
+        return pack(batch, self.pack_tokens, pad_token_id=self.formatter.pad_token_id)
 
 
 class ECGQADataModule(L.LightningDataModule):
@@ -268,6 +278,16 @@ class ECGQADataModule(L.LightningDataModule):
             once per shard per process (a mismatch is bad input: skipped, or raised under
             ``strict``). ``False`` skips the check (it reads each shard file once more, mostly from
             the OS cache).
+        packed: Padding-free training batches: each batch's QA pairs laid end to end in one row,
+            each numbered from position 0 (:func:`ecglm.batch.pack`, the layout of transformers'
+            ``DataCollatorWithFlattening``); same loss, no compute spent on padding. Needs a backbone
+            that takes packed rows (attention-only LLMs; not Qwen3.5's linear-attention layers, and
+            not with ``prefix_reuse``): :func:`ecglm.wiring.connect` checks it. Validation and
+            generation batches stay padded.
+        pack_tokens: With ``packed``, the most tokens per row; a batch then takes several rows.
+            ``None``: one row per batch, the layout for flash-attention kernels (cost per QA pair).
+            SDPA and eager attention mask a packed row as a whole and cost its length squared:
+            bound it (e.g. 256-512) there (``benchmarks/packing.py``).
     """
 
     def __init__(
@@ -285,8 +305,11 @@ class ECGQADataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         include_comparison: bool = True,
         verify_checksums: bool = True,
+        packed: bool = False,
+        pack_tokens: int | None = None,
     ):
         super().__init__()
+        self.packed, self.pack_tokens = packed, pack_tokens
         self.verify_checksums = verify_checksums
         self.include_comparison = include_comparison
         self.data_dir = Path(data_dir)
@@ -543,6 +566,8 @@ class ECGQADataModule(L.LightningDataModule):
             for_generation=for_generation,
             with_prompts=split == "val",
             system_prompts=self._loader_system_prompts(split),
+            packed=self.packed and train,
+            pack_tokens=self.pack_tokens,
         )
         if train:
             self._train_plan = plan
