@@ -451,3 +451,20 @@ def test_ecglm_estimate_command_prints_the_table_and_names_a_bad_strategy(capsys
     recipe = str(REPO / "recipes" / "gemma-4-31b" / "joint-peft.yaml")
     assert main(["estimate", "--config", recipe, "--trainer.strategy=fsdp"]) == 2
     assert "ecglm estimate: " in capsys.readouterr().err
+
+
+def test_a_multi_gpu_variant_merges_over_its_recipe_as_fit_merges_it():
+    """``ecglm estimate --config recipe --config variant``: mappings merged, lists (callbacks) replaced."""
+    recipe = REPO / "recipes" / "gemma-4-31b" / "joint-peft.yaml"
+    variant = REPO / "recipes" / "gemma-4-31b" / "multi-gpu" / "qlora-fsdp8.yaml"
+    config = read_recipe([str(recipe), str(variant)])
+    backbone = config["model"]["backbone"]["init_args"]
+    assert backbone["model"] == "google/gemma-4-31B-it"  # from the recipe
+    assert (backbone["quantization"], backbone["bnb_quant_storage"]) == ("nf4", "float32")  # from the variant
+    assert config["model"]["policy"]["init_args"]["r"] == 16 and config["trainer"]["devices"] == 8
+    actions = [c["init_args"].get("action") for c in config["trainer"]["callbacks"] if "init_args" in c]
+    assert "rollback" not in actions and "lower_peak" in actions
+    check_recipe(config)
+    own_callbacks = read_recipe(str(recipe))["trainer"]["callbacks"]  # rollback: not under FSDP
+    with pytest.raises(StrategyError, match="rollback"):
+        check_recipe({**config, "trainer": {**config["trainer"], "callbacks": own_callbacks}})

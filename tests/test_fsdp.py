@@ -92,15 +92,11 @@ def build_model(folder: str, four_bit: str | None = None):
     from ecglm.peft import LoRA
     from ecglm.testing.tiny import tiny_encoder
 
-    class StoredAs(HFBackbone):
-        def quantization_config(self):
-            config = super().quantization_config()
-            config.bnb_4bit_quant_storage = getattr(torch, four_bit)
-            return config
-
     torch.manual_seed(0)
     if four_bit:
-        backbone = StoredAs(folder, quantization="nf4", dtype="float32", bnb_compute_dtype="float32")
+        storage = None if four_bit == "uint8" else four_bit  # None: bitsandbytes' default, uint8
+        four = {"quantization": "nf4", "bnb_compute_dtype": "float32", "bnb_quant_storage": storage}
+        backbone = HFBackbone(folder, dtype="float32", **four)
     else:
         backbone = HFBackbone(folder)
     policy = LoRA(r=4, dropout=0.0, kbit=four_bit is not None)
@@ -108,11 +104,9 @@ def build_model(folder: str, four_bit: str | None = None):
 
 
 def as_batch(ecg: torch.Tensor, **tokens: torch.Tensor):
-    """The model's batch type (``ecglm.batch.ECGQABatch``; a dict before that module existed)."""
-    try:
-        from ecglm.batch import ECGQABatch
-    except ImportError:
-        return {"ecg": ecg, **tokens}
+    """The model's batch type, :class:`ecglm.batch.ECGQABatch`."""
+    from ecglm.batch import ECGQABatch
+
     rows = tokens["input_ids"].shape[0]
     return ECGQABatch(
         **tokens,

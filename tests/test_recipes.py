@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,68 @@ def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved
     batch = QACollator(prompt, model.num_ecg_tokens)(items)
     model(batch).loss.backward()
     assert all(model.get_parameter(n).grad is not None for n in trainable)
+
+
+OVERLAYS = sorted((REPO / "recipes").glob("*/multi-gpu/*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[str(r.relative_to(REPO / "recipes")) for r in OVERLAYS])
+def test_multi_gpu_variant_merges_over_its_recipe_and_passes_the_start_checks(
+    overlay: Path, saved, tmp_path, monkeypatch
+):
+    """Each multi-GPU variant names, in its first line, the command that merges it over its single-GPU
+    recipe; merged, it keeps the recipe's effective batch, builds the recipe's model with the tiny
+    stand-in, and builds its strategy (FSDP: to the point where Lightning refuses a CPU; DDP: the
+    Trainer). Breaking what the variant fixes for its strategy is refused before the LLM loads."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from ecglm.estimate import StrategyError
+
+    monkeypatch.chdir(tmp_path)
+    command = overlay.read_text().splitlines()[0]
+    configs = re.findall(r"--config (\S+)", command)
+    assert command.startswith("# ecglm fit --config") and configs[1] == str(overlay.relative_to(REPO))
+    base_path = REPO / configs[0]
+    base, layer = yaml.safe_load(base_path.read_text()), yaml.safe_load(overlay.read_text())
+    trainer = layer["trainer"]
+    assert trainer["accelerator"] == "gpu" and trainer["devices"] == 8 and trainer["num_nodes"] == 1
+
+    def effective_batch(cfg: dict, fallback: dict) -> int:
+        data = {**fallback["data"]["init_args"], **(cfg.get("data") or {}).get("init_args", {})}
+        t = {**fallback["trainer"], **cfg["trainer"]}
+        return data["batch_size"] * t["accumulate_grad_batches"] * t["devices"] * t.get("num_nodes", 1)
+
+    assert effective_batch(layer, base) == effective_batch(base, base)
+    hub_id = base["model"]["backbone"]["init_args"]["model"]
+    args = [
+        "--config",
+        str(base_path),
+        "--config",
+        str(overlay),
+        f"--model.backbone.init_args.model={saved(stand_in(hub_id))}",
+        "--model.backbone.init_args.bnb_compute_dtype=float32",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        *TINY_ENCODER,
+    ]
+    strategy = trainer["strategy"]
+    if strategy == "ddp":
+        cli = run_cli([*args, "--model.backbone.init_args.dtype=float32"], run=False)
+        assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 8
+        assert cli.model.policy.gradient_checkpointing
+        checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+        assert checkpoint.dirpath.endswith(trainer["default_root_dir"] + "/checkpoints")
+        return
+    assert strategy["class_path"].endswith("FSDPStrategy")
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):  # Lightning's own check, on CPU
+        run_cli(args, run=False)
+    quantized = layer["model"]["backbone"]["init_args"].get("quantization")
+    broken = (
+        ["--model.backbone.init_args.bnb_quant_storage=null"]  # uint8 4-bit weights
+        if quantized
+        else ["--model.backbone.init_args.dtype=bfloat16", "--trainer.precision=bf16-mixed"]
+    )
+    with pytest.raises(StrategyError, match="FSDP"):
+        run_cli([*args, *broken], run=False)

@@ -57,15 +57,19 @@ class StrategyError(ValueError):
 # --- reading a recipe --------------------------------------------------------------------------------
 
 
-def read_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def read_recipe(path: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The recipe as a dict, entry-point names resolved, ``--a.b.c=value`` overrides applied.
 
-    Overrides take YAML values (``--trainer.devices=8``, ``--model.policy.init_args.r=32``) and
-    ``--key value`` as well as ``--key=value``.
+    Several paths merge in order, as several ``--config`` do for ``ecglm fit`` (a recipe, then a
+    multi-GPU variant): mappings key by key, anything else replaced. Overrides take YAML values
+    (``--trainer.devices=8``, ``--model.policy.init_args.r=32``) and ``--key value`` as well as
+    ``--key=value``.
     """
     from ecglm.plugins import discover, resolve_class_paths
 
-    config = yaml.safe_load(Path(path).read_text()) or {}
+    config: dict[str, Any] = {}
+    for one in [path] if isinstance(path, str | Path) else path:
+        config = merged(config, yaml.safe_load(Path(one).read_text()) or {})
     args = list(overrides)
     while args:
         flag = args.pop(0)
@@ -78,6 +82,17 @@ def read_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
             value = args.pop(0)
         set_dotted(config, key, yaml.safe_load(value))
     return resolve_class_paths(config, discover())
+
+
+def merged(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``layer`` over ``base``: nested mappings merged, other values (lists too) replaced."""
+    out = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
@@ -855,7 +870,9 @@ def estimate_parser() -> argparse.ArgumentParser:
         description="Parameters and per-device peak GPU memory of a recipe, without loading weights. "
         "Any --section.key=value changes the recipe (e.g. --trainer.devices=8).",
     )
-    parser.add_argument("--config", required=True, help="the recipe (YAML)")
+    parser.add_argument(
+        "--config", required=True, action="append", help="the recipe (YAML); again: a variant merged over it"
+    )
     parser.add_argument("--seq_len", type=int, help="tokens per row (default: the recipe's max_length)")
     parser.add_argument("--answer_tokens", type=int, default=DEFAULT_ANSWER_TOKENS, help="answer span length")
     parser.add_argument(
@@ -891,7 +908,7 @@ def run_estimate(args: list[str]) -> dict[str, Any]:
     )
     check_recipe(config)
     report = estimate(build_meta_parts(config.get("model") or {}), settings)
-    report["recipe"] = str(options.config)
+    report["recipe"] = " + ".join(options.config)
     print(format_report(report))
     if options.json:
         Path(options.json).write_text(json.dumps(report, indent=2))
