@@ -254,8 +254,16 @@ def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path
         for s in (0, 1)
     ]
     assert keys[0] != keys[1]
-    assert set(summary["conditions"]) == {"ecg", "zeroed_ecg", "text_only"}
-    assert set(summary["gaps"]) == {"ecg_minus_zeroed_ecg", "ecg_minus_text_only"}
+    assert set(summary["conditions"]) == {"ecg", "shuffled_ecg", "zeroed_ecg", "text_only"}
+    assert set(summary["gaps"]) == {"ecg_minus_shuffled_ecg", "ecg_minus_zeroed_ecg", "ecg_minus_text_only"}
+    # Every question of the shuffled control was answered with another record's ECG.
+    shuffled = [
+        json.loads(line)
+        for line in (out / "predictions_seed0.jsonl").read_text().splitlines()
+        if json.loads(line)["condition"] == "shuffled_ecg"
+    ]
+    assert shuffled and all(r["donor"] not in (None, r["key"].rsplit("_qa", 1)[0]) for r in shuffled)
+    assert set(report["meta"]["intervals"]["gaps"]) == set(summary["gaps"])
     text = (out / "report.md").read_text()
     assert (
         "| ecgqa-ptbxl |" in text and "Binary abnormality detection" in text and "Label-set answers" in text

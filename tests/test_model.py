@@ -221,6 +221,23 @@ def test_batched_generation_matches_one_by_one(model):
     assert (batch.attention_mask.sum(1) - batch.text_only.attention_mask.sum(1)).tolist() == [K] * 3
 
 
+def test_the_shuffled_condition_answers_from_other_records_ecgs(model):
+    from dataclasses import replace
+
+    from ecglm.data.controls import ECGDonors
+
+    with pytest.raises(ValueError, match="donors=ECGDonors"):
+        plain = QACollator(bound_prompt(model.backbone), K, for_generation=True)
+        model.model.generate(plain(items(3)), condition="shuffled_ecg")
+    collate = QACollator(bound_prompt(model.backbone), K, for_generation=True, donors=ECGDonors(seed=0))
+    batch = collate(items(3))
+    assert batch.donor is not None
+    assert all(d not in (None, k) for d, k in zip(batch.donor, batch.key, strict=True))
+    assert not torch.equal(batch.shuffled_ecg, batch.ecg)
+    shuffled = model.model.generate(batch, condition="shuffled_ecg", max_new_tokens=5)
+    assert shuffled == model.model.generate(replace(batch, ecg=batch.shuffled_ecg), max_new_tokens=5)
+
+
 def test_generation_depends_on_the_ecg(model):
     collate = QACollator(bound_prompt(model.backbone), K, for_generation=True)
     batch = collate(items(2))

@@ -108,10 +108,14 @@ def test_quickstart_trains_checkpoints_resumes_and_reports(tmp_path, monkeypatch
     )
     out = tmp_path / "runs/quickstart/evaluation"
     report = json.loads((out / "report.json").read_text())
-    assert set(report["summary"]["conditions"]) == {"ecg", "zeroed_ecg", "text_only"}
+    assert set(report["summary"]["conditions"]) == {"ecg", "shuffled_ecg", "zeroed_ecg", "text_only"}
     assert report["summary"] == json.loads(json.dumps(summary))
     predictions = (out / "predictions_seed0.jsonl").read_text().splitlines()
-    assert len(predictions) == 2 * 2 * 3  # 2 ECGs x 2 questions x 3 conditions
+    assert len(predictions) == 2 * 2 * 4  # 2 ECGs x 2 questions x 4 conditions
+    # Two records: each question's shuffled ECG is the other record's.
+    answers = [json.loads(line) for line in predictions]
+    donors = {(r["key"], r["donor"]) for r in answers if r["condition"] == "shuffled_ecg"}
+    assert len(donors) == 4 and all(d and not key.startswith(d + "_qa") for key, d in donors)
     ecg = report["summary"]["conditions"]["ecg"]["datasets"]["synthetic-heart-qa"]
     assert set(ecg) == {"n", "acc", "f1", "bleu4", "rouge_l", "meteor", "bertscore_f1"}
     # Every pair evaluated and greedy decoding: both seeds give the same answers.

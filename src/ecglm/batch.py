@@ -69,6 +69,10 @@ class ECGQABatch(TokenFields):
         prompt: On validation batches, the same rows as generation prompts (no answer), for metrics on
             generated answers.
         text_only: On generation batches, the same prompts with no ECG positions (the text-only ablation).
+        shuffled_ecg: On generation batches, each row's ECG(s) replaced by other records' of its
+            dataset (:class:`ecglm.data.controls.ECGDonors`), laid out as ``ecg``: the shuffled
+            control.
+        donor: Per row, the record(s) ``shuffled_ecg`` holds (``None``: the row kept its own ECG).
     """
 
     ecg: Tensor
@@ -79,6 +83,8 @@ class ECGQABatch(TokenFields):
     answer: list[str | list[str]]
     prompt: TokenFields | None = None
     text_only: TokenFields | None = None
+    shuffled_ecg: Tensor | None = None
+    donor: list[str | None] | None = None
 
 
 def pack(batch: ECGQABatch, max_tokens: int | None = None, pad_token_id: int = 0) -> ECGQABatch:

@@ -4,7 +4,7 @@
 ``ecglm shard --config shards/quickstart.yaml`` builds WebDataset shards with any shard builder.
 
 ``ecglm evaluate --config recipe.yaml --ckpt_path PATH`` runs the evaluation protocol
-(:class:`ecglm.evaluation.EvaluationProtocol`): several seeds, the no-signal ablations, a report.
+(:class:`ecglm.evaluation.EvaluationProtocol`): several seeds, the controls, intervals, a report.
 Its settings are the recipe's ``evaluate:`` section (every subcommand accepts and ignores it).
 
 Plugins are discovered before the parser is built, so a recipe may name a component by its

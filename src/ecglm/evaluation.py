@@ -1,13 +1,18 @@
 """Evaluation of generated answers: metrics per condition, the multi-seed protocol, and its report.
 
-Every evaluation runs the model three ways on the same questions (the *conditions*):
+Every evaluation runs the model four ways on the same questions (the *conditions*):
 
 - ``ecg``: the real signal;
-- ``zeroed_ecg``: the ECG tokens computed from an all-zero signal (the prompt is unchanged);
+- ``shuffled_ecg``: each question with the ECG of another record of its dataset (in distribution,
+  wrong content; :class:`ecglm.data.controls.ECGDonors`): the control that matters most;
+- ``zeroed_ecg``: the ECG tokens computed from an all-zero signal (the prompt is unchanged; out of
+  distribution, so a model can fail it by format rather than by content);
 - ``text_only``: the prompt with no ECG positions at all.
 
-The gap between ``ecg`` and the two no-signal conditions is the evidence that a model reads the
-signal rather than answering from language priors, so no report shows one without the others.
+The gap between ``ecg`` and the controls is the evidence that a model reads the signal rather than
+answering from language priors, so no report shows one without the others. Beside the mean ± std
+over seeds, the report gives 95% bootstrap intervals that resample records (questions about one ECG
+are not independent) and a paired sign-flip test of each gap (:mod:`ecglm.uncertainty`).
 
 :class:`AnswerEvaluation` holds the metric states (torchmetrics, synced across DDP ranks) and the
 per-answer records; :class:`EvaluationProtocol` runs it over several seeds (``ecglm evaluate``) and
@@ -45,6 +50,7 @@ from ecglm.metrics import (
     plot_confusion,
 )
 from ecglm.model import CONDITIONS, Decoding  # noqa: F401  (Decoding: recipes name it here too)
+from ecglm.uncertainty import bootstrap_mean, paired_gap, record_of
 
 #: Test QA pairs per dataset of the paper's protocol (other datasets: every pair).
 DEFAULT_SAMPLES_PER_DATASET = {
@@ -61,6 +67,8 @@ METRIC_TITLES = {
     "bertscore_f1": "BERTScore-F1",
 }
 ABNORMALITY_METRICS = ("sensitivity", "specificity", "precision", "f1")
+#: The conditions every gap is taken against, the in-distribution control first.
+CONTROLS = ("shuffled_ecg", "zeroed_ecg", "text_only")
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,11 @@ class AnswerEvaluation(nn.Module):
                         "reference": references[i],
                         "prediction": prediction,
                         "correct": answer_items(prediction) == answer_items(references[i]),
+                        **(
+                            {"donor": batch.donor[i]}
+                            if condition == "shuffled_ecg" and getattr(batch, "donor", None) is not None
+                            else {}
+                        ),
                     }
                 )
 
@@ -290,7 +303,7 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     if isinstance(v, float)
                 }
         summary["conditions"][c] = out
-    for ablation in ("zeroed_ecg", "text_only"):
+    for ablation in CONTROLS:
         if ablation not in conditions:
             continue
         gaps: dict[str, Any] = {}
@@ -308,6 +321,57 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
             }
         summary["gaps"][f"ecg_minus_{ablation}"] = gaps
     return summary
+
+
+def intervals(per_seed: Sequence[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
+    """Exact-match accuracy with bootstrap intervals, and each gap ``ecg - control`` with its paired
+    test, per dataset and per question type, from the per-answer records of every seed.
+
+    The questions are the distinct ones answered in any seed (a question drawn in two seeds gets the
+    same greedy answer and counts once), so the intervals are over the evaluated questions, not over
+    seeds. Records (the ECG a question asks about) are resampled whole: questions about one ECG are
+    not independent. The gap's p-value flips the sign of each record's summed difference.
+    """
+    answers: dict[tuple[str, str], dict[str, Any]] = {}
+    for result in per_seed:
+        for r in result.get("records", []):
+            answers.setdefault((r["condition"], r["dataset"], r["key"]), r)
+    if not answers:
+        return {}
+    ecg = {(d, key): r for (condition, d, key), r in answers.items() if condition == "ecg"}
+    conditions = list(dict.fromkeys(condition for condition, _, _ in answers))
+    groups = {"dataset": sorted({r["dataset"] for r in ecg.values()})}
+    types = sorted({r["question_type"] for r in ecg.values()})
+    if len(types) > 1:
+        groups["question_type"] = types
+    out: dict[str, Any] = {"confidence": confidence, "questions": len(ecg), "accuracy": {}, "gaps": {}}
+    for kind, names in groups.items():
+        for name in names:
+            keys = sorted(k for k, r in ecg.items() if r[kind] == name)
+            records = [f"{d}/{record_of(k)}" for d, k in keys]  # record ids are per dataset
+            row = out["accuracy"].setdefault(f"{kind}: {name}", {})
+            correct = {
+                c: [float(answers[(c, *k)]["correct"]) for k in keys if (c, *k) in answers]
+                for c in conditions
+            }
+            for c in conditions:
+                if len(correct[c]) == len(keys):
+                    row[c] = bootstrap_mean(correct[c], records, confidence).as_dict()
+            for control in (c for c in CONTROLS if c in conditions and len(correct[c]) == len(keys)):
+                gap = paired_gap(correct["ecg"], correct[control], records, confidence)
+                out["gaps"].setdefault(f"ecg_minus_{control}", {})[f"{kind}: {name}"] = gap.as_dict()
+    donors = [r.get("donor", "") for (c, _, _), r in answers.items() if c == "shuffled_ecg"]
+    if donors:
+        out["shuffled_kept_own_ecg"] = sum(d is None for d in donors)
+    return out
+
+
+def _interval(stat: dict[str, float] | None) -> str:
+    if not stat:
+        return "-"
+    if math.isnan(stat["low"]):
+        return f"{100 * stat['estimate']:.1f} (one record)"
+    return f"{100 * stat['estimate']:.1f} [{100 * stat['low']:.1f}, {100 * stat['high']:.1f}]"
 
 
 def _pct(stat: dict[str, float] | None, scale: float = 100.0) -> str:
@@ -375,6 +439,44 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         for name, values in datasets.items():
             lines.append(f"| {name} | " + " | ".join(_pct(values.get(m)) for m in metrics) + " |")
         lines.append("")
+    bands = meta.get("intervals")
+    if bands:
+        pct = round(100 * bands["confidence"])
+        lines += [
+            f"## ACC with {pct}% intervals",
+            "",
+            f"Over the {bands['questions']} distinct questions of all seeds (each answered once per "
+            "condition); the interval is a percentile bootstrap that resamples records (an ECG with all "
+            "its questions), not seeds. Gaps are paired (the same questions); p: two-sided sign-flip "
+            "test over records.",
+            "",
+        ]
+        conditions = list(next(iter(bands["accuracy"].values())))
+        lines.append("| Group | " + " | ".join(f"`{c}`" for c in conditions) + " |")
+        lines.append("|---|" + "---:|" * len(conditions))
+        for group, row in bands["accuracy"].items():
+            lines.append(f"| {group} | " + " | ".join(_interval(row.get(c)) for c in conditions) + " |")
+        lines.append("")
+        gaps = bands["gaps"]
+        if gaps:
+            names = list(gaps)
+            lines.append(
+                "| Group | " + " | ".join(f"`{g.replace('_minus_', ' - ')}` (p)" for g in names) + " |"
+            )
+            lines.append("|---|" + "---:|" * len(names))
+            for group in bands["accuracy"]:
+                cells = []
+                for g in names:
+                    gap = gaps[g].get(group)
+                    cells.append(f"{_interval(gap)} (p={gap['p_value']:.3g})" if gap else "-")
+                lines.append(f"| {group} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if bands.get("shuffled_kept_own_ecg"):
+            lines += [
+                f"`shuffled_ecg`: {bands['shuffled_kept_own_ecg']} question(s) kept their own ECG (no other "
+                "record had been streamed yet).",
+                "",
+            ]
     failures = meta.get("failure_modes")
     if failures:
         lines += ["## Failure modes (condition `ecg`, first seed)", ""]
@@ -486,6 +588,7 @@ class EvaluationProtocol:
             "expected_samples": expected,
             "decoding": decoding,
             "failure_modes": first_ecg.get("failure_modes"),
+            "intervals": intervals(per_seed),
         }
         files = []
         for seed, result in zip(self.seeds, per_seed, strict=True):

@@ -24,7 +24,7 @@ from ecglm.peft import PEFTPolicy, ProjectionOnly, frozen_part_mode
 from ecglm.prompts import PromptStyle
 
 #: What the ECG positions of a prompt hold when answers are generated (see :meth:`ECGLM.generate`).
-CONDITIONS = ("ecg", "zeroed_ecg", "text_only")
+CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only")
 PARTS = ("encoder", "connector", "backbone")
 
 
@@ -146,7 +146,8 @@ class ECGLM(nn.Module):
     ) -> list[str]:
         """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
 
-        ``condition`` is ``ecg``, ``zeroed_ecg`` (ECG tokens of an all-zero signal) or ``text_only``
+        ``condition`` is ``ecg``, ``shuffled_ecg`` (each question with other records' ECGs, the
+        batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG tokens of an all-zero signal) or ``text_only``
         (the batch's ``text_only`` prompts, which have no ECG positions). ``prompt`` replaces the
         batch's token fields (validation generates from the prompt part of a training batch).
         Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
@@ -161,10 +162,15 @@ class ECGLM(nn.Module):
                 )
             device = fields.input_ids.device
             ecg_tokens = torch.zeros((fields.rows, 0, self.backbone.hidden_size), device=device)
-        elif condition in ("ecg", "zeroed_ecg"):
+        elif condition in ("ecg", "zeroed_ecg", "shuffled_ecg"):
             fields = prompt or batch
-            ecg = torch.zeros_like(batch.ecg) if condition == "zeroed_ecg" else batch.ecg
-            ecg_tokens = self.ecg_tokens(ecg)
+            ecg = batch.shuffled_ecg if condition == "shuffled_ecg" else batch.ecg
+            if ecg is None:
+                raise ValueError(
+                    "a shuffled_ecg condition needs generation batches with other records' ECGs "
+                    "(QACollator(..., for_generation=True, donors=ECGDonors()))"
+                )
+            ecg_tokens = self.ecg_tokens(torch.zeros_like(ecg) if condition == "zeroed_ecg" else ecg)
         else:
             raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
         kwargs = {**(decoding or Decoding()).generation_kwargs(), **generation_kwargs}

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
 from ecglm.batch import ECGQABatch, TokenFields, pack
+from ecglm.data.controls import ECGDonors
 from ecglm.data.shards import read_manifest, split_shards
 from ecglm.data.splits import SPLITS, hash_uniform
 from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa re-exported for users
@@ -159,7 +160,8 @@ class QACollator:
     ``system_prompts`` maps a dataset name to the system prompt of its items (few-shot prompts with
     that dataset's demonstrations); other items get the prompt style's own. ``packed`` lays each
     training batch out without padding, in one row or in rows of at most ``pack_tokens``
-    (:func:`ecglm.batch.pack`).
+    (:func:`ecglm.batch.pack`). ``donors`` adds other records' ECGs to generation batches
+    (``batch.shuffled_ecg``, the shuffled-ECG control).
     """
 
     def __init__(
@@ -171,8 +173,10 @@ class QACollator:
         system_prompts: dict[str, str] | None = None,
         packed: bool = False,
         pack_tokens: int | None = None,
+        donors: ECGDonors | None = None,
     ):
         self.formatter = formatter
+        self.donors = donors
         self.num_ecg_tokens = num_ecg_tokens
         self.for_generation = for_generation
         self.with_prompts = with_prompts
@@ -232,6 +236,9 @@ class QACollator:
             if self.with_prompts and not self.for_generation
             else None,
         )
+        if self.donors is not None and self.for_generation:
+            shuffled, batch.donor = self.donors(items)
+            batch.shuffled_ecg = torch.from_numpy(shuffled)
         if not self.packed:
             return batch
         return pack(batch, self.pack_tokens, pad_token_id=self.formatter.pad_token_id)
@@ -568,6 +575,8 @@ class ECGQADataModule(L.LightningDataModule):
             system_prompts=self._loader_system_prompts(split),
             packed=self.packed and train,
             pack_tokens=self.pack_tokens,
+            # The shuffled-ECG control, drawn reproducibly per evaluation seed.
+            donors=ECGDonors(seed=subset[1] if subset else self.seed) if for_generation else None,
         )
         if train:
             self._train_plan = plan
