@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -201,8 +202,11 @@ def test_entry_point_names_resolve_to_import_paths():
 def test_every_recipe_parses(recipe, capsys):
     first_line = recipe.read_text().splitlines()[0]
     assert first_line.startswith("# ecglm "), f"{recipe}: the first line must be the command that runs it"
+    # The command as written: a multi-GPU variant names its recipe first, then itself.
+    configs = re.findall(r"--config (\S+)", first_line.split("&&")[0])
+    assert configs[-1] == str(recipe.relative_to(REPO)), f"{recipe}: its first line does not run it"
     with pytest.raises(SystemExit) as exit_:
-        run_cli(["fit", "--config", str(recipe), "--print_config"])
+        run_cli(["fit", *(a for c in configs for a in ("--config", str(REPO / c))), "--print_config"])
     assert exit_.value.code == 0, capsys.readouterr().err
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["backbone"]["class_path"].count(".") >= 1  # entry-point names were resolved
