@@ -132,3 +132,24 @@ def test_a_model_that_ignores_the_signal_has_a_shuffled_gap_interval_including_z
 def test_questions_drawn_in_several_seeds_count_once():
     result = _evaluate(answer_from_signal=True, records=10)
     assert intervals([result, result])["questions"] == intervals([result])["questions"] == 30
+
+
+def test_matched_noise_has_each_leads_scale_and_none_of_its_content():
+    from ecglm.evaluation import DEFAULT_CONDITIONS, MetricsConfig
+    from ecglm.model import matched_noise
+
+    t = torch.linspace(0, 10, 2500)
+    ecg = torch.stack([torch.stack([3 * torch.sin(2 * torch.pi * t) + lead for lead in range(12)])] * 2)
+    ecg = ecg.half()  # as stored
+    noise = matched_noise(ecg, ["r1_qa0", "r2_qa0"])
+    assert noise.shape == ecg.shape and noise.dtype == torch.float16
+    torch.testing.assert_close(noise.float().mean(-1), ecg.float().mean(-1), atol=0.2, rtol=0)
+    torch.testing.assert_close(noise.float().std(-1), ecg.float().std(-1), atol=0.2, rtol=0.05)
+    # No heartbeat: the noise does not correlate with the signal.
+    centred = (noise.float() - noise.float().mean(-1, keepdim=True))[0, 0]
+    signal = (ecg.float() - ecg.float().mean(-1, keepdim=True))[0, 0]
+    assert abs(float(torch.corrcoef(torch.stack([centred, signal]))[0, 1])) < 0.1
+    assert torch.equal(noise, matched_noise(ecg, ["r1_qa0", "r2_qa0"]))  # the same questions, the same noise
+    assert not torch.equal(noise, matched_noise(ecg, ["r1_qa1", "r2_qa0"]))
+    assert "noise_ecg" not in DEFAULT_CONDITIONS and MetricsConfig().conditions == DEFAULT_CONDITIONS
+    assert MetricsConfig(conditions=("noise_ecg",)).conditions == ("ecg", "noise_ecg")

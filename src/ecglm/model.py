@@ -10,6 +10,7 @@ Component layer: imports torch and ecglm's components only.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,9 @@ from ecglm.peft import PEFTPolicy, ProjectionOnly, frozen_part_mode
 from ecglm.prompts import PromptStyle
 
 #: What the ECG positions of a prompt hold when answers are generated (see :meth:`ECGLM.generate`).
-CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only")
+CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only", "noise_ecg")
+#: The conditions every evaluation runs unless told otherwise (``noise_ecg`` is optional).
+DEFAULT_CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only")
 PARTS = ("encoder", "connector", "backbone")
 
 
@@ -38,6 +41,20 @@ def state_dict_name(name: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+def matched_noise(ecg: Tensor, keys: list[str]) -> Tensor:
+    """Gaussian noise with each ECG lead's own mean and std: the signal's scale, none of its content.
+
+    For ECGs normalised per lead (z-score) that is standard normal noise, the encoder's input
+    distribution without a heartbeat in it. Seeded by the QA keys, so a question gets the same noise
+    in every run and on every device.
+    """
+    values = ecg.float()
+    mean, std = values.mean(-1, keepdim=True), values.std(-1, keepdim=True)
+    generator = torch.Generator().manual_seed(zlib.crc32("|".join(keys).encode()))
+    noise = torch.randn(values.shape, generator=generator).to(ecg.device)
+    return (mean + std * noise).to(ecg.dtype)
 
 
 @dataclass(frozen=True)
@@ -147,8 +164,9 @@ class ECGLM(nn.Module):
         """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
 
         ``condition`` is ``ecg``, ``shuffled_ecg`` (each question with other records' ECGs, the
-        batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG tokens of an all-zero signal) or ``text_only``
-        (the batch's ``text_only`` prompts, which have no ECG positions). ``prompt`` replaces the
+        batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG tokens of an all-zero signal), ``noise_ecg``
+        (Gaussian noise with each lead's mean and std, :func:`matched_noise`) or ``text_only`` (the
+        batch's ``text_only`` prompts, which have no ECG positions). ``prompt`` replaces the
         batch's token fields (validation generates from the prompt part of a training batch).
         Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
         """
@@ -162,7 +180,7 @@ class ECGLM(nn.Module):
                 )
             device = fields.input_ids.device
             ecg_tokens = torch.zeros((fields.rows, 0, self.backbone.hidden_size), device=device)
-        elif condition in ("ecg", "zeroed_ecg", "shuffled_ecg"):
+        elif condition in ("ecg", "zeroed_ecg", "shuffled_ecg", "noise_ecg"):
             fields = prompt or batch
             ecg = batch.shuffled_ecg if condition == "shuffled_ecg" else batch.ecg
             if ecg is None:
@@ -170,7 +188,11 @@ class ECGLM(nn.Module):
                     "a shuffled_ecg condition needs generation batches with other records' ECGs "
                     "(QACollator(..., for_generation=True, donors=ECGDonors()))"
                 )
-            ecg_tokens = self.ecg_tokens(torch.zeros_like(ecg) if condition == "zeroed_ecg" else ecg)
+            if condition == "zeroed_ecg":
+                ecg = torch.zeros_like(ecg)
+            elif condition == "noise_ecg":
+                ecg = matched_noise(ecg, batch.key)
+            ecg_tokens = self.ecg_tokens(ecg)
         else:
             raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
         kwargs = {**(decoding or Decoding()).generation_kwargs(), **generation_kwargs}
