@@ -153,3 +153,28 @@ def test_matched_noise_has_each_leads_scale_and_none_of_its_content():
     assert not torch.equal(noise, matched_noise(ecg, ["r1_qa1", "r2_qa0"]))
     assert "noise_ecg" not in DEFAULT_CONDITIONS and MetricsConfig().conditions == DEFAULT_CONDITIONS
     assert MetricsConfig(conditions=("noise_ecg",)).conditions == ("ecg", "noise_ecg")
+
+
+def test_the_random_encoder_keeps_each_tensors_scale_and_nothing_learnt(tiny_encoder_factory):
+    from ecglm.model import randomized_copy
+
+    encoder = tiny_encoder_factory()
+    before = {n: p.clone() for n, p in encoder.state_dict().items()}
+    random = randomized_copy(encoder, seed=0)
+    assert all(
+        torch.equal(before[n], p) for n, p in encoder.state_dict().items()
+    )  # the original is untouched
+    again = randomized_copy(encoder, seed=0)
+    changed = 0
+    for (name, p), q, r in zip(
+        encoder.named_parameters(), random.parameters(), again.parameters(), strict=True
+    ):
+        assert torch.equal(q, r), name  # seeded
+        if p.numel() > 1 and float(p.std()) > 0:
+            changed += 1
+            assert not torch.equal(p, q), name
+            assert abs(float(q.std()) - float(p.std())) < 0.2 * float(p.std()) + 1e-6, name
+    assert changed > 10  # every weight matrix and convolution, weight-normalised ones included
+    ecg = torch.randn(2, 12, 2500)
+    with torch.no_grad():
+        assert not torch.allclose(encoder.eval()(ecg), random.eval()(ecg))

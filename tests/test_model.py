@@ -238,6 +238,9 @@ def test_the_shuffled_condition_answers_from_other_records_ecgs(model):
     assert shuffled == model.model.generate(replace(batch, ecg=batch.shuffled_ecg), max_new_tokens=5)
     noise = model.model.generate(batch, condition="noise_ecg", max_new_tokens=5)
     assert len(noise) == 3 and noise == model.model.generate(batch, condition="noise_ecg", max_new_tokens=5)
+    keys = set(model.state_dict())
+    random = model.model.generate(batch, condition="random_encoder", max_new_tokens=5)
+    assert len(random) == 3 and set(model.state_dict()) == keys  # the baseline never enters checkpoints
 
 
 def test_generation_depends_on_the_ecg(model):

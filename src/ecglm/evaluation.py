@@ -9,7 +9,9 @@ Every evaluation runs the model four ways on the same questions (the *conditions
   distribution, so a model can fail it by format rather than by content);
 - ``text_only``: the prompt with no ECG positions at all;
 - ``noise_ecg`` (optional): Gaussian noise with each lead's mean and std (the encoder's input scale,
-  no heartbeat; :func:`ecglm.model.matched_noise`).
+  no heartbeat; :func:`ecglm.model.matched_noise`);
+- ``random_encoder`` (optional): the real ECG through the encoder with its weights redrawn at
+  random (:func:`ecglm.model.randomized_copy`) and the trained connector.
 
 The gap between ``ecg`` and the controls is the evidence that a model reads the signal rather than
 answering from language priors, so no report shows one without the others. Beside the mean ± std
@@ -70,7 +72,7 @@ METRIC_TITLES = {
 }
 ABNORMALITY_METRICS = ("sensitivity", "specificity", "precision", "f1")
 #: The conditions every gap is taken against, the in-distribution control first.
-CONTROLS = ("shuffled_ecg", "noise_ecg", "zeroed_ecg", "text_only")
+CONTROLS = ("shuffled_ecg", "random_encoder", "noise_ecg", "zeroed_ecg", "text_only")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ Component layer: imports torch and ecglm's components only.
 
 from __future__ import annotations
 
+import copy
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,8 @@ from ecglm.peft import PEFTPolicy, ProjectionOnly, frozen_part_mode
 from ecglm.prompts import PromptStyle
 
 #: What the ECG positions of a prompt hold when answers are generated (see :meth:`ECGLM.generate`).
-CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only", "noise_ecg")
-#: The conditions every evaluation runs unless told otherwise (``noise_ecg`` is optional).
+CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only", "noise_ecg", "random_encoder")
+#: The conditions every evaluation runs unless told otherwise (``noise_ecg``, ``random_encoder``: optional).
 DEFAULT_CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only")
 PARTS = ("encoder", "connector", "backbone")
 
@@ -55,6 +56,27 @@ def matched_noise(ecg: Tensor, keys: list[str]) -> Tensor:
     generator = torch.Generator().manual_seed(zlib.crc32("|".join(keys).encode()))
     noise = torch.randn(values.shape, generator=generator).to(ecg.device)
     return (mean + std * noise).to(ecg.dtype)
+
+
+def randomized_copy(module: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``module`` whose every weight tensor is redrawn from a Gaussian with that tensor's own
+    mean and std: the scale of each layer kept, whatever was learnt (or pretrained) gone.
+
+    Written here rather than calling each layer's ``reset_parameters``: that is not defined for every
+    layer a plugin encoder may hold, and on weight-normalised convolutions it writes into a computed
+    tensor and leaves the weights as they were. Tensors with a single value (and norm scales of all
+    ones) keep their value. Seeded, so every process and run builds the same baseline.
+    """
+    copy_ = copy.deepcopy(module)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in copy_.parameters():
+            if not param.is_floating_point() or param.numel() < 2:
+                continue
+            values = param.float()
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_((values.mean() + values.std() * noise.to(param.device)).to(param.dtype))
+    return copy_
 
 
 @dataclass(frozen=True)
@@ -130,8 +152,20 @@ class ECGLM(nn.Module):
         """``(batch, leads, samples)`` -> ``(batch, num_ecg_tokens, hidden_size)``."""
         # Loaders ship ECGs as stored (float16: half the bytes through worker pipes and to the device,
         # no conversion in the workers); the encoder reads them in its own precision.
-        dtype = next((t.dtype for t in self.encoder.parameters() if t.is_floating_point()), torch.float32)
-        return self.connector(self.encoder(ecg.to(dtype)))
+        return self.connector(self.encoder(ecg.to(self._encoder_dtype())))
+
+    def _encoder_dtype(self) -> torch.dtype:
+        return next((t.dtype for t in self.encoder.parameters() if t.is_floating_point()), torch.float32)
+
+    def random_encoder(self) -> nn.Module:
+        """The encoder with its learnt weights replaced by noise (:func:`randomized_copy`, seed 0),
+        built once and kept out of the state dict: the random-encoder baseline of evaluation."""
+        built = getattr(self, "_random_encoder", None)
+        device = next(self.encoder.parameters()).device
+        if built is None or next(built.parameters()).device != device:
+            # object.__setattr__: not a submodule, so not in checkpoints, optimizers or .parameters().
+            object.__setattr__(self, "_random_encoder", randomized_copy(self.encoder).eval())
+        return self._random_encoder
 
     def forward(self, batch: ECGQABatch, zero_ecg: bool = False) -> Any:
         """The backbone's output for a collated batch: ``loss`` over the answer spans when the batch
@@ -165,8 +199,10 @@ class ECGLM(nn.Module):
 
         ``condition`` is ``ecg``, ``shuffled_ecg`` (each question with other records' ECGs, the
         batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG tokens of an all-zero signal), ``noise_ecg``
-        (Gaussian noise with each lead's mean and std, :func:`matched_noise`) or ``text_only`` (the
-        batch's ``text_only`` prompts, which have no ECG positions). ``prompt`` replaces the
+        (Gaussian noise with each lead's mean and std, :func:`matched_noise`), ``random_encoder``
+        (the real ECG through the encoder with random weights, :meth:`random_encoder`, and the
+        trained connector) or ``text_only`` (the batch's ``text_only`` prompts, which have no ECG
+        positions). ``prompt`` replaces the
         batch's token fields (validation generates from the prompt part of a training batch).
         Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
         """
@@ -193,6 +229,9 @@ class ECGLM(nn.Module):
             elif condition == "noise_ecg":
                 ecg = matched_noise(ecg, batch.key)
             ecg_tokens = self.ecg_tokens(ecg)
+        elif condition == "random_encoder":
+            fields = prompt or batch
+            ecg_tokens = self.connector(self.random_encoder()(batch.ecg.to(self._encoder_dtype())))
         else:
             raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
         kwargs = {**(decoding or Decoding()).generation_kwargs(), **generation_kwargs}
