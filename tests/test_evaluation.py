@@ -254,6 +254,9 @@ def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path
         for s in (0, 1)
     ]
     assert keys[0] != keys[1]
+    subsets = json.loads((out / "eval_subset.json").read_text())  # the IDs another lab can re-draw
+    assert {k for keys_ in subsets["1"].values() for k in keys_} == keys[1]
+    assert len(subsets["0"]["pulse-ecg-instruct"]) == 20
     assert set(summary["conditions"]) == {"ecg", "shuffled_ecg", "zeroed_ecg", "text_only"}
     assert set(summary["gaps"]) == {"ecg_minus_shuffled_ecg", "ecg_minus_zeroed_ecg", "ecg_minus_text_only"}
     # Every question of the shuffled control was answered with another record's ECG.

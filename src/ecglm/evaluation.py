@@ -599,6 +599,15 @@ class EvaluationProtocol:
         for seed, result in zip(self.seeds, per_seed, strict=True):
             lines = "".join(json.dumps(r) + "\n" for r in result["records"])
             files.append(atomic_write_bytes(out_dir / f"predictions_seed{seed}.jsonl", lines.encode()))
+        # The questions each seed evaluated, by dataset: what another lab needs to score the same subset.
+        subsets = {
+            str(seed): {
+                dataset: sorted({r["key"] for r in result["records"] if r["dataset"] == dataset})
+                for dataset in sorted({r["dataset"] for r in result["records"]})
+            }
+            for seed, result in zip(self.seeds, per_seed, strict=True)
+        }
+        files.append(atomic_write_bytes(out_dir / "eval_subset.json", json.dumps(subsets, indent=1).encode()))
         report = {
             "meta": meta,
             "summary": summary,
