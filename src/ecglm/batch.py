@@ -73,6 +73,7 @@ class ECGQABatch(TokenFields):
             dataset (:class:`ecglm.data.controls.ECGDonors`), laid out as ``ecg``: the shuffled
             control.
         donor: Per row, the record(s) ``shuffled_ecg`` holds (``None``: the row kept its own ECG).
+        question: Per row, the question as written (generation batches; for judges and reports).
     """
 
     ecg: Tensor
@@ -85,6 +86,7 @@ class ECGQABatch(TokenFields):
     text_only: TokenFields | None = None
     shuffled_ecg: Tensor | None = None
     donor: list[str | None] | None = None
+    question: list[str] | None = None
 
 
 def pack(batch: ECGQABatch, max_tokens: int | None = None, pad_token_id: int = 0) -> ECGQABatch:

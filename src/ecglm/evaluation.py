@@ -27,6 +27,7 @@ and plots, all attached to the MLflow run.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import statistics
@@ -41,6 +42,7 @@ from torch import nn
 
 from ecglm.batch import ECGQABatch
 from ecglm.io import atomic_write_bytes, log_artifacts
+from ecglm.judges import Judge, JudgeItem
 from ecglm.metrics import (
     DEFAULT_BERTSCORE_MODEL,
     NORMAL_ANSWERS,
@@ -211,6 +213,7 @@ class AnswerEvaluation(nn.Module):
                         "reference": references[i],
                         "prediction": prediction,
                         "correct": answer_items(prediction) == answer_items(references[i]),
+                        **({"question": batch.question[i]} if getattr(batch, "question", None) else {}),
                         **(
                             {"donor": batch.donor[i]}
                             if condition == "shuffled_ecg" and getattr(batch, "donor", None) is not None
@@ -371,6 +374,65 @@ def intervals(per_seed: Sequence[dict[str, Any]], confidence: float = 0.95) -> d
     return out
 
 
+def build_judge(spec: Judge | dict[str, Any] | None) -> Judge | None:
+    """The protocol's judge from its recipe node (``class_path`` + ``init_args``), or as given."""
+    if spec is None or isinstance(spec, Judge):
+        return spec
+    spec = dict(spec)
+    module, _, name = str(spec["class_path"]).rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Judge)):
+        raise TypeError(f"evaluate.judge.class_path {spec['class_path']} is not an ecglm.judges.Judge")
+    return cls(**dict(spec.get("init_args") or {}))
+
+
+def judge_answers(judge: Judge, per_seed: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict]]:
+    """Judge each distinct answer of the judge's datasets and conditions once; per dataset and condition,
+    the mean score with a bootstrap interval over records, and parse failures (never scored 0); the
+    gap ``ecg - control`` of each control judged, paired on the questions both have a score for."""
+    answers: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for result in per_seed:
+        for r in result.get("records", []):
+            if judge.wants(r["dataset"], r["condition"]):
+                answers.setdefault((r["condition"], r["dataset"], r["key"]), r)
+    keys = sorted(answers)
+    items = [
+        JudgeItem(r.get("question", ""), answer_text(r["reference"]), r["prediction"])
+        for r in (answers[k] for k in keys)
+    ]
+    verdicts = judge.judge(items) if items else []
+    if len(verdicts) != len(items):
+        raise RuntimeError(f"{type(judge).__name__} gave {len(verdicts)} verdicts for {len(items)} answers")
+    scored = {k: v for k, v in zip(keys, verdicts, strict=True)}
+    summary: dict[str, Any] = {
+        "judge": type(judge).__name__,
+        "model": getattr(judge, "model_name", None),
+        "scores": {},
+        "gaps": {},
+    }
+    for condition, dataset in sorted({(c, d) for c, d, _ in keys}):
+        ours = [(k, v) for k, v in scored.items() if k[:2] == (condition, dataset)]
+        valid = [(k, v) for k, v in ours if v.score is not None]
+        entry: dict[str, Any] = {}
+        if valid:
+            records = [f"{dataset}/{record_of(k[2])}" for k, _ in valid]
+            entry = bootstrap_mean([v.score for _, v in valid], records).as_dict()  # n: scored answers
+        entry.update(answers=len(ours), parse_failures=len(ours) - len(valid))
+        summary["scores"].setdefault(dataset, {})[condition] = entry
+        if condition != "ecg":
+            pairs = [
+                (scored[("ecg", dataset, k[2])].score, v.score, f"{dataset}/{record_of(k[2])}")
+                for k, v in valid
+                if ("ecg", dataset, k[2]) in scored and scored[("ecg", dataset, k[2])].score is not None
+            ]
+            if pairs:
+                a, b, records = zip(*pairs, strict=True)
+                gap = paired_gap(a, b, records).as_dict()
+                summary["gaps"].setdefault(f"ecg_minus_{condition}", {})[dataset] = gap
+    rows = [{"condition": c, "dataset": d, "key": k, **scored[(c, d, k)].as_dict()} for c, d, k in keys]
+    return summary, rows
+
+
 def _interval(stat: dict[str, float] | None) -> str:
     if not stat:
         return "-"
@@ -482,6 +544,30 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                 "record had been streamed yet).",
                 "",
             ]
+    judged = meta.get("judge")
+    if judged:
+        lines += [
+            f"## Judge: {judged['judge']} ({judged.get('model') or 'plugin'})",
+            "",
+            "Mean score (fraction of the judge's scale) with a 95% bootstrap interval over records; "
+            "replies the judge's output could not be read from are counted, not scored. **A judge is "
+            "only as valid as its model**: validate it against clinicians' ratings before citing it.",
+            "",
+            "| Dataset | Condition | n | Score | Parse failures |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for dataset, by_condition in judged["scores"].items():
+            for condition, entry in by_condition.items():
+                score = _interval(entry) if "estimate" in entry else "-"
+                counts = f"{entry['answers']} | {score} | {entry['parse_failures']}"
+                lines.append(f"| {dataset} | `{condition}` | {counts} |")
+        for gap_name, by_dataset in judged["gaps"].items():
+            for dataset, gap in by_dataset.items():
+                lines.append(
+                    f"\n`{gap_name.replace('_minus_', ' - ')}` on {dataset}: {_interval(gap)} "
+                    f"(p={gap['p_value']:.3g})"
+                )
+        lines.append("")
     failures = meta.get("failure_modes")
     if failures:
         lines += ["## Failure modes (condition `ecg`, first seed)", ""]
@@ -543,6 +629,9 @@ class EvaluationProtocol:
         samples_per_dataset: QA pairs per dataset (an int for all, or a dict by dataset name; a
             dataset not named is evaluated in full); ``null`` evaluates everything.
         out_dir: Report folder (default ``<trainer.default_root_dir>/evaluation``).
+        judge: A judge (entry-point group ``ecglm.judges``, e.g. ``local``) that scores the generated
+            answers of its datasets and conditions against their references (:mod:`ecglm.judges`);
+            ``None``: no judge.
     """
 
     ckpt_path: str | None = None
@@ -551,6 +640,7 @@ class EvaluationProtocol:
         default_factory=lambda: dict(DEFAULT_SAMPLES_PER_DATASET)
     )
     out_dir: str | None = None
+    judge: Judge | None = None
 
     def run(
         self, trainer: L.Trainer, model: L.LightningModule, datamodule: Any, config_text: str = ""
@@ -595,6 +685,11 @@ class EvaluationProtocol:
             "failure_modes": first_ecg.get("failure_modes"),
             "intervals": intervals(per_seed),
         }
+        judge = build_judge(self.judge)
+        if judge is not None:
+            meta["judge"], verdicts = judge_answers(judge, per_seed)
+            lines = "".join(json.dumps(v) + "\n" for v in verdicts)
+            judged_file = atomic_write_bytes(out_dir / "judge.jsonl", lines.encode())
         files = []
         for seed, result in zip(self.seeds, per_seed, strict=True):
             lines = "".join(json.dumps(r) + "\n" for r in result["records"])
@@ -614,6 +709,8 @@ class EvaluationProtocol:
             "per_seed": [{k: v for k, v in r.items() if k != "records"} for r in per_seed],
             "config": config_text,
         }
+        if judge is not None:
+            files.append(judged_file)
         files.append(atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=2).encode()))
         text = render_markdown(summary, meta)
         files.append(atomic_write_bytes(out_dir / "report.md", text.encode()))

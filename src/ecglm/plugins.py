@@ -28,11 +28,14 @@ GROUPS = {
     "backbone": "ecglm.backbones",
     "policy": "ecglm.peft",
     "prompt": "ecglm.prompts",
+    "judge": "ecglm.judges",
 }
 
-#: Where each group's component sits in the CLI's config (the prompt style is the data side's).
+#: Where each group's component sits in the CLI's config (the prompt style is the data side's, the
+#: judge the evaluation protocol's).
 CLI_PLACES = {part: (f"model.{part}",) for part in GROUPS} | {
-    "prompt": ("data.prompt", "data.init_args.prompt")
+    "prompt": ("data.prompt", "data.init_args.prompt"),
+    "judge": ("evaluate.judge",),
 }
 
 #: The base class every component of a group derives from, imported only when a plugin is checked.
@@ -42,6 +45,7 @@ BASE_CLASSES = {
     "ecglm.backbones": "ecglm.backbones:Backbone",
     "ecglm.peft": "ecglm.peft:PEFTPolicy",
     "ecglm.prompts": "ecglm.prompts:PromptStyle",
+    "ecglm.judges": "ecglm.judges:Judge",
 }
 
 #: The distribution whose entry points are the built-ins, which no plugin can replace.

@@ -236,6 +236,8 @@ class QACollator:
             if self.with_prompts and not self.for_generation
             else None,
         )
+        if self.for_generation:
+            batch.question = [it["question"] for it in items]
         if self.donors is not None and self.for_generation:
             shuffled, batch.donor = self.donors(items)
             batch.shuffled_ecg = torch.from_numpy(shuffled)
