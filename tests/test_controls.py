@@ -51,7 +51,9 @@ def test_donors_keep_to_the_dataset_fall_back_across_and_count_what_they_cannot_
         ECGDonors(pool_records=1)
 
 
-def _evaluate(answer_from_signal: bool, records: int = 40, questions: int = 3) -> dict:
+def _evaluate(
+    answer_from_signal: bool, records: int = 40, questions: int = 3, with_answers: bool = False
+) -> dict:
     """A scripted model answers "abnormal" when the ECG it is given is positive. It reads the signal
     (``answer_from_signal``) or ignores it and answers from the question alone."""
     rng = np.random.default_rng(0)
@@ -62,6 +64,8 @@ def _evaluate(answer_from_signal: bool, records: int = 40, questions: int = 3) -
         for q in range(questions)
     ]
     answers = ["abnormal" if it["ecg"][0, 0] > 0 else "normal" for it in items]
+    if with_answers:  # the donors may then pick records whose answer to the same question differs
+        items = [{**it, "answer": a} for it, a in zip(items, answers, strict=True)]
     evaluation = AnswerEvaluation(
         MetricsConfig(metrics=("acc",), bertscore_model=None),
         ["d"],
@@ -118,6 +122,25 @@ def test_a_model_that_reads_the_signal_has_a_shuffled_gap_whose_interval_exclude
     text = render_markdown(summary, {"intervals": bands})
     assert "## Gap `ecg - shuffled_ecg` (points)" in text and "## ACC with 95% intervals" in text
     assert f"{100 * gap['estimate']:.1f} [{100 * gap['low']:.1f}, {100 * gap['high']:.1f}]" in text
+
+
+def test_donors_whose_answer_to_the_same_question_differs_are_preferred():
+    """With the answers known, every donor's answer to the question differs: a model that reads the
+    signal then gets every shuffled question wrong (gap 1), not half of them."""
+    items = [
+        {
+            **_item(f"r{i}", 0, value=i),
+            "question": "Is there atrial fibrillation?",
+            "answer": ["yes" if i % 2 else "no"],
+        }
+        for i in range(8)
+    ]
+    _, donors = ECGDonors(seed=0)(items)
+    for item, donor in zip(items, donors, strict=True):
+        assert int(donor[1:]) % 2 != int(item["key"][1]) % 2, (item["key"], donor)
+    bands = intervals([_evaluate(answer_from_signal=True, with_answers=True)])
+    gap = bands["gaps"]["ecg_minus_shuffled_ecg"]["dataset: d"]
+    assert gap["estimate"] > 0.9 and gap["low"] > 0.8
 
 
 def test_a_model_that_ignores_the_signal_has_a_shuffled_gap_interval_including_zero():

@@ -23,9 +23,12 @@ class ECGDonors:
     last ``pool_records`` records it has seen (the current batch's added first, so a batch of several
     records needs no history), and draws from them with a generator seeded by ``seed``. An item
     takes as many donor ECGs as it has ECGs (a comparison question two, from two records), never
-    from its own record. Where its dataset has no other record yet (a stream whose first batch holds
-    one record), a record of another dataset is used; where there is none at all, the item keeps its
-    own ECG and its donor is ``None`` (counted in the report, not hidden).
+    from its own record. Where the same question has been seen about other records (ECG-QA asks
+    each template question about many ECGs), a record whose answer to it differs is preferred: the
+    control then carries the wrong content for that very question, not just another ECG. Where its
+    dataset has no other record yet (a stream whose first batch holds one record), a record of
+    another dataset is used; where there is none at all, the item keeps its own ECG and its donor is
+    ``None`` (counted in the report, not hidden).
 
     Records are named by the QA key's record part (``"<record>_qa<i>"``).
     """
@@ -37,6 +40,8 @@ class ECGDonors:
         self.pool_records = pool_records
         self._rng = np.random.default_rng(seed)
         self._pool: dict[str, OrderedDict[str, np.ndarray]] = {}
+        # (dataset, question) -> {record: its answer}, for records still in the pool.
+        self._answers: dict[tuple[str, str], dict[str, Any]] = {}
 
     def _remember(self, dataset: str, record: str, ecgs: np.ndarray) -> None:
         pool = self._pool.setdefault(dataset, OrderedDict())
@@ -45,7 +50,15 @@ class ECGDonors:
         while len(pool) > self.pool_records:
             pool.popitem(last=False)
 
-    def _draw(self, dataset: str, own: str, count: int) -> list[tuple[str, np.ndarray]] | None:
+    def _draw(
+        self, dataset: str, own: str, count: int, question: str | None = None, answer: Any = None
+    ) -> list[tuple[str, np.ndarray]] | None:
+        pool = self._pool.get(dataset, {})
+        known = self._answers.get((dataset, question or ""), {})
+        differing = [(r, pool[r]) for r, a in known.items() if r != own and r in pool and a != answer]
+        if len(differing) >= count:  # another record whose answer to this question differs
+            picks = self._rng.choice(len(differing), size=count, replace=False)
+            return [differing[int(i)] for i in picks]
         for source in (dataset, None):  # the item's dataset first, then any other
             candidates = [
                 (record, ecg)
@@ -65,10 +78,21 @@ class ECGDonors:
         ecgs = [np.asarray(it["ecg"]) for it in items]
         ecgs = [e[None] if e.ndim == 2 else e for e in ecgs]
         for item, ecg in zip(items, ecgs, strict=True):
-            self._remember(item.get("dataset", "unknown"), record_of(item["key"]), ecg)
+            dataset, record = item.get("dataset", "unknown"), record_of(item["key"])
+            self._remember(dataset, record, ecg)
+            if item.get("question"):
+                self._answers.setdefault((dataset, item["question"]), {})[record] = _answer_key(
+                    item.get("answer")
+                )
         out, donors = [], []
         for item, ecg in zip(items, ecgs, strict=True):
-            drawn = self._draw(item.get("dataset", "unknown"), record_of(item["key"]), len(ecg))
+            drawn = self._draw(
+                item.get("dataset", "unknown"),
+                record_of(item["key"]),
+                len(ecg),
+                item.get("question"),
+                _answer_key(item.get("answer")),
+            )
             if drawn is None:
                 out.append(ecg)
                 donors.append(None)
@@ -76,3 +100,10 @@ class ECGDonors:
             out.append(np.stack([e for _, e in drawn]).astype(ecg.dtype))
             donors.append("+".join(record for record, _ in drawn))
         return np.concatenate(out), donors
+
+
+def _answer_key(answer: Any) -> Any:
+    """An answer comparable with another: a label set regardless of order and case, or the text."""
+    if isinstance(answer, list | tuple):
+        return frozenset(str(a).strip().lower() for a in answer)
+    return str(answer).strip().lower()
