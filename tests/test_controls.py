@@ -201,3 +201,40 @@ def test_the_random_encoder_keeps_each_tensors_scale_and_nothing_learnt(tiny_enc
     ecg = torch.randn(2, 12, 2500)
     with torch.no_grad():
         assert not torch.allclose(encoder.eval()(ecg), random.eval()(ecg))
+
+
+def _exact_auroc(scores: list[float], targets: list[int]) -> float:
+    """The reference: the share of (positive, negative) pairs ranked right, ties counting half."""
+    pos = [s for s, t in zip(scores, targets, strict=True) if t == 1]
+    neg = [s for s, t in zip(scores, targets, strict=True) if t == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_verify_auroc_matches_the_pairwise_definition_per_group():
+    from ecglm.metrics.verify import VerifyAUROC
+
+    rng = np.random.default_rng(0)
+    n = 60
+    references = [["yes"] if rng.random() < 0.4 else "No" for _ in range(n)]
+    targets = [1 if r == ["yes"] else 0 for r in references]
+    # Informative but noisy scores, with ties between classes (rounded to 0.05).
+    scores = np.round(np.clip(0.5 * np.array(targets) + rng.random(n) * 0.6, 0, 1) * 20) / 20
+    groups = ["a" if i % 3 else "b" for i in range(n)]
+    metric = VerifyAUROC(["a", "b", "c"])
+    # Other answers are ignored; a group with one class ("c": only yes) has no AUROC.
+    metric.update(torch.tensor([0.9, 0.1]), ["tachycardia", ["yes", "no"]], ["a", "a"])
+    metric.update(torch.tensor([0.7]), ["yes"], ["c"])
+    metric.update(torch.tensor(scores[:30]), references[:30], groups[:30])
+    metric.update(torch.tensor(scores[30:]), references[30:], groups[30:])
+    result = metric.compute()
+    assert set(result) == {"all", "a", "b"}
+    for group in ("a", "b"):
+        rows = [i for i in range(n) if groups[i] == group]
+        expected = _exact_auroc([scores[i] for i in rows], [targets[i] for i in rows])
+        assert result[group]["auc"] == pytest.approx(expected, abs=1e-6)
+        assert result[group]["n"] == len(rows)
+    all_scores, all_targets = [*scores, 0.7], [*targets, 1]
+    assert result["all"]["auc"] == pytest.approx(_exact_auroc(all_scores, all_targets), abs=1e-6)
+    metric.reset()
+    assert metric.compute() == {}

@@ -45,7 +45,11 @@ def _samples(dataset: str, split: str, n: int):
             "json": {
                 "dataset": dataset,
                 "record_id": str(i),
-                "qa": [{"question": q, "answer": a, "question_type": t} for q, a, t in qa],
+                # Half the ECGs answer the yes/no question "no": both classes for the AUROC.
+                "qa": [
+                    {"question": q, "answer": ["no"] if a == ["yes"] and i % 2 else a, "question_type": t}
+                    for q, a, t in qa
+                ],
             },
         }
 
@@ -267,7 +271,12 @@ def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path
     ]
     assert shuffled and all(r["donor"] not in (None, r["key"].rsplit("_qa", 1)[0]) for r in shuffled)
     assert set(report["meta"]["intervals"]["gaps"]) == set(summary["gaps"])
+    # ECG-QA's yes/no questions: the AUROC of P(yes) under every condition.
+    for condition in summary["conditions"]:
+        auc = summary["conditions"][condition]["verify_auc"]["ecgqa-ptbxl"]["auc"]["mean"]
+        assert 0.0 <= auc <= 1.0, condition
     text = (out / "report.md").read_text()
+    assert "AUROC of the probability" in text
     assert (
         "| ecgqa-ptbxl |" in text and "Binary abnormality detection" in text and "Label-set answers" in text
     )

@@ -243,6 +243,33 @@ def test_the_shuffled_condition_answers_from_other_records_ecgs(model):
     assert len(random) == 3 and set(model.state_dict()) == keys  # the baseline never enters checkpoints
 
 
+def test_answer_scores_are_the_first_answer_tokens_probabilities(model):
+    """P(yes) for AUROC: the last prompt position's logits of the first tokens the prompt style writes
+    for "yes" and "no", renormalised; the backbone's last_logits equal its full forward's."""
+    prompt = bound_prompt(model.backbone)
+    batch = QACollator(prompt, K, for_generation=True)(items(3))
+    ecg_tokens = model.model.ecg_tokens(batch.ecg)
+    with torch.no_grad():
+        full = model.backbone(batch.input_ids, batch.attention_mask, batch.ecg_mask, ecg_tokens).logits[:, -1]
+        last = model.backbone.last_logits(batch.input_ids, batch.attention_mask, batch.ecg_mask, ecg_tokens)
+    torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-4)
+    yes, no = prompt.answer_token("yes"), prompt.answer_token("no")
+    encoded = prompt.encode("Is it?", "yes", K)
+    assert yes == next(t for t in encoded.labels if t != -100) and yes != no
+    original, model.model.prompt = model.model.prompt, None
+    with pytest.raises(ValueError, match="prompt style"):
+        model.model.answer_scores(batch, ("yes", "no"))
+    model.model.prompt = prompt
+    scores = model.model.answer_scores(batch, ("yes", "no"))
+    torch.testing.assert_close(scores, full[:, [yes, no]].float().softmax(-1), rtol=1e-4, atol=1e-5)
+    assert scores.shape == (3, 2) and torch.allclose(scores.sum(-1), torch.ones(3))
+    text_only = model.model.answer_scores(batch, ("yes", "no"), condition="text_only")
+    assert not torch.allclose(text_only, scores)  # the ECG tokens change the scores
+    with pytest.raises(ValueError, match="same token"):
+        model.model.answer_scores(batch, ("yes", "yes"))
+    model.model.prompt = original
+
+
 def test_generation_depends_on_the_ecg(model):
     collate = QACollator(bound_prompt(model.backbone), K, for_generation=True)
     batch = collate(items(2))

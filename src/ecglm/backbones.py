@@ -129,6 +129,13 @@ class Backbone(nn.Module, ABC):
         backbone whose :meth:`packing_blocker` is ``None``.
         """
 
+    def last_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, ecg_tokens: Tensor
+    ) -> Tensor:
+        """Vocabulary logits at the last position of left-padded prompts, ``(rows, vocab)``: the
+        distribution of each answer's first token. Default: from :meth:`forward`'s logits."""
+        return self.forward(input_ids, attention_mask, ecg_mask, ecg_tokens).logits[:, -1]
+
     def packing_blocker(self) -> str | None:
         """Why this backbone cannot take packed rows (:func:`ecglm.batch.pack`); ``None`` if it can.
 
@@ -402,6 +409,21 @@ class HFBackbone(Backbone):
         out = self.model(**inputs, logits_to_keep=span + 1)
         out.loss = answer_loss(out.logits, labels, span)
         return out
+
+    def last_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, ecg_tokens: Tensor
+    ) -> Tensor:
+        if not self._keeps_logits:
+            return super().last_logits(input_ids, attention_mask, ecg_mask, ecg_tokens)
+        out = self.model(
+            inputs_embeds=self.splice(input_ids, ecg_mask, ecg_tokens),
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=1,  # the vocabulary logits of the last position only
+            **self.token_inputs(input_ids),
+        )
+        return out.logits[:, -1]
 
     def packing_blocker(self) -> str | None:
         """Packed rows need every layer to be attention that transformers masks per packed pair: its

@@ -55,6 +55,7 @@ from ecglm.metrics import (
     failure_modes,
     plot_confusion,
 )
+from ecglm.metrics.verify import VerifyAUROC
 from ecglm.model import CONDITIONS, DEFAULT_CONDITIONS, Decoding  # noqa: F401  (Decoding: recipes name it here too)
 from ecglm.uncertainty import bootstrap_mean, paired_gap, record_of
 
@@ -91,6 +92,9 @@ class MetricsConfig:
         label_vocabularies: Per dataset, the answer vocabulary of its label-set questions (a list, or
             a path to ECG-QA's ``<dataset>-answers.csv`` / a text file with one answer per line): adds
             macro-F1, Hamming loss and the out-of-vocabulary share of predicted items for that dataset.
+        verify_auc: On yes/no questions, also score the model's probability of answering "yes" (its
+            first answer token, renormalised over yes and no) and report its AUROC per dataset and
+            condition: discrimination without a decision threshold.
     """
 
     metrics: tuple[str, ...] = TEXT_METRICS
@@ -98,6 +102,7 @@ class MetricsConfig:
     normal_answers: tuple[str, ...] = NORMAL_ANSWERS
     conditions: tuple[str, ...] = DEFAULT_CONDITIONS
     label_vocabularies: dict[str, list[str] | str] | None = None
+    verify_auc: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.conditions) - set(CONDITIONS))
@@ -186,8 +191,23 @@ class AnswerEvaluation(nn.Module):
                 for c in self.conditions
             }
         )
+        self.verify = nn.ModuleDict(
+            {c: VerifyAUROC(self.datasets) for c in self.conditions if config.verify_auc}
+        )
         self.keep_records = keep_records
         self.records: list[dict[str, Any]] = []
+
+    def wants_scores(self, batch: ECGQABatch) -> bool:
+        """Whether the batch has yes/no questions whose P(yes) the AUROC needs."""
+        return bool(self.verify) and any(
+            t is not None for t in next(iter(self.verify.values())).targets(batch.answer)
+        )
+
+    def update_scores(self, condition: str, p_yes: torch.Tensor, batch: ECGQABatch) -> None:
+        """P(yes) of each row (:meth:`ecglm.model.ECGLM.answer_scores`); rows that are not yes/no
+        questions are ignored."""
+        datasets = batch.dataset or ["unknown"] * len(batch.answer)
+        self.verify[condition].update(p_yes, batch.answer, datasets)
 
     def update(self, condition: str, predictions: Sequence[str], batch: ECGQABatch) -> None:
         references = batch.answer
@@ -224,7 +244,8 @@ class AnswerEvaluation(nn.Module):
 
     def reset(self) -> None:
         label_sets = [m for metrics in self.label_sets.values() for m in metrics]
-        for part in (*self.text.values(), *self.by_type.values(), *self.abnormality.values(), *label_sets):
+        parts = (*self.text.values(), *self.by_type.values(), *self.abnormality.values(), *label_sets)
+        for part in (*parts, *self.verify.values()):
             part.reset()
         self.records = []
 
@@ -255,6 +276,7 @@ class AnswerEvaluation(nn.Module):
                     d: {k: _plain(v) for k, v in self.label_sets[c][i].compute().items()}
                     for i, d in enumerate(self.label_set_datasets)
                 },
+                "verify_auc": _rows(self.verify[c].compute()) if c in self.verify else {},
             }
             if records:
                 answered = [r for r in records if r["condition"] == c]
@@ -300,7 +322,7 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     conditions = per_seed[0]["conditions"]
     for c, entry in conditions.items():
         out: dict[str, Any] = {}
-        for section in ("datasets", "abnormality", "question_types", "label_sets"):
+        for section in ("datasets", "abnormality", "question_types", "label_sets", "verify_auc"):
             out[section] = {}
             for name, values in entry.get(section, {}).items():
                 out[section][name] = {
@@ -490,6 +512,15 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                 n = values.get("n", {}).get("mean", float("nan"))
                 cells = [_pct(values.get(m)) for m in ("macro_f1", "hamming_loss", "out_of_vocabulary")]
                 lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if entry.get("verify_auc"):
+            lines.append('Yes/no questions: AUROC of the probability of answering "yes" (no threshold):')
+            lines.append("")
+            lines.append("| Dataset | n | AUROC |")
+            lines.append("|---|---:|---:|")
+            for name, values in entry["verify_auc"].items():
+                n = values.get("n", {}).get("mean", float("nan"))
+                lines.append(f"| {name} | {n:.0f} | {_pct(values.get('auc'))} |")
             lines.append("")
         if entry["question_types"]:
             lines.append("| Question type | n | ACC | F1 |")

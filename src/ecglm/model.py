@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,26 +187,11 @@ class ECGLM(nn.Module):
         if reason is not None:
             raise ValueError(f"packed batches (data.init_args.packed: true) cannot run this model: {reason}")
 
-    @torch.no_grad()
-    def generate(
-        self,
-        batch: ECGQABatch,
-        decoding: Decoding | None = None,
-        condition: str = "ecg",
-        prompt: TokenFields | None = None,
-        **generation_kwargs: Any,
-    ) -> list[str]:
-        """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
-
-        ``condition`` is ``ecg``, ``shuffled_ecg`` (each question with other records' ECGs, the
-        batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG tokens of an all-zero signal), ``noise_ecg``
-        (Gaussian noise with each lead's mean and std, :func:`matched_noise`), ``random_encoder``
-        (the real ECG through the encoder with random weights, :meth:`random_encoder`, and the
-        trained connector) or ``text_only`` (the batch's ``text_only`` prompts, which have no ECG
-        positions). ``prompt`` replaces the
-        batch's token fields (validation generates from the prompt part of a training batch).
-        Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
-        """
+    def condition_inputs(
+        self, batch: ECGQABatch, condition: str = "ecg", prompt: TokenFields | None = None
+    ) -> tuple[TokenFields, Tensor]:
+        """The prompt rows and ECG tokens a generation batch gives the LLM under ``condition`` (see
+        :meth:`generate`)."""
         if batch.packed or (prompt is not None and prompt.packed):
             raise ValueError("packed rows are for the training loss; generate from padded prompts")
         if condition == "text_only":
@@ -234,6 +220,50 @@ class ECGLM(nn.Module):
             ecg_tokens = self.connector(self.random_encoder()(batch.ecg.to(self._encoder_dtype())))
         else:
             raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
+        return fields, ecg_tokens
+
+    @torch.no_grad()
+    def answer_scores(self, batch: ECGQABatch, answers: Sequence[str], condition: str = "ecg") -> Tensor:
+        """``(rows, len(answers))``: the probability of each answer's first token at the start of the
+        answer, renormalised over ``answers`` (e.g. ``["yes", "no"]``: P(yes) for a yes/no question).
+
+        Threshold-free scores for AUC. The answers' first tokens are those the prompt style writes
+        (:meth:`ecglm.prompts.PromptStyle.answer_token`); they must differ.
+        """
+        if self.prompt is None:
+            raise ValueError("answer scores need the model's prompt style (ecglm.wiring.connect sets it)")
+        ids = [self.prompt.answer_token(answer) for answer in answers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                f"the answers {list(answers)} start with the same token: they cannot be scored apart"
+            )
+        fields, ecg_tokens = self.condition_inputs(batch, condition)
+        logits = self.backbone.last_logits(
+            fields.input_ids, fields.attention_mask, fields.ecg_mask, ecg_tokens
+        )
+        return logits[:, ids].float().softmax(-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: ECGQABatch,
+        decoding: Decoding | None = None,
+        condition: str = "ecg",
+        prompt: TokenFields | None = None,
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
+
+        ``condition`` is ``ecg``, ``shuffled_ecg`` (each question with other records' ECGs, the
+        batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG tokens of an all-zero signal), ``noise_ecg``
+        (Gaussian noise with each lead's mean and std, :func:`matched_noise`), ``random_encoder``
+        (the real ECG through the encoder with random weights, :meth:`random_encoder`, and the
+        trained connector) or ``text_only`` (the batch's ``text_only`` prompts, which have no ECG
+        positions). ``prompt`` replaces the
+        batch's token fields (validation generates from the prompt part of a training batch).
+        Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
+        """
+        fields, ecg_tokens = self.condition_inputs(batch, condition, prompt)
         kwargs = {**(decoding or Decoding()).generation_kwargs(), **generation_kwargs}
         new_ids = self.backbone.generate(
             fields.input_ids, fields.attention_mask, fields.ecg_mask, ecg_tokens, **kwargs

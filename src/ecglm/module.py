@@ -243,8 +243,12 @@ class ECGLanguageModel(L.LightningModule):
 
     def test_step(self, batch: ECGQABatch, batch_idx: int) -> None:
         evaluation = self._evaluations["test"]
+        scores = self.model.prompt is not None and evaluation.wants_scores(batch)
         for condition in evaluation.conditions:
             evaluation.update(condition, self.model.generate(batch, self.decoding, condition), batch)
+            if scores:  # yes/no questions: P(yes) for the AUROC
+                p_yes = self.model.answer_scores(batch, ("yes", "no"), condition)[:, 0]
+                evaluation.update_scores(condition, p_yes, batch)
 
     def on_test_start(self) -> None:
         if self._weights_from == "initialisation" and any(p.requires_grad for p in self.parameters()):

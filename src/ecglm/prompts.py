@@ -142,6 +142,12 @@ class PromptStyle(ABC):
     def pad_token_id(self) -> int:
         return default_placeholder_id(self._bound_tokenizer())
 
+    def answer_token(self, answer: str) -> int:
+        """The first token this style writes for ``answer`` after a prompt: what a model emits first
+        when it gives that answer (scored by :meth:`ecglm.model.ECGLM.answer_scores`)."""
+        labels = self.encode("?", answer, 1).labels
+        return int(next(label for label in labels if label != IGNORE_INDEX))
+
     def decode(self, ids: Any) -> list[str]:
         """Generated token ids, ``(batch, new_tokens)``, as answer strings (special tokens dropped)."""
         return [t.strip() for t in self._bound_tokenizer().batch_decode(ids, skip_special_tokens=True)]
