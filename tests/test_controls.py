@@ -116,12 +116,18 @@ def test_a_model_that_reads_the_signal_has_a_shuffled_gap_whose_interval_exclude
         "question_type: t0",
         "question_type: t1",
     }
+    # One-word answers: token F1 and ROUGE-L score each answer as exact match does.
+    for metric in ("f1", "rouge_l"):
+        other = bands["metrics"][metric]["gaps"]["ecg_minus_shuffled_ecg"]["dataset: d"]
+        assert other["estimate"] == pytest.approx(gap["estimate"])
+        assert other["low"] == pytest.approx(gap["low"])
     # The mean gap over seeds and the report (both tables) carry the control.
     summary = summarize([result])
     assert summary["gaps"]["ecg_minus_shuffled_ecg"]["d"]["acc"]["mean"] == pytest.approx(gap["estimate"])
     text = render_markdown(summary, {"intervals": bands})
     assert "## Gap `ecg - shuffled_ecg` (points)" in text and "## ACC with 95% intervals" in text
     assert f"{100 * gap['estimate']:.1f} [{100 * gap['low']:.1f}, {100 * gap['high']:.1f}]" in text
+    assert "F1 `ecg - shuffled_ecg`" in text and "ROUGE-L `ecg - shuffled_ecg`" in text
 
 
 def test_donors_whose_answer_to_the_same_question_differs_are_preferred():

@@ -55,6 +55,7 @@ from ecglm.metrics import (
     failure_modes,
     plot_confusion,
 )
+from ecglm.metrics.text import PER_ANSWER_METRICS, pair_scores
 from ecglm.metrics.verify import VerifyAUROC
 from ecglm.model import CONDITIONS, DEFAULT_CONDITIONS, Decoding  # noqa: F401  (Decoding: recipes name it here too)
 from ecglm.uncertainty import bootstrap_mean, paired_gap, record_of
@@ -355,7 +356,9 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def intervals(per_seed: Sequence[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
     """Exact-match accuracy with bootstrap intervals, and each gap ``ecg - control`` with its paired
-    test, per dataset and per question type, from the per-answer records of every seed.
+    test, per dataset and per question type, from the per-answer records of every seed; the same for
+    every metric with a score per answer (token F1, ROUGE-L: ``metrics``). BLEU-4 (a corpus
+    statistic), METEOR and BERTScore have mean ± std over seeds only.
 
     The questions are the distinct ones answered in any seed (a question drawn in two seeds gets the
     same greedy answer and counts once), so the intervals are over the evaluated questions, not over
@@ -375,21 +378,27 @@ def intervals(per_seed: Sequence[dict[str, Any]], confidence: float = 0.95) -> d
     if len(types) > 1:
         groups["question_type"] = types
     out: dict[str, Any] = {"confidence": confidence, "questions": len(ecg), "accuracy": {}, "gaps": {}}
+    # Every per-answer score once per (condition, question); ``acc`` is the report's main table.
+    ordered = list(answers)
+    preds = [answers[k]["prediction"] for k in ordered]
+    refs = [answers[k]["reference"] for k in ordered]
+    per_answer = {m: dict(zip(ordered, pair_scores(m, preds, refs), strict=True)) for m in PER_ANSWER_METRICS}
+    out["metrics"] = {m: {"values": {}, "gaps": {}} for m in PER_ANSWER_METRICS if m != "acc"}
     for kind, names in groups.items():
         for name in names:
+            group = f"{kind}: {name}"
             keys = sorted(k for k, r in ecg.items() if r[kind] == name)
             records = [f"{d}/{record_of(k)}" for d, k in keys]  # record ids are per dataset
-            row = out["accuracy"].setdefault(f"{kind}: {name}", {})
-            correct = {
-                c: [float(answers[(c, *k)]["correct"]) for k in keys if (c, *k) in answers]
-                for c in conditions
-            }
-            for c in conditions:
-                if len(correct[c]) == len(keys):
-                    row[c] = bootstrap_mean(correct[c], records, confidence).as_dict()
-            for control in (c for c in CONTROLS if c in conditions and len(correct[c]) == len(keys)):
-                gap = paired_gap(correct["ecg"], correct[control], records, confidence)
-                out["gaps"].setdefault(f"ecg_minus_{control}", {})[f"{kind}: {name}"] = gap.as_dict()
+            for metric, scores in per_answer.items():
+                values = {c: [scores[(c, *k)] for k in keys if (c, *k) in scores] for c in conditions}
+                complete = [c for c in conditions if len(values[c]) == len(keys)]
+                target = out if metric == "acc" else out["metrics"][metric]
+                row = (out["accuracy"] if metric == "acc" else target["values"]).setdefault(group, {})
+                for c in complete:
+                    row[c] = bootstrap_mean(values[c], records, confidence).as_dict()
+                for control in (c for c in CONTROLS if c in complete):
+                    gap = paired_gap(values["ecg"], values[control], records, confidence)
+                    target["gaps"].setdefault(f"ecg_minus_{control}", {})[group] = gap.as_dict()
     donors = [r.get("donor", "") for (c, _, _), r in answers.items() if c == "shuffled_ecg"]
     if donors:
         out["shuffled_kept_own_ecg"] = sum(d is None for d in donors)
@@ -566,6 +575,21 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                 cells = []
                 for g in names:
                     gap = gaps[g].get(group)
+                    cells.append(f"{_interval(gap)} (p={gap['p_value']:.3g})" if gap else "-")
+                lines.append(f"| {group} | " + " | ".join(cells) + " |")
+            lines.append("")
+        others = {m: v for m, v in bands.get("metrics", {}).items() if v["gaps"]}
+        if others:
+            lines.append("Other metrics with a score per answer: each gap with its interval (p):")
+            lines.append("")
+            columns = [(m, g) for m, v in others.items() for g in v["gaps"]]
+            titles = [f"{METRIC_TITLES.get(m, m)} `{g.replace('_minus_', ' - ')}`" for m, g in columns]
+            lines.append("| Group | " + " | ".join(titles) + " |")
+            lines.append("|---|" + "---:|" * len(columns))
+            for group in bands["accuracy"]:
+                cells = []
+                for m, g in columns:
+                    gap = others[m]["gaps"][g].get(group)
                     cells.append(f"{_interval(gap)} (p={gap['p_value']:.3g})" if gap else "-")
                 lines.append(f"| {group} | " + " | ".join(cells) + " |")
             lines.append("")

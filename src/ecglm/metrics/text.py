@@ -61,6 +61,19 @@ class RougeL(GroupedMean):
         ]
 
 
+#: Metrics with a score per answer (what bootstrap intervals over answers need); BLEU-4 is a corpus
+#: statistic, and METEOR and BERTScore need WordNet or a model, so they have none here.
+PER_ANSWER_METRICS = {"acc": ExactMatch, "f1": TokenF1, "rouge_l": RougeL}
+
+
+def pair_scores(metric: str, preds: Sequence[str], target: Sequence[str | Sequence[str]]) -> list[float]:
+    """Each answer's score under ``metric`` (one of :data:`PER_ANSWER_METRICS`): the values whose mean
+    the metric reports."""
+    if metric not in PER_ANSWER_METRICS:
+        raise ValueError(f"no per-answer score for {metric!r}; choose from {list(PER_ANSWER_METRICS)}")
+    return PER_ANSWER_METRICS[metric]()._scores(preds, target)
+
+
 class TextMetrics(torch.nn.Module):
     """Exact match, token F1, BLEU-4, ROUGE-L, METEOR and BERTScore-F1 overall and per group.
 
