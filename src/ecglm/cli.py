@@ -17,8 +17,10 @@ file is refused with its reason, and ``fit`` logs into the MLflow run the checkp
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -107,6 +109,21 @@ class ECGLMCLI(LightningCLI):
         super().instantiate_classes()
         if self.datamodule is not None:
             connect(self.model, self.datamodule)  # what each side needs from the other, once
+        self.model.model.recipe = self.model_recipe()
+
+    def model_recipe(self) -> dict[str, Any]:
+        """How the model's parts and prompt style were built (``class_path`` + ``init_args``, entry-point
+        names resolved): what a bundle records (``ECGLM.save_pretrained``)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        model = config["model"].as_dict()
+        recipe = {p: model[p] for p in ("encoder", "connector", "backbone", "policy") if model.get(p)}
+        data = config.get("data")
+        prompt = data.get("init_args", {}).get("prompt") if data is not None else None
+        prompt = prompt.as_dict() if hasattr(prompt, "as_dict") else prompt
+        # The DataModule's default prompt style when the recipe names none.
+        recipe["prompt"] = prompt or {"class_path": "ecglm.prompts.ChatTemplate", "init_args": {}}
+        return recipe
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -143,6 +160,46 @@ def run_evaluate(args: list[str] | None, registry: Registry | None = None) -> di
     protocol = EvaluationProtocol(**cli.config["evaluate"].as_dict())
     config_text = cli.parser.dump(cli.config, skip_none=False)
     return protocol.run(cli.trainer, cli.model, cli.datamodule, config_text)
+
+
+def run_export(args: list[str], registry: Registry | None = None) -> Path:
+    """``ecglm export --config recipe.yaml --ckpt_path PATH --out DIR``: a training checkpoint as a
+    portable bundle (:mod:`ecglm.bundle`); ``--ckpt_path last`` takes the run's furthest-trained one.
+    The recipe's evaluation report (``evaluate.out_dir``/report.json), when there is one, goes into
+    the model card."""
+    from ecglm.bundle import BundleError
+    from ecglm.resume import peek_checkpoint
+
+    args, out = _pop_flag(list(args), "--out")
+    args, ckpt = _pop_flag(args, "--ckpt_path")
+    if not out or not ckpt:
+        raise BundleError("give --config RECIPE, --ckpt_path PATH (or last) and --out NEW_DIR")
+    cli = run_cli([*args, f"--evaluate.ckpt_path={ckpt}"], registry, run=False, ckpt_key="evaluate.ckpt_path")
+    path = cli.config["evaluate"]["ckpt_path"]
+    if not path or not Path(path).is_file():
+        raise BundleError(f"--ckpt_path {ckpt}: no checkpoint file (give a path, or last)")
+    checkpoint = peek_checkpoint(path)
+    task = cli.model
+    task.on_load_checkpoint(checkpoint)  # the key check, and the run's few-shot demonstrations
+    task.load_state_dict(checkpoint["state_dict"], strict=False)
+    task.model.demonstrations = task.demonstrations
+    evaluate = cli.config["evaluate"]
+    report_dir = Path(evaluate.get("out_dir") or Path(cli.trainer.default_root_dir) / "evaluation")
+    report_file = report_dir / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    written = task.model.save_pretrained(out, report=report)
+    print(f"bundle: {written} (from {path}{'; card with ' + str(report_file) if report else ''})")
+    return written
+
+
+def _pop_flag(args: list[str], flag: str) -> tuple[list[str], str | None]:
+    """``args`` without ``flag VALUE`` / ``flag=VALUE``, and the value."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[:i] + args[i + 2 :], args[i + 1]
+        if arg.startswith(flag + "="):
+            return args[:i] + args[i + 1 :], arg.split("=", 1)[1]
+    return args, None
 
 
 def run_cli(
@@ -208,6 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if registry.failures else 0
     if args[:1] == ["shard"]:
         run_shard(args[1:])
+        return 0
+    if args[:1] == ["export"]:
+        from ecglm.bundle import BundleError
+
+        try:
+            run_export(args[1:])
+        except BundleError as err:
+            print(f"ecglm export: {err}", file=sys.stderr)
+            return 2
         return 0
     if args[:1] == ["estimate"]:
         from ecglm.estimate import EstimateError, StrategyError, run_estimate

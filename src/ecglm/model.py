@@ -14,6 +14,7 @@ import copy
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,6 +136,51 @@ class ECGLM(nn.Module):
         self.policy = policy or ProjectionOnly()
         self.policy.apply(encoder, connector, backbone)
         self.train()  # frozen parts start in eval mode (a randomly initialised LLM would not)
+        #: How the parts were built (``class_path`` + ``init_args`` per part, and ``prompt``): set by the
+        #: ``ecglm`` command and by :meth:`from_pretrained`, written by :meth:`save_pretrained`.
+        self.recipe: dict[str, Any] | None = None
+        #: Few-shot demonstrations by dataset (the policy renders them into system prompts), if any.
+        self.demonstrations: dict[str, list[dict[str, str]]] | None = None
+
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        components: dict[str, Any] | None = None,
+        prompt: dict[str, Any] | None = None,
+        card: str | None = None,
+        report: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write this model as a portable bundle (:mod:`ecglm.bundle`): trained weights in
+        safetensors, adapters in PEFT's format, the parts' config, prompt style, preprocessing,
+        demonstrations and a model card. ``components`` / ``prompt`` (``class_path`` + ``init_args``)
+        default to :attr:`recipe`, which the ``ecglm`` command and :meth:`from_pretrained` set;
+        ``report`` (an ``ecglm evaluate`` report.json) puts the headline evaluation in the card."""
+        from ecglm.bundle import BundleError, save_bundle
+
+        recipe = self.recipe or {}
+        components = components or {
+            p: recipe[p] for p in ("encoder", "connector", "backbone", "policy") if p in recipe
+        }
+        if not components:
+            raise BundleError(
+                "this model does not know how its parts were built: pass components={'encoder': "
+                "{'class_path': ..., 'init_args': {...}}, ...} (a model from the ecglm command or "
+                "from_pretrained knows)"
+            )
+        return save_bundle(
+            self, directory, components, prompt or recipe.get("prompt"), self.demonstrations, card
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> ECGLM:
+        """The model a bundle holds (:meth:`save_pretrained`, ``ecglm export``), in eval mode; reads
+        YAML, JSON and safetensors only. The base LLM comes from the hub id or folder the bundle names."""
+        from ecglm.bundle import load_bundle
+
+        model = load_bundle(directory, device)
+        config = model.bundle_config
+        model.recipe = {**config["components"], "prompt": config.get("prompt")}
+        return model
 
     def train(self, mode: bool = True) -> ECGLM:
         """Frozen parts stay in eval mode, so a frozen encoder or LLM never applies dropout."""

@@ -266,6 +266,7 @@ class LoRA(PEFTPolicy):
         self.kbit = kbit
         self.train_connector = train_connector
         self.targets: list[str] = []  # full names of the adapted layers, set by apply
+        self.lora_config: object = None  # the peft LoraConfig of the injected adapters, set by apply
 
     def adapt(self, connector: Connector, backbone: Backbone) -> None:
         from peft import LoraConfig, inject_adapter_in_model, prepare_model_for_kbit_training
@@ -288,6 +289,7 @@ class LoRA(PEFTPolicy):
             bias="none",
         )
         inject_adapter_in_model(config, model)  # in place; leaves only the adapters trainable
+        self.lora_config = config  # what a bundle writes as the adapters' adapter_config.json
         for p in model.parameters():
             # Float32 adapters over a bf16 / fp16 base, as get_peft_model makes them: AdamW's small
             # updates would round away in 16-bit weights.
