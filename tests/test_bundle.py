@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -209,3 +210,22 @@ def test_export_refuses_an_existing_folder_and_missing_flags(trained, capsys):
     assert "--out NEW_DIR" in capsys.readouterr().err
     with pytest.raises(BundleError, match="not an ecglm bundle"):
         ECGLM.from_pretrained(trained["root"])
+
+
+def test_the_card_carries_the_headline_evaluation_with_its_controls(trained):
+    from ecglm.bundle import default_card
+
+    config = yaml.safe_load((trained["bundle"] / CONFIG_FILE).read_text())
+    acc = {"datasets": {"d": {"acc": {"mean": 0.671, "std": 0.036}}}}
+    gap = {"d": {"acc": {"mean": 0.373, "std": 0.05}}}
+    report = {
+        "summary": {"conditions": {"ecg": acc, "shuffled_ecg": acc}, "gaps": {"ecg_minus_shuffled_ecg": gap}}
+    }
+    card = default_card(config, report)
+    assert "## Evaluation" in card and "gap `ecg - shuffled_ecg`" in card
+    assert "| d | 67.1 ± 3.6 | 67.1 ± 3.6 | 37.3 ± 5.0 |" in card
+    # The folder and its files get the user's umask, not mkdtemp's owner-only mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert trained["bundle"].stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (trained["bundle"] / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o666 & ~umask

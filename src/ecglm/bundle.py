@@ -114,11 +114,20 @@ def save_bundle(
             _save_adapters(model, staging / ADAPTER_DIR, components)
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / CARD_FILE).write_text(card or default_card(config, report))
+        _readable(staging)  # mkdtemp's folder (and safetensors' files) are the owner's only
         os.replace(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _readable(folder: Path) -> None:
+    """Give the bundle the permissions a folder made with the user's umask would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _save_adapters(model: ECGLM, folder: Path, components: Mapping[str, Any]) -> None:

@@ -167,9 +167,8 @@ class ECGLM(nn.Module):
                 "{'class_path': ..., 'init_args': {...}}, ...} (a model from the ecglm command or "
                 "from_pretrained knows)"
             )
-        return save_bundle(
-            self, directory, components, prompt or recipe.get("prompt"), self.demonstrations, card
-        )
+        prompt = prompt or recipe.get("prompt")
+        return save_bundle(self, directory, components, prompt, self.demonstrations, card, report)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> ECGLM:
