@@ -229,3 +229,127 @@ def test_the_card_carries_the_headline_evaluation_with_its_controls(trained):
     os.umask(umask)
     assert trained["bundle"].stat().st_mode & 0o777 == 0o777 & ~umask
     assert (trained["bundle"] / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- answers on ECG files: ECGLM.answer and ecglm ask ------------------------------------------------
+
+
+def test_ecglm_ask_answers_the_real_ptb_record_from_its_12_standard_leads(trained, ptb_record, tmp_path):
+    """15 leads at 1000 Hz in (12 standard + 3 Frank), the 12 standard leads at 250 Hz used."""
+    from scipy import signal as scipy_signal
+
+    from ecglm.records import prepare, read_recording
+
+    model = ECGLM.from_pretrained(trained["bundle"])
+    recording = read_recording(ptb_record.with_suffix(".hea"))
+    assert (recording.fs, len(recording.leads), recording.signal.shape[0]) == (1000.0, 15, 38400)
+    first = prepare(recording, model.encoder.preprocessing)
+    every = prepare(recording, model.encoder.preprocessing, window="all")
+    assert first.shape == (1, 12, 2500) and every.shape == (3, 12, 2500)  # 38.4 s: three 10 s windows
+    # Row k is lead LEADS[k] picked by name, resampled 1000 -> 250 Hz (polyphase) and z-scored.
+    lead_v6 = recording.signal[:, recording.leads.index("v6")]
+    expected = scipy_signal.resample_poly(lead_v6, 1, 4)[:2500]
+    expected = (expected - expected.mean()) / expected.std()
+    np.testing.assert_allclose(first[0, 11].astype(np.float64), expected, atol=2e-2)
+
+    out = tmp_path / "answers.jsonl"
+    question = "What is the heart rate category of this ECG?"
+    args = ["ask", "--model", str(trained["bundle"]), "--record", str(ptb_record), "--question", question]
+    assert main([*args, "--out", str(out), "--window", "all", "--max_new_tokens", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["window"] for r in rows] == [0, 1, 2] and all(r["record"] == str(ptb_record) for r in rows)
+    assert rows[0]["decoding"]["max_new_tokens"] == 4 and rows[0]["model"] == str(trained["bundle"])
+    # The Python API gives the same answer from the same signal.
+    from ecglm.model import Decoding
+
+    direct = model.answer(recording.signal, 1000, recording.leads, question, Decoding(max_new_tokens=4))
+    assert direct == rows[0]["answer"]
+
+
+def test_a_folder_run_skips_bad_files_reports_them_and_resumes(trained, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "records"
+    folder.mkdir()
+    leads = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
+    np.save(folder / "a.npy", rng.standard_normal((12, 2600)))
+    np.save(folder / "b.npy", rng.standard_normal((2600, 12)))  # samples by leads works too
+    np.save(folder / "short.npy", rng.standard_normal((12, 1000)))  # 4 s: shorter than the window
+    gap = rng.standard_normal((12, 2600))
+    gap[3, 100:400] = np.nan  # 300 samples of NaN: more than max_gap
+    np.save(folder / "gap.npy", gap)
+    (folder / "notes.txt").write_text("not an ECG")  # not picked up at all
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Is the rhythm regular?\nWhat is the heart rate category of this ECG?\n")
+    out = tmp_path / "answers.jsonl"
+    args = ["ask", "--model", str(trained["bundle"]), "--records", str(folder), "--questions", str(questions)]
+    args += ["--fs", "250", "--leads", leads, "--out", str(out), "--batch_size", "3", "--max_new_tokens", "3"]
+    assert main(args) == 1  # some files skipped
+    err = capsys.readouterr().err
+    assert "short.npy: 10.40 s long" not in err and "short.npy: 4.00 s long, shorter than" in err
+    assert "gap.npy: nan gap (lead aVR has a NaN/Inf run of 300 samples" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((Path(r["record"]).name, r["question"][:2]) for r in rows) == [
+        ("a.npy", "Is"),
+        ("a.npy", "Wh"),
+        ("b.npy", "Is"),
+        ("b.npy", "Wh"),
+    ]
+    # A rerun answers only what is missing: nothing here.
+    assert main(args) == 1
+    assert len(out.read_text().splitlines()) == 4
+    # An interrupted file (its last line cut) is completed, the cut line answered again.
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:3]) + '{"record": "x')
+    assert main(args) == 1
+    complete = [json.loads(line) for line in out.read_text().splitlines()[:3]]
+    complete += [json.loads(line) for line in out.read_text().splitlines()[4:]]
+    assert len(complete) == 4
+
+
+def test_bad_ecg_files_are_refused_naming_the_file(ptb_record, tmp_path):
+    import shutil
+
+    from ecglm.encoders import Preprocessing
+    from ecglm.records import RecordError, prepare, read_recording
+
+    pre = Preprocessing()
+    with pytest.raises(RecordError, match=r"notes\.txt: unknown ECG format"):
+        read_recording(tmp_path / "notes.txt")
+    np.save(tmp_path / "x.npy", np.zeros((12, 3000)))
+    with pytest.raises(RecordError, match=r"x\.npy: a numpy file does not state its sampling rate"):
+        read_recording(tmp_path / "x.npy")
+    with pytest.raises(RecordError, match=r"x\.npy: a \.npy file does not name its leads"):
+        read_recording(tmp_path / "x.npy", fs=250)
+    (tmp_path / "three.csv").write_text("I,II,III\n" + "0.1,0.2,0.3\n" * 3000)
+    with pytest.raises(
+        RecordError, match=r"lacks lead\(s\) \['aVR'.*the encoder reads the 12 standard leads"
+    ):
+        prepare(read_recording(tmp_path / "three.csv", fs=250), pre)
+    # A header whose data file is missing.
+    shutil.copy(ptb_record.with_suffix(".hea"), tmp_path / "s0010_re.hea")
+    with pytest.raises(RecordError, match=r"s0010_re\.dat.*needs its \.hea and the data files it names"):
+        read_recording(tmp_path / "s0010_re")
+    with pytest.raises(RecordError, match="no such file"):
+        read_recording(tmp_path / "absent.npy", fs=250, leads=["I"])
+
+
+def test_edf_and_csv_records_read_as_the_wfdb_original(ptb_record, tmp_path):
+    from wfdb.io.convert.edf import wfdb_to_edf
+
+    from ecglm.encoders import Preprocessing
+    from ecglm.records import prepare, read_recording
+
+    edf = tmp_path / "ptb.edf"
+    wfdb_to_edf(str(ptb_record), output_filename=str(edf))
+    original = read_recording(ptb_record)
+    converted = read_recording(edf)
+    assert converted.fs == original.fs and [n.lower() for n in converted.leads] == original.leads
+    pre = Preprocessing()
+    np.testing.assert_allclose(
+        prepare(converted, pre).astype(np.float32), prepare(original, pre).astype(np.float32), atol=2e-2
+    )
+    csv_path = tmp_path / "ptb.csv"
+    header = ",".join(original.leads)
+    np.savetxt(csv_path, original.signal[:3000], delimiter=",", header=header, comments="")
+    from_csv = read_recording(csv_path, fs=1000)
+    assert from_csv.leads == original.leads
+    np.testing.assert_allclose(from_csv.signal, original.signal[:3000], rtol=1e-6, atol=1e-9)

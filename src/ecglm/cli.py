@@ -266,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["shard"]:
         run_shard(args[1:])
         return 0
+    if args[:1] == ["ask"]:
+        from ecglm.bundle import BundleError
+        from ecglm.inference import run_ask
+        from ecglm.records import RecordError
+
+        try:
+            return run_ask(args[1:])
+        except (BundleError, RecordError, ValueError) as err:
+            print(f"ecglm ask: {err}", file=sys.stderr)
+            return 2
     if args[:1] == ["export"]:
         from ecglm.bundle import BundleError
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -169,6 +170,37 @@ class ECGLM(nn.Module):
             )
         prompt = prompt or recipe.get("prompt")
         return save_bundle(self, directory, components, prompt, self.demonstrations, card, report)
+
+    def answer(
+        self,
+        signal: Any,
+        fs: float,
+        leads: Sequence[str],
+        question: str | Sequence[str],
+        decoding: Decoding | None = None,
+        window: str = "first",
+        dataset: str | None = None,
+    ) -> str | list[str]:
+        """Answer ``question`` about one ECG, ``signal`` (leads by samples, or samples by leads, in
+        physical units) sampled at ``fs`` Hz with its ``leads`` named: the 12 standard leads are
+        picked by name, resampled and normalised as the encoder expects (:mod:`ecglm.records`).
+
+        One question gives one answer (``window="first"``: from the first window); a list of questions
+        gives a list; ``window="all"`` answers every window of a longer record (a list per question,
+        flattened window by window). ``dataset`` picks whose few-shot demonstrations prompt the model."""
+        from ecglm.inference import answer_windows, preprocessing_of
+        from ecglm.records import Recording, prepare
+
+        array = np.asarray(signal, dtype=np.float64)
+        if array.ndim == 2 and array.shape[0] == len(leads) and array.shape[1] != len(leads):
+            array = array.T
+        windows = prepare(Recording(array, list(leads), float(fs), "signal"), preprocessing_of(self), window)
+        questions = [question] if isinstance(question, str) else list(question)
+        pairs = [(w, q) for w in windows for q in questions]
+        answers = answer_windows(
+            self, [w for w, _ in pairs], [q for _, q in pairs], decoding, dataset=dataset
+        )
+        return answers[0] if isinstance(question, str) and len(answers) == 1 else answers
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> ECGLM:

@@ -1,0 +1,241 @@
+"""Answers on ECG files: :meth:`ecglm.model.ECGLM.answer` and ``ecglm ask``. No Lightning.
+
+A record is read (:mod:`ecglm.records`), prepared as the encoder expects (its ``preprocessing``),
+and every (window, question) pair is answered in batches through the same collator training uses,
+with the prompt style, ECG token count and few-shot system prompt the model was trained with.
+
+``ecglm ask`` writes one JSON line per answer (record, window, question, answer, decoding, model),
+appended and flushed as each batch finishes: an interrupted folder run loses nothing, and a rerun
+with the same ``--out`` answers only what is missing. Files that cannot be read are skipped and
+reported, never fatal to the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ecglm.data.collate import QACollator
+from ecglm.encoders import Preprocessing
+from ecglm.records import FORMATS, RecordError, prepare, read_recording
+
+if TYPE_CHECKING:
+    from ecglm.model import ECGLM, Decoding
+
+
+#: What every asked item carries besides its ECG and question (the key the few-shot prompt is under).
+ASKED = {"dataset": "ask"}
+
+
+def system_prompts(model: ECGLM, dataset: str | None = None) -> dict[str, str] | None:
+    """The few-shot system prompt the model was trained with, keyed ``ask`` (``None``: no demonstrations).
+
+    A model trained with demonstrations of several datasets needs ``dataset`` to say whose to use."""
+    if not model.demonstrations:
+        return None
+    base = model.prompt.system_prompt if model.prompt is not None else None
+    prompts = model.policy.system_prompts(base, model.demonstrations)
+    if dataset is None and len(prompts) > 1:
+        raise ValueError(f"the model has demonstrations for {sorted(prompts)}: say which (dataset=...)")
+    chosen = dataset or next(iter(prompts))
+    if chosen not in prompts:
+        raise ValueError(f"no demonstrations for dataset {chosen!r}; the model has {sorted(prompts)}")
+    return {"ask": prompts[chosen]}
+
+
+def preprocessing_of(model: ECGLM) -> Preprocessing:
+    pre = getattr(model.encoder, "preprocessing", None)
+    if pre is None:
+        name = type(model.encoder).__name__
+        raise ValueError(f"{name} does not state its preprocessing: records cannot be prepared for it")
+    return pre
+
+
+@torch.no_grad()
+def answer_windows(
+    model: ECGLM,
+    windows: Sequence[np.ndarray],
+    questions: Sequence[str],
+    decoding: Decoding | None = None,
+    batch_size: int = 8,
+    dataset: str | None = None,
+) -> list[str]:
+    """One answer per (window ``(12, num_samples)``, question) pair, in order, in batches."""
+    if model.prompt is None:
+        raise ValueError("the model has no prompt style: load it with ECGLM.from_pretrained or connect it")
+    if len(windows) != len(questions):
+        raise ValueError(f"{len(windows)} windows for {len(questions)} questions: one question per window")
+    collate = QACollator(
+        model.prompt, model.num_ecg_tokens, for_generation=True, system_prompts=system_prompts(model, dataset)
+    )
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(windows), batch_size):
+        chunk = zip(windows[start : start + batch_size], questions[start : start + batch_size], strict=True)
+        items = [
+            {"key": f"ask{i}_qa0", "ecg": w, "question": q, "answer": "", "question_type": "ask"} | ASKED
+            for i, (w, q) in enumerate(chunk)
+        ]
+        answers += model.generate(collate(items).to(device), decoding)
+    return answers
+
+
+# --- ecglm ask ---------------------------------------------------------------------------------------
+
+
+def find_records(source: str | Path) -> list[Path]:
+    """The ECG files a folder holds (WFDB records by their ``.hea``), or those a CSV list names in its
+    ``path`` column (relative to the list), or the one file given."""
+    source = Path(source)
+    if source.is_dir():
+        suffixes = {s for group in FORMATS.values() for s in group}
+        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if source.suffix.lower() == ".csv" and source.is_file():
+        with source.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames and "path" in reader.fieldnames:
+                return [(source.parent / row["path"]) for row in reader if row.get("path")]
+    if not source.exists() and not source.with_name(source.name + ".hea").exists():
+        raise RecordError(f"{source}: no such file or folder")
+    return [source]
+
+
+def _done(out: Path) -> set[tuple[str, int, str]]:
+    if not out.is_file():
+        return set()
+    done = set()
+    for line in out.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: answered again
+            continue
+        if "answer" in row:
+            done.add((row["record"], row["window"], row["question"]))
+    return done
+
+
+def ask(
+    model: ECGLM,
+    records: Sequence[str | Path],
+    questions: Sequence[str],
+    out: str | Path | None = None,
+    fs: float | None = None,
+    leads: list[str] | None = None,
+    window: str = "first",
+    decoding: Decoding | None = None,
+    batch_size: int = 8,
+    model_id: str = "",
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Answer every question about every record: ``(answer rows, [(file, why skipped)])``.
+
+    With ``out``, rows are appended as JSON lines and flushed per batch; pairs already in ``out`` are
+    not asked again."""
+    from ecglm.model import Decoding
+
+    decoding = decoding or Decoding()
+    pre = preprocessing_of(model)
+    done = _done(Path(out)) if out else set()
+    skipped: list[tuple[str, str]] = []
+    rows: list[dict[str, Any]] = []
+    pending: list[tuple[str, int, np.ndarray, str]] = []
+    if out and Path(out).is_file() and Path(out).stat().st_size:
+        with Path(out).open("rb") as f:
+            f.seek(-1, 2)
+            cut = f.read(1) != b"\n"
+        if cut:  # a line cut by a kill: close it, so the next row starts on its own line
+            with Path(out).open("a") as f:
+                f.write("\n")
+    with Path(out).open("a") if out else contextlib.nullcontext() as sink:
+
+        def flush() -> None:
+            windows, asked = [p[2] for p in pending], [p[3] for p in pending]
+            answers = answer_windows(model, windows, asked, decoding, batch_size)
+            for (record, index, _, question), answer in zip(pending, answers, strict=True):
+                row = {"record": record, "window": index, "question": question, "answer": answer}
+                row |= {"decoding": asdict(decoding), "model": model_id}
+                rows.append(row)
+                if sink is not None:
+                    sink.write(json.dumps(row) + "\n")
+            if sink is not None:
+                sink.flush()
+            pending.clear()
+
+        for path in records:
+            try:
+                windows = prepare(read_recording(path, fs, leads), pre, window)
+            except RecordError as err:
+                skipped.append((str(path), str(err)))
+                continue
+            for index, w in enumerate(windows):
+                for question in questions:
+                    if (str(path), index, question) not in done:
+                        pending.append((str(path), index, w, question))
+                        if len(pending) >= batch_size:
+                            flush()
+        if pending:
+            flush()
+    return rows, skipped
+
+
+def ask_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecglm ask", description="Answer questions about ECG files.")
+    parser.add_argument("--model", required=True, help="a bundle folder (ecglm export)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--record", help="one ECG file: WFDB (.hea), EDF/BDF, .npy or .csv")
+    source.add_argument("--records", help="a folder of ECG files, or a CSV list with a `path` column")
+    asked = parser.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--question", help="the question")
+    asked.add_argument("--questions", help="a text file, one question per line")
+    parser.add_argument("--out", help="JSON lines file, appended (a rerun answers only what is missing)")
+    parser.add_argument("--fs", type=float, help="sampling rate of .npy / .csv files, Hz")
+    parser.add_argument("--leads", help="lead order of .npy / .csv files, comma-separated (I,II,III,aVR,...)")
+    parser.add_argument("--window", choices=("first", "all"), default="first", help="first window, or each")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
+    return parser
+
+
+def run_ask(args: list[str]) -> int:
+    """``ecglm ask``: 0 when every file was answered, 1 when some were skipped, 2 when none was."""
+    from ecglm.model import ECGLM, Decoding
+
+    options = ask_parser().parse_args(args)
+    questions = (
+        [options.question]
+        if options.question
+        else [q.strip() for q in Path(options.questions).read_text().splitlines() if q.strip()]
+    )
+    records = find_records(options.record or options.records)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = ECGLM.from_pretrained(options.model, device=device)
+    leads = options.leads.split(",") if options.leads else None
+    rows, skipped = ask(
+        model,
+        records,
+        questions,
+        out=options.out,
+        fs=options.fs,
+        leads=leads,
+        window=options.window,
+        decoding=Decoding(max_new_tokens=options.max_new_tokens),
+        batch_size=options.batch_size,
+        model_id=str(options.model),
+    )
+    for row in rows if options.out is None else rows[:20]:
+        print(f"{row['record']} [window {row['window']}] {row['question']}\n  -> {row['answer']}")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if options.out:
+        print(f"{len(rows)} answer(s) appended to {options.out}; {len(skipped)} file(s) skipped")
+    return 2 if skipped and not rows and len(skipped) == len(records) else 1 if skipped else 0
