@@ -255,8 +255,15 @@ def test_ecglm_ask_answers_the_real_ptb_record_from_its_12_standard_leads(traine
     out = tmp_path / "answers.jsonl"
     question = "What is the heart rate category of this ECG?"
     args = ["ask", "--model", str(trained["bundle"]), "--record", str(ptb_record), "--question", question]
-    assert main([*args, "--out", str(out), "--window", "all", "--max_new_tokens", "4"]) == 0
+    plots = tmp_path / "plots"
+    assert (
+        main([*args, "--out", str(out), "--window", "all", "--max_new_tokens", "4", "--plot", str(plots)])
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # What the model saw, drawn: one PNG per answer, named in its row.
+    assert [Path(r["plot"]).name for r in rows] == [f"s0010_re_w{i}_q0.png" for i in range(3)]
+    assert all(Path(r["plot"]).stat().st_size > 20_000 for r in rows)
     assert [r["window"] for r in rows] == [0, 1, 2] and all(r["record"] == str(ptb_record) for r in rows)
     assert rows[0]["decoding"]["max_new_tokens"] == 4 and rows[0]["model"] == str(trained["bundle"])
     # The Python API gives the same answer from the same signal.

@@ -90,6 +90,30 @@ def answer_windows(
     return answers
 
 
+def plot_window(window: np.ndarray, fs: float, title: str, path: str | Path) -> Path:
+    """The prepared window (12 leads, as the encoder reads them: normalised units) as a PNG, one
+    panel per lead in the standard order, the question and answer as the title."""
+    # A Figure without pyplot: no global backend to switch, nothing left open.
+    from matplotlib.figure import Figure
+
+    from ecglm.ecg import LEADS
+
+    window = np.asarray(window, dtype=np.float32)
+    seconds = np.arange(window.shape[1]) / fs
+    figure = Figure(figsize=(12, 14), layout="constrained")
+    axes = figure.subplots(len(LEADS), 1, sharex=True)
+    for axis, lead, trace in zip(axes, LEADS, window, strict=True):
+        axis.plot(seconds, trace, linewidth=0.6, color="black")
+        axis.set_ylabel(lead, rotation=0, labelpad=18)
+        axis.grid(True, linewidth=0.3)
+    axes[-1].set_xlabel(f"seconds (resampled to {fs:g} Hz; values as the encoder reads them)")
+    figure.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    return path
+
+
 # --- ecglm ask ---------------------------------------------------------------------------------------
 
 
@@ -135,11 +159,12 @@ def ask(
     decoding: Decoding | None = None,
     batch_size: int = 8,
     model_id: str = "",
+    plot_dir: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Answer every question about every record: ``(answer rows, [(file, why skipped)])``.
 
     With ``out``, rows are appended as JSON lines and flushed per batch; pairs already in ``out`` are
-    not asked again."""
+    not asked again. With ``plot_dir``, each answer's window is drawn there (:func:`plot_window`)."""
     from ecglm.model import Decoding
 
     decoding = decoding or Decoding()
@@ -160,9 +185,13 @@ def ask(
         def flush() -> None:
             windows, asked = [p[2] for p in pending], [p[3] for p in pending]
             answers = answer_windows(model, windows, asked, decoding, batch_size)
-            for (record, index, _, question), answer in zip(pending, answers, strict=True):
+            for (record, index, w, question), answer in zip(pending, answers, strict=True):
                 row = {"record": record, "window": index, "question": question, "answer": answer}
                 row |= {"decoding": asdict(decoding), "model": model_id}
+                if plot_dir is not None:
+                    name = f"{Path(record).stem}_w{index}_q{questions.index(question)}.png"
+                    title = f"{record} (window {index})\nQ: {question}\nA: {answer}"
+                    row["plot"] = str(plot_window(w, pre.sampling_rate, title, Path(plot_dir) / name))
                 rows.append(row)
                 if sink is not None:
                     sink.write(json.dumps(row) + "\n")
@@ -203,6 +232,9 @@ def ask_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
+    parser.add_argument(
+        "--plot", help="a folder: each answer's ECG as the model read it, with Q and A, as PNG"
+    )
     return parser
 
 
@@ -231,6 +263,7 @@ def run_ask(args: list[str]) -> int:
         decoding=Decoding(max_new_tokens=options.max_new_tokens),
         batch_size=options.batch_size,
         model_id=str(options.model),
+        plot_dir=options.plot,
     )
     for row in rows if options.out is None else rows[:20]:
         print(f"{row['record']} [window {row['window']}] {row['question']}\n  -> {row['answer']}")
