@@ -360,3 +360,35 @@ def test_edf_and_csv_records_read_as_the_wfdb_original(ptb_record, tmp_path):
     from_csv = read_recording(csv_path, fs=1000)
     assert from_csv.leads == original.leads
     np.testing.assert_allclose(from_csv.signal, original.signal[:3000], rtol=1e-6, atol=1e-9)
+
+
+def test_ecglm_predict_answers_the_test_split_into_the_run(trained):
+    """``ecglm predict --config --ckpt_path``: a predict_step over the DataModule's test split."""
+    recipe, run = str(trained["recipe"]), trained["root"] / "run"
+    with pytest.raises(RuntimeError, match="refusing to answer with untrained weights"):
+        run_cli(["predict", "--config", recipe])
+    run_cli(["predict", "--config", recipe, "--ckpt_path", "last"])
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # 2 test ECGs x 2 questions
+    assert {r["dataset"] for r in rows} == {"synthetic-heart-qa"} and all(
+        isinstance(r["answer"], str) for r in rows
+    )
+    assert all(r["question"] and r["reference"] for r in rows) and rows[0]["decoding"]["num_beams"] == 1
+
+
+def test_a_projection_only_bundle_over_pretrained_parts_is_the_connectors_size(
+    trained, tiny_encoder_factory, tmp_path
+):
+    from ecglm.backbones import HFBackbone
+    from ecglm.bundle import save_bundle
+    from ecglm.connectors import MLPConnector
+
+    encoder = tiny_encoder_factory()
+    encoder.pretrained = True  # as an encoder loaded from a CMSC / ECG-FM file is
+    model = ECGLM(encoder, MLPConnector(num_tokens=1), HFBackbone(trained["llm"], dtype="float32"))
+    spec = {"class_path": "x.Y", "init_args": {}}
+    out = save_bundle(model, tmp_path / "b", {"encoder": spec, "connector": spec, "backbone": spec})
+    weights = load_file(str(out / WEIGHTS_FILE))
+    assert set(weights) == {f"connector.{k}" for k in model.connector.state_dict()}
+    connector_bytes = sum(t.numel() * t.element_size() for t in model.connector.state_dict().values())
+    assert connector_bytes <= (out / WEIGHTS_FILE).stat().st_size < connector_bytes + 4096  # + the header

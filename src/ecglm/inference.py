@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ecglm.data.collate import QACollator
 from ecglm.encoders import Preprocessing
@@ -160,6 +161,7 @@ def ask(
     batch_size: int = 8,
     model_id: str = "",
     plot_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Answer every question about every record: ``(answer rows, [(file, why skipped)])``.
 
@@ -199,7 +201,7 @@ def ask(
                 sink.flush()
             pending.clear()
 
-        for path in records:
+        for path in tqdm(records, desc="records", unit="record", disable=not progress, file=sys.stderr):
             try:
                 windows = prepare(read_recording(path, fs, leads), pre, window)
             except RecordError as err:
@@ -264,6 +266,7 @@ def run_ask(args: list[str]) -> int:
         batch_size=options.batch_size,
         model_id=str(options.model),
         plot_dir=options.plot,
+        progress=len(records) > 1,
     )
     for row in rows if options.out is None else rows[:20]:
         print(f"{row['record']} [window {row['window']}] {row['question']}\n  -> {row['answer']}")

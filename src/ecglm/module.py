@@ -93,6 +93,7 @@ class ECGLanguageModel(L.LightningModule):
         # Evaluation state lives outside the module tree (plain dicts): a BERTScore model is never a
         # submodule, so it can neither become "trainable" nor end up in a checkpoint.
         self._evaluations: dict[str, AnswerEvaluation] = {}
+        self._predictions: list[dict[str, Any]] = []  # ecglm predict: this rank's answers
         self._token_stats: dict[str, AnswerTokenStats] = {}
         self._val_generated = 0
         self.evaluation_result: dict[str, Any] | None = None
@@ -250,12 +251,50 @@ class ECGLanguageModel(L.LightningModule):
                 p_yes = self.model.answer_scores(batch, ("yes", "no"), condition)[:, 0]
                 evaluation.update_scores(condition, p_yes, batch)
 
-    def on_test_start(self) -> None:
+    def predict_step(self, batch: ECGQABatch, batch_idx: int) -> list[dict[str, Any]]:
+        """``ecglm predict``: the generated answer of each QA pair, with its key, dataset, question
+        type, question and reference; the run's ``predictions.jsonl`` collects them (every rank's)."""
+        answers = self.model.generate(batch, self.decoding)
+        rows = [
+            {
+                "key": batch.key[i],
+                "dataset": batch.dataset[i],
+                "question_type": batch.question_type[i],
+                "question": batch.question[i] if batch.question else None,
+                "reference": batch.answer[i],
+                "answer": answer,
+            }
+            for i, answer in enumerate(answers)
+        ]
+        self._predictions.extend(rows)
+        return rows
+
+    def on_predict_start(self) -> None:
+        self._refuse_untrained("answer with")
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def on_predict_epoch_end(self) -> None:
+        rows = self._predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part or []]
+        if self.trainer.is_global_zero:
+            lines = "".join(json.dumps({**r, "decoding": asdict(self.decoding)}) + "\n" for r in rows)
+            path = save_run_file(self.trainer, "predictions.jsonl", lines)
+            self.print(f"  {len(rows)} predictions: {path}")
+
+    def _refuse_untrained(self, what: str) -> None:
         if self._weights_from == "initialisation" and any(p.requires_grad for p in self.parameters()):
             raise RuntimeError(
-                "refusing to evaluate untrained weights: no checkpoint was loaded (pass --ckpt_path with a "
+                f"refusing to {what} untrained weights: no checkpoint was loaded (pass --ckpt_path with a "
                 "checkpoint file, or `last` when the recipe's ModelCheckpoint has save_last: true)"
             )
+
+    def on_test_start(self) -> None:
+        self._refuse_untrained("evaluate")
         # Built per test run: the groups come from the data, which may change between runs.
         self._evaluations["test"] = self._build_evaluation("test")
 

@@ -566,6 +566,10 @@ class ECGQADataModule(L.LightningDataModule):
             "test", self.eval_batch_size, train=False, for_generation=True, subset=self._test_subset
         )
 
+    def predict_dataloader(self) -> DataLoader:
+        """``ecglm predict``: every QA pair of the test split, as generation batches."""
+        return self._loader("test", self.eval_batch_size, train=False, for_generation=True)
+
 
 class StreamLoader(DataLoader):
     """A DataLoader over a :class:`QAStream` that sets the stream's epoch and resume point when a pass starts.
