@@ -312,9 +312,7 @@ def test_a_folder_run_skips_bad_files_reports_them_and_resumes(trained, tmp_path
     assert len(complete) == 4
 
 
-def test_bad_ecg_files_are_refused_naming_the_file(ptb_record, tmp_path):
-    import shutil
-
+def test_bad_ecg_files_are_refused_naming_the_file(tmp_path):
     from ecglm.encoders import Preprocessing
     from ecglm.records import RecordError, prepare, read_recording
 
@@ -331,12 +329,18 @@ def test_bad_ecg_files_are_refused_naming_the_file(ptb_record, tmp_path):
         RecordError, match=r"lacks lead\(s\) \['aVR'.*the encoder reads the 12 standard leads"
     ):
         prepare(read_recording(tmp_path / "three.csv", fs=250), pre)
-    # A header whose data file is missing.
+    with pytest.raises(RecordError, match="no such file"):
+        read_recording(tmp_path / "absent.npy", fs=250, leads=["I"])
+
+
+def test_a_wfdb_header_without_its_data_file_is_named(ptb_record, tmp_path):
+    import shutil
+
+    from ecglm.records import RecordError, read_recording
+
     shutil.copy(ptb_record.with_suffix(".hea"), tmp_path / "s0010_re.hea")
     with pytest.raises(RecordError, match=r"s0010_re\.dat.*needs its \.hea and the data files it names"):
         read_recording(tmp_path / "s0010_re")
-    with pytest.raises(RecordError, match="no such file"):
-        read_recording(tmp_path / "absent.npy", fs=250, leads=["I"])
 
 
 def test_edf_and_csv_records_read_as_the_wfdb_original(ptb_record, tmp_path):
