@@ -266,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["shard"]:
         run_shard(args[1:])
         return 0
+    if args[:1] == ["render"]:
+        from ecglm.records import RecordError
+        from ecglm.render import run_render
+
+        try:
+            print(f"printout: {run_render(args[1:])}")
+        except (RecordError, ValueError) as err:
+            print(f"ecglm render: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args[:1] == ["ask"]:
         from ecglm.bundle import BundleError
         from ecglm.inference import run_ask

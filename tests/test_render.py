@@ -1,0 +1,77 @@
+"""The 12-lead printout: paper size, 10 mm/mV and 25 mm/s in pixels, the layout, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ecglm.ecg import LEADS
+from ecglm.render import MARGIN_MM, ROW_HEIGHT_MM, paper_size_mm, render_ecg
+
+DPI = 254  # 10 pixels per millimetre
+FS = 250
+
+
+def _dark(image: np.ndarray) -> np.ndarray:
+    return (image < 80).all(axis=-1)  # the black trace, not the pink grid
+
+
+def _row_baseline_px(row: int) -> int:
+    """Pixels from the top of the image to the baseline of ``row``."""
+    return round((MARGIN_MM + (row + 0.6) * ROW_HEIGHT_MM) * DPI / 25.4)
+
+
+def test_paper_size_and_determinism():
+    signal = np.zeros((12, 10 * FS))
+    image = render_ecg(signal, FS, dpi=DPI)
+    width, height = paper_size_mm()
+    assert image.shape == (round(height * 10), round(width * 10), 3) and image.dtype == np.uint8
+    assert np.array_equal(image, render_ecg(signal, FS, dpi=DPI))
+    # The grid is drawn: pink pixels, major lines every 5 mm (50 px).
+    pink = (image[..., 0] > 200) & (image[..., 1] < 200)
+    assert pink.any(axis=0)[::50].mean() > 0.9
+
+
+def test_one_millivolt_is_ten_millimetres_and_one_second_twenty_five():
+    """Lead I steps to 1 mV at 0.4 s and back at 1.4 s: in the first column of the first row, the step is
+    100 px high (10 mm/mV) and 250 px long (25 mm/s)."""
+    signal = np.zeros((12, 10 * FS))
+    signal[LEADS.index("I"), int(0.4 * FS) : int(1.4 * FS)] = 1.0
+    image = render_ecg(signal, FS, dpi=DPI)
+    dark = _dark(image)
+    baseline = _row_baseline_px(0)
+    top = baseline - 100
+    x0 = round((MARGIN_MM + 5.0) * 10)  # after the calibration pulse
+    plateau = np.flatnonzero(dark[top - 2 : top + 3, x0 : x0 + 625].any(axis=0))
+    assert plateau.size and abs(plateau[0] - 100) <= 3 and abs(plateau[-1] - 350) <= 3  # 0.4 s .. 1.4 s
+    # The calibration pulse of every row: its top 100 px (1 mV) above the row's baseline.
+    column = dark[:, round(MARGIN_MM * 10) + 25]  # mid-pulse
+    for row in range(4):
+        base = _row_baseline_px(row)
+        band = np.flatnonzero(column[base - 150 : base + 50]) + base - 150
+        assert band.size and abs((base - band.min()) - 100) <= 3, row
+
+
+def test_bad_signals_are_refused():
+    with pytest.raises(ValueError, match="12 leads x samples"):
+        render_ecg(np.zeros((15, 2500)), FS)
+    with pytest.raises(ValueError, match="needs 10 s"):
+        render_ecg(np.zeros((12, 2000)), FS)
+    signal = np.zeros((12, 2500))
+    signal[3, 10] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        render_ecg(signal, FS)
+
+
+def test_ecglm_render_draws_a_real_record(ptb_record, tmp_path):
+    from PIL import Image
+
+    from ecglm.cli import main
+
+    out = tmp_path / "ptb.png"
+    assert main(["render", "--record", str(ptb_record), "--out", str(out), "--dpi", "100"]) == 0
+    image = np.asarray(Image.open(out).convert("RGB"))
+    width, height = paper_size_mm()
+    assert image.shape[:2] == (round(height * 100 / 25.4), round(width * 100 / 25.4))
+    assert _dark(image).mean() > 0.01  # traces drawn over the grid
+    assert main(["render", "--record", str(tmp_path / "none.npy"), "--out", str(out), "--fs", "250"]) == 2
