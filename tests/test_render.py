@@ -75,3 +75,27 @@ def test_ecglm_render_draws_a_real_record(ptb_record, tmp_path):
     assert image.shape[:2] == (round(height * 100 / 25.4), round(width * 100 / 25.4))
     assert _dark(image).mean() > 0.01  # traces drawn over the grid
     assert main(["render", "--record", str(tmp_path / "none.npy"), "--out", str(out), "--fs", "250"]) == 2
+
+
+def test_augmentations_are_seeded_and_each_distorts_the_printout():
+    from dataclasses import replace
+
+    from ecglm.render import PrintoutAugment, augment_seed
+
+    t = np.arange(10 * FS) / FS
+    signal = np.stack([np.sin(2 * np.pi * 1.2 * t) * (1 + 0.05 * k) for k in range(12)])
+    image = render_ecg(signal, FS, dpi=100)
+    augment = PrintoutAugment()
+    once, again = augment(image, 7), augment(image, 7)
+    assert once.shape == image.shape and once.dtype == np.uint8 and np.array_equal(once, again)
+    assert not np.array_equal(once, augment(image, 8))
+    off = PrintoutAugment(0, 0, 0, 0, 0, 0, 0)
+    assert np.array_equal(off(image, 7), image)  # every distortion off: the printout itself
+    only = {name: replace(off, **{name: value}) for name, value in vars(augment).items()}
+    changed = {name: float(np.abs(a(image, 3).astype(int) - image).mean()) for name, a in only.items()}
+    assert all(v > 0.01 for v in changed.values()), changed  # blur at seed 3: 0.04; rotation: 32
+    # Blur removes fine detail (the 1 mm grid): less energy in pixel-to-pixel differences.
+    blurred = replace(off, blur=2.0)(image, 3).astype(float)
+    assert np.abs(np.diff(blurred, axis=1)).mean() < np.abs(np.diff(image.astype(float), axis=1)).mean()
+    # A pair's seed changes with the epoch and is the same for the same pair everywhere.
+    assert augment_seed("r1_qa0", 0) == augment_seed("r1_qa0", 0) != augment_seed("r1_qa0", 1)

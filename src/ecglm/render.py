@@ -15,6 +15,8 @@ drawn as if its units were millivolts), at least 10 s at ``fs`` Hz.
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +129,99 @@ def run_render(args: list[str]) -> Path:
     parser.add_argument("--start", type=float, default=0.0, help="seconds into the record")
     parser.add_argument("--fs", type=float, help="sampling rate of .npy / .csv files, Hz")
     parser.add_argument("--leads", help="lead order of .npy / .csv files, comma-separated")
+    parser.add_argument("--augment", type=int, help="a seed: distort as a photographed printout")
     options = parser.parse_args(args)
     recording = read_recording(
         options.record, options.fs, options.leads.split(",") if options.leads else None
     )
     leads = select_leads(recording.signal, recording.leads, recording.source)
     start = round(options.start * recording.fs)
-    return save_png(render_ecg(leads[:, start:], recording.fs, dpi=options.dpi), options.out)
+    image = render_ecg(leads[:, start:], recording.fs, dpi=options.dpi)
+    if options.augment is not None:
+        image = PrintoutAugment()(image, options.augment)
+    return save_png(image, options.out)
+
+
+@dataclass(frozen=True)
+class PrintoutAugment:
+    """Distortions of the kind photographed and scanned printouts carry (ECGInstruct's images):
+    rotation, perspective skew, scale, cropping, blur, sensor noise and paper/ink colour, each drawn
+    uniformly up to its bound from a generator seeded per call. ``0`` turns a distortion off.
+
+    Args:
+        rotation_deg: Largest rotation either way, degrees.
+        perspective: Largest corner displacement, as a fraction of the image's width and height.
+        scale: Largest zoom in or out (0.05: 0.95x to 1.05x), the image kept at its size.
+        crop: Largest fraction cut from each side (then resized back).
+        blur: Largest Gaussian blur radius, pixels.
+        noise: Largest standard deviation of additive noise, in 0-255 units.
+        colour: Largest per-channel gain change (0.15: 0.85x to 1.15x) of paper, grid and ink.
+    """
+
+    rotation_deg: float = 3.0
+    perspective: float = 0.03
+    scale: float = 0.05
+    crop: float = 0.02
+    blur: float = 1.0
+    noise: float = 6.0
+    colour: float = 0.12
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        from PIL import Image, ImageFilter
+
+        rng = np.random.default_rng(seed)
+        height, width = image.shape[:2]
+        white, bilinear = (255, 255, 255), Image.Resampling.BILINEAR
+        picture = Image.fromarray(image)
+        if self.rotation_deg:
+            angle = rng.uniform(-self.rotation_deg, self.rotation_deg)
+            picture = picture.rotate(angle, resample=bilinear, fillcolor=white)
+        if self.perspective:
+            shift = rng.uniform(-self.perspective, self.perspective, size=(4, 2)) * (width, height)
+            corners = np.array([(0, 0), (width, 0), (width, height), (0, height)], dtype=np.float64)
+            coefficients = _perspective_coefficients(corners, corners + shift)
+            picture = picture.transform(
+                (width, height),
+                Image.Transform.PERSPECTIVE,
+                coefficients,
+                Image.Resampling.BILINEAR,
+                fillcolor=white,
+            )
+        if self.scale:
+            factor = rng.uniform(1 - self.scale, 1 + self.scale)
+            scaled = picture.resize(
+                (round(width * factor), round(height * factor)), Image.Resampling.BILINEAR
+            )
+            canvas = Image.new("RGB", (width, height), white)
+            canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
+            picture = canvas
+        if self.crop:
+            left, top, right, bottom = rng.uniform(0, self.crop, size=4) * (width, height, width, height)
+            box = (left, top, width - right, height - bottom)
+            picture = picture.crop(tuple(round(v) for v in box)).resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+        if self.blur:
+            picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0, self.blur)))
+        out = np.asarray(picture, dtype=np.float64)
+        if self.colour:
+            out = out * rng.uniform(1 - self.colour, 1 + self.colour, size=3)
+        if self.noise:
+            out = out + rng.normal(0, rng.uniform(0, self.noise), size=out.shape)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def augment_seed(key: str, epoch: int, seed: int = 0) -> int:
+    """The augmentation seed of one QA pair in one epoch: a new distortion every epoch, the same one
+    for the same (key, epoch, seed) in any worker or resumed run."""
+    return zlib.crc32(f"{seed}|{epoch}|{key}".encode())
+
+
+def _perspective_coefficients(source: np.ndarray, target: np.ndarray) -> tuple[float, ...]:
+    """Pillow's 8 perspective coefficients mapping output points ``source`` to input points ``target``."""
+    rows = []
+    for (x, y), (u, v) in zip(source, target, strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    solution = np.linalg.solve(np.array(rows), target.reshape(8))
+    return tuple(float(c) for c in solution)
