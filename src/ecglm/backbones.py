@@ -394,13 +394,7 @@ class HFBackbone(Backbone):
             out = self.forward_reusing_prefix(input_ids, attention_mask, ecg_mask, ecg_tokens, labels)
             if out is not None:
                 return out
-        inputs = {
-            "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
-            "attention_mask": attention_mask,
-            "position_ids": positions_from_mask(attention_mask),
-            "use_cache": False,
-            **self.token_inputs(input_ids),
-        }
+        inputs = self._lm_inputs(input_ids, ecg_mask, ecg_tokens, attention_mask=attention_mask)
         if labels is None or not self._keeps_logits:
             return self.model(**inputs, labels=labels)
         # Left-padded answers end at the last position: computing the vocabulary logits for that span
@@ -415,15 +409,30 @@ class HFBackbone(Backbone):
     ) -> Tensor:
         if not self._keeps_logits:
             return super().last_logits(input_ids, attention_mask, ecg_mask, ecg_tokens)
-        out = self.model(
-            inputs_embeds=self.splice(input_ids, ecg_mask, ecg_tokens),
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-            logits_to_keep=1,  # the vocabulary logits of the last position only
+        inputs = self._lm_inputs(input_ids, ecg_mask, ecg_tokens, attention_mask=attention_mask)
+        # The vocabulary logits of the last position only.
+        return self.model(**inputs, logits_to_keep=1).logits[:, -1]
+
+    def _lm_inputs(
+        self,
+        input_ids: Tensor,
+        ecg_mask: Tensor,
+        ecg_tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The LM's keyword inputs without a cache: the spliced embeddings, and either a left-padded
+        batch's mask (positions from it) or packed rows' position ids with no mask (transformers
+        then masks each packed pair apart; with a cache it would not look for them)."""
+        if attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)
+        return {
+            "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
+            **({"attention_mask": attention_mask} if attention_mask is not None else {}),
+            "position_ids": position_ids,
+            "use_cache": False,
             **self.token_inputs(input_ids),
-        )
-        return out.logits[:, -1]
+        }
 
     def packing_blocker(self) -> str | None:
         """Packed rows need every layer to be attention that transformers masks per packed pair: its
@@ -457,12 +466,7 @@ class HFBackbone(Backbone):
     ) -> CausalLMOutputWithPast:
         """The loss of packed rows: no attention mask (transformers builds a block-diagonal causal
         mask from the position ids), vocabulary logits only where the next token is supervised."""
-        inputs = {
-            "inputs_embeds": self.splice(input_ids, ecg_mask, ecg_tokens),
-            "position_ids": position_ids,
-            "use_cache": False,  # with a cache transformers would not look for packed pairs
-            **self.token_inputs(input_ids),
-        }
+        inputs = self._lm_inputs(input_ids, ecg_mask, ecg_tokens, position_ids=position_ids)
         if labels is None or not self._keeps_logits:
             return self.model(**inputs, labels=labels)
         # Answers sit inside the row, not at its end: keep the logits of the positions before each
