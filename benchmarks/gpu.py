@@ -379,6 +379,8 @@ def train_steps(model, run: Run, device: str, steps: int, box: float) -> tuple[l
     """Warm-up step, then ``steps`` timed ones (stopped at ``box``); returns times and peak bytes."""
     import torch
 
+    from ecglm.testing import cpu_peak_bytes
+
     cuda = device.startswith("cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -413,29 +415,10 @@ def train_steps(model, run: Run, device: str, steps: int, box: float) -> tuple[l
             if times and time.perf_counter() > box:
                 break
             times.append(step())
-        peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak(step)
+        peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(step)
     finally:
         hook.remove()
     return times, peak
-
-
-def cpu_peak(step) -> int:
-    """Peak bytes allocated within one step (profiler allocation events, as benchmarks/policy_cost.py)."""
-    import torch
-
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
-    )
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
 
 
 def generation(model, device: str, prompts: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:

@@ -204,17 +204,9 @@ def step_peak_bytes(step, cuda: bool) -> int:
         start = torch.cuda.memory_allocated()
         step()
         return torch.cuda.max_memory_allocated() - start
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    running = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        if event.device_type().name == "CPU":
-            running += event.nbytes()
-            peak = max(peak, running)
-    return peak
+    from ecglm.testing import cpu_peak_bytes
+
+    return cpu_peak_bytes(step)
 
 
 def table(results: list[dict]) -> str:

@@ -22,10 +22,8 @@ from ecglm.cli import main, run_cli
 from ecglm.data.datamodule import QACollator
 from ecglm.data.synthetic import SyntheticHeartQA
 from ecglm.resume import peek_checkpoint
+from ecglm.testing import TINY_ENCODER
 from ecglm_testing import TINY, VOCAB
-
-ENCODER = dict(conv_layers=[[16, 10, 5], [16, 5, 5]], embed_dim=32, num_layers=1, num_heads=2, ffn_dim=64)
-ENCODER |= dict(dropout=0.0, conv_pos_kernel=4, conv_pos_groups=2)
 
 LOAD_AND_ANSWER = """
 import json, sys, torch
@@ -55,7 +53,7 @@ def trained(tokenizer_dir, tmp_path_factory) -> dict:
     config = {
         "seed_everything": 0,
         "model": {
-            "encoder": {"class_path": "wav2vec2", "init_args": ENCODER},
+            "encoder": {"class_path": "wav2vec2", "init_args": TINY_ENCODER},
             "connector": {"class_path": "mlp", "init_args": {"num_tokens": 2}},
             "backbone": {"class_path": "hf", "init_args": {"model": str(llm), "dtype": "float32"}},
             "policy": {"class_path": "lora", "init_args": {"r": 4, "alpha": 8, "dropout": 0.0}},

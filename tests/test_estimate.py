@@ -32,6 +32,7 @@ from ecglm.estimate import (
     run_estimate,
     settings_from_recipe,
 )
+from ecglm.testing import TINY_ENCODER, cpu_peak_bytes, token_batch
 from ecglm.testing.tiny import tokenizer_dir
 from ecglm_testing import FAMILIES, REPO
 
@@ -45,16 +46,6 @@ LM = dict(
     head_dim=32,
     vocab_size=512,
 )
-ENCODER = dict(
-    conv_layers=[[16, 10, 5], [16, 5, 5]],
-    embed_dim=32,
-    num_layers=1,
-    num_heads=2,
-    ffn_dim=64,
-    dropout=0.0,
-    conv_pos_kernel=4,
-    conv_pos_groups=2,
-)
 BATCH, SEQ, ANSWER = 4, 128, 32
 LORA = {"class_path": "lora", "init_args": {"r": 8, "dropout": 0.05}}
 
@@ -62,7 +53,7 @@ LORA = {"class_path": "lora", "init_args": {"r": 8, "dropout": 0.05}}
 def write_recipe(folder, backbone: dict, policy: dict, trainer: dict | None = None) -> str:
     recipe = {
         "model": {
-            "encoder": {"class_path": "wav2vec2", "init_args": ENCODER},
+            "encoder": {"class_path": "wav2vec2", "init_args": TINY_ENCODER},
             "connector": {"class_path": "mlp", "init_args": {"num_tokens": 2}},
             "backbone": {"class_path": "hf", "init_args": backbone},
             "policy": policy,
@@ -114,24 +105,6 @@ def real_model(config: dict):
     )
 
 
-def as_batch(ecg: torch.Tensor, **tokens: torch.Tensor):
-    """The model's batch type (``ecglm.batch.ECGQABatch``; a dict before that module existed)."""
-    try:
-        from ecglm.batch import ECGQABatch
-    except ImportError:
-        return {"ecg": ecg, **tokens}
-    rows = tokens["input_ids"].shape[0]
-    return ECGQABatch(
-        **tokens,
-        ecg=ecg,
-        ecg_counts=torch.ones(rows, dtype=torch.long),
-        key=[str(i) for i in range(rows)],
-        dataset=["synthetic"] * rows,
-        question_type=["x"] * rows,
-        answer=["x"] * rows,
-    )
-
-
 def full_batch(rows: int, seq: int, answer: int):
     """Rows of ``seq`` real tokens (no padding), two ECG positions, the last ``answer`` supervised."""
     ids = torch.randint(100, 500, (rows, seq))
@@ -139,28 +112,13 @@ def full_batch(rows: int, seq: int, answer: int):
     ecg_mask[:, 3:5] = True
     labels = torch.full((rows, seq), -100)
     labels[:, -answer:] = ids[:, -answer:]
-    return as_batch(
+    return token_batch(
         torch.randn(rows, 12, 2500),
         input_ids=ids,
         attention_mask=torch.ones(rows, seq, dtype=torch.long),
         ecg_mask=ecg_mask,
         labels=labels,
     )
-
-
-def step_peak_bytes(step) -> int:
-    """Peak bytes allocated within ``step`` and alive at once (profiler allocation events, CPU)."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    running = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        if event.device_type().name == "CPU":
-            running += event.nbytes()
-            peak = max(peak, running)
-    return peak
 
 
 def stored_bytes(param: torch.Tensor) -> int:
@@ -222,7 +180,7 @@ def test_estimate_matches_what_a_real_model_holds(case, tmp_path, saved_llama):
     batch = full_batch(BATCH, SEQ, ANSWER)
     model(batch).loss.backward()  # warm-up: lazily built state is not a step's
     model.zero_grad(set_to_none=True)
-    peak = step_peak_bytes(lambda: model(batch).loss.backward())
+    peak = cpu_peak_bytes(lambda: model(batch).loss.backward())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     assert memory["gradients"] == grads
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad])

@@ -103,31 +103,17 @@ def build_model(folder: str, four_bit: str | None = None):
     return ECGLanguageModel(tiny_encoder(), MLPConnector(num_tokens=2), backbone, policy, learning_rate=1e-2)
 
 
-def as_batch(ecg: torch.Tensor, **tokens: torch.Tensor):
-    """The model's batch type, :class:`ecglm.batch.ECGQABatch`."""
-    from ecglm.batch import ECGQABatch
-
-    rows = tokens["input_ids"].shape[0]
-    return ECGQABatch(
-        **tokens,
-        ecg=ecg,
-        ecg_counts=torch.ones(rows, dtype=torch.long),
-        key=[str(i) for i in range(rows)],
-        dataset=["synthetic"] * rows,
-        question_type=["x"] * rows,
-        answer=["x"] * rows,
-    )
-
-
 def batch(seed: int):
     """Full rows (no padding), two ECG positions, the last ``ANSWER`` tokens supervised."""
+    from ecglm.testing import token_batch
+
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, 1000, (ROWS, SEQ), generator=generator)
     ecg_mask = torch.zeros(ROWS, SEQ, dtype=torch.bool)
     ecg_mask[:, 3:5] = True
     labels = torch.full((ROWS, SEQ), -100)
     labels[:, -ANSWER:] = ids[:, -ANSWER:]
-    return as_batch(
+    return token_batch(
         torch.randn(ROWS, 12, 2500, generator=generator),
         input_ids=ids,
         attention_mask=torch.ones(ROWS, SEQ, dtype=torch.long),

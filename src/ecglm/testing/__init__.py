@@ -22,16 +22,19 @@ from ecglm.testing.contracts import (
     check_policy,
     left_padded_batch,
 )
+from ecglm.testing.measure import cpu_peak_bytes
 from ecglm.testing.tiny import (
     CHATML_TEMPLATE,
     SMOLLM2_GGUF,
     TINY,
+    TINY_ENCODER,
     bound_prompt,
     byte_tokenizer,
     smollm2_tokenizer,
     tiny_backbone,
     tiny_causal_lm,
     tiny_encoder,
+    token_batch,
     tokenizer_dir,
 )
 
@@ -39,6 +42,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "SMOLLM2_GGUF",
     "TINY",
+    "TINY_ENCODER",
     "ContractError",
     "bound_prompt",
     "byte_tokenizer",
@@ -47,10 +51,12 @@ __all__ = [
     "check_encoder",
     "check_gradients",
     "check_policy",
+    "cpu_peak_bytes",
     "left_padded_batch",
     "smollm2_tokenizer",
     "tiny_backbone",
     "tiny_causal_lm",
     "tiny_encoder",
+    "token_batch",
     "tokenizer_dir",
 ]

@@ -16,9 +16,22 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from ecglm.backbones import Backbone, HFBackbone
+from ecglm.batch import ECGQABatch
 from ecglm.encoders import Wav2Vec2ECGEncoder
 from ecglm.io import resolve_pkg
 from ecglm.prompts import ChatTemplate, PromptStyle
+
+#: The tiny encoder's arguments (lists, so that a recipe written by a test can hold them too).
+TINY_ENCODER: dict[str, Any] = dict(
+    conv_layers=[[16, 10, 5], [16, 5, 5]],
+    embed_dim=32,
+    num_layers=1,
+    num_heads=2,
+    ffn_dim=64,
+    dropout=0.0,
+    conv_pos_kernel=4,
+    conv_pos_groups=2,
+)
 
 #: Sizes of every tiny LM (2 layers, 64 wide); the vocabulary comes from the tokenizer.
 TINY = dict(
@@ -134,16 +147,22 @@ def tiny_encoder(seed: int = 0) -> Wav2Vec2ECGEncoder:
     of 32."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Wav2Vec2ECGEncoder(
-            conv_layers=[(16, 10, 5), (16, 5, 5)],
-            embed_dim=32,
-            num_layers=1,
-            num_heads=2,
-            ffn_dim=64,
-            dropout=0.0,
-            conv_pos_kernel=4,
-            conv_pos_groups=2,
-        )
+        return Wav2Vec2ECGEncoder(**TINY_ENCODER)
+
+
+def token_batch(ecg: torch.Tensor, **tokens: torch.Tensor) -> ECGQABatch:
+    """An :class:`~ecglm.batch.ECGQABatch` of ``tokens`` (``input_ids``, ``attention_mask``,
+    ``ecg_mask``, ``labels``) with one ECG per row and placeholder keys, datasets and answers."""
+    rows = tokens["input_ids"].shape[0]
+    return ECGQABatch(
+        **tokens,
+        ecg=ecg,
+        ecg_counts=torch.ones(rows, dtype=torch.long),
+        key=[str(i) for i in range(rows)],
+        dataset=["synthetic"] * rows,
+        question_type=["x"] * rows,
+        answer=["x"] * rows,
+    )
 
 
 def bound_prompt(backbone: Backbone, style: PromptStyle | None = None, **kwargs: Any) -> PromptStyle:
