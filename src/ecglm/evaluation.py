@@ -354,6 +354,16 @@ def summarize(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def distinct_answers(per_seed: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Each answer record once, by ``(condition, dataset, key)``: a question drawn by several seeds gets
+    the same greedy answer, so it counts once."""
+    answers: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for result in per_seed:
+        for r in result.get("records", []):
+            answers.setdefault((r["condition"], r["dataset"], r["key"]), r)
+    return answers
+
+
 def intervals(per_seed: Sequence[dict[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
     """Exact-match accuracy with bootstrap intervals, and each gap ``ecg - control`` with its paired
     test, per dataset and per question type, from the per-answer records of every seed; the same for
@@ -365,10 +375,7 @@ def intervals(per_seed: Sequence[dict[str, Any]], confidence: float = 0.95) -> d
     seeds. Records (the ECG a question asks about) are resampled whole: questions about one ECG are
     not independent. The gap's p-value flips the sign of each record's summed difference.
     """
-    answers: dict[tuple[str, str], dict[str, Any]] = {}
-    for result in per_seed:
-        for r in result.get("records", []):
-            answers.setdefault((r["condition"], r["dataset"], r["key"]), r)
+    answers = distinct_answers(per_seed)
     if not answers:
         return {}
     ecg = {(d, key): r for (condition, d, key), r in answers.items() if condition == "ecg"}
@@ -421,11 +428,9 @@ def judge_answers(judge: Judge, per_seed: Sequence[dict[str, Any]]) -> tuple[dic
     """Judge each distinct answer of the judge's datasets and conditions once; per dataset and condition,
     the mean score with a bootstrap interval over records, and parse failures (never scored 0); the
     gap ``ecg - control`` of each control judged, paired on the questions both have a score for."""
-    answers: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for result in per_seed:
-        for r in result.get("records", []):
-            if judge.wants(r["dataset"], r["condition"]):
-                answers.setdefault((r["condition"], r["dataset"], r["key"]), r)
+    answers = {
+        k: r for k, r in distinct_answers(per_seed).items() if judge.wants(r["dataset"], r["condition"])
+    }
     keys = sorted(answers)
     items = [
         JudgeItem(r.get("question", ""), answer_text(r["reference"]), r["prediction"])
