@@ -139,6 +139,15 @@ def read_vocabulary(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every DDP rank's ``rows``, in rank order (this rank's alone outside a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(rows)
+    gathered: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, rows)
+    return [r for part in gathered for r in part or []]
+
+
 class AnswerEvaluation(nn.Module):
     """Metric states and answer records of one evaluation pass over one or more conditions.
 
@@ -252,11 +261,7 @@ class AnswerEvaluation(nn.Module):
 
     def gather_records(self) -> list[dict[str, Any]]:
         """Every rank's records (metric states sync themselves; records are plain Python)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return list(self.records)
-        gathered: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, self.records)
-        return [r for part in gathered for r in part or []]
+        return gather_rows(self.records)
 
     def compute(self) -> dict[str, Any]:
         """``{"conditions": {condition: {"datasets": {dataset: {metric: value}}, ...}}, "records": [...]}``.

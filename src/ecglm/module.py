@@ -22,7 +22,14 @@ from ecglm.backbones import Backbone
 from ecglm.batch import ECGQABatch
 from ecglm.connectors import Connector
 from ecglm.encoders import ECGEncoder
-from ecglm.evaluation import AnswerEvaluation, Decoding, MetricsConfig, render_markdown, summarize
+from ecglm.evaluation import (
+    AnswerEvaluation,
+    Decoding,
+    MetricsConfig,
+    gather_rows,
+    render_markdown,
+    summarize,
+)
 from ecglm.io import save_run_file
 from ecglm.metrics import AnswerTokenStats
 from ecglm.model import ECGLM
@@ -276,11 +283,7 @@ class ECGLanguageModel(L.LightningModule):
         self._predictions = []
 
     def on_predict_epoch_end(self) -> None:
-        rows = self._predictions
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part or []]
+        rows = gather_rows(self._predictions)
         if self.trainer.is_global_zero:
             lines = "".join(json.dumps({**r, "decoding": asdict(self.decoding)}) + "\n" for r in rows)
             path = save_run_file(self.trainer, "predictions.jsonl", lines)
