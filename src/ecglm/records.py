@@ -105,16 +105,15 @@ def _samples_by_leads(array: np.ndarray, num_leads: int, path: Path) -> np.ndarr
 
 def _read_csv(path: Path, fs: float, leads: list[str] | None) -> Recording:
     with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
+        header = next(csv.reader(f), None)
+    if not header:
         raise RecordError(f"{path}: empty CSV")
-    header = rows[0]
     has_header = any(not _is_number(cell) for cell in header)
     names = list(leads) if leads else header if has_header else None
     if names is None:
         raise RecordError(f"{path}: the CSV has no header row naming its leads: give them (--leads I,II,...)")
     try:
-        values = np.array([[float(c) for c in row] for row in rows[1 if has_header else 0 :] if row])
+        values = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2)
     except ValueError as err:
         raise RecordError(f"{path}: non-numeric sample ({err})") from err
     return Recording(_samples_by_leads(values, len(names), path), [n.strip() for n in names], fs, str(path))
