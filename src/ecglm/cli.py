@@ -182,7 +182,6 @@ def run_export(args: list[str], registry: Registry | None = None) -> Path:
     task = cli.model
     task.on_load_checkpoint(checkpoint)  # the key check, and the run's few-shot demonstrations
     task.load_state_dict(checkpoint["state_dict"], strict=False)
-    task.model.demonstrations = task.demonstrations
     evaluate = cli.config["evaluate"]
     report_dir = Path(evaluate.get("out_dir") or Path(cli.trainer.default_root_dir) / "evaluation")
     report_file = report_dir / "report.json"

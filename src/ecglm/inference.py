@@ -42,10 +42,9 @@ def system_prompts(model: ECGLM, dataset: str | None = None) -> dict[str, str] |
     """The few-shot system prompt the model was trained with, keyed ``ask`` (``None``: no demonstrations).
 
     A model trained with demonstrations of several datasets needs ``dataset`` to say whose to use."""
-    if not model.demonstrations:
+    prompts = model.system_prompts()
+    if prompts is None:
         return None
-    base = model.prompt.system_prompt if model.prompt is not None else None
-    prompts = model.policy.system_prompts(base, model.demonstrations)
     if dataset is None and len(prompts) > 1:
         raise ValueError(f"the model has demonstrations for {sorted(prompts)}: say which (dataset=...)")
     chosen = dataset or next(iter(prompts))

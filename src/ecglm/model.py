@@ -143,6 +143,14 @@ class ECGLM(nn.Module):
         #: Few-shot demonstrations by dataset (the policy renders them into system prompts), if any.
         self.demonstrations: dict[str, list[dict[str, str]]] | None = None
 
+    def system_prompts(self) -> dict[str, str] | None:
+        """Per dataset, the prompt style's system prompt with that dataset's few-shot demonstrations
+        (the policy writes them); ``None`` without demonstrations."""
+        if not self.demonstrations:
+            return None
+        base = self.prompt.system_prompt if self.prompt is not None else None
+        return self.policy.system_prompts(base, self.demonstrations)
+
     def save_pretrained(
         self,
         directory: str | Path,

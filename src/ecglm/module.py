@@ -105,9 +105,6 @@ class ECGLanguageModel(L.LightningModule):
         self._val_generated = 0
         self.evaluation_result: dict[str, Any] | None = None
         self._weights_from = "initialisation"  # becomes "training" or "checkpoint"
-        #: Few-shot demonstrations by dataset, when the policy asks for them: drawn at fit, recorded
-        #: in checkpoints, restored from them (see :meth:`setup`, :meth:`on_load_checkpoint`).
-        self.demonstrations: dict[str, list[dict[str, str]]] | None = None
         # What the data side provides, handed over by ecglm.wiring.connect (never read from the Trainer).
         self._sample_demonstrations: Callable[..., dict[str, list[dict[str, str]]]] | None = None
         self._eval_groups: Callable[[str], tuple[list[str], list[str] | None]] | None = None
@@ -123,6 +120,17 @@ class ECGLanguageModel(L.LightningModule):
         self._sample_demonstrations, self._eval_groups = sample_demonstrations, eval_groups
 
     # --- few-shot demonstrations ------------------------------------------------------------------------
+
+    @property
+    def demonstrations(self) -> dict[str, list[dict[str, str]]] | None:
+        """Few-shot demonstrations by dataset, when the policy asks for them: drawn at fit, recorded in
+        checkpoints, restored from them (see :meth:`setup`, :meth:`on_load_checkpoint`). Held by the
+        model (:attr:`ecglm.model.ECGLM.demonstrations`), so a bundle written from it carries them."""
+        return self.model.demonstrations
+
+    @demonstrations.setter
+    def demonstrations(self, value: dict[str, list[dict[str, str]]] | None) -> None:
+        self.model.demonstrations = value
 
     @property
     def wants_demonstrations(self) -> bool:
@@ -157,8 +165,7 @@ class ECGLanguageModel(L.LightningModule):
                 f"policy {type(self.policy).__name__} wants few-shot demonstrations, but none were drawn "
                 "(fit) or loaded: pass the trained checkpoint (--ckpt_path)"
             )
-        base = self.model.prompt.system_prompt if self.model.prompt is not None else None
-        return self.policy.system_prompts(base, self.demonstrations)
+        return self.model.system_prompts()
 
     def _record_demonstrations(self) -> None:
         """Print the demonstrations and write ``demonstrations.json`` into the run (and its MLflow run)."""
