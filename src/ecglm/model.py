@@ -197,11 +197,9 @@ class ECGLM(nn.Module):
         gives a list; ``window="all"`` answers every window of a longer record (a list per question,
         flattened window by window). ``dataset`` picks whose few-shot demonstrations prompt the model."""
         from ecglm.inference import answer_windows, preprocessing_of
-        from ecglm.records import Recording, prepare
+        from ecglm.records import Recording, prepare, samples_by_leads
 
-        array = np.asarray(signal, dtype=np.float64)
-        if array.ndim == 2 and array.shape[0] == len(leads) and array.shape[1] != len(leads):
-            array = array.T
+        array = samples_by_leads(np.asarray(signal), len(leads), "signal")
         windows = prepare(Recording(array, list(leads), float(fs), "signal"), preprocessing_of(self), window)
         questions = [question] if isinstance(question, str) else list(question)
         pairs = [(w, q) for w in windows for q in questions]

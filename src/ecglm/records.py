@@ -92,11 +92,12 @@ def read_recording(path: str | Path, fs: float | None = None, leads: list[str] |
             raise RecordError(
                 f"{path}: a .npy file does not name its leads: give them in order (--leads I,II,...)"
             )
-        return Recording(_samples_by_leads(array, len(leads), path), list(leads), float(fs), str(path))
+        return Recording(samples_by_leads(array, len(leads), path), list(leads), float(fs), str(path))
     return _read_csv(path, float(fs), leads)
 
 
-def _samples_by_leads(array: np.ndarray, num_leads: int, path: Path) -> np.ndarray:
+def samples_by_leads(array: np.ndarray, num_leads: int, path: str | Path) -> np.ndarray:
+    """``array`` as samples by leads, whichever way round it holds ``num_leads`` leads."""
     if array.ndim != 2 or num_leads not in array.shape:
         raise RecordError(f"{path}: array of shape {array.shape} does not hold {num_leads} leads")
     out = array.T if array.shape[0] == num_leads and array.shape[1] != num_leads else array
@@ -116,7 +117,7 @@ def _read_csv(path: Path, fs: float, leads: list[str] | None) -> Recording:
         values = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2)
     except ValueError as err:
         raise RecordError(f"{path}: non-numeric sample ({err})") from err
-    return Recording(_samples_by_leads(values, len(names), path), [n.strip() for n in names], fs, str(path))
+    return Recording(samples_by_leads(values, len(names), path), [n.strip() for n in names], fs, str(path))
 
 
 def _is_number(cell: str) -> bool:
