@@ -43,19 +43,11 @@ def tiny_encoder_factory():
     import torch
 
     from ecglm.encoders import Wav2Vec2ECGEncoder
+    from ecglm.testing import TINY_ENCODER
 
     def make(seed: int = 0) -> Wav2Vec2ECGEncoder:
         torch.manual_seed(seed)
-        return Wav2Vec2ECGEncoder(
-            conv_layers=[(16, 10, 5), (16, 5, 5)],
-            embed_dim=32,
-            num_layers=1,
-            num_heads=2,
-            ffn_dim=64,
-            dropout=0.0,
-            conv_pos_kernel=4,
-            conv_pos_groups=2,
-        )
+        return Wav2Vec2ECGEncoder(**TINY_ENCODER)
 
     return make
 

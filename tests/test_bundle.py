@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ecglm import ECGLM
 from ecglm.bundle import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, BundleError
@@ -22,8 +22,7 @@ from ecglm.cli import main, run_cli
 from ecglm.data.datamodule import QACollator
 from ecglm.data.synthetic import SyntheticHeartQA
 from ecglm.resume import peek_checkpoint
-from ecglm.testing import TINY_ENCODER
-from ecglm_testing import TINY, VOCAB
+from ecglm.testing import TINY_ENCODER, saved_causal_lm
 
 LOAD_AND_ANSWER = """
 import json, sys, torch
@@ -42,12 +41,7 @@ print(json.dumps({"loss": loss, "answers": answers, "lightning": heavy}))
 def trained(tokenizer_dir, tmp_path_factory) -> dict:
     """Three steps of connector + LoRA training on a tiny pretrained Llama, then ``ecglm export``."""
     root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    llm = root / "llm"
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY, vocab_size=VOCAB)).save_pretrained(
-        llm
-    )
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(llm)
+    llm = Path(saved_causal_lm(root / "llm", tokenizer_dir))
     shards = root / "shards"
     SyntheticHeartQA(num_train=8, num_val=2, num_test=2).build(shards)
     config = {

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ecglm.cli import run_cli
 from ecglm.evaluation import build_judge, judge_answers, render_markdown, summarize
 from ecglm.judges import Judge, JudgeItem, LocalJudge, Verdict, parse_verdict
-from ecglm_testing import REPO, SMOLLM2_GGUF, TINY, VOCAB
+from ecglm.testing import saved_causal_lm
+from ecglm_testing import REPO, SMOLLM2_GGUF
 
 
 @pytest.mark.parametrize(
@@ -91,12 +90,7 @@ def _summary_stub() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_llm(tokenizer_dir, tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("judge")
-    config = AutoConfig.for_model("llama", **TINY, vocab_size=VOCAB)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return str(folder)
+    return saved_causal_lm(tmp_path_factory.mktemp("judge"), tokenizer_dir)
 
 
 def test_a_local_judge_prompts_with_the_rubric_and_judges_in_batches(tiny_llm):

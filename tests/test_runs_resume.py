@@ -19,37 +19,19 @@ import torch
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ecglm import callbacks as ecglm_callbacks
 from ecglm import resume
 from ecglm.backbones import HFBackbone
 from ecglm.cli import main, run_cli, run_evaluate
 from ecglm.data.synthetic import SyntheticHeartQA
-from ecglm_testing import TINY, VOCAB
-
-#: Four training steps per epoch (8 ECGs, 2 questions each, batch 4); a checkpoint after every step.
-ENCODER = dict(
-    conv_layers=[[16, 10, 5], [16, 5, 5]],
-    embed_dim=32,
-    num_layers=1,
-    num_heads=2,
-    ffn_dim=64,
-    dropout=0.0,
-    conv_pos_kernel=4,
-    conv_pos_groups=2,
-)
+from ecglm.testing import TINY_ENCODER, saved_causal_lm
 
 
 @pytest.fixture(scope="module")
 def llm_dir(tokenizer_dir, tmp_path_factory) -> str:
     """A 2-layer random Llama with SmolLM2's tokenizer, saved as a hub model folder."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llm")
-    config = AutoConfig.for_model("llama", **TINY, vocab_size=VOCAB)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return str(folder)
+    return saved_causal_lm(tmp_path_factory.mktemp("llm"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +43,12 @@ def shards(tmp_path_factory) -> str:
 
 @pytest.fixture
 def recipe(llm_dir, shards, tmp_path) -> Path:
-    """A fit recipe whose run folder, checkpoints and MLflow store are in ``tmp_path``."""
+    """A fit recipe whose run folder, checkpoints and MLflow store are in ``tmp_path``: four training
+    steps per epoch (8 ECGs, 2 questions each, batch 4), a checkpoint after every step."""
     config = {
         "seed_everything": 0,
         "model": {
-            "encoder": {"class_path": "wav2vec2", "init_args": ENCODER},
+            "encoder": {"class_path": "wav2vec2", "init_args": TINY_ENCODER},
             "connector": {"class_path": "mlp", "init_args": {"num_tokens": 1}},
             "backbone": {"class_path": "hf", "init_args": {"model": llm_dir, "dtype": "float32"}},
             "learning_rate": 0.001,

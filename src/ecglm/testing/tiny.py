@@ -10,6 +10,7 @@ import atexit
 import functools
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -115,6 +116,17 @@ def tiny_causal_lm(
         torch.manual_seed(seed)
         settings = {**TINY, "vocab_size": vocab_size, **config}
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+
+
+def saved_causal_lm(folder: str | Path, tokenizer: str, model_type: str = "llama", seed: int = 0) -> str:
+    """:func:`tiny_causal_lm` saved with ``tokenizer`` (a folder) into ``folder``: a model folder as a
+    hub download holds one, which ``HFBackbone(folder)`` loads as pretrained weights."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tiny_causal_lm(model_type, vocab_size=len(tok), seed=seed).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
 
 
 def tiny_backbone(
