@@ -303,3 +303,15 @@ class EncoderFreeConnector(Connector):
     def forward(self, frames: Tensor) -> Tensor:
         tokens = F.gelu(self.patch_embed(self.patches(frames)) + self.position)
         return self.proj(self.pool(tokens))
+
+
+class PassThroughConnector(Connector):
+    """No connector: the encoder's output goes to the backbone as it is. For a vision-language
+    backbone, whose own projector maps its vision tower's features (:class:`ecglm.encoders.BackbonePixels`
+    hands it the images); ``num_tokens`` is then the positions the backbone gives each image."""
+
+    def build(self, input_dim: int, output_dim: int) -> None:
+        pass
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return frames

@@ -58,7 +58,10 @@ def matched_noise(ecg: Tensor, keys: list[str]) -> Tensor:
     mean, std = values.mean(-1, keepdim=True), values.std(-1, keepdim=True)
     generator = torch.Generator().manual_seed(zlib.crc32("|".join(keys).encode()))
     noise = torch.randn(values.shape, generator=generator).to(ecg.device)
-    return (mean + std * noise).to(ecg.dtype)
+    noisy = mean + std * noise
+    if not ecg.is_floating_point():  # images: 0-255 pixels
+        noisy = noisy.round().clamp(0, 255)
+    return noisy.to(ecg.dtype)
 
 
 def randomized_copy(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -80,6 +83,35 @@ def randomized_copy(module: nn.Module, seed: int = 0) -> nn.Module:
             noise = torch.randn(param.shape, generator=generator)
             param.copy_((values.mean() + values.std() * noise.to(param.device)).to(param.dtype))
     return copy_
+
+
+def _parts_for(
+    encoder: ECGEncoder | None, connector: Connector | None, backbone: Backbone
+) -> tuple[ECGEncoder, Connector]:
+    """The encoder and connector of a model: as given, or, for a vision-language backbone that reads
+    the images with its own tower (``backbone.image_size``), the images passed through unchanged."""
+    from ecglm.connectors import PassThroughConnector
+    from ecglm.encoders import BackbonePixels
+
+    image_size = getattr(backbone, "image_size", None)
+    if image_size is None:
+        if encoder is None or connector is None:
+            raise ValueError(
+                f"{type(backbone).__name__} reads ECG tokens: give an encoder and a connector "
+                "(model.encoder, model.connector); only a vision-language backbone reads images itself"
+            )
+        return encoder, connector
+    if not (encoder is None or isinstance(encoder, BackbonePixels)) or not (
+        connector is None or isinstance(connector, PassThroughConnector)
+    ):
+        raise ValueError(
+            f"{type(backbone).__name__} reads the ECG images with its own vision tower: leave model.encoder "
+            "and model.connector out (null); for an encoder of ecglm's own use a text LLM (hf) as backbone"
+        )
+    return (
+        encoder or BackbonePixels(image_size),
+        connector or PassThroughConnector(num_tokens=backbone.image_tokens_per_image),
+    )
 
 
 @dataclass(frozen=True)
@@ -120,16 +152,19 @@ class ECGLM(nn.Module):
 
     def __init__(
         self,
-        encoder: ECGEncoder,
-        connector: Connector,
+        encoder: ECGEncoder | None,
+        connector: Connector | None,
         backbone: Backbone,
         policy: PEFTPolicy | None = None,
         prompt: PromptStyle | None = None,
     ):
         super().__init__()
+        encoder, connector = _parts_for(encoder, connector, backbone)
         #: How this model's prompts are written (bound to the backbone's tokenizer); set by
         #: :func:`ecglm.wiring.connect` from the data side when not given.
-        self.prompt = prompt.bind(backbone.tokenizer, backbone.placeholder_token_id) if prompt else None
+        frame = getattr(backbone, "ecg_frame", ("", ""))
+        placeholder = backbone.placeholder_token_id
+        self.prompt = prompt.bind(backbone.tokenizer, placeholder, frame) if prompt else None
         self.encoder = encoder
         self.connector = connector
         self.backbone = backbone
@@ -232,6 +267,18 @@ class ECGLM(nn.Module):
     def num_ecg_tokens(self) -> int:
         return self.connector.num_tokens
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` of the ECG images this model reads (its encoder's, or its
+        vision-language backbone's); ``None``: it reads signals."""
+        return getattr(self.encoder, "image_size", None)
+
+    def blank_ecg(self, ecg: Tensor) -> Tensor:
+        """The no-signal input shaped as ``ecg``: an all-zero signal, or for images a blank (white) page."""
+        if self.image_size is not None:
+            return torch.full_like(ecg, 255)
+        return torch.zeros_like(ecg)
+
     def ecg_tokens(self, ecg: Tensor) -> Tensor:
         """``(batch, leads, samples)`` -> ``(batch, num_ecg_tokens, hidden_size)``."""
         # Loaders ship ECGs as stored (float16: half the bytes through worker pipes and to the device,
@@ -245,6 +292,12 @@ class ECGLM(nn.Module):
         """The encoder with its learnt weights replaced by noise (:func:`randomized_copy`, seed 0),
         built once and kept out of the state dict: the random-encoder baseline of evaluation."""
         built = getattr(self, "_random_encoder", None)
+        if not any(True for _ in self.encoder.parameters()):
+            raise ValueError(
+                "the random_encoder control needs an encoder with weights; "
+                f"{type(self.encoder).__name__} has none (a vision-language backbone reads the images "
+                "itself): leave it out of the conditions"
+            )
         device = next(self.encoder.parameters()).device
         if built is None or next(built.parameters()).device != device:
             # object.__setattr__: not a submodule, so not in checkpoints, optimizers or .parameters().
@@ -254,7 +307,7 @@ class ECGLM(nn.Module):
     def forward(self, batch: ECGQABatch, zero_ecg: bool = False) -> Any:
         """The backbone's output for a collated batch: ``loss`` over the answer spans when the batch
         has ``labels``, and ``logits`` (over the answer span, where the backbone can keep only that)."""
-        ecg = torch.zeros_like(batch.ecg) if zero_ecg else batch.ecg
+        ecg = self.blank_ecg(batch.ecg) if zero_ecg else batch.ecg
         packed: dict[str, Tensor] = {}
         if batch.packed:  # padding-free rows (ecglm.batch.pack); only to a backbone that takes them
             self.check_packing()
@@ -294,7 +347,7 @@ class ECGLM(nn.Module):
                     "(QACollator(..., for_generation=True, donors=ECGDonors()))"
                 )
             if condition == "zeroed_ecg":
-                ecg = torch.zeros_like(ecg)
+                ecg = self.blank_ecg(ecg)
             elif condition == "noise_ecg":
                 ecg = matched_noise(ecg, batch.key)
             ecg_tokens = self.ecg_tokens(ecg)

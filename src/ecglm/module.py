@@ -41,8 +41,11 @@ class ECGLanguageModel(L.LightningModule):
     """An ECG-language model: ``backbone(prompt with connector(encoder(ecg)) spliced in)``.
 
     Args:
-        encoder: ECG encoder (``ecglm.encoders`` entry point or import path).
-        connector: Encoder frames to LLM tokens (``ecglm.connectors``).
+        encoder: ECG encoder (``ecglm.encoders`` entry point or import path): of signals, or of ECG
+            images (``image-vit``, ``image-cnn``, ``hf-vision``). ``null`` with a vision-language
+            backbone, which reads the images with its own vision tower.
+        connector: Encoder frames to LLM tokens (``ecglm.connectors``); ``null`` with a
+            vision-language backbone.
         backbone: Causal LM with tokenizer (``ecglm.backbones``).
         policy: Which parameters train (``ecglm.peft``); projection-only by default.
         learning_rate: Peak learning rate of AdamW.
@@ -62,8 +65,8 @@ class ECGLanguageModel(L.LightningModule):
 
     def __init__(
         self,
-        encoder: ECGEncoder,
-        connector: Connector,
+        encoder: ECGEncoder | None,
+        connector: Connector | None,
         backbone: Backbone,
         policy: PEFTPolicy | None = None,
         learning_rate: float = 1e-4,

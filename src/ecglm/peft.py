@@ -207,6 +207,81 @@ class ProjectionOnly(PEFTPolicy):
     def adapt(self, connector: Connector, backbone: Backbone) -> None:
         set_trainable(connector, True)
         set_trainable(backbone, False)
+        train_projector(backbone, True)
+
+
+def projector_modules(backbone: Backbone) -> dict[str, nn.Module]:
+    """A vision-language backbone's own vision-to-text projection (empty for a text LLM): the part that
+    plays the connector's role, and trains where a policy trains the connector."""
+    modules = getattr(backbone, "projector_modules", None)
+    return modules() if callable(modules) else {}
+
+
+def train_projector(backbone: Backbone, trainable: bool) -> None:
+    for module in projector_modules(backbone).values():
+        set_trainable(module, trainable)
+
+
+def named_backbone_modules(backbone: Backbone, names: Sequence[str], what: str) -> dict[str, nn.Module]:
+    """Modules of the backbone's transformers model whose full name equals or ends with ``"." + name``
+    for one of ``names``; a name that matches nothing is an error listing what there is."""
+    model = hf_model(backbone, what)
+    found: dict[str, nn.Module] = {}
+    for target in names:
+        matched = {n: m for n, m in model.named_modules() if n == target or n.endswith("." + target)}
+        if not matched:
+            names = (n.rsplit(".", 1)[-1] for n, _ in model.named_modules())
+            known = sorted({n for n in names if n and not n.isdigit()})
+            raise ValueError(
+                f"{what}: {target!r} names no module of {type(model).__name__}; its module names end in "
+                f"{', '.join(known[:60])}"
+            )
+        found.update(matched)
+    return found
+
+
+class PartialFineTuning(PEFTPolicy):
+    """Named backbone modules train in full, everything else frozen: the "partial" baseline of the
+    Llama 3.2 Vision ECG study (projector plus cross-attention layers), or any module list.
+
+    Args:
+        modules: Module names in the backbone's transformers model (a full name, or its dotted
+            suffix: ``cross_attn``, ``layers.3``). Default: the cross-attention decoder layers of a
+            cross-attention model (``mllama``); other backbones must name theirs.
+        train_connector: Train the connector, and a vision-language model's own projector.
+        train_encoder, encoder_top_layers, gradient_checkpointing: As for every policy.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str] | None = None,
+        train_connector: bool = True,
+        train_encoder: bool = False,
+        encoder_top_layers: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__(train_encoder, encoder_top_layers, gradient_checkpointing)
+        self.modules = list(modules) if modules is not None else None
+        self.train_connector = train_connector
+        self.trained: list[str] = []  # full names of the modules trained in full, set by apply
+
+    def adapt(self, connector: Connector, backbone: Backbone) -> None:
+        set_trainable(connector, self.train_connector)
+        set_trainable(backbone, False)
+        train_projector(backbone, self.train_connector)
+        if self.modules is None:
+            cross = getattr(backbone, "cross_attention_modules", None)
+            chosen = cross() if callable(cross) else {}
+            if not chosen:
+                raise ValueError(
+                    f"{type(backbone).__name__} has no cross-attention layers: name the modules to train "
+                    "(model.policy.init_args.modules)"
+                )
+        else:
+            chosen = named_backbone_modules(backbone, self.modules, "partial fine-tuning")
+        for module in chosen.values():
+            set_trainable(module, True)
+        self.trained = sorted(chosen)
 
 
 class LoRA(PEFTPolicy):
@@ -230,7 +305,12 @@ class LoRA(PEFTPolicy):
         kbit: QLoRA over a 4-bit backbone: peft's k-bit preparation (everything frozen, the
             non-quantised weights cast to float32) before the adapters. Required with, and only with,
             a 4-bit backbone (``model.backbone.init_args.quantization``).
-        train_connector: Train the connector (default); ``False`` trains the adapters only.
+        train_connector: Train the connector (default), and a vision-language model's own projector;
+            ``False`` trains the adapters only.
+        vision_tower: Adapters on a vision-language model's vision tower too (its linear layers but
+            the projector's; the studies' "all linear layers"). Default: the language model only.
+        train_modules: Backbone modules trained in full beside the adapters (names as
+            :class:`PartialFineTuning`'s, e.g. ``cross_attn`` of Llama 3.2 Vision).
         train_encoder: Train the whole encoder.
         encoder_top_layers: Train only the top ``n`` encoder layers.
         gradient_checkpointing: Recompute the LLM's layer activations in the backward pass.
@@ -248,8 +328,12 @@ class LoRA(PEFTPolicy):
         train_encoder: bool = False,
         encoder_top_layers: int | None = None,
         gradient_checkpointing: bool = False,
+        vision_tower: bool = False,
+        train_modules: Sequence[str] = (),
     ):
         super().__init__(train_encoder, encoder_top_layers, gradient_checkpointing)
+        self.vision_tower = vision_tower
+        self.train_modules = list(train_modules)
         if r < 1:
             raise ValueError(f"r must be at least 1; got {r}")
         if not 0 <= dropout < 1:
@@ -279,6 +363,8 @@ class LoRA(PEFTPolicy):
             # Checkpointing is turned on by apply, from this policy's own option.
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         self.targets = lora_targets(model, self.target_modules)
+        if self.vision_tower:
+            self.targets = sorted({*self.targets, *vision_linear_layers(backbone)})
         config = LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -289,7 +375,10 @@ class LoRA(PEFTPolicy):
             bias="none",
         )
         inject_adapter_in_model(config, model)  # in place; leaves only the adapters trainable
-        self.lora_config = config  # what a bundle writes as the adapters' adapter_config.json
+        self.lora_config = config
+        train_projector(backbone, self.train_connector)
+        for module in named_backbone_modules(backbone, self.train_modules, "train_modules").values():
+            set_trainable(module, True)  # what a bundle writes as the adapters' adapter_config.json
         for p in model.parameters():
             # Float32 adapters over a bf16 / fp16 base, as get_peft_model makes them: AdamW's small
             # updates would round away in 16-bit weights.
@@ -330,6 +419,20 @@ def decoder_linear_layers(model: PreTrainedModel) -> dict[str, nn.Module]:
         for name, module in decoder.named_modules()
         if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in skip
     }
+
+
+def vision_linear_layers(backbone: Backbone) -> list[str]:
+    """Full names of a vision-language backbone's vision-tower linear layers, its projector's excluded."""
+    towers = getattr(backbone, "vision_modules", None)
+    if not callable(towers) or not towers():
+        raise ValueError(f"vision_tower: {type(backbone).__name__} has no vision tower of its own")
+    projector = tuple(f"{name}." for name in projector_modules(backbone))
+    return sorted(
+        f"{tower}.{name}"
+        for tower, module in towers().items()
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.Linear) and not f"{tower}.{name}.".startswith(projector)
+    )
 
 
 def lora_targets(model: PreTrainedModel, target_modules: Sequence[str] | str) -> list[str]:

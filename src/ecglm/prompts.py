@@ -96,6 +96,7 @@ class PromptStyle(ABC):
         self.min_answer_tokens = min_answer_tokens
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.placeholder_token_id = placeholder_token_id
+        self.ecg_frame: tuple[str, str] = ("", "")
         self._warned_truncation = False
         self._warned_turns = False
         self._forget_renderings()
@@ -103,10 +104,18 @@ class PromptStyle(ABC):
             self.bind(tokenizer, placeholder_token_id)
 
     def bind(
-        self, tokenizer: PreTrainedTokenizerBase, placeholder_token_id: int | None = None
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        placeholder_token_id: int | None = None,
+        ecg_frame: tuple[str, str] = ("", ""),
     ) -> PromptStyle:
         """Write prompts for ``tokenizer``, with ``placeholder_token_id`` at the ECG positions (default:
-        the one given at construction, else :func:`default_placeholder_id`); returns ``self``."""
+        the one given at construction, else :func:`default_placeholder_id`); returns ``self``.
+
+        ``ecg_frame``: text written before and after each ECG's positions (a vision-language model's
+        image delimiters, e.g. Gemma 3's ``<start_of_image>`` and ``<end_of_image>``; see
+        :attr:`ecglm.backbones.Backbone.ecg_frame`)."""
+        self.ecg_frame = tuple(ecg_frame)
         self.tokenizer = tokenizer
         if placeholder_token_id is not None:
             self.placeholder_token_id = placeholder_token_id
@@ -301,7 +310,7 @@ class PromptStyle(ABC):
             self.messages(question, system_prompt=system_prompt, num_ecgs=num_ecgs),
             add_generation_prompt=True,
         )
-        *pieces, after = prompt_text.split(ECG_MARKER)
+        *pieces, after = self._framed(prompt_text).split(ECG_MARKER)
         if len(pieces) != num_ecgs:
             raise ValueError(
                 f"the rendered prompt must contain {ECG_MARKER!r} {num_ecgs} time(s), once per ECG: "
@@ -314,6 +323,13 @@ class PromptStyle(ABC):
                 self._prompts.popitem(last=False)
         return entry[0], [list(p) for p in entry[1]], entry[2], list(entry[3])
 
+    def _framed(self, prompt_text: str) -> str:
+        """The rendered prompt with :attr:`ecg_frame` around each ECG marker."""
+        before, after = getattr(self, "ecg_frame", ("", ""))
+        if not (before or after):
+            return prompt_text
+        return prompt_text.replace(ECG_MARKER, f"{before}{ECG_MARKER}{after}")
+
     def _shorten_question(
         self,
         question: str,
@@ -324,7 +340,7 @@ class PromptStyle(ABC):
     ) -> list[list[int]]:
         """``segments``, the prompt's tokens between its ECGs, with the question's end cut so that
         ``answer_room`` tokens fit; the question may come before, between or after the ECGs."""
-        texts = prompt_text.split(ECG_MARKER)
+        texts = self._framed(prompt_text).split(ECG_MARKER)
         ecg_positions = (len(texts) - 1) * num_ecg_tokens
         found = self._find_question(question, texts)
         if found is None:

@@ -211,6 +211,67 @@ class PrintoutAugment:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class ECGPrintout:
+    """How an image model sees a QA pair's ECG: the signal drawn as a printout (:func:`render_ecg`),
+    distorted per pair and epoch (``augment``), resized to the model's input; or, for a dataset
+    that ships only images (ECGInstruct), its image resized alike. The data side's ``image``
+    component (``ECGQADataModule(image=...)``): it runs in the loader workers, on the signal the
+    shards store once, so a printout is never stored and every epoch can draw it differently.
+
+    Args:
+        dpi: Resolution the printout is drawn at before resizing (50: 531 x 256 px).
+        size: ``(height, width)`` the model reads; ``None``: as drawn. The model side sets it when
+            the recipe leaves it out (:func:`ecglm.wiring.connect`, from the encoder or backbone).
+        augment: Distortions of photographed printouts (:class:`PrintoutAugment`), seeded by
+            :func:`augment_seed` (QA key, epoch, ``seed``): the same image in any worker or resumed
+            run, a new one every epoch. ``None``: clean printouts (evaluation never distorts).
+        seed: Seed of the distortions.
+        mv_per_unit: Millivolts per unit of the stored signal (1 for signals in mV; z-scored
+            signals have no unit: 0.25 draws a lead of standard deviation 1 about as tall as a
+            typical printed lead).
+        fs: Sampling rate of the stored signals, Hz (the DataModule sets it from its manifest).
+    """
+
+    dpi: int = 50
+    size: tuple[int, int] | None = None
+    augment: PrintoutAugment | None = None
+    seed: int = 0
+    mv_per_unit: float = 1.0
+    fs: float | None = None
+
+    def __call__(self, item: dict, epoch: int = 0, augment: bool = True) -> np.ndarray:
+        """The item's image(s), ``(count, 3, height, width)`` uint8: one per ECG of the pair (two for
+        a comparison question), from ``item["image"]`` if it has one, else drawn from ``item["ecg"]``."""
+        if item.get("image") is not None:
+            return np.stack([self.resized(np.asarray(item["image"]))])
+        if self.fs is None:
+            raise ValueError("ECGPrintout needs the signals' sampling rate (fs) to draw them")
+        ecg = np.asarray(item["ecg"], dtype=np.float32)
+        signals = ecg if ecg.ndim == 3 else ecg[None]
+        images = []
+        for i, signal in enumerate(signals):
+            image = render_ecg(signal * self.mv_per_unit, self.fs, dpi=self.dpi)
+            if augment and self.augment is not None:
+                image = self.augment(image, augment_seed(f"{item['key']}#{i}", epoch, self.seed))
+            images.append(self.resized(image))
+        return np.stack(images)
+
+    def resized(self, image: np.ndarray) -> np.ndarray:
+        """An RGB ``(height, width, 3)`` image as ``(3, *size)`` uint8 (bilinear, Pillow)."""
+        from PIL import Image
+
+        if self.size is not None and image.shape[:2] != tuple(self.size):
+            height, width = self.size
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+        return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+    def blank(self) -> np.ndarray:
+        """A blank page at the model's size, ``(3, height, width)`` of white: the no-signal image."""
+        height, width = self.size or tuple(round(v * self.dpi / 25.4) for v in paper_size_mm()[::-1])
+        return np.full((3, height, width), 255, dtype=np.uint8)
+
+
 def augment_seed(key: str, epoch: int, seed: int = 0) -> int:
     """The augmentation seed of one QA pair in one epoch: a new distortion every epoch, the same one
     for the same (key, epoch, seed) in any worker or resumed run."""

@@ -23,13 +23,16 @@ def connect(model: ECGLanguageModel, data: Any) -> None:
     backbone = model.backbone
     prompt = getattr(data, "prompt", None)
     if prompt is not None:
-        model.model.prompt = prompt.bind(backbone.tokenizer, backbone.placeholder_token_id)
+        model.model.prompt = prompt.bind(
+            backbone.tokenizer, backbone.placeholder_token_id, getattr(backbone, "ecg_frame", ("", ""))
+        )
     if hasattr(data, "attach") and prompt is not None:
         data.attach(
             prompt,
             model.num_ecg_tokens,
             system_prompts=model.system_prompts,
             preprocessing=getattr(model.encoder, "preprocessing", None),
+            image_size=model.model.image_size,
         )
     if getattr(data, "packed", False):
         model.model.check_packing()  # before any weight trains, not at the first batch

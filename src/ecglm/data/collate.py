@@ -15,19 +15,22 @@ from ecglm.batch import ECGQABatch, TokenFields, pack
 from ecglm.data.controls import ECGDonors
 from ecglm.metrics import answer_text
 from ecglm.prompts import IGNORE_INDEX, PromptStyle
+from ecglm.render import ECGPrintout
+
+
+def _ecgs(item: dict[str, Any]) -> np.ndarray:
+    """A QA item's ECGs with a leading count: a signal ``(12, T)`` is one, ``(n, 12, T)`` (a comparison
+    question) is ``n``; images (:class:`ecglm.render.ECGPrintout`) are always ``(n, 3, H, W)``."""
+    ecg = np.asarray(item["ecg"])
+    return ecg[None] if ecg.ndim == 2 else ecg
 
 
 def _num_ecgs(item: dict[str, Any]) -> int:
-    """ECGs of a QA item: ``(12, T)`` is one, ``(n, 12, T)`` (a comparison question) is ``n``."""
-    ecg = np.asarray(item["ecg"])
-    return ecg.shape[0] if ecg.ndim == 3 else 1
+    return len(_ecgs(item))
 
 
 def _stack_ecgs(items: list[dict[str, Any]]) -> np.ndarray:
-    ecgs = [np.asarray(it["ecg"]) for it in items]
-    if all(e.ndim == 2 for e in ecgs):
-        return np.stack(ecgs)
-    return np.concatenate([e if e.ndim == 3 else e[None] for e in ecgs])
+    return np.concatenate([_ecgs(it) for it in items])
 
 
 class QACollator:
@@ -42,7 +45,10 @@ class QACollator:
     that dataset's demonstrations); other items get the prompt style's own. ``packed`` lays each
     training batch out without padding, in one row or in rows of at most ``pack_tokens``
     (:func:`ecglm.batch.pack`). ``donors`` adds other records' ECGs to generation batches
-    (``batch.shuffled_ecg``, the shuffled-ECG control).
+    (``batch.shuffled_ecg``, the shuffled-ECG control). ``images`` (:class:`ecglm.render.ECGPrintout`)
+    turns every item's ECG into the image an image model reads (drawn from the signal, distorted
+    per QA key and epoch on training batches, or the dataset's own image): ``batch.ecg`` then holds
+    ``(num_ecgs, 3, height, width)`` uint8 images, and everything else is as on the signal path.
     """
 
     def __init__(
@@ -55,8 +61,10 @@ class QACollator:
         packed: bool = False,
         pack_tokens: int | None = None,
         donors: ECGDonors | None = None,
+        images: ECGPrintout | None = None,
     ):
         self.formatter = formatter
+        self.images = images
         self.donors = donors
         self.num_ecg_tokens = num_ecg_tokens
         self.for_generation = for_generation
@@ -101,6 +109,10 @@ class QACollator:
         return TokenFields(input_ids, attention_mask, ecg_mask, labels if with_answer else None)
 
     def __call__(self, items: list[dict[str, Any]]) -> ECGQABatch:
+        if self.images is not None:
+            # Distorted on training batches only: evaluation reads clean printouts.
+            augment = not self.for_generation and not self.with_prompts
+            items = [{**it, "ecg": self.images(it, it.get("epoch", 0), augment)} for it in items]
         tokens = self._pad(items, not self.for_generation, self.num_ecg_tokens)
         batch = ECGQABatch(
             **vars(tokens),

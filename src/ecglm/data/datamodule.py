@@ -14,6 +14,7 @@ import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa r
 from ecglm.encoders import Preprocessing, check_preprocessing
 from ecglm.metrics import answer_text
 from ecglm.prompts import ChatTemplate, PromptStyle
+from ecglm.render import ECGPrintout
 
 log = logging.getLogger("ecglm.data")
 
@@ -187,6 +189,11 @@ class ECGQADataModule(L.LightningDataModule):
             ``None``: one row per batch, the layout for flash-attention kernels (cost per QA pair).
             SDPA and eager attention mask a packed row as a whole and cost its length squared:
             bound it (e.g. 256-512) there (``benchmarks/packing.py``).
+        image: The image-ECG path (:class:`ecglm.render.ECGPrintout`): each ECG reaches the model as
+            a printout drawn from the stored signal in the loader workers (distorted per QA pair and
+            epoch on training batches), or as the dataset's own image where its shards hold images
+            (ECGInstruct). Its ``size`` defaults to the image size the model reads, its ``fs`` to
+            the manifest's sampling rate. ``None``: signals, as stored.
     """
 
     def __init__(
@@ -206,8 +213,10 @@ class ECGQADataModule(L.LightningDataModule):
         verify_checksums: bool = True,
         packed: bool = False,
         pack_tokens: int | None = None,
+        image: ECGPrintout | None = None,
     ):
         super().__init__()
+        self.image = image
         self.packed, self.pack_tokens = packed, pack_tokens
         self.verify_checksums = verify_checksums
         self.include_comparison = include_comparison
@@ -247,6 +256,7 @@ class ECGQADataModule(L.LightningDataModule):
         num_ecg_tokens: int,
         system_prompts: dict[str, str] | Callable[[], dict[str, str] | None] | None = None,
         preprocessing: Preprocessing | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         """Tell the loaders how to tokenise: a prompt style bound to the backbone's tokenizer, and
         ``num_ecg_tokens`` positions per ECG.
@@ -254,8 +264,22 @@ class ECGQADataModule(L.LightningDataModule):
         ``system_prompts``: per dataset (few-shot prompts with its demonstrations), or a function
         that gives them, called each time a loader is built (the model's, whose demonstrations a
         checkpoint may replace after this call). ``preprocessing``: what the encoder expects, checked
-        against the manifest's in :meth:`setup`.
+        against the manifest's in :meth:`setup`. ``image_size``: ``(height, width)`` of the images the
+        model reads (an image encoder's or a vision-language backbone's), which the ``image``
+        component draws at unless the recipe sets its own size.
         """
+        if image_size is not None and self.image is None:
+            raise ValueError(
+                "the model reads ECG images but the data side draws none: set data.init_args.image "
+                "(class_path: ecglm.render.ECGPrintout)"
+            )
+        if image_size is None and self.image is not None:
+            raise ValueError(
+                "data.init_args.image draws ECG images but the model reads signals: use an image "
+                "encoder (image-vit, image-cnn, hf-vision) or a vision-language backbone (hf-vision-language)"
+            )
+        if self.image is not None and self.image.size is None:
+            self.image = replace(self.image, size=tuple(image_size))
         self.formatter, self.num_ecg_tokens = formatter, num_ecg_tokens
         self.system_prompts, self.preprocessing = system_prompts, preprocessing
 
@@ -276,6 +300,9 @@ class ECGQADataModule(L.LightningDataModule):
                 f"{self.data_dir / 'manifest.json'} holds comparison (two-ECG) questions, {unread} QA pairs "
                 "by split, which include_comparison=False leaves out of training and evaluation"
             )
+        fs = self.manifest.get("preprocessing", {}).get("sampling_rate")
+        if self.image is not None and self.image.fs is None and fs is not None:
+            self.image = replace(self.image, fs=float(fs))
         if self.preprocessing is not None and "preprocessing" in self.manifest:
             # Warns loudly (PreprocessingMismatchWarning) for each field that differs.
             check_preprocessing(
@@ -469,6 +496,7 @@ class ECGQADataModule(L.LightningDataModule):
             pack_tokens=self.pack_tokens,
             # The shuffled-ECG control, drawn reproducibly per evaluation seed.
             donors=ECGDonors(seed=subset[1] if subset else self.seed) if for_generation else None,
+            images=self.image,
         )
         if train:
             self._train_plan = plan

@@ -19,6 +19,7 @@ Without weights ``Q`` is the dataset's size, so an epoch is one pass over every 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import random
@@ -53,7 +54,13 @@ REASONS = (
     "wrong shape",
     "non-finite ecg",
     "empty QA",
+    "unreadable image",
+    "wrong image size",
 )
+#: Members that hold a QA sample's ECG as an image (datasets that ship only images, e.g. ECGInstruct).
+IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
+#: The smallest side an ECG image may have, pixels: a smaller one cannot show a 12-lead printout.
+MIN_IMAGE_SIDE = 64
 
 log = logging.getLogger("ecglm.data")
 
@@ -65,7 +72,8 @@ def expand_qa(samples: Iterator[dict[str, Any]], first: int = 0) -> Iterator[dic
         for i, qa in enumerate(meta["qa"], start=first):
             yield {
                 "key": f"{sample['__key__']}_qa{i}",
-                "ecg": sample["ecg.npy"],
+                "ecg": sample.get("ecg.npy"),
+                **({"image": sample["image.rgb"]} if "image.rgb" in sample else {}),
                 "question": qa["question"],
                 "answer": qa["answer"],
                 "question_type": qa.get("question_type", "unknown"),
@@ -288,6 +296,8 @@ class CheckedQA:
             return "missing json", "the sample has no json member (its QA pairs are unknown)"
         if not isinstance(meta, dict) or not isinstance(meta.get("qa"), list):
             return "invalid json", f"expected an object with a 'qa' list, got {str(meta)[:80]!r}"
+        if ecg is None and any(m in sample for m in IMAGE_MEMBERS):
+            return self._image_problem(sample)
         if ecg is None:
             return "missing ecg.npy", "the sample's QA pairs refer to an ECG that is not in the shard"
         if not isinstance(ecg, np.ndarray):
@@ -304,6 +314,33 @@ class CheckedQA:
             )
         if not np.isfinite(ecg).all():
             return "non-finite ecg", f"ecg.npy holds {int((~np.isfinite(ecg)).sum())} NaN/Inf values"
+        return None
+
+    @staticmethod
+    def _image_problem(sample: dict[str, Any]) -> tuple[str, str] | None:
+        """Decode the sample's ECG image (RGB, into ``sample["image.rgb"]``), or say what is wrong."""
+        from PIL import Image, UnidentifiedImageError
+
+        member = next(m for m in IMAGE_MEMBERS if m in sample)
+        data = sample[member]
+        if not isinstance(data, bytes):
+            return "unreadable image", f"{member} decoded to {type(data).__name__}, not the file's bytes"
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()  # a truncated file fails here, not at open
+                if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"):
+                    return "unreadable image", f"{member} has mode {image.mode}: expected RGB or grey"
+                rgb = np.asarray(image.convert("RGB"))
+        except UnidentifiedImageError:
+            return "unreadable image", f"{member} is not an image file Pillow can read"
+        except (OSError, Image.DecompressionBombError) as err:
+            return "unreadable image", f"{member} cannot be decoded ({err})"
+        if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
+            return "wrong image size", (
+                f"{member} is {rgb.shape[1]} x {rgb.shape[0]} px: an ECG printout needs at least "
+                f"{MIN_IMAGE_SIDE} px a side"
+            )
+        sample["image.rgb"] = rgb
         return None
 
     def _pairs(self, sample: dict[str, Any], lo: int = 0, hi: int | None = None) -> Iterator[dict[str, Any]]:
@@ -754,6 +791,7 @@ class QAStream(IterableDataset):
             if lost != published:
                 self._publish(worker)
                 published = lost
+            item["epoch"] = self.epoch  # seeds per-epoch image distortions (ecglm.render.ECGPrintout)
             yield item
         self._publish(worker)
         if self.bad.counts:

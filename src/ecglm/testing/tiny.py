@@ -181,4 +181,103 @@ def bound_prompt(backbone: Backbone, style: PromptStyle | None = None, **kwargs:
     """``style`` (default :class:`~ecglm.prompts.ChatTemplate` with ``kwargs``: ``system_prompt``,
     ``max_length``, ...) bound to ``backbone``'s tokenizer and ECG placeholder, as
     :func:`ecglm.wiring.connect` binds a DataModule's."""
-    return (style or ChatTemplate(**kwargs)).bind(backbone.tokenizer, backbone.placeholder_token_id)
+    return (style or ChatTemplate(**kwargs)).bind(
+        backbone.tokenizer, backbone.placeholder_token_id, backbone.ecg_frame
+    )
+
+
+#: Special tokens each vision-language family's prompts use for an image (what its tokenizer holds).
+VISION_TOKENS: dict[str, tuple[str, ...]] = {
+    "gemma3": ("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+    "qwen2_5_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "mllama": ("<|image|>",),
+}
+
+
+@functools.cache
+def vision_tokenizer_dir(family: str) -> str:
+    """The byte tokenizer with ``family``'s image tokens added (:data:`VISION_TOKENS`), saved once."""
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS[family])})
+    folder = tempfile.mkdtemp(prefix=f"ecglm-tokenizer-{family}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_vision_config(family: str, tokenizer: str) -> dict[str, Any]:
+    """``config_overrides`` of a tiny ``family`` vision-language model (``gemma3``, ``qwen2_5_vl``,
+    ``mllama``) whose image tokens are ``tokenizer``'s: a 2-layer LM of :data:`TINY` sizes and a 2-layer
+    vision tower reading 56-64 px images, built on CPU in a second or two."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    ids = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS[family]]
+    text = {**TINY, "vocab_size": len(tok)}
+    if family == "gemma3":
+        return {
+            "text_config": text,
+            "vision_config": dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=64, patch_size=8,
+            ),
+            "mm_tokens_per_image": 4,
+            "boi_token_id": ids[0],
+            "image_token_id": ids[1],
+            "eoi_token_id": ids[2],
+        }  # fmt: skip
+    if family == "qwen2_5_vl":
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        return {
+            "text_config": {**text, "rope_parameters": rope},
+            "vision_config": dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                out_hidden_size=TINY["hidden_size"], patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+            ),
+            "vision_start_token_id": ids[0],
+            "image_token_id": ids[1],
+            "vision_end_token_id": ids[2],
+        }  # fmt: skip
+    if family == "mllama":
+        return {
+            "text_config": {
+                **text, "num_hidden_layers": 3, "cross_attention_layers": [1],
+                "pad_token_id": tok.pad_token_id,
+            },
+            "vision_config": dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                attention_heads=2, image_size=56, patch_size=14, max_num_tiles=4,
+                intermediate_layers_indices=[0], vision_output_dim=64,
+            ),
+            "image_token_index": ids[0],
+        }  # fmt: skip
+    raise ValueError(f"no tiny config for {family!r}; known: {', '.join(VISION_TOKENS)}")
+
+
+#: ``image_size`` of each tiny vision-language model: printout-shaped where the family allows it.
+TINY_IMAGE_SIZE = {"gemma3": (64, 64), "qwen2_5_vl": (56, 112), "mllama": (56, 112)}
+
+
+def tiny_vision_backbone(family: str = "gemma3", seed: int = 0, **kwargs: Any) -> Any:
+    """A :class:`~ecglm.backbones.VisionLanguageBackbone` over a tiny random ``family`` model."""
+    from ecglm.backbones import VisionLanguageBackbone
+
+    folder = vision_tokenizer_dir(family)
+    kwargs.setdefault("image_size", TINY_IMAGE_SIZE[family])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = VisionLanguageBackbone(
+            family,
+            tokenizer=folder,
+            random_init=True,
+            config_overrides=tiny_vision_config(family, folder),
+            **kwargs,
+        )
+        # Some weights start at zero by design (Gemma 3's image projection, Llama 3.2 Vision's
+        # cross-attention gates), so that a new model ignores images; a test needs them to matter.
+        with torch.no_grad():
+            for name, param in backbone.model.named_parameters():
+                if param.is_floating_point() and not param.any() and (param.dim() > 1 or "gate" in name):
+                    param.normal_(0, 0.02 if param.dim() > 1 else 0.5)
+        return backbone

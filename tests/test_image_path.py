@@ -1,0 +1,331 @@
+"""The image-ECG path: printouts drawn in the collator, image encoders (the LLaVA composition with any
+text LLM), vision-language backbones (Gemma 3, Qwen2.5-VL, Llama 3.2 Vision) with their own vision
+towers and processors, their PEFT policies, and image-only shards with bad images."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ecglm.data.collate import QACollator
+from ecglm.encoders import CNNImageEncoder, HFVisionEncoder, ViTImageEncoder
+from ecglm.model import ECGLM
+from ecglm.peft import LoRA, PartialFineTuning, ProjectionOnly
+from ecglm.render import ECGPrintout, PrintoutAugment
+from ecglm.testing.tiny import bound_prompt, tiny_backbone, tiny_vision_backbone
+
+FAMILIES = ("gemma3", "qwen2_5_vl", "mllama")
+
+
+def qa_items(n: int, seed: int = 0, question: str = "What is the rhythm?") -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "key": f"rec{i}_qa0",
+            "ecg": (rng.standard_normal((12, 2500)).cumsum(1) * 0.02).astype(np.float16),
+            "question": question + " Answer briefly." * i,  # rows of different lengths
+            "answer": "sinus rhythm" if i % 2 else "atrial fibrillation",
+            "question_type": "single-query",
+            "dataset": "ecgqa-ptbxl",
+            "epoch": 0,
+        }
+        for i in range(n)
+    ]
+
+
+# --- printouts in the loader ---------------------------------------------------------------------------
+
+
+def test_collator_draws_each_ecg_as_the_model_sees_it_and_distorts_training_batches_per_epoch():
+    backbone = tiny_backbone()
+    prompt = bound_prompt(backbone)
+    view = ECGPrintout(size=(96, 192), augment=PrintoutAugment(), fs=250, mv_per_unit=1.0)
+    items = qa_items(3)
+    train = QACollator(prompt, 2, images=view)
+    batch = train(items)
+    assert batch.ecg.shape == (3, 3, 96, 192) and batch.ecg.dtype == torch.uint8
+    assert torch.equal(train(items).ecg, batch.ecg)  # same key and epoch: the same picture
+    later = train([{**it, "epoch": 1} for it in items]).ecg
+    assert not torch.equal(later, batch.ecg)  # a new distortion each epoch
+    clean = QACollator(prompt, 2, for_generation=True, images=view)(items).ecg
+    undistorted = torch.from_numpy(np.stack([ECGPrintout(size=(96, 192), fs=250)(it)[0] for it in items]))
+    assert torch.equal(clean, undistorted)  # evaluation reads clean printouts
+    assert not torch.equal(clean, batch.ecg)
+    # A dark trace on white paper: most pixels are paper, some are ink.
+    assert (batch.ecg.float().mean() > 180) and (clean.min() < 60)
+    assert view.blank().shape == (3, 96, 192) and int(view.blank().min()) == 255
+
+
+def test_comparison_questions_get_one_image_per_ecg():
+    backbone = tiny_backbone()
+    prompt = bound_prompt(backbone)
+    items = qa_items(2)
+    items[1]["ecg"] = np.stack([items[0]["ecg"], items[1]["ecg"]])
+    batch = QACollator(prompt, 2, images=ECGPrintout(size=(64, 128), fs=250))(items)
+    assert batch.ecg.shape == (3, 3, 64, 128) and batch.ecg_counts.tolist() == [1, 2]
+    assert int(batch.ecg_mask.sum()) == 3 * 2
+
+
+# --- image encoders + any text LLM (the LLaVA composition) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "encoder",
+    [
+        lambda: CNNImageEncoder(image_size=(64, 128), channels=(8, 16, 32)),
+        lambda: ViTImageEncoder(image_size=(64, 128), patch_size=16, embed_dim=32, num_layers=1, ffn_dim=64),
+        lambda: HFVisionEncoder(
+            "siglip_vision_model",
+            image_size=(64, 128),
+            random_init=True,
+            config_overrides=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                image_size=64, patch_size=16,
+            ),
+        ),  # fmt: skip
+    ],
+    ids=["cnn", "vit", "siglip"],
+)
+def test_image_encoder_connector_and_text_llm_train_on_printouts(encoder):
+    from ecglm.connectors import MLPConnector
+
+    torch.manual_seed(0)
+    enc = encoder()
+    model = ECGLM(enc, MLPConnector(num_tokens=2), tiny_backbone(), ProjectionOnly(train_encoder=True))
+    assert model.image_size == (64, 128)
+    prompt = bound_prompt(model.backbone)
+    collate = QACollator(prompt, model.num_ecg_tokens, images=ECGPrintout(size=model.image_size, fs=250))
+    batch = collate(qa_items(3))
+    frames = enc(batch.ecg)
+    assert frames.shape[0] == 3 and frames.shape[2] == enc.output_dim
+    out = model(batch)
+    out.loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads == trainable and any(n.startswith("encoder.") for n in grads)
+    assert not any(n.startswith("backbone.") for n in trainable)
+    # The blank-page control: white paper, not black.
+    assert torch.equal(model.blank_ecg(batch.ecg), torch.full_like(batch.ecg, 255))
+    with pytest.raises(ValueError, match=r"\(batch, 3, 64, 128\)"):
+        enc(torch.zeros((1, 3, 32, 32), dtype=torch.uint8))
+
+
+def test_a_signal_model_refuses_a_data_side_that_draws_images():
+    from ecglm.data.datamodule import ECGQADataModule
+
+    data = ECGQADataModule(image=ECGPrintout())
+    with pytest.raises(ValueError, match="model reads signals"):
+        data.attach(bound_prompt(tiny_backbone()), 1)
+    with pytest.raises(ValueError, match="data.init_args.image"):
+        ECGQADataModule().attach(bound_prompt(tiny_backbone()), 1, image_size=(64, 128))
+
+
+# --- vision-language backbones ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    cache: dict[str, object] = {}
+
+    def make(family: str, policy=None) -> ECGLM:
+        return ECGLM(None, None, tiny_vision_backbone(family), policy)
+
+    return lambda family, policy=None: make(family, policy) if policy else cache.setdefault(family, make(family))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_language_backbone_trains_and_generates_batched_as_one_by_one(family, vlm):
+    model = vlm(family)
+    backbone = model.backbone
+    prompt = bound_prompt(backbone)
+    view = ECGPrintout(size=model.image_size, fs=250)
+    items = qa_items(3)
+    batch = QACollator(prompt, model.num_ecg_tokens, images=view)(items)
+    # The image's positions hold the model's image token, framed as its processor frames them.
+    row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+    image = [i for i, t in enumerate(row) if t == backbone.image_token_id]
+    assert len(image) == backbone.image_tokens_per_image == model.num_ecg_tokens
+    before, after = backbone.ecg_frame
+    if before:
+        tok = backbone.tokenizer
+        assert tok.decode(row[image[0] - 1]) in before and tok.decode(row[image[-1] + 1]) in after
+    model.train()
+    with torch.enable_grad():
+        loss = model(batch).loss
+    assert torch.isfinite(loss)
+
+    model.eval()
+    generation = QACollator(prompt, model.num_ecg_tokens, for_generation=True, images=view)
+    batched = model.generate(generation(items), max_new_tokens=5)
+    one_by_one = [model.generate(generation([it]), max_new_tokens=5)[0] for it in items]
+    assert batched == one_by_one
+    # The image reaches the answer: a blank page or no image changes the next-token distribution.
+    g = generation(items)
+    fields, images = model.condition_inputs(g, "ecg")
+    real = backbone.last_logits(fields.input_ids, fields.attention_mask, fields.ecg_mask, images)
+    fields, blank = model.condition_inputs(g, "zeroed_ecg")
+    white = backbone.last_logits(fields.input_ids, fields.attention_mask, fields.ecg_mask, blank)
+    assert (real - white).abs().max() > 1e-4
+    assert len(model.generate(g, condition="text_only", max_new_tokens=3)) == 3
+    with pytest.raises(ValueError, match="random_encoder"):
+        model.generate(g, condition="random_encoder")
+
+
+def test_gemma3_prompt_places_the_image_as_its_processor_does(vlm):
+    """Gemma 3's processor writes ``\\n\\n<start_of_image>`` + soft tokens + ``<end_of_image>\\n\\n``
+    where the chat text has ``<start_of_image>``; ecglm's prompt gives the same ids around the image."""
+    model = vlm("gemma3")
+    backbone = model.backbone
+    tok = backbone.tokenizer
+    ids = bound_prompt(backbone).encode("Rate?", None, model.num_ecg_tokens).input_ids
+    k = backbone.image_tokens_per_image
+    expected = tok(f"\n\n<start_of_image>{'<image_soft_token>' * k}<end_of_image>\n\n", add_special_tokens=False)
+    text = tok.decode(ids)
+    assert tok.decode(expected["input_ids"]) in text
+
+
+def test_gemma3_pixels_are_the_image_processor_s_own(vlm):
+    """The printout goes through the model's own image processor: pixel values as Gemma 3's processor
+    makes them from the same picture (resize, rescale, normalise)."""
+    model = vlm("gemma3")
+    backbone = model.backbone
+    picture = ECGPrintout(size=model.image_size, fs=250)(qa_items(1)[0])
+    ours = backbone.image_inputs(
+        torch.zeros((1, 8), dtype=torch.long), torch.ones((1, 8), dtype=torch.bool), torch.from_numpy(picture)
+    )["pixel_values"]
+    reference = backbone.image_processor(images=[picture[0].transpose(1, 2, 0)], return_tensors="pt")
+    torch.testing.assert_close(ours, reference["pixel_values"])
+    assert ours.shape == (1, 3, 64, 64) and -1.01 < ours.min() and ours.max() < 1.01
+
+
+def trained(model: ECGLM, batch) -> set[str]:
+    model.zero_grad()
+    model.train()
+    with torch.enable_grad():
+        model(batch).loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_policies_train_exactly_their_parts_of_a_vision_language_model(family, vlm):
+    base = vlm(family)
+    prompt = bound_prompt(base.backbone)
+    batch = QACollator(prompt, base.num_ecg_tokens, images=ECGPrintout(size=base.image_size, fs=250))(
+        qa_items(2)
+    )
+    projector = tuple(f"backbone.model.{n}." for n in base.backbone.projector_modules())
+    assert projector
+
+    def requires_grad(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    # Projection-only: the model's own vision-to-text projector, nothing else.
+    model = vlm(family, ProjectionOnly())
+    grads = trained(model, batch)
+    assert grads and requires_grad(model) == {n for n in requires_grad(model) if n.startswith(projector)}
+    assert grads <= requires_grad(model)
+
+    # LoRA on every linear layer of the language model; the vision tower frozen, never lm_head.
+    model = vlm(family, LoRA(r=2, target_modules="all-linear", dropout=0.0))
+    trainable = requires_grad(model)
+    adapters = {n for n in trainable if ".lora_" in n}
+    towers = tuple(f"backbone.model.{n}." for n in model.backbone.vision_modules())
+    assert adapters and not any(n.startswith(towers) for n in adapters)
+    assert trainable - adapters == {n for n in trainable if n.startswith(projector)}
+    assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
+    grads = trained(model, batch)
+    assert grads <= trainable and any(".lora_B" in n for n in grads)
+
+    # LoRA on the vision tower too (the studies' "all linear layers").
+    model = vlm(family, LoRA(r=2, target_modules="all-linear", dropout=0.0, vision_tower=True))
+    vision_adapters = {n for n in requires_grad(model) if ".lora_" in n and n.startswith(towers)}
+    assert vision_adapters and not any(n.startswith(projector) for n in vision_adapters)
+
+    # The Llama study's "partial" baseline: projector + cross-attention layers in full.
+    if family == "mllama":
+        model = vlm(family, PartialFineTuning())
+        trainable = requires_grad(model)
+        layers = model.backbone.cross_attention_modules()
+        assert {n for n in trainable if not n.startswith(projector)} == {
+            f"backbone.model.{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters()
+        }
+        grads = trained(model, batch)
+        assert grads <= trainable and any("cross_attn_attn_gate" in n for n in grads)
+    else:
+        with pytest.raises(ValueError, match="no cross-attention layers"):
+            vlm(family, PartialFineTuning())
+
+
+def test_vision_language_backbone_refuses_an_encoder_of_its_own():
+    backbone = tiny_vision_backbone("gemma3")
+    with pytest.raises(ValueError, match="own vision tower"):
+        ECGLM(CNNImageEncoder(image_size=(64, 64)), None, backbone)
+    with pytest.raises(ValueError, match="give an encoder and a connector"):
+        ECGLM(None, None, tiny_backbone())
+
+
+# --- image-only shards (ECGInstruct) and bad images -------------------------------------------------------
+
+
+def _png(size=(128, 256), mode="RGB") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size[::-1], "white").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_image_shard(path: Path, samples: list[tuple[str, bytes | None]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, image in samples:
+            meta = json.dumps({"qa": [{"question": "Rhythm?", "answer": "sinus"}], "dataset": "ecg-instruct"})
+            members = [("json", meta.encode())] + ([("image.png", image)] if image is not None else [])
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_image_only_shards_stream_and_bad_images_are_skipped_with_shard_and_key(tmp_path, caplog):
+    from ecglm.data.stream import BadInput, BadSampleError, CheckedQA, tarfile_samples
+
+    good = _png()
+    shard = tmp_path / "images-000000.tar"
+    write_image_shard(
+        shard,
+        [
+            ("a", good),
+            ("b", good[: len(good) // 2]),  # truncated
+            ("c", b"not an image"),
+            ("d", _png((16, 16))),  # too small to be a printout
+            ("e", _png(mode="L")),  # grey: converted
+        ],
+    )
+    import webdataset as wds
+
+    from ecglm.data.stream import Segment, ShardInfo
+
+    def read(strict: bool):
+        bad = BadInput({str(shard): 5}, strict=strict)
+        checked = CheckedQA(bad)
+        samples = tarfile_samples(iter([{"url": str(shard)}]), handler=bad)
+        info = ShardInfo(str(shard), "ecg-instruct", 5, 5)
+        return list(checked.segment(wds.decode(handler=bad)(samples), Segment(info, 0, 5))), bad
+
+    with caplog.at_level("WARNING", logger="ecglm.data"):
+        items, bad = read(strict=False)
+    assert [it["key"] for it in items] == ["a_qa0", "e_qa0"]
+    assert items[0]["image"].shape == (128, 256, 3) and items[1]["image"].dtype == np.uint8
+    assert bad.counts == {"unreadable image": 2, "wrong image size": 1}
+    assert "images-000000.tar" in caplog.text and "key b: unreadable image" in caplog.text
+    with pytest.raises(BadSampleError, match="unreadable image"):
+        read(strict=True)
+    # The collator resizes a shipped image to the model's size, as it would draw a printout.
+    batch = QACollator(bound_prompt(tiny_backbone()), 1, images=ECGPrintout(size=(64, 128)))(items)
+    assert batch.ecg.shape == (2, 3, 64, 128) and int(batch.ecg.min()) == 255
