@@ -85,8 +85,12 @@ def test_comparison_questions_get_one_image_per_ecg():
             image_size=(64, 128),
             random_init=True,
             config_overrides=dict(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                image_size=64, patch_size=16,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=64,
+                patch_size=16,
             ),
         ),  # fmt: skip
     ],
@@ -136,7 +140,9 @@ def vlm():
     def make(family: str, policy=None) -> ECGLM:
         return ECGLM(None, None, tiny_vision_backbone(family), policy)
 
-    return lambda family, policy=None: make(family, policy) if policy else cache.setdefault(family, make(family))
+    return lambda family, policy=None: (
+        make(family, policy) if policy else cache.setdefault(family, make(family))
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -185,7 +191,9 @@ def test_gemma3_prompt_places_the_image_as_its_processor_does(vlm):
     tok = backbone.tokenizer
     ids = bound_prompt(backbone).encode("Rate?", None, model.num_ecg_tokens).input_ids
     k = backbone.image_tokens_per_image
-    expected = tok(f"\n\n<start_of_image>{'<image_soft_token>' * k}<end_of_image>\n\n", add_special_tokens=False)
+    expected = tok(
+        f"\n\n<start_of_image>{'<image_soft_token>' * k}<end_of_image>\n\n", add_special_tokens=False
+    )
     text = tok.decode(ids)
     assert tok.decode(expected["input_ids"]) in text
 
@@ -201,7 +209,7 @@ def test_gemma3_pixels_are_the_image_processor_s_own(vlm):
     )["pixel_values"]
     reference = backbone.image_processor(images=[picture[0].transpose(1, 2, 0)], return_tensors="pt")
     torch.testing.assert_close(ours, reference["pixel_values"])
-    assert ours.shape == (1, 3, 64, 64) and -1.01 < ours.min() and ours.max() < 1.01
+    assert ours.shape == (1, 3, 64, 64) and ours.min() > -1.01 and ours.max() < 1.01
 
 
 def trained(model: ECGLM, batch) -> set[str]:
@@ -329,3 +337,142 @@ def test_image_only_shards_stream_and_bad_images_are_skipped_with_shard_and_key(
     # The collator resizes a shipped image to the model's size, as it would draw a printout.
     batch = QACollator(bound_prompt(tiny_backbone()), 1, images=ECGPrintout(size=(64, 128)))(items)
     assert batch.ecg.shape == (2, 3, 64, 128) and int(batch.ecg.min()) == 255
+
+
+def test_ecg_instruct_llava_json_and_images_become_shards_the_loader_reads(tmp_path):
+    """ECGInstruct as published (a LLaVA-style JSON list and image files) into image shards: a missing
+    and a corrupt image are skipped and counted with the item named (or raise under strict); the
+    DataModule streams the rest as the same typed batch the printouts make."""
+    from ecglm.data.datamodule import ECGQADataModule
+    from ecglm.data.ecg_instruct import ECGInstructImages
+
+    root = tmp_path / "images"
+    (root / "ptb-xl").mkdir(parents=True)
+    items = []
+    for i in range(6):
+        name = f"ptb-xl/{i:05d}_hr-0.png"
+        if i != 4:  # item 4's image is missing
+            (root / name).write_bytes(_png() if i != 5 else _png()[:100])  # item 5's is corrupt
+        turns = [
+            {"from": "human", "value": "<image>\nWhat is the rhythm?"},
+            {"from": "gpt", "value": "sinus"},
+        ]
+        if i == 0:
+            turns += [{"from": "human", "value": "And the axis?"}, {"from": "gpt", "value": "normal"}]
+        items.append({"id": f"item.{i}", "image": name, "conversations": turns})
+    (tmp_path / "ECGInstruct.json").write_text(json.dumps(items))
+    builder = ECGInstructImages(
+        str(tmp_path / "ECGInstruct.json"), str(root), val_fraction=0.3, test_fraction=0.3, seed=1
+    )
+    manifest = builder.build(tmp_path / "shards")
+    assert manifest["skipped"] == {"missing image": 1, "unreadable image": 1}
+    assert sum(manifest["splits"][s]["num_qa"] for s in ("train", "val", "test")) == 4
+    assert builder.is_built(tmp_path / "shards")
+    with pytest.raises(ValueError, match=r"item 4 \(id 'item.4'\): missing image: .*00004_hr-0.png"):
+        ECGInstructImages(str(tmp_path / "ECGInstruct.json"), str(root), strict=True).build(tmp_path / "s2")
+
+    backbone = tiny_backbone()
+    data = ECGQADataModule(
+        str(tmp_path / "shards"), batch_size=1, eval_batch_size=8, image=ECGPrintout(), verify_checksums=True
+    )
+    data.attach(bound_prompt(backbone), 2, image_size=(64, 128))
+    data.setup("fit")
+    batches = [b for split in ("train", "val", "test") for b in data._loader(split, 8, False, False)]
+    keys = sorted(k for b in batches for k in b.key)
+    assert keys == ["item_0_qa0", "item_1_qa0", "item_2_qa0", "item_3_qa0"]
+    assert all(b.ecg.shape[1:] == (3, 64, 128) and b.ecg.dtype == torch.uint8 for b in batches)
+
+
+# --- evaluation as the image studies report it ---------------------------------------------------------
+
+
+def test_label_scores_are_each_label_s_answer_likelihood_and_give_the_macro_auc():
+    """Each label's score is the mean log-probability of the label written as the whole answer: the
+    negative teacher-forced loss of that answer, row by row; the label-set metrics turn the scores
+    into a macro-AUC beside macro-F1 and Hamming loss."""
+    from ecglm.connectors import MLPConnector
+    from ecglm.metrics.label_sets import LabelSetMetrics
+
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    model = ECGLM(CNNImageEncoder(image_size=(64, 128), channels=(8, 16)), MLPConnector(), backbone)
+    model.prompt = bound_prompt(backbone)
+    model.eval()
+    view = ECGPrintout(size=(64, 128), fs=250)
+    items = qa_items(3)
+    labels = ["atrial fibrillation", "sinus rhythm", "left axis deviation"]
+    batch = QACollator(model.prompt, model.num_ecg_tokens, for_generation=True, images=view)(items)
+    scores = model.label_scores(batch, labels)
+    assert scores.shape == (3, 3)
+    teacher = QACollator(model.prompt, model.num_ecg_tokens, images=view)
+    with torch.no_grad():
+        for r, item in enumerate(items):
+            for j, label in enumerate(labels):
+                loss = model(teacher([{**item, "answer": label}])).loss
+                assert scores[r, j].item() == pytest.approx(-loss.item(), abs=1e-4)
+    metric = LabelSetMetrics(labels)
+    metric.update(
+        ["sinus rhythm", "sinus rhythm", "atrial fibrillation"], [it["answer"] for it in items], scores
+    )
+    result = metric.compute()
+    assert set(result) >= {"macro_f1", "hamming_loss", "auc"} and 0 <= result["auc"] <= 1
+
+
+def test_reports_of_the_signal_and_image_paths_side_by_side(tmp_path):
+    from ecglm.cli import main
+
+    def report(acc: float, blank: float) -> dict:
+        def entry(value: float) -> dict:
+            return {"datasets": {"ecgqa-ptbxl": {"acc": {"mean": value, "std": 0.01}}}}
+
+        return {"summary": {"conditions": {"ecg": entry(acc), "zeroed_ecg": entry(blank)}}}
+
+    for name, values in {"signal": (0.71, 0.30), "image": (0.64, 0.31)}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report(*values)))
+    out = tmp_path / "compare.md"
+    code = main(
+        ["compare", "--report", f"signal={tmp_path / 'signal.json'}", "--report",
+         f"image={tmp_path / 'image.json'}", "--out", str(out), "--metrics", "acc"]
+    )  # fmt: skip
+    assert code == 0
+    text = out.read_text()
+    assert "| signal: `ecg` | signal: `zeroed_ecg` | image: `ecg` | image: `zeroed_ecg` |" in text
+    assert "| ecgqa-ptbxl | ACC | 71.0 ± 1.0 | 30.0 ± 1.0 | 64.0 ± 1.0 | 31.0 ± 1.0 |" in text
+    assert main(["compare", "--report", f"x={tmp_path / 'missing.json'}", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mllama"])
+def test_4bit_vision_language_model_quantises_the_language_model_only_and_trains_qlora(family, tmp_path):
+    import bitsandbytes as bnb
+
+    from ecglm.backbones import VisionLanguageBackbone
+    from ecglm.testing.tiny import saved_vision_model
+
+    folder = saved_vision_model(tmp_path / family, family)
+    backbone = VisionLanguageBackbone(
+        folder,
+        quantization="nf4",
+        bnb_compute_dtype="float32",
+        image_size=(56, 112) if family == "mllama" else None,
+    )
+    quantized = {n for n, m in backbone.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    towers = tuple(backbone.vision_modules()) + tuple(backbone.projector_modules())
+    assert quantized and not any(n.startswith(towers) for n in quantized)
+    assert any(
+        n.startswith(towers) for n, m in backbone.model.named_modules() if isinstance(m, torch.nn.Linear)
+    )
+    model = ECGLM(None, None, backbone, LoRA(r=2, target_modules="all-linear", kbit=True, dropout=0.0))
+    prompt = bound_prompt(backbone)
+    batch = QACollator(prompt, model.num_ecg_tokens, images=ECGPrintout(size=model.image_size, fs=250))(
+        qa_items(2)
+    )
+    grads = trained(model, batch)
+    assert any(".lora_B" in n for n in grads) and all(
+        ".lora_" in n or n.startswith(tuple(f"backbone.model.{p}" for p in backbone.projector_modules()))
+        for n in grads
+    )
+    model.eval()
+    generation = QACollator(
+        prompt, model.num_ecg_tokens, for_generation=True, images=ECGPrintout(size=model.image_size, fs=250)
+    )
+    assert len(model.generate(generation(qa_items(2)), max_new_tokens=3)) == 2

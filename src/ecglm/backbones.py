@@ -786,7 +786,9 @@ class VisionLanguageBackbone(HFBackbone):
 
     def quantization_config(self) -> BitsAndBytesConfig:
         config = super().quantization_config()
-        config.llm_int8_skip_modules = list(VISION_MODULES)  # the vision path stays in dtype
+        # The vision path stays in dtype. transformers matches these from the name's start or as its
+        # suffix, so each module is written as a pattern that may follow any prefix.
+        config.llm_int8_skip_modules = [f".*{name}" for name in VISION_MODULES]
         return config
 
     def load_image_processor(self) -> Any:

@@ -265,6 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["shard"]:
         run_shard(args[1:])
         return 0
+    if args[:1] == ["compare"]:
+        from ecglm.evaluation import run_compare
+
+        try:
+            print(f"comparison: {run_compare(args[1:])}")
+        except ValueError as err:
+            print(f"ecglm compare: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args[:1] == ["render"]:
         from ecglm.records import RecordError
         from ecglm.render import run_render

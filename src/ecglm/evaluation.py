@@ -31,7 +31,7 @@ import importlib
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,11 @@ class MetricsConfig:
         verify_auc: On yes/no questions, also score the model's probability of answering "yes" (its
             first answer token, renormalised over yes and no) and report its AUROC per dataset and
             condition: discrimination without a decision threshold.
+        label_auc: For datasets with a label vocabulary, also score every label as the answer (the
+            model's mean log-probability of its tokens, :meth:`ecglm.model.ECGLM.label_scores`) and
+            report the macro-AUC over the labels beside macro-F1 and Hamming loss (one forward pass
+            per label and batch: for abnormality detection over a label list, as the image-ECG
+            studies report it).
     """
 
     metrics: tuple[str, ...] = TEXT_METRICS
@@ -104,6 +109,7 @@ class MetricsConfig:
     conditions: tuple[str, ...] = DEFAULT_CONDITIONS
     label_vocabularies: dict[str, list[str] | str] | None = None
     verify_auc: bool = True
+    label_auc: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.conditions) - set(CONDITIONS))
@@ -219,7 +225,15 @@ class AnswerEvaluation(nn.Module):
         datasets = batch.dataset or ["unknown"] * len(batch.answer)
         self.verify[condition].update(p_yes, batch.answer, datasets)
 
-    def update(self, condition: str, predictions: Sequence[str], batch: ECGQABatch) -> None:
+    def update(
+        self,
+        condition: str,
+        predictions: Sequence[str],
+        batch: ECGQABatch,
+        label_scores: Callable[[Sequence[str]], torch.Tensor] | None = None,
+    ) -> None:
+        """Score ``predictions`` against the batch's references under ``condition``. ``label_scores``
+        (labels -> ``(rows, len(labels))`` scores) adds the macro-AUC of label-set datasets."""
         references = batch.answer
         datasets = batch.dataset or ["unknown"] * len(references)
         self.text[condition].update(predictions, references, datasets)
@@ -229,9 +243,9 @@ class AnswerEvaluation(nn.Module):
         for index, dataset in enumerate(self.label_set_datasets):
             rows = [i for i, d in enumerate(datasets) if d == dataset]
             if rows:
-                self.label_sets[condition][index].update(
-                    [predictions[i] for i in rows], [references[i] for i in rows]
-                )
+                metric = self.label_sets[condition][index]
+                scores = label_scores(metric.labels)[rows] if label_scores is not None else None
+                metric.update([predictions[i] for i in rows], [references[i] for i in rows], scores)
         if self.keep_records:
             for i, prediction in enumerate(predictions):
                 self.records.append(
@@ -525,11 +539,16 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                 "Label-set answers (macro-F1 over the vocabulary, Hamming loss, predicted items outside it):"
             )
             lines.append("")
-            lines.append("| Dataset | n | Macro-F1 | Hamming loss | Out of vocabulary |")
-            lines.append("|---|---:|---:|---:|---:|")
+            scored = any("auc" in values for values in entry["label_sets"].values())
+            columns = ("macro_f1", "hamming_loss", "out_of_vocabulary", *(("auc",) if scored else ()))
+            lines.append(
+                "| Dataset | n | Macro-F1 | Hamming loss | Out of vocabulary |"
+                + (" Macro-AUC (label scores) |" if scored else "")
+            )
+            lines.append("|---|---:|---:|---:|---:|" + ("---:|" if scored else ""))
             for name, values in entry["label_sets"].items():
                 n = values.get("n", {}).get("mean", float("nan"))
-                cells = [_pct(values.get(m)) for m in ("macro_f1", "hamming_loss", "out_of_vocabulary")]
+                cells = [_pct(values.get(m)) for m in columns]
                 lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
             lines.append("")
         if entry.get("verify_auc"):
@@ -815,3 +834,64 @@ def _log_to_mlflow(trainer: L.Trainer, summary: dict[str, Any], files: Sequence[
     for logger in trainer.loggers:
         logger.log_metrics(metrics)
     log_artifacts(trainer, files, artifact_path="evaluation")
+
+
+def compare_reports(reports: Mapping[str, dict[str, Any]], metrics: Sequence[str] = ("acc", "f1")) -> str:
+    """One Markdown table of several ``ecglm evaluate`` reports (``name -> report.json`` content), e.g.
+    the same questions answered from the signal path and from the image path: a row per dataset and
+    metric, a column per report and condition, so each path's score stands beside its own no-signal
+    ablations (a zeroed signal, a blank page, no ECG at all). Values are % mean ± std over seeds."""
+    conditions: list[str] = []
+    for report in reports.values():
+        for condition in report["summary"]["conditions"]:
+            if condition not in conditions:
+                conditions.append(condition)
+    datasets = sorted(
+        {d for r in reports.values() for e in r["summary"]["conditions"].values() for d in e["datasets"]}
+    )
+    ran = {name: report["summary"]["conditions"] for name, report in reports.items()}
+    columns = [(name, c) for name in reports for c in conditions if c in ran[name]]
+    lines = [
+        "# Side by side",
+        "",
+        "Values are % (mean ± sample std over seeds); each report's conditions as it ran them "
+        "(`zeroed_ecg` is a blank page on the image path).",
+        "",
+        "| Dataset | Metric | " + " | ".join(f"{name}: `{c}`" for name, c in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
+    for dataset in datasets:
+        for metric in metrics:
+            cells = [
+                _pct(reports[name]["summary"]["conditions"][c]["datasets"].get(dataset, {}).get(metric))
+                for name, c in columns
+            ]
+            lines.append(f"| {dataset} | {METRIC_TITLES.get(metric, metric)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(args: list[str]) -> Path:
+    """``ecglm compare --report NAME=PATH [--report NAME=PATH ...] --out compare.md [--metrics acc f1]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="ecglm compare", description="Evaluation reports side by side (e.g. signal vs image path)."
+    )
+    parser.add_argument("--report", action="append", required=True, help="NAME=path/to/report.json")
+    parser.add_argument("--out", required=True, help="Markdown file to write")
+    parser.add_argument("--metrics", nargs="+", default=["acc", "f1"])
+    options = parser.parse_args(args)
+    reports = {}
+    for spec in options.report:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--report {spec!r}: write NAME=path/to/report.json")
+        try:
+            reports[name] = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--report {name}: cannot read {path} ({err})") from None
+        if "summary" not in reports[name]:
+            raise ValueError(f"--report {name}: {path} is not an ecglm evaluate report.json (no summary)")
+    text = compare_reports(reports, options.metrics)
+    print(text)
+    return atomic_write_bytes(Path(options.out), text.encode())

@@ -162,9 +162,13 @@ class ECGLM(nn.Module):
         encoder, connector = _parts_for(encoder, connector, backbone)
         #: How this model's prompts are written (bound to the backbone's tokenizer); set by
         #: :func:`ecglm.wiring.connect` from the data side when not given.
-        frame = getattr(backbone, "ecg_frame", ("", ""))
-        placeholder = backbone.placeholder_token_id
-        self.prompt = prompt.bind(backbone.tokenizer, placeholder, frame) if prompt else None
+        self.prompt = (
+            prompt.bind(
+                backbone.tokenizer, backbone.placeholder_token_id, getattr(backbone, "ecg_frame", ("", ""))
+            )
+            if prompt
+            else None
+        )
         self.encoder = encoder
         self.connector = connector
         self.backbone = backbone
@@ -378,6 +382,36 @@ class ECGLM(nn.Module):
             fields.input_ids, fields.attention_mask, fields.ecg_mask, ecg_tokens
         )
         return logits[:, ids].float().softmax(-1)
+
+    @torch.no_grad()
+    def label_scores(self, batch: ECGQABatch, labels: Sequence[str], condition: str = "ecg") -> Tensor:
+        """``(rows, len(labels))``: the mean log-probability per token of each label written as the
+        whole answer (the prompt style's tokens, end of turn included) after each row's prompt.
+
+        A threshold-free score per label for the macro-AUC of label-set questions (abnormality
+        detection over a label vocabulary), where labels may share first tokens. One forward pass per
+        label over the batch: the label's tokens follow every left-padded prompt alike.
+        """
+        if self.prompt is None:
+            raise ValueError("label scores need the model's prompt style (ecglm.wiring.connect sets it)")
+        fields, ecg_tokens = self.condition_inputs(batch, condition)
+        rows, device = fields.rows, fields.input_ids.device
+        scores = torch.empty((rows, len(labels)))
+        for j, label in enumerate(labels):
+            ids = torch.tensor(self.prompt.answer_tokens(label), device=device).expand(rows, -1)
+            n = ids.shape[1]
+            targets = torch.cat([torch.full_like(fields.input_ids, -100), ids], 1)
+            out = self.backbone(
+                torch.cat([fields.input_ids, ids], 1),
+                torch.cat([fields.attention_mask, torch.ones_like(ids)], 1),
+                torch.cat([fields.ecg_mask, torch.zeros_like(ids, dtype=torch.bool)], 1),
+                ecg_tokens,
+                targets,
+            )
+            # The logits before each label token predict it (the backbone keeps the answer span's).
+            logits = out.logits[:, -(n + 1) : -1].float()
+            scores[:, j] = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(-1).cpu()
+        return scores
 
     @torch.no_grad()
     def generate(

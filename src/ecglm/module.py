@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -263,7 +264,13 @@ class ECGLanguageModel(L.LightningModule):
         evaluation = self._evaluations["test"]
         scores = self.model.prompt is not None and evaluation.wants_scores(batch)
         for condition in evaluation.conditions:
-            evaluation.update(condition, self.model.generate(batch, self.decoding, condition), batch)
+            label_scores = (
+                partial(self.model.label_scores, batch, condition=condition)
+                if self.metrics_config.label_auc and self.model.prompt is not None
+                else None
+            )
+            answers = self.model.generate(batch, self.decoding, condition)
+            evaluation.update(condition, answers, batch, label_scores)
             if scores:  # yes/no questions: P(yes) for the AUROC
                 p_yes = self.model.answer_scores(batch, ("yes", "no"), condition)[:, 0]
                 evaluation.update_scores(condition, p_yes, batch)

@@ -157,6 +157,11 @@ class PromptStyle(ABC):
         labels = self.encode("?", answer, 1).labels
         return int(next(label for label in labels if label != IGNORE_INDEX))
 
+    def answer_tokens(self, answer: str) -> list[int]:
+        """Every token this style writes for ``answer`` after a prompt (the end of the turn included):
+        what :meth:`ecglm.model.ECGLM.label_scores` scores as a complete answer."""
+        return [int(label) for label in self.encode("?", answer, 1).labels if label != IGNORE_INDEX]
+
     def decode(self, ids: Any) -> list[str]:
         """Generated token ids, ``(batch, new_tokens)``, as answer strings (special tokens dropped)."""
         return [t.strip() for t in self._bound_tokenizer().batch_decode(ids, skip_special_tokens=True)]

@@ -64,11 +64,21 @@ def _check_key(key: Any) -> str:
     return key
 
 
+#: Members that may hold a sample's ECG as an image file, in place of ``ecg.npy`` (written as given).
+IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
+
+
 def _encode_sample(sample: dict) -> dict[str, Any]:
     key = _check_key(sample.get("__key__"))
+    images = [m for m in IMAGE_MEMBERS if m in sample]
+    if images and set(sample) == {"__key__", "json", images[0]} and isinstance(sample[images[0]], bytes):
+        return {"__key__": key, images[0]: sample[images[0]], "json": json_bytes(sample["json"])}
     unknown = set(sample) - {"__key__", "ecg.npy", "json"}
     if unknown or "ecg.npy" not in sample or "json" not in sample:
-        raise ValueError(f"sample {key!r} must have exactly __key__, ecg.npy and json; got {sorted(sample)}")
+        raise ValueError(
+            f"sample {key!r} must have exactly __key__, json and ecg.npy (or the bytes of one of "
+            f"{', '.join(IMAGE_MEMBERS)}); got {sorted(sample)}"
+        )
     with np.errstate(over="ignore"):  # overflow is reported below, naming the sample
         ecg = np.asarray(sample["ecg.npy"]).astype(np.float16)
     if not np.isfinite(ecg).all():

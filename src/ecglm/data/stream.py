@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.autodecode import DecodingError
 from webdataset.tariterators import base_plus_ext, tarfile_samples
 
-from ecglm.data.shards import cached_sha256
+from ecglm.data.shards import IMAGE_MEMBERS, cached_sha256
 
 NUM_LEADS = 12
 TAR_ERROR = "corrupt or truncated tar"
@@ -57,8 +57,6 @@ REASONS = (
     "unreadable image",
     "wrong image size",
 )
-#: Members that hold a QA sample's ECG as an image (datasets that ship only images, e.g. ECGInstruct).
-IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
 #: The smallest side an ECG image may have, pixels: a smaller one cannot show a 12-lead printout.
 MIN_IMAGE_SIDE = 64
 

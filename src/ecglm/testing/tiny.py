@@ -281,3 +281,14 @@ def tiny_vision_backbone(family: str = "gemma3", seed: int = 0, **kwargs: Any) -
                 if param.is_floating_point() and not param.any() and (param.dim() > 1 or "gate" in name):
                     param.normal_(0, 0.02 if param.dim() > 1 else 0.5)
         return backbone
+
+
+def saved_vision_model(folder: str | Path, family: str = "gemma3", seed: int = 0) -> str:
+    """:func:`tiny_vision_backbone`'s model saved with its tokenizer and image processor into ``folder``:
+    a model folder as a hub download holds one, which ``VisionLanguageBackbone(folder)`` loads as
+    pretrained weights (4-bit too)."""
+    backbone = tiny_vision_backbone(family, seed=seed)
+    backbone.model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    backbone.image_processor.save_pretrained(folder)
+    return str(folder)

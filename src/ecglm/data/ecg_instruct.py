@@ -1,0 +1,183 @@
+"""ECGInstruct (PULSE) as its authors publish it: a LLaVA-style JSON list of conversations, each about
+one ECG image file, read into image shards (the image-ECG path's data; the signal path reads the
+PTB-XL and MIMIC-IV-ECG records behind those images instead, :mod:`ecglm.data.mixture`).
+
+Each item ``{"id", "image": "<path under image_root>", "conversations": [{"from": "human" | "gpt",
+"value"}, ...]}`` becomes one sample: the image file's bytes as stored (``image.png`` / ``image.jpg``,
+never re-encoded) and a JSON with the first turn as its QA pair and the whole conversation when it
+has more turns (trained on every answer, as the signal path's PULSE samples). An item whose image is
+missing or unreadable is skipped and counted, naming the item and file, or raises in ``strict``
+mode. The split is drawn per image file by hashing (ECGInstruct has a training split only).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ijson
+
+from ecglm.data.shards import read_manifest, shards_built, write_manifest, write_shards
+from ecglm.data.sources import pulse_conversation
+
+log = logging.getLogger(__name__)
+
+DATASET = "ecg-instruct-images"
+QUESTION_TYPE = "ecg-instruct"
+VERSION = 1
+SUFFIXES = {".png": "image.png", ".jpg": "image.jpg", ".jpeg": "image.jpeg"}
+
+
+class ECGInstructImages:
+    """Build train / val / test image shards from ECGInstruct's JSON and image folder.
+
+    Args:
+        json_path: ``ECGInstruct.json`` (a JSON list; parsed incrementally with ijson).
+        image_root: Folder the items' ``image`` paths are relative to.
+        val_fraction, test_fraction: Shares of the image files held out, drawn by hashing the path
+            with ``seed``.
+        seed: Seed of the split.
+        max_samples_per_shard: Samples per shard.
+        strict: Raise at the first missing or unreadable image (default: skip and count it).
+        limit: Read only the first ``limit`` items (a quick subset); ``None``: all.
+    """
+
+    def __init__(
+        self,
+        json_path: str,
+        image_root: str,
+        val_fraction: float = 0.01,
+        test_fraction: float = 0.01,
+        seed: int = 0,
+        max_samples_per_shard: int = 1000,
+        strict: bool = False,
+        limit: int | None = None,
+    ):
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave a training split"
+            )
+        self.json_path, self.image_root = Path(json_path), Path(image_root)
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.max_samples_per_shard, self.strict, self.limit = max_samples_per_shard, strict, limit
+        #: Items not written, by reason (``missing image``, ``unreadable image``, ``no conversation``, ...).
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {
+            "json_path": str(self.json_path),
+            "image_root": str(self.image_root),
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+            "limit": self.limit,
+        }
+
+    def split_of(self, image: str) -> str:
+        u = zlib.crc32(f"{self.seed}|{image}".encode()) / 2**32
+        if u < self.test_fraction:
+            return "test"
+        return "val" if u < self.test_fraction + self.val_fraction else "train"
+
+    def _skip(self, reason: str, index: int, item_id: str, detail: str) -> None:
+        message = f"{self.json_path}: item {index} (id {item_id!r}): {reason}: {detail}"
+        if self.strict:
+            raise ValueError(message)
+        self.skipped[reason] += 1
+        log.warning("skipped: %s", message)
+
+    def samples(self, split: str) -> Iterator[dict[str, Any]]:
+        """The usable items of ``split`` as samples, in file order (one pass over the JSON; only the
+        split's image files are read, one at a time)."""
+        from PIL import Image, UnidentifiedImageError
+
+        with open(self.json_path, "rb") as f:
+            if f.read(4096).lstrip()[:1] != b"[":
+                raise ValueError(f"{self.json_path} must hold a JSON list of LLaVA-style items")
+            f.seek(0)
+            keys: set[str] = set()
+            for index, item in enumerate(ijson.items(f, "item", use_float=True)):
+                if self.limit is not None and index >= self.limit:
+                    break
+                item_id = str(item.get("id", index)) if isinstance(item, dict) else str(index)
+                if not isinstance(item, dict) or not item.get("image"):
+                    if split == "train":  # counted in one pass only
+                        self._skip("no image", index, item_id, "the item names no image file")
+                    continue
+                if self.split_of(str(item["image"])) != split:
+                    continue
+                conversation = pulse_conversation(item.get("conversations") or [])
+                if not conversation:
+                    self._skip("no conversation", index, item_id, "no complete human/gpt turn")
+                    continue
+                path = self.image_root / item["image"]
+                member = SUFFIXES.get(path.suffix.lower())
+                if member is None:
+                    self._skip("unreadable image", index, item_id, f"{path}: not a .png / .jpg file")
+                    continue
+                if not path.is_file():
+                    self._skip("missing image", index, item_id, f"{path} does not exist")
+                    continue
+                data = path.read_bytes()
+                try:
+                    with Image.open(path) as image:
+                        image.verify()  # header and checksums; a truncated file fails here
+                except (OSError, UnidentifiedImageError) as err:
+                    self._skip("unreadable image", index, item_id, f"{path}: {err}")
+                    continue
+                key = re.sub(r"[^A-Za-z0-9_-]", "_", item_id)
+                if key in keys:
+                    key = f"{key}_{index}"
+                keys.add(key)
+                meta: dict[str, Any] = {
+                    "qa": [{**conversation[0], "question_type": QUESTION_TYPE}],
+                    "dataset": DATASET,
+                    "image": str(item["image"]),
+                }
+                if len(conversation) > 1:
+                    meta["conversations"] = [conversation]
+                yield {"__key__": key, member: data, "json": meta}
+
+    def is_built(self, out_dir: str | Path) -> bool:
+        return shards_built(out_dir, params=self.params, version=VERSION)
+
+    def build(self, out_dir: str | Path) -> dict[str, Any]:
+        """Write the image shards and ``manifest.json`` to ``out_dir`` (unless built with these params)."""
+        out_dir = Path(out_dir)
+        if self.is_built(out_dir):
+            return read_manifest(out_dir)
+        started = time.perf_counter()
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        self.skipped.clear()
+        splits = {}
+        for split in ("train", "val", "test"):
+            for stale in out_dir.glob(f"{split}-??????.tar*"):
+                stale.unlink()
+            shards = write_shards(self.samples(split), out_dir, split, self.max_samples_per_shard)
+            num_qa = sum(shard["num_qa"] for shard in shards)
+            splits[split] = {
+                "num_ecgs": sum(shard["num_samples"] for shard in shards),
+                "num_qa": num_qa,
+                "datasets": {DATASET: num_qa},
+                "question_types": [QUESTION_TYPE],
+                "shards": shards,
+            }
+        manifest = {
+            "dataset": DATASET,
+            "params": self.params,
+            "version": VERSION,
+            "splits": splits,
+            "images": True,
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+        write_manifest(out_dir, manifest)
+        elapsed = time.perf_counter() - started
+        log.info("built %s in %s in %.1f s (skipped: %s)", DATASET, out_dir, elapsed, dict(self.skipped))
+        return manifest
