@@ -92,7 +92,7 @@ def test_comparison_questions_get_one_image_per_ecg():
                 image_size=64,
                 patch_size=16,
             ),
-        ),  # fmt: skip
+        ),
     ],
     ids=["cnn", "vit", "siglip"],
 )
@@ -126,7 +126,7 @@ def test_a_signal_model_refuses_a_data_side_that_draws_images():
     data = ECGQADataModule(image=ECGPrintout())
     with pytest.raises(ValueError, match="model reads signals"):
         data.attach(bound_prompt(tiny_backbone()), 1)
-    with pytest.raises(ValueError, match="data.init_args.image"):
+    with pytest.raises(ValueError, match=r"data\.init_args\.image"):
         ECGQADataModule().attach(bound_prompt(tiny_backbone()), 1, image_size=(64, 128))
 
 
