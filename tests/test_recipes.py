@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,10 @@ TINY_ENCODER = [
 ]
 
 
+#: Hub id prefix -> the tiny vision-language stand-in's family, and the image size it reads.
+VISION_STAND_INS = {"meta-llama/Llama-3.2-11B-Vision": "mllama", "google/medgemma": "gemma3"}
+
+
 def stand_in(hub_id: str) -> str:
     for prefix, model_type in STAND_INS.items():
         if hub_id.startswith(prefix):
@@ -71,22 +76,40 @@ def saved(tokenizer_dir, tmp_path_factory):
     return get
 
 
+def stand_in_args(config: dict, saved, tmp_path: Path) -> list[str]:
+    """The flags that put the tiny stand-in of a recipe's backbone (and encoder) in its place."""
+    from ecglm.testing.tiny import TINY_IMAGE_SIZE, saved_vision_model
+
+    backbone = config["model"]["backbone"]
+    hub_id = backbone["init_args"]["model"]
+    if backbone["class_path"] != "hf-vision-language":
+        return [f"--model.backbone.init_args.model={saved(stand_in(hub_id))}", *TINY_ENCODER]
+    # The image path: a tiny model of the same vision-language class, read at its image size.
+    family = next(f for prefix, f in VISION_STAND_INS.items() if hub_id.startswith(prefix))
+    height, width = TINY_IMAGE_SIZE[family]
+    return [
+        f"--model.backbone.init_args.model={saved_vision_model(tmp_path / family, family)}",
+        f"--model.backbone.init_args.image_size=[{height}, {width}]",
+    ]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(REPO / "recipes")) for r in RECIPES])
 def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load(recipe.read_text())
     backbone = config["model"]["backbone"]["init_args"]
     quantized = backbone.get("quantization") is not None
+    vision = config["model"]["backbone"]["class_path"] == "hf-vision-language"
+    model_args = stand_in_args(config, saved, tmp_path)
     args = [
         "--config",
         str(recipe),
-        f"--model.backbone.init_args.model={saved(stand_in(backbone['model']))}",
+        *model_args,
         "--model.backbone.init_args.dtype=float32",
         "--model.backbone.init_args.bnb_compute_dtype=float32",
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
         f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        *TINY_ENCODER,
     ]
     cli = run_cli(args, run=False)
     model = cli.model
@@ -122,7 +145,12 @@ def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved
     prompt = cli.datamodule.formatter
     assert prompt is cli.datamodule.prompt and prompt.tokenizer is model.backbone.tokenizer
     assert prompt.max_length == config["data"]["init_args"]["prompt"].get("init_args", {}).get("max_length")
-    batch = QACollator(prompt, model.num_ecg_tokens)(items)
+    image = cli.datamodule.image
+    assert (image is not None) == vision
+    if vision:  # printouts drawn at the backbone's size (ecglm.wiring.connect set it)
+        assert image.size == model.model.image_size
+        image = replace(image, fs=250.0)
+    batch = QACollator(prompt, model.num_ecg_tokens, images=image)(items)
     model(batch).loss.backward()
     assert all(model.get_parameter(n).grad is not None for n in trainable)
 
@@ -158,18 +186,16 @@ def test_multi_gpu_variant_merges_over_its_recipe_and_passes_the_start_checks(
         return data["batch_size"] * t["accumulate_grad_batches"] * t["devices"] * t.get("num_nodes", 1)
 
     assert effective_batch(layer, base) == effective_batch(base, base)
-    hub_id = base["model"]["backbone"]["init_args"]["model"]
     args = [
         "--config",
         str(base_path),
         "--config",
         str(overlay),
-        f"--model.backbone.init_args.model={saved(stand_in(hub_id))}",
+        *stand_in_args(base, saved, tmp_path),
         "--model.backbone.init_args.bnb_compute_dtype=float32",
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
         f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        *TINY_ENCODER,
     ]
     strategy = trainer["strategy"]
     if strategy == "ddp":

@@ -219,7 +219,7 @@ def tiny_vision_config(family: str, tokenizer: str) -> dict[str, Any]:
             "text_config": text,
             "vision_config": dict(
                 hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=64, patch_size=8,
+                image_size=64, patch_size=8, vision_use_head=False,  # as in Gemma 3 / MedGemma
             ),
             "mm_tokens_per_image": 4,
             "boi_token_id": ids[0],
