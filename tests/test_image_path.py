@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -476,3 +477,62 @@ def test_4bit_vision_language_model_quantises_the_language_model_only_and_trains
         prompt, model.num_ecg_tokens, for_generation=True, images=ECGPrintout(size=model.image_size, fs=250)
     )
     assert len(model.generate(generation(qa_items(2)), max_new_tokens=3)) == 2
+
+
+# --- bundles and answers on ECG files ---------------------------------------------------------------------
+
+
+LEADS12 = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+
+def test_image_models_export_and_answer_a_record_as_before(tmp_path):
+    """A bundle of an image model records how its ECGs are drawn; loaded without the recipe it draws a
+    raw record the same way and gives the same answers, for an image encoder + text LLM and for a
+    vision-language model with LoRA on its language model."""
+    from ecglm.bundle import build
+    from ecglm.testing.tiny import saved_causal_lm, saved_vision_model, tokenizer_dir
+
+    rng = np.random.default_rng(1)
+    signal = rng.standard_normal((12, 5000)).cumsum(1) * 0.01  # 10 s at 500 Hz, mV
+    printout = ECGPrintout(dpi=40, mv_per_unit=0.3)
+    llm = saved_causal_lm(tmp_path / "llm", tokenizer_dir())
+    vlm = saved_vision_model(tmp_path / "vlm", "gemma3")
+
+    def spec(class_path: str, **init_args) -> dict:
+        return {"class_path": class_path, "init_args": init_args}
+
+    cases = {
+        "cnn": {
+            "encoder": spec("ecglm.encoders.CNNImageEncoder", image_size=[64, 128], channels=[8, 16]),
+            "connector": spec("ecglm.connectors.MLPConnector", num_tokens=2),
+            "backbone": spec("ecglm.backbones.HFBackbone", model=llm),
+            "policy": spec("ecglm.peft.ProjectionOnly", train_encoder=True),
+        },
+        "gemma3": {
+            "backbone": spec("ecglm.backbones.VisionLanguageBackbone", model=vlm),
+            "policy": spec("ecglm.peft.LoRA", r=2, target_modules="all-linear", dropout=0.0),
+        },
+    }
+    for name, components in cases.items():
+        torch.manual_seed(0)
+        parts = [
+            build(components[p]) if p in components else None for p in ("encoder", "connector", "backbone")
+        ]
+        model = ECGLM(*parts, build(components["policy"]))
+        with torch.no_grad():  # trained adapters: the bundle must carry them
+            for n, param in model.named_parameters():
+                if "lora_B" in n:
+                    param.normal_(0, 0.5)
+        model.prompt = bound_prompt(model.backbone)
+        model.printout = printout
+        model.eval()
+        questions = ["Rate?", "Rhythm?"]
+        before = model.answer(signal, 500, LEADS12, questions)
+        bundle = tmp_path / f"bundle-{name}"
+        model.save_pretrained(
+            bundle, components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
+        )
+        loaded = ECGLM.from_pretrained(bundle)
+        assert loaded.printout == replace(printout, augment=None)
+        assert loaded.image_size == model.image_size
+        assert loaded.answer(signal, 500, LEADS12, questions) == before

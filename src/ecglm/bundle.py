@@ -79,6 +79,7 @@ def save_bundle(
     demonstrations: Mapping[str, list[dict[str, str]]] | None = None,
     card: str | None = None,
     report: Mapping[str, Any] | None = None,
+    image: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a bundle into ``directory`` (which must not exist yet; written beside it
     and renamed into place, so a crash leaves no half bundle). ``components``: the ``class_path`` /
@@ -89,7 +90,9 @@ def save_bundle(
     directory = Path(directory)
     if directory.exists():
         raise BundleError(f"{directory} exists: give a new folder (a bundle is never written over another)")
-    missing = [p for p in PARTS[:3] if p not in components]
+    # A vision-language backbone reads the images itself: it has no encoder or connector of ecglm's.
+    needed = PARTS[2:3] if getattr(model.backbone, "image_size", None) else PARTS[:3]
+    missing = [p for p in needed if p not in components]
     if missing:
         raise BundleError(f"components lack {missing}: give each part's class_path and init_args")
     state = model.trainable_state_dict()
@@ -101,6 +104,7 @@ def save_bundle(
         "ecglm_version": __version__,
         "components": {p: _plain(components[p]) for p in PARTS if components.get(p) is not None},
         "prompt": _plain(prompt),
+        "image": _plain(image),
         "preprocessing": _plain(preprocessing),
         "demonstrations": _plain(demonstrations),
         "weights": sorted(weights),
@@ -189,7 +193,7 @@ def load_bundle(directory: str | Path, device: str | torch.device | None = None)
     directory = Path(directory)
     config = read_config(directory)
     components = config["components"]
-    parts = {p: build(components[p]) for p in PARTS[:3]}
+    parts = {p: build(components[p]) if components.get(p) else None for p in PARTS[:3]}
     policy = build(components["policy"]) if components.get("policy") else None
     prompt = build(config["prompt"]) if config.get("prompt") else None
     model = ECGLM(parts["encoder"], parts["connector"], parts["backbone"], policy, prompt)
@@ -201,6 +205,8 @@ def load_bundle(directory: str | Path, device: str | torch.device | None = None)
     if wanted_adapters or (directory / ADAPTER_DIR).exists():
         _load_adapters(model, directory / ADAPTER_DIR, wanted_adapters)
     model.demonstrations = config.get("demonstrations")
+    if config.get("image"):  # the image path: draw each ECG as the model was trained to read it
+        model.printout = build(config["image"])
     model.bundle_config = config
     if device is not None:
         model.to(device)

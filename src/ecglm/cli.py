@@ -123,6 +123,9 @@ class ECGLMCLI(LightningCLI):
         prompt = prompt.as_dict() if hasattr(prompt, "as_dict") else prompt
         # The DataModule's default prompt style when the recipe names none.
         recipe["prompt"] = prompt or {"class_path": "ecglm.prompts.ChatTemplate", "init_args": {}}
+        image = data.get("init_args", {}).get("image") if data is not None else None
+        if image:  # the image path: how each ECG is drawn for the model (ecglm.render.ECGPrintout)
+            recipe["image"] = image.as_dict() if hasattr(image, "as_dict") else image
         return recipe
 
     def parse_arguments(self, parser: Any, args: Any) -> None:

@@ -18,7 +18,7 @@ import csv
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ecglm.data.collate import QACollator
 from ecglm.encoders import Preprocessing
 from ecglm.records import FORMATS, RecordError, prepare, read_recording
+from ecglm.render import ECGPrintout
 
 if TYPE_CHECKING:
     from ecglm.model import ECGLM, Decoding
@@ -61,6 +62,15 @@ def preprocessing_of(model: ECGLM) -> Preprocessing:
     return pre
 
 
+def printout_of(model: ECGLM) -> ECGPrintout | None:
+    """How the windows are drawn for a model that reads ECG images (``None`` for a signal model): its
+    recorded printout component, at its image size and the prepared windows' sampling rate."""
+    if model.image_size is None:
+        return None
+    printout = model.printout or ECGPrintout()
+    return replace(printout, size=tuple(model.image_size), fs=float(preprocessing_of(model).sampling_rate))
+
+
 @torch.no_grad()
 def answer_windows(
     model: ECGLM,
@@ -76,7 +86,11 @@ def answer_windows(
     if len(windows) != len(questions):
         raise ValueError(f"{len(windows)} windows for {len(questions)} questions: one question per window")
     collate = QACollator(
-        model.prompt, model.num_ecg_tokens, for_generation=True, system_prompts=system_prompts(model, dataset)
+        model.prompt,
+        model.num_ecg_tokens,
+        for_generation=True,
+        system_prompts=system_prompts(model, dataset),
+        images=printout_of(model),
     )
     device = next(model.parameters()).device
     answers: list[str] = []

@@ -85,6 +85,16 @@ def randomized_copy(module: nn.Module, seed: int = 0) -> nn.Module:
     return copy_
 
 
+def _printout_spec(printout: Any) -> dict[str, Any] | None:
+    """``class_path`` + ``init_args`` of a printout component (what a bundle records), or ``None``."""
+    if printout is None:
+        return None
+    from dataclasses import asdict
+
+    args = {**asdict(printout), "augment": None}
+    return {"class_path": f"{type(printout).__module__}.{type(printout).__qualname__}", "init_args": args}
+
+
 def _parts_for(
     encoder: ECGEncoder | None, connector: Connector | None, backbone: Backbone
 ) -> tuple[ECGEncoder, Connector]:
@@ -181,6 +191,9 @@ class ECGLM(nn.Module):
         self.recipe: dict[str, Any] | None = None
         #: Few-shot demonstrations by dataset (the policy renders them into system prompts), if any.
         self.demonstrations: dict[str, list[dict[str, str]]] | None = None
+        #: On the image path, how an ECG is drawn for this model (an :class:`ecglm.render.ECGPrintout`):
+        #: the data side's, set by :func:`ecglm.wiring.connect` and by :meth:`from_pretrained`.
+        self.printout: Any = None
 
     def system_prompts(self) -> dict[str, str] | None:
         """Per dataset, the prompt style's system prompt with that dataset's few-shot demonstrations
@@ -216,7 +229,10 @@ class ECGLM(nn.Module):
                 "from_pretrained knows)"
             )
         prompt = prompt or recipe.get("prompt")
-        return save_bundle(self, directory, components, prompt, self.demonstrations, card, report)
+        image = recipe.get("image") or _printout_spec(self.printout)
+        if image:  # how to draw an ECG for the model to read; training's distortions are not part of it
+            image = {**image, "init_args": {**(image.get("init_args") or {}), "augment": None}}
+        return save_bundle(self, directory, components, prompt, self.demonstrations, card, report, image)
 
     def answer(
         self,
@@ -255,7 +271,7 @@ class ECGLM(nn.Module):
 
         model = load_bundle(directory, device)
         config = model.bundle_config
-        model.recipe = {**config["components"], "prompt": config.get("prompt")}
+        model.recipe = {**config["components"], "prompt": config.get("prompt"), "image": config.get("image")}
         return model
 
     def train(self, mode: bool = True) -> ECGLM:
