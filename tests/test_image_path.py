@@ -536,3 +536,36 @@ def test_image_models_export_and_answer_a_record_as_before(tmp_path):
         assert loaded.printout == replace(printout, augment=None)
         assert loaded.image_size == model.image_size
         assert loaded.answer(signal, 500, LEADS12, questions) == before
+
+
+def test_image_quickstart_recipe_draws_trains_and_checkpoints_through_the_cli(tmp_path, monkeypatch):
+    """recipes/image-quickstart.yaml through ``ecglm fit`` (a tiny LLM in SmolLM2's place): printouts
+    drawn in the loader worker at the CNN's size, a few steps, a checkpoint with the CNN's weights."""
+    from ecglm.cli import run_cli
+    from ecglm.testing.tiny import saved_causal_lm, tokenizer_dir
+    from ecglm_testing import REPO
+
+    monkeypatch.chdir(tmp_path)
+    llm = saved_causal_lm(tmp_path / "llm", tokenizer_dir())
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "recipes" / "image-quickstart.yaml"),
+            f"--model.backbone.init_args.model={llm}",
+            "--model.backbone.init_args.gguf_file=null",
+            "--data.init_args.builder.init_args.num_train=8",
+            "--data.init_args.builder.init_args.num_val=2",
+            "--data.init_args.builder.init_args.num_test=2",
+            "--data.init_args.batch_size=4",
+            "--trainer.max_steps=2",
+            "--model.val_generation_samples=0",
+            f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    image = cli.datamodule.image
+    assert image.size == (128, 256) and image.fs == 250.0 and image.augment is not None
+    ckpt = torch.load(tmp_path / "runs/image-quickstart/checkpoints/last.ckpt", weights_only=False)
+    assert any(k.startswith("encoder.stages.") for k in ckpt["state_dict"])
+    assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])
