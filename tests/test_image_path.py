@@ -21,7 +21,7 @@ from ecglm.peft import LoRA, PartialFineTuning, ProjectionOnly
 from ecglm.render import ECGPrintout, PrintoutAugment
 from ecglm.testing.tiny import bound_prompt, tiny_backbone, tiny_vision_backbone
 
-FAMILIES = ("gemma3", "qwen2_5_vl", "mllama")
+FAMILIES = ("gemma3", "qwen2_5_vl", "qwen3_vl", "mllama")
 
 
 def qa_items(n: int, seed: int = 0, question: str = "What is the rhythm?") -> list[dict]:

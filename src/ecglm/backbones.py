@@ -847,7 +847,7 @@ class VisionLanguageBackbone(HFBackbone):
     def projector_modules(self) -> dict[str, nn.Module]:
         """``name -> module`` of the vision-to-text projection (Gemma 3's and Llama 3.2 Vision's
         ``multi_modal_projector``, Qwen-VL's patch ``merger``): what projection-only training trains."""
-        names = ("multi_modal_projector", "visual.merger")
+        names = ("multi_modal_projector", "visual.merger", "visual.deepstack_merger_list")
         return {n: m for n, m in self.model.named_modules() if n.endswith(names)}
 
     def vision_modules(self) -> dict[str, nn.Module]:
@@ -935,6 +935,8 @@ class VisionLanguageBackbone(HFBackbone):
             inputs["aspect_ratio_mask"] = processed["aspect_ratio_mask"].to(device)
         else:
             inputs["image_grid_thw"] = processed["image_grid_thw"].to(device)
+            if self.family == "qwen3_vl":  # its multimodal positions read which tokens are the image's
+                inputs["mm_token_type_ids"] = ecg_mask.long()
         return inputs
 
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, images: Tensor) -> dict:

@@ -190,6 +190,7 @@ def bound_prompt(backbone: Backbone, style: PromptStyle | None = None, **kwargs:
 VISION_TOKENS: dict[str, tuple[str, ...]] = {
     "gemma3": ("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
     "qwen2_5_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "qwen3_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "mllama": ("<|image|>",),
 }
 
@@ -239,6 +240,20 @@ def tiny_vision_config(family: str, tokenizer: str) -> dict[str, Any]:
             "image_token_id": ids[1],
             "vision_end_token_id": ids[2],
         }  # fmt: skip
+    if family == "qwen3_vl":
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        rope["mrope_interleaved"] = True
+        return {
+            "text_config": {**text, "rope_parameters": rope},
+            "vision_config": dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                out_hidden_size=TINY["hidden_size"], patch_size=16, spatial_merge_size=2,
+                temporal_patch_size=2, deepstack_visual_indexes=[0], num_position_embeddings=64,
+            ),
+            "vision_start_token_id": ids[0],
+            "image_token_id": ids[1],
+            "vision_end_token_id": ids[2],
+        }  # fmt: skip
     if family == "mllama":
         return {
             "text_config": {
@@ -256,7 +271,7 @@ def tiny_vision_config(family: str, tokenizer: str) -> dict[str, Any]:
 
 
 #: ``image_size`` of each tiny vision-language model: printout-shaped where the family allows it.
-TINY_IMAGE_SIZE = {"gemma3": (64, 64), "qwen2_5_vl": (56, 112), "mllama": (56, 112)}
+TINY_IMAGE_SIZE = {"gemma3": (64, 64), "qwen2_5_vl": (56, 112), "qwen3_vl": (64, 128), "mllama": (56, 112)}
 
 
 def tiny_vision_backbone(family: str = "gemma3", seed: int = 0, **kwargs: Any) -> Any:
