@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ecglm-installed
 WORDNET := /usr/share/wordnet
 WORDNET_PACKAGES := wordnet-base wordnet-sense-index
 
-.PHONY: setup quickstart test lint lock
+.PHONY: setup quickstart image-quickstart test lint lock
 
 $(STAMP): pyproject.toml constraints.txt plugins/ecglm-plain-prompt/pyproject.toml plugins/ecglm-s4-encoder/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ setup: $(STAMP) | $(WORDNET)
 quickstart: setup
 	$(BIN)/ecglm fit --config recipes/quickstart.yaml
 	$(BIN)/ecglm evaluate --config recipes/quickstart.yaml
+
+image-quickstart: setup
+	$(BIN)/ecglm fit --config recipes/image-quickstart.yaml
+	$(BIN)/ecglm evaluate --config recipes/image-quickstart.yaml
 
 test: setup
 	$(BIN)/python -m pytest

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
@@ -313,6 +314,9 @@ class HFBackbone(Backbone):
         gguf = self.gguf_file if source is None else None
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=self.trust_remote_code)
 
+    #: The transformers auto class the model is loaded with.
+    auto_class: Any = AutoModelForCausalLM
+
     def load_model(self, config_overrides: dict[str, Any]) -> nn.Module:
         path = resolve_model_path(self.model_name)
         if not self.pretrained:
@@ -322,14 +326,14 @@ class HFBackbone(Backbone):
                 )
             else:
                 config = AutoConfig.for_model(path, **config_overrides)
-            return AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            return self.auto_class.from_config(config, dtype=self.dtype)
         quantized = {}
         if self.quantization:
             quantized = {
                 "quantization_config": self.quantization_config(),
                 "device_map": quantized_device_map(),
             }
-        model = AutoModelForCausalLM.from_pretrained(
+        model = self.auto_class.from_pretrained(
             path,
             gguf_file=self.gguf_file,
             dtype=self.dtype,
@@ -405,6 +409,10 @@ class HFBackbone(Backbone):
             if out is not None:
                 return out
         inputs = self._lm_inputs(input_ids, ecg_mask, ecg_tokens, attention_mask=attention_mask)
+        return self._answer_forward(inputs, labels)
+
+    def _answer_forward(self, inputs: dict[str, Any], labels: Tensor | None) -> CausalLMOutputWithPast:
+        """The model on ``inputs``; with ``labels``, logits of the answer span and the answer loss."""
         if labels is None or not self._keeps_logits:
             return self.model(**inputs, labels=labels)
         # Left-padded answers end at the last position: computing the vocabulary logits for that span
@@ -759,30 +767,7 @@ class VisionLanguageBackbone(HFBackbone):
 
     # -- loading -------------------------------------------------------------------------------------
 
-    def load_model(self, config_overrides: dict[str, Any]) -> nn.Module:
-        from transformers import AutoModelForImageTextToText
-
-        path = resolve_model_path(self.model_name)
-        if not self.pretrained:
-            if Path(path).exists() or "/" in path:
-                config = AutoConfig.from_pretrained(
-                    path, trust_remote_code=self.trust_remote_code, **config_overrides
-                )
-            else:
-                config = AutoConfig.for_model(path, **config_overrides)
-            return AutoModelForImageTextToText.from_config(config, dtype=self.dtype)
-        quantized = {}
-        if self.quantization:
-            quantized = {
-                "quantization_config": self.quantization_config(),
-                "device_map": quantized_device_map(),
-            }
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=self.dtype, trust_remote_code=self.trust_remote_code, **quantized, **config_overrides
-        )
-        if self.quantization:
-            keep_4bit_layout_on_cpu(model)
-        return model
+    auto_class = AutoModelForImageTextToText
 
     def quantization_config(self) -> BitsAndBytesConfig:
         config = super().quantization_config()
@@ -965,12 +950,7 @@ class VisionLanguageBackbone(HFBackbone):
         if position_ids is not None:
             raise ValueError(self.packing_blocker())
         inputs = {**self._inputs(input_ids, attention_mask, ecg_mask, ecg_tokens), "use_cache": False}
-        if labels is None or not self._keeps_logits:
-            return self.model(**inputs, labels=labels)
-        span = answer_span(labels)
-        out = self.model(**inputs, logits_to_keep=span + 1)
-        out.loss = answer_loss(out.logits, labels, span)
-        return out
+        return self._answer_forward(inputs, labels)
 
     def last_logits(
         self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, ecg_tokens: Tensor
