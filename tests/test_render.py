@@ -89,13 +89,29 @@ def test_augmentations_are_seeded_and_each_distorts_the_printout():
     once, again = augment(image, 7), augment(image, 7)
     assert once.shape == image.shape and once.dtype == np.uint8 and np.array_equal(once, again)
     assert not np.array_equal(once, augment(image, 8))
-    off = PrintoutAugment(0, 0, 0, 0, 0, 0, 0)
+    off = PrintoutAugment(0, 0, 0, 0, 0, 0, 0, 0)
     assert np.array_equal(off(image, 7), image)  # every distortion off: the printout itself
-    only = {name: replace(off, **{name: value}) for name, value in vars(augment).items()}
+    bounds = {**vars(augment), "grid": 1.0}  # grid: a probability; 1 redraws it every time
+    only = {name: replace(off, **{name: value}) for name, value in bounds.items()}
     changed = {name: float(np.abs(a(image, 3).astype(int) - image).mean()) for name, a in only.items()}
     assert all(v > 0.01 for v in changed.values()), changed  # blur at seed 3: 0.04; rotation: 32
     # Blur removes fine detail (the 1 mm grid): less energy in pixel-to-pixel differences.
     blurred = replace(off, blur=2.0)(image, 3).astype(float)
     assert np.abs(np.diff(blurred, axis=1)).mean() < np.abs(np.diff(image.astype(float), axis=1)).mean()
+    # Another grid: the traces' black pixels stay where they were, the pink grid's become grey.
+    from ecglm.render import GRID_STYLES, regrid
+
+    grey = regrid(image, GRID_STYLES[0])
+    ink = np.all(image == 0, axis=-1)
+    assert np.array_equal(grey[ink], image[ink]) and not np.all(grey == image)
+    minor, major = (np.all(image == c, axis=-1) for c in ((255, 204, 204), (242, 140, 140)))
+    assert minor.sum() > 1000 and major.sum() > 1000  # the grid, drawn pink
+    assert np.all(grey[minor] == (217, 217, 217)) and np.all(grey[major] == (158, 158, 158))
+    paper = np.all(image == 255, axis=-1)
+    assert np.array_equal(grey[paper], image[paper])
+    plain = regrid(image, GRID_STYLES[-1])
+    for pink in ((255, 204, 204), (242, 140, 140)):  # the grid's colours, gone from plain paper
+        assert np.all(image == pink, axis=-1).any() and not np.all(plain == pink, axis=-1).any()
+    assert np.array_equal(plain[ink], image[ink])
     # A pair's seed changes with the epoch and is the same for the same pair everywhere.
     assert augment_seed("r1_qa0", 0) == augment_seed("r1_qa0", 0) != augment_seed("r1_qa0", 1)

@@ -314,8 +314,10 @@ class HFBackbone(Backbone):
         gguf = self.gguf_file if source is None else None
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=self.trust_remote_code)
 
-    #: The transformers auto class the model is loaded with.
-    auto_class: Any = AutoModelForCausalLM
+    @property
+    def auto_class(self) -> Any:
+        """The transformers auto class the model is loaded with."""
+        return AutoModelForCausalLM
 
     def load_model(self, config_overrides: dict[str, Any]) -> nn.Module:
         path = resolve_model_path(self.model_name)
@@ -767,7 +769,9 @@ class VisionLanguageBackbone(HFBackbone):
 
     # -- loading -------------------------------------------------------------------------------------
 
-    auto_class = AutoModelForImageTextToText
+    @property
+    def auto_class(self) -> Any:
+        return AutoModelForImageTextToText
 
     def quantization_config(self) -> BitsAndBytesConfig:
         config = super().quantization_config()

@@ -164,6 +164,8 @@ class PrintoutAugment:
         blur: Largest blur radius (a box blur, as a defocused camera's), pixels.
         noise: Largest standard deviation of additive noise, in 0-255 units.
         colour: Largest per-channel gain change (0.15: 0.85x to 1.15x) of paper, grid and ink.
+        grid: Probability of a grid printed otherwise (:data:`GRID_STYLES`: grey, blue, green, a
+            faint one, or none, each at a random strength), as carts and printers differ.
     """
 
     rotation_deg: float = 3.0
@@ -173,6 +175,7 @@ class PrintoutAugment:
     blur: float = 1.0
     noise: float = 6.0
     colour: float = 0.12
+    grid: float = 0.3
 
     def __call__(self, image: np.ndarray, seed: int, size: tuple[int, int] | None = None) -> np.ndarray:
         """``image`` distorted, at ``size`` (``(height, width)``; default: its own).
@@ -184,6 +187,8 @@ class PrintoutAugment:
         from PIL import Image, ImageFilter
 
         rng = np.random.default_rng(seed)
+        if self.grid and rng.uniform() < self.grid:
+            image = regrid(image, GRID_STYLES[rng.integers(len(GRID_STYLES))], rng.uniform(0.4, 1.0))
         height, width = image.shape[:2]
         out_h, out_w = size or (height, width)
         centre = np.array([[1, 0, width / 2], [0, 1, height / 2], [0, 0, 1]])
@@ -306,6 +311,31 @@ class ECGPrintout:
         """A blank page at the model's size, ``(3, height, width)`` of white: the no-signal image."""
         height, width = self.size or tuple(round(v * self.dpi / 25.4) for v in paper_size_mm()[::-1])
         return np.full((3, height, width), 255, dtype=np.uint8)
+
+
+#: Grids of other carts and printers: (minor, major) colours as 0-1 RGB; ``None`` leaves paper.
+GRID_STYLES: tuple[tuple[tuple[float, float, float] | None, tuple[float, float, float] | None], ...] = (
+    ((0.85, 0.85, 0.85), (0.62, 0.62, 0.62)),  # grey
+    ((0.82, 0.88, 1.0), (0.55, 0.66, 0.95)),  # blue
+    ((0.82, 0.95, 0.82), (0.55, 0.80, 0.55)),  # green
+    (None, (0.95, 0.70, 0.70)),  # major lines only
+    (None, None),  # plain paper
+)
+
+
+def regrid(image: np.ndarray, style: tuple, strength: float = 1.0) -> np.ndarray:
+    """A printout of :func:`render_ecg` with its grid in ``style``'s colours, blended towards the paper
+    by ``1 - strength``; paper and ink untouched.
+
+    A printout's paper, grid and ink differ in their green value (255, 204, 140, 0), so it is
+    recoloured through one 256-entry palette indexed by green, every other value mapped to its grey
+    (the anti-aliased edges of the lead labels lose the old grid's tint): one lookup per pixel.
+    """
+    palette = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    for drawn, wanted in zip((GRID_MINOR, GRID_MAJOR), style, strict=True):
+        target = np.array([255.0] * 3 if wanted is None else [255 * v for v in wanted])
+        palette[round(255 * drawn[1])] = np.rint(255 - strength * (255 - target)).astype(np.uint8)
+    return palette[image[..., 1]]
 
 
 def augment_seed(key: str, epoch: int, seed: int = 0) -> int:
