@@ -569,3 +569,14 @@ def test_image_quickstart_recipe_draws_trains_and_checkpoints_through_the_cli(tm
     ckpt = torch.load(tmp_path / "runs/image-quickstart/checkpoints/last.ckpt", weights_only=False)
     assert any(k.startswith("encoder.stages.") for k in ckpt["state_dict"])
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])
+
+
+def test_estimate_says_it_does_not_model_vision_language_backbones():
+    from ecglm.estimate import EstimateError, build_meta_parts
+
+    backbone = {
+        "class_path": "ecglm.backbones.VisionLanguageBackbone",
+        "init_args": {"model": "google/medgemma-4b-it"},
+    }
+    with pytest.raises(EstimateError, match="vision-language backbone .* is not modelled yet"):
+        build_meta_parts({"encoder": None, "connector": None, "backbone": backbone})

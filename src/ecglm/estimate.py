@@ -218,6 +218,15 @@ class MetaParts:
 def build_meta_parts(model_config: Mapping[str, Any]) -> MetaParts:
     """Encoder, connector, LLM and policy of a recipe's ``model:`` section, on the meta device."""
     notes = []
+    backbone_cls, _ = component_class(model_config.get("backbone"), "model.backbone")
+    from ecglm.backbones import VisionLanguageBackbone
+
+    if issubclass(backbone_cls, VisionLanguageBackbone):
+        raise EstimateError(
+            "ecglm estimate models text backbones with ecglm's encoder and connector; a vision-language "
+            "backbone (hf-vision-language: its vision tower, image tokens or cross-attention) is not "
+            "modelled yet. Measure one training step on the device instead"
+        )
     encoder_cls, encoder_args = component_class(model_config.get("encoder"), "model.encoder")
     if encoder_args.pop("checkpoint", None):
         notes.append("encoder checkpoint not read: its architecture is taken from init_args")
