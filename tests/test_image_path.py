@@ -578,5 +578,5 @@ def test_estimate_says_it_does_not_model_vision_language_backbones():
         "class_path": "ecglm.backbones.VisionLanguageBackbone",
         "init_args": {"model": "google/medgemma-4b-it"},
     }
-    with pytest.raises(EstimateError, match="vision-language backbone .* is not modelled yet"):
+    with pytest.raises(EstimateError, match=r"vision-language backbone .* is not modelled yet"):
         build_meta_parts({"encoder": None, "connector": None, "backbone": backbone})
