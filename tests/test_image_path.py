@@ -580,3 +580,27 @@ def test_estimate_says_it_does_not_model_vision_language_backbones():
     }
     with pytest.raises(EstimateError, match=r"vision-language backbone .* is not modelled yet"):
         build_meta_parts({"encoder": None, "connector": None, "backbone": backbone})
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mllama"])
+def test_bf16_vision_language_model_reads_bf16_pixels_and_trains_float32_adapters(family):
+    backbone = tiny_vision_backbone(family, dtype="bfloat16")
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.bfloat16}
+    model = ECGLM(None, None, backbone, LoRA(r=2, target_modules="all-linear", dropout=0.0))
+    # Adapters and the projector (trained in full) keep float32 weights in the bf16 model.
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    projector = [p for m in backbone.projector_modules().values() for p in m.parameters()]
+    assert projector and all(p.requires_grad and p.dtype == torch.float32 for p in projector)
+    view = ECGPrintout(size=model.image_size, fs=250)
+    prompt = bound_prompt(backbone)
+    batch = QACollator(prompt, model.num_ecg_tokens, images=view)(qa_items(2))
+    pixels = backbone.image_inputs(batch.input_ids, batch.ecg_mask, batch.ecg)["pixel_values"]
+    assert pixels.dtype == torch.bfloat16
+    grads = trained(model, batch)
+    assert any(".lora_B" in n for n in grads)
+    model.eval()
+    assert len(model.generate(QACollator(prompt, model.num_ecg_tokens, True, images=view)(qa_items(2)))) == 2
+    if family == "mllama":  # the partial baseline in bf16: cross-attention layers trained in float32
+        partial = ECGLM(None, None, tiny_vision_backbone(family, dtype="bfloat16"), PartialFineTuning())
+        assert {p.dtype for p in partial.parameters() if p.requires_grad} == {torch.float32}
+        assert any("cross_attn" in n for n in trained(partial, batch))

@@ -219,7 +219,43 @@ def projector_modules(backbone: Backbone) -> dict[str, nn.Module]:
 
 def train_projector(backbone: Backbone, trainable: bool) -> None:
     for module in projector_modules(backbone).values():
-        set_trainable(module, trainable)
+        train_in_full(module) if trainable else set_trainable(module, False)
+
+
+def train_in_full(module: nn.Module) -> None:
+    """Train every weight of a backbone module; in a 16-bit model, with float32 weights.
+
+    AdamW's small updates round away in bf16 / fp16 weights (as for LoRA adapters, which peft keeps
+    in float32). The module computes in float32 on inputs cast up, and hands the model back its own
+    dtype, so it fits a 16-bit model with or without autocast. 4-bit modules are left as they are.
+    """
+    set_trainable(module, True)
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    low = {p.dtype for p in params} & {torch.float16, torch.bfloat16}
+    if not low or any(getattr(p, "quant_state", None) is not None for p in module.parameters()):
+        return
+    module.float()
+    model_dtype = low.pop()
+    module.register_forward_pre_hook(_inputs_to_float32, with_kwargs=True)
+    module.register_forward_hook(lambda _, __, output: _cast(output, model_dtype))
+
+
+def _inputs_to_float32(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
+
+
+def _cast(value: object, dtype: torch.dtype) -> object:
+    """Floating-point tensors in ``value`` (a tensor, a tuple / list, or a transformers ``ModelOutput``,
+    whose fields are cast in place) as ``dtype``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):  # ModelOutput is a dict subclass
+        for key, field_value in value.items():
+            value[key] = _cast(field_value, dtype)
+        return value
+    if isinstance(value, tuple | list):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
 
 
 def named_backbone_modules(backbone: Backbone, names: Sequence[str], what: str) -> dict[str, nn.Module]:
@@ -280,7 +316,7 @@ class PartialFineTuning(PEFTPolicy):
         else:
             chosen = named_backbone_modules(backbone, self.modules, "partial fine-tuning")
         for module in chosen.values():
-            set_trainable(module, True)
+            train_in_full(module)
         self.trained = sorted(chosen)
 
 
@@ -375,10 +411,10 @@ class LoRA(PEFTPolicy):
             bias="none",
         )
         inject_adapter_in_model(config, model)  # in place; leaves only the adapters trainable
-        self.lora_config = config
+        self.lora_config = config  # what a bundle writes as the adapters' adapter_config.json
         train_projector(backbone, self.train_connector)
         for module in named_backbone_modules(backbone, self.train_modules, "train_modules").values():
-            set_trainable(module, True)  # what a bundle writes as the adapters' adapter_config.json
+            train_in_full(module)
         for p in model.parameters():
             # Float32 adapters over a bf16 / fp16 base, as get_peft_model makes them: AdamW's small
             # updates would round away in 16-bit weights.
