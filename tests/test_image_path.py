@@ -18,7 +18,7 @@ from ecglm.data.collate import QACollator
 from ecglm.encoders import CNNImageEncoder, HFVisionEncoder, ViTImageEncoder
 from ecglm.model import ECGLM
 from ecglm.peft import LoRA, PartialFineTuning, ProjectionOnly
-from ecglm.render import ECGPrintout, PrintoutAugment
+from ecglm.render import ECGPrintout, PrintoutAugment, save_png
 from ecglm.testing.tiny import bound_prompt, tiny_backbone, tiny_vision_backbone
 
 FAMILIES = ("gemma3", "qwen2_5_vl", "qwen3_vl", "mllama")
@@ -536,6 +536,31 @@ def test_image_models_export_and_answer_a_record_as_before(tmp_path):
         assert loaded.printout == replace(printout, augment=None)
         assert loaded.image_size == model.image_size
         assert loaded.answer(signal, 500, LEADS12, questions) == before
+
+    # A picture as a dataset ships it: `ecglm ask --image` answers what answer_image answers, and
+    # the printout the model would draw itself gets the same answer as drawing it from the signal.
+    from ecglm.cli import main
+    from ecglm.inference import preprocessing_of
+    from ecglm.records import Recording, prepare
+
+    window = prepare(Recording(signal.T, LEADS12, 500.0, "signal"), preprocessing_of(loaded), "first")[0]
+    drawn = replace(printout, fs=250.0)({"key": "x", "ecg": window})[0].transpose(1, 2, 0)
+    png = tmp_path / "ecg.png"
+    save_png(drawn, png)
+    assert loaded.answer_image(png, questions) == before
+    out = tmp_path / "answers.jsonl"
+    ask = ["ask", "--model", str(bundle), "--max_new_tokens", "16", "--question", "Rate?"]
+    assert main([*ask, "--image", str(png), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["answer"] == before[0]
+    (tmp_path / "broken.png").write_bytes(png.read_bytes()[:200])
+    assert main([*ask, "--image", str(tmp_path / "broken.png")]) == 2
+    from ecglm.connectors import MLPConnector
+    from ecglm.testing.tiny import tiny_encoder
+
+    signal_model = ECGLM(tiny_encoder(), MLPConnector(), tiny_backbone())
+    signal_model.prompt = bound_prompt(signal_model.backbone)
+    with pytest.raises(ValueError, match="reads ECG signals, not pictures"):
+        signal_model.answer_image(png, "Rate?")
 
 
 def test_image_quickstart_recipe_draws_trains_and_checkpoints_through_the_cli(tmp_path, monkeypatch):

@@ -71,6 +71,81 @@ def printout_of(model: ECGLM) -> ECGPrintout | None:
     return replace(printout, size=tuple(model.image_size), fs=float(preprocessing_of(model).sampling_rate))
 
 
+def read_image(image: str | Path | np.ndarray, source: str = "image") -> np.ndarray:
+    """An ECG picture (a PNG / JPEG file, or an array) as RGB ``(height, width, 3)`` uint8; a file that
+    is not a readable image, or a picture too small to show a printout, is refused naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ecglm.data.stream import MIN_IMAGE_SIDE
+
+    if isinstance(image, str | Path):
+        source = str(image)
+        try:
+            with Image.open(image) as picture:
+                array = np.asarray(picture.convert("RGB"))
+        except FileNotFoundError:
+            raise RecordError(f"{source}: no such file") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise RecordError(f"{source}: not an image Pillow can read ({err})") from None
+    else:
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise RecordError(
+                f"{source}: expected an RGB image (height, width, 3) of uint8, got {array.shape}"
+            )
+    if min(array.shape[:2]) < MIN_IMAGE_SIDE:
+        raise RecordError(
+            f"{source}: {array.shape[1]} x {array.shape[0]} px is too small for an ECG printout "
+            f"(at least {MIN_IMAGE_SIDE} px a side)"
+        )
+    return array
+
+
+@torch.no_grad()
+def answer_images(
+    model: ECGLM,
+    images: Sequence[np.ndarray],
+    questions: Sequence[str],
+    decoding: Decoding | None = None,
+    batch_size: int = 8,
+    dataset: str | None = None,
+) -> list[str]:
+    """One answer per (ECG picture, question) pair, in order, in batches: for models of the image path,
+    on pictures as datasets ship them (a photographed or scanned printout), resized to the model's size."""
+    if model.image_size is None:
+        raise ValueError("this model reads ECG signals, not pictures: give it a record (ecglm ask --record)")
+    if model.prompt is None:
+        raise ValueError("the model has no prompt style: load it with ECGLM.from_pretrained or connect it")
+    printout = replace(model.printout or ECGPrintout(), size=tuple(model.image_size))
+    collate = QACollator(
+        model.prompt,
+        model.num_ecg_tokens,
+        for_generation=True,
+        system_prompts=system_prompts(model, dataset),
+        images=printout,
+    )
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    pairs = list(zip(images, questions, strict=True))
+    for start in range(0, len(pairs), batch_size):
+        items = [
+            {
+                "key": f"ask{i}_qa0",
+                "ecg": None,
+                "image": image,
+                "question": q,
+                "answer": "",
+                "question_type": "ask",
+            }
+            | ASKED
+            for i, (image, q) in enumerate(pairs[start : start + batch_size])
+        ]
+        answers += model.generate(collate(items).to(device), decoding)
+    return answers
+
+
 @torch.no_grad()
 def answer_windows(
     model: ECGLM,
@@ -237,6 +312,9 @@ def ask_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--record", help="one ECG file: WFDB (.hea), EDF/BDF, .npy or .csv")
     source.add_argument("--records", help="a folder of ECG files, or a CSV list with a `path` column")
+    source.add_argument(
+        "--image", action="append", help="an ECG picture (PNG / JPEG; repeat for several): image-path models"
+    )
     asked = parser.add_mutually_exclusive_group(required=True)
     asked.add_argument("--question", help="the question")
     asked.add_argument("--questions", help="a text file, one question per line")
@@ -263,8 +341,10 @@ def run_ask(args: list[str]) -> int:
         if options.question
         else [q.strip() for q in Path(options.questions).read_text().splitlines() if q.strip()]
     )
-    records = find_records(options.record or options.records)
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if options.image:
+        return _ask_images(ECGLM.from_pretrained(options.model, device=device), options, questions)
+    records = find_records(options.record or options.records)
     model = ECGLM.from_pretrained(options.model, device=device)
     leads = options.leads.split(",") if options.leads else None
     rows, skipped = ask(
@@ -288,3 +368,28 @@ def run_ask(args: list[str]) -> int:
     if options.out:
         print(f"{len(rows)} answer(s) appended to {options.out}; {len(skipped)} file(s) skipped")
     return 2 if skipped and not rows and len(skipped) == len(records) else 1 if skipped else 0
+
+
+def _ask_images(model: ECGLM, options: argparse.Namespace, questions: list[str]) -> int:
+    """``ecglm ask --image``: every question about every picture, printed (and appended to ``--out``)."""
+    from ecglm.model import Decoding
+
+    pictures = [(path, read_image(path)) for path in options.image]
+    pairs = [(path, image, q) for path, image in pictures for q in questions]
+    answers = answer_images(
+        model,
+        [image for _, image, _ in pairs],
+        [q for _, _, q in pairs],
+        Decoding(max_new_tokens=options.max_new_tokens),
+        options.batch_size,
+    )
+    rows = [
+        {"image": str(path), "question": q, "answer": a, "model": str(options.model)}
+        for (path, _, q), a in zip(pairs, answers, strict=True)
+    ]
+    for row in rows:
+        print(f"{row['image']} {row['question']}\n  -> {row['answer']}")
+    if options.out:
+        with Path(options.out).open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return 0

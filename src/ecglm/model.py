@@ -263,6 +263,23 @@ class ECGLM(nn.Module):
         )
         return answers[0] if isinstance(question, str) and len(answers) == 1 else answers
 
+    def answer_image(
+        self,
+        image: Any,
+        question: str | Sequence[str],
+        decoding: Decoding | None = None,
+        dataset: str | None = None,
+    ) -> str | list[str]:
+        """Answer ``question`` (or each of a list) about an ECG picture, as datasets ship them (a
+        photographed or scanned printout): a PNG / JPEG path or an RGB array, resized to what this
+        image-path model reads. For a signal, use :meth:`answer` (the model draws it itself)."""
+        from ecglm.inference import answer_images, read_image
+
+        picture = read_image(image)
+        questions = [question] if isinstance(question, str) else list(question)
+        answers = answer_images(self, [picture] * len(questions), questions, decoding, dataset=dataset)
+        return answers[0] if isinstance(question, str) else answers
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> ECGLM:
         """The model a bundle holds (:meth:`save_pretrained`, ``ecglm export``), in eval mode; reads
