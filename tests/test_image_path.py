@@ -629,3 +629,27 @@ def test_bf16_vision_language_model_reads_bf16_pixels_and_trains_float32_adapter
         partial = ECGLM(None, None, tiny_vision_backbone(family, dtype="bfloat16"), PartialFineTuning())
         assert {p.dtype for p in partial.parameters() if p.requires_grad} == {torch.float32}
         assert any("cross_attn" in n for n in trained(partial, batch))
+
+
+def test_a_chat_template_kept_by_the_processor_is_found(tmp_path):
+    """Some vision-language repositories keep the chat template beside the processor
+    (``chat_template.json``), not in the tokenizer's files: the backbone reads it from there."""
+    from transformers import AutoTokenizer
+
+    from ecglm.backbones import VisionLanguageBackbone
+    from ecglm.testing.tiny import CHATML_TEMPLATE, saved_vision_model
+
+    folder = Path(saved_vision_model(tmp_path / "vlm", "gemma3"))
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        path = folder / name
+        if path.exists() and name.endswith(".json"):
+            config = json.loads(path.read_text())
+            config.pop("chat_template", None)
+            path.write_text(json.dumps(config))
+        elif path.exists():
+            path.unlink()
+    assert AutoTokenizer.from_pretrained(folder).chat_template is None
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+    backbone = VisionLanguageBackbone(str(folder))
+    assert backbone.tokenizer.chat_template == CHATML_TEMPLATE
+    assert bound_prompt(backbone).encode("Rate?", "normal", backbone.image_tokens_per_image).labels

@@ -763,6 +763,8 @@ class VisionLanguageBackbone(HFBackbone):
                 f"{', '.join(IMAGE_TOKEN_FAMILIES + CROSS_ATTENTION_FAMILIES)}"
             )
         self.image_token_id = _config_value(config, "image_token_id", "image_token_index")
+        if self.tokenizer.chat_template is None:
+            self.tokenizer.chat_template = processor_chat_template(resolve_model_path(tokenizer or model))
         self.image_processor = self.load_image_processor()
         self.image_size = tuple(image_size) if image_size is not None else self._default_image_size()
         self.image_tokens_per_image = self._tokens_per_image()
@@ -982,6 +984,24 @@ class VisionLanguageBackbone(HFBackbone):
         generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
         out = self.model.generate(**inputs, **generation_kwargs)
         return out[:, input_ids.shape[1] :]
+
+
+def processor_chat_template(path: str) -> str | None:
+    """The chat template a vision-language model's processor keeps beside the tokenizer
+    (``chat_template.jinja``, or ``chat_template.json``'s ``chat_template``), where the tokenizer has none."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            found = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            found = None
+        if found:
+            text = Path(found).read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
 
 
 def _config_value(config: Any, *names: str) -> int:
