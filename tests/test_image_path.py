@@ -373,6 +373,8 @@ def test_ecg_instruct_llava_json_and_images_become_shards_the_loader_reads(tmp_p
         ECGInstructImages(str(tmp_path / "ECGInstruct.json"), str(root), strict=True).build(tmp_path / "s2")
 
     backbone = tiny_backbone()
+    with pytest.raises(ValueError, match=r"holds ECG pictures, not signals: set data\.init_args\.image"):
+        ECGQADataModule(str(tmp_path / "shards")).setup("fit")
     data = ECGQADataModule(
         str(tmp_path / "shards"), batch_size=1, eval_batch_size=8, image=ECGPrintout(), verify_checksums=True
     )

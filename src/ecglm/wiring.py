@@ -34,7 +34,6 @@ def connect(model: ECGLanguageModel, data: Any) -> None:
             preprocessing=getattr(model.encoder, "preprocessing", None),
             image_size=model.model.image_size,
         )
-    if hasattr(data, "attach") and prompt is not None:
         model.model.printout = getattr(data, "image", None)  # as resized for this model by attach
     if getattr(data, "packed", False):
         model.model.check_packing()  # before any weight trains, not at the first batch

@@ -21,6 +21,11 @@ from ecglm.render import ECGPrintout
 def _ecgs(item: dict[str, Any]) -> np.ndarray:
     """A QA item's ECGs with a leading count: a signal ``(12, T)`` is one, ``(n, 12, T)`` (a comparison
     question) is ``n``; images (:class:`ecglm.render.ECGPrintout`) are always ``(n, 3, H, W)``."""
+    if item.get("ecg") is None:
+        raise ValueError(
+            f"QA pair {item.get('key')} has an ECG picture and no signal (image-only shards such as "
+            "ECGInstruct's): read it with an image model and data.init_args.image (ecglm.render.ECGPrintout)"
+        )
     ecg = np.asarray(item["ecg"])
     return ecg[None] if ecg.ndim == 2 else ecg
 

@@ -300,6 +300,12 @@ class ECGQADataModule(L.LightningDataModule):
                 f"{self.data_dir / 'manifest.json'} holds comparison (two-ECG) questions, {unread} QA pairs "
                 "by split, which include_comparison=False leaves out of training and evaluation"
             )
+        if self.manifest.get("images") and self.image is None:
+            raise ValueError(
+                f"{self.data_dir / 'manifest.json'} holds ECG pictures, not signals: set "
+                "data.init_args.image (class_path: ecglm.render.ECGPrintout) and use an image encoder or "
+                "a vision-language backbone"
+            )
         fs = self.manifest.get("preprocessing", {}).get("sampling_rate")
         if self.image is not None and self.image.fs is None and fs is not None:
             self.image = replace(self.image, fs=float(fs))
