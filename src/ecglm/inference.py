@@ -103,7 +103,6 @@ def read_image(image: str | Path | np.ndarray, source: str = "image") -> np.ndar
     return array
 
 
-@torch.no_grad()
 def answer_images(
     model: ECGLM,
     images: Sequence[np.ndarray],
@@ -116,37 +115,11 @@ def answer_images(
     on pictures as datasets ship them (a photographed or scanned printout), resized to the model's size."""
     if model.image_size is None:
         raise ValueError("this model reads ECG signals, not pictures: give it a record (ecglm ask --record)")
-    if model.prompt is None:
-        raise ValueError("the model has no prompt style: load it with ECGLM.from_pretrained or connect it")
     printout = replace(model.printout or ECGPrintout(), size=tuple(model.image_size))
-    collate = QACollator(
-        model.prompt,
-        model.num_ecg_tokens,
-        for_generation=True,
-        system_prompts=system_prompts(model, dataset),
-        images=printout,
-    )
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    pairs = list(zip(images, questions, strict=True))
-    for start in range(0, len(pairs), batch_size):
-        items = [
-            {
-                "key": f"ask{i}_qa0",
-                "ecg": None,
-                "image": image,
-                "question": q,
-                "answer": "",
-                "question_type": "ask",
-            }
-            | ASKED
-            for i, (image, q) in enumerate(pairs[start : start + batch_size])
-        ]
-        answers += model.generate(collate(items).to(device), decoding)
-    return answers
+    items = [{"ecg": None, "image": image} for image in images]
+    return _answer(model, items, questions, decoding, batch_size, dataset, printout)
 
 
-@torch.no_grad()
 def answer_windows(
     model: ECGLM,
     windows: Sequence[np.ndarray],
@@ -156,24 +129,39 @@ def answer_windows(
     dataset: str | None = None,
 ) -> list[str]:
     """One answer per (window ``(12, num_samples)``, question) pair, in order, in batches."""
+    items = [{"ecg": window} for window in windows]
+    return _answer(model, items, questions, decoding, batch_size, dataset, printout_of(model))
+
+
+@torch.no_grad()
+def _answer(
+    model: ECGLM,
+    ecgs: list[dict[str, Any]],
+    questions: Sequence[str],
+    decoding: Decoding | None,
+    batch_size: int,
+    dataset: str | None,
+    printout: ECGPrintout | None,
+) -> list[str]:
+    """Generated answers for ``ecgs`` (each item's ``ecg`` / ``image``) asked ``questions``, in batches."""
     if model.prompt is None:
         raise ValueError("the model has no prompt style: load it with ECGLM.from_pretrained or connect it")
-    if len(windows) != len(questions):
-        raise ValueError(f"{len(windows)} windows for {len(questions)} questions: one question per window")
+    if len(ecgs) != len(questions):
+        raise ValueError(f"{len(ecgs)} ECGs for {len(questions)} questions: one question per ECG")
     collate = QACollator(
         model.prompt,
         model.num_ecg_tokens,
         for_generation=True,
         system_prompts=system_prompts(model, dataset),
-        images=printout_of(model),
+        images=printout,
     )
     device = next(model.parameters()).device
     answers: list[str] = []
-    for start in range(0, len(windows), batch_size):
-        chunk = zip(windows[start : start + batch_size], questions[start : start + batch_size], strict=True)
+    for start in range(0, len(ecgs), batch_size):
+        chunk = zip(ecgs[start : start + batch_size], questions[start : start + batch_size], strict=True)
         items = [
-            {"key": f"ask{i}_qa0", "ecg": w, "question": q, "answer": "", "question_type": "ask"} | ASKED
-            for i, (w, q) in enumerate(chunk)
+            {"key": f"ask{i}_qa0", **ecg, "question": q, "answer": "", "question_type": "ask"} | ASKED
+            for i, (ecg, q) in enumerate(chunk)
         ]
         answers += model.generate(collate(items).to(device), decoding)
     return answers
