@@ -696,7 +696,9 @@ def quantized_device_map() -> dict[str, Any]:
 # --- vision-language models ----------------------------------------------------------------------------
 
 #: Model types whose vision path :class:`VisionLanguageBackbone` knows, by how the image reaches the LM.
-IMAGE_TOKEN_FAMILIES = ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # image tokens in the sequence
+#: Qwen-VL families: image tokens by resolution, multimodal rotary positions the model computes itself.
+MULTIMODAL_ROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+IMAGE_TOKEN_FAMILIES = ("gemma3", *MULTIMODAL_ROPE_FAMILIES)  # image tokens in the sequence
 CROSS_ATTENTION_FAMILIES = ("mllama",)  # one <|image|> token; the LM's cross-attention layers read it
 #: Modules of these models that 4-bit loading leaves unquantised: vision towers and projectors.
 VISION_MODULES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "lm_head")
@@ -766,6 +768,8 @@ class VisionLanguageBackbone(HFBackbone):
         if self.tokenizer.chat_template is None:
             self.tokenizer.chat_template = processor_chat_template(resolve_model_path(tokenizer or model))
         self.image_processor = self.load_image_processor()
+        # A path, not the module: a second reference would register the tower twice in the state dict.
+        self._vision_tower = min(self.vision_modules(), key=len)
         self.image_size = tuple(image_size) if image_size is not None else self._default_image_size()
         self.image_tokens_per_image = self._tokens_per_image()
 
@@ -895,11 +899,7 @@ class VisionLanguageBackbone(HFBackbone):
             return {}
         device = input_ids.device
         processed = self._processed(images)
-        vision_dtype = next(
-            (p.dtype for p in self.model.parameters() if p.is_floating_point() and p.dtype != torch.float32),
-            torch.float32,
-        )
-        inputs: dict[str, Any] = {"pixel_values": processed["pixel_values"].to(device, vision_dtype)}
+        inputs: dict[str, Any] = {"pixel_values": processed["pixel_values"].to(device, self._vision_dtype())}
         if self.family == "gemma3":
             # Gemma 3's image tokens attend to each other both ways (its token type 1).
             inputs["token_type_ids"] = ecg_mask.long()
@@ -930,13 +930,19 @@ class VisionLanguageBackbone(HFBackbone):
                 inputs["mm_token_type_ids"] = ecg_mask.long()
         return inputs
 
+    def _vision_dtype(self) -> torch.dtype:
+        """The dtype the vision tower computes in: its first floating-point weight's (read per call, as
+        a policy or Lightning's precision may cast the tower after loading)."""
+        tower = self.model.get_submodule(self._vision_tower)
+        return next(p.dtype for p in tower.parameters() if p.is_floating_point())
+
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, images: Tensor) -> dict:
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             **self.image_inputs(input_ids, ecg_mask, images),
         }
-        if self.family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        if self.family not in MULTIMODAL_ROPE_FAMILIES:
             # Left-padded rows count positions from their first real token (Qwen-VL's multimodal
             # positions are computed by the model itself from the ids, the mask and the image grid).
             inputs["position_ids"] = positions_from_mask(attention_mask)

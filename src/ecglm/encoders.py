@@ -1168,21 +1168,16 @@ class HFVisionEncoder(ImageECGEncoder):
         overrides = dict(config_overrides or {})
         torch_dtype = getattr(torch, dtype)
         config = (
-            AutoConfig.from_pretrained(model)
+            AutoConfig.from_pretrained(model, **overrides)
             if os.path.isdir(model) or "/" in model
-            else AutoConfig.for_model(model)
+            else AutoConfig.for_model(model, **overrides)
         )
-        if hasattr(config, "vision_use_head"):
-            overrides.setdefault("vision_use_head", False)  # SigLIP's pooling head: the frames are read
+        if hasattr(config, "vision_use_head") and "vision_use_head" not in overrides:
+            config.vision_use_head = False  # SigLIP's pooling head: the frames are read, not the pool
         if random_init:
-            config = (
-                AutoConfig.from_pretrained(model, **overrides)
-                if os.path.isdir(model) or "/" in model
-                else AutoConfig.for_model(model, **overrides)
-            )
             self.tower = AutoModel.from_config(config, dtype=torch_dtype)
         else:
-            self.tower = AutoModel.from_pretrained(model, dtype=torch_dtype, **overrides)
+            self.tower = AutoModel.from_pretrained(model, config=config, dtype=torch_dtype)
             mean, std = _processor_normalisation(model)
             image_mean, image_std = image_mean or mean, image_std or std
         config = self.tower.config
@@ -1197,9 +1192,8 @@ class HFVisionEncoder(ImageECGEncoder):
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(self.tower.forward).parameters
 
     def top_layers(self, n: int) -> list[nn.Module]:
-        layers = getattr(getattr(self.tower, "encoder", None), "layers", None) or getattr(
-            getattr(self.tower, "encoder", None), "layer", None
-        )
+        encoder = getattr(self.tower, "encoder", None)
+        layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
         if layers is None:
             return super().top_layers(n)
         return list(layers[-n:])

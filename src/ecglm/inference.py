@@ -115,9 +115,8 @@ def answer_images(
     on pictures as datasets ship them (a photographed or scanned printout), resized to the model's size."""
     if model.image_size is None:
         raise ValueError("this model reads ECG signals, not pictures: give it a record (ecglm ask --record)")
-    printout = replace(model.printout or ECGPrintout(), size=tuple(model.image_size))
     items = [{"ecg": None, "image": image} for image in images]
-    return _answer(model, items, questions, decoding, batch_size, dataset, printout)
+    return _answer(model, items, questions, decoding, batch_size, dataset, printout_of(model))
 
 
 def answer_windows(

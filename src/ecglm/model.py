@@ -91,8 +91,8 @@ def _printout_spec(printout: Any) -> dict[str, Any] | None:
         return None
     from dataclasses import asdict
 
-    args = {**asdict(printout), "augment": None}
-    return {"class_path": f"{type(printout).__module__}.{type(printout).__qualname__}", "init_args": args}
+    path = f"{type(printout).__module__}.{type(printout).__qualname__}"
+    return {"class_path": path, "init_args": asdict(printout)}
 
 
 def _parts_for(

@@ -233,7 +233,7 @@ class PrintoutAugment:
         if self.noise:
             # A window at a random offset of a fixed Gaussian field (per process): sensor noise at a
             # tenth of the cost of drawing every pixel's anew, the offset and strength seeded per call.
-            field = _noise_field(out.shape)
+            field = _noise_field(*out.shape[:2])
             dy = rng.integers(0, field.shape[0] - out.shape[0] + 1)
             dx = rng.integers(0, field.shape[1] - out.shape[1] + 1)
             window = field[dy : dy + out.shape[0], dx : dx + out.shape[1]]
@@ -242,13 +242,9 @@ class PrintoutAugment:
 
 
 @functools.cache
-def _noise_field_of(height: int, width: int) -> np.ndarray:
+def _noise_field(height: int, width: int) -> np.ndarray:
+    """Standard normal noise twice the size of a ``height x width`` image, drawn once per process and size."""
     return np.random.default_rng(0).standard_normal((2 * height, 2 * width, 3), dtype=np.float32)
-
-
-def _noise_field(shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal noise twice the size of an image of ``shape``, drawn once per process and size."""
-    return _noise_field_of(shape[0], shape[1])
 
 
 @dataclass(frozen=True)

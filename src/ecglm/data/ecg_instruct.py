@@ -12,6 +12,7 @@ mode. The split is drawn per image file by hashing (ECGInstruct has a training s
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import time
@@ -127,7 +128,7 @@ class ECGInstructImages:
                     continue
                 data = path.read_bytes()
                 try:
-                    with Image.open(path) as image:
+                    with Image.open(io.BytesIO(data)) as image:
                         image.verify()  # header and checksums; a truncated file fails here
                 except (OSError, UnidentifiedImageError) as err:
                     self._skip("unreadable image", index, item_id, f"{path}: {err}")
