@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from ecglm import ECGLM
 from ecglm.bundle import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, BundleError
-from ecglm.cli import main, run_cli
+from ecglm.commands import main
+from ecglm.commands.lightning import run_cli
 from ecglm.data.datamodule import QACollator
 from ecglm.data.synthetic import SyntheticHeartQA
 from ecglm.resume import peek_checkpoint

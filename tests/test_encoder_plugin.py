@@ -85,7 +85,7 @@ def plugin_recipe(path: Path) -> Path:
 
 
 def test_quickstart_recipe_can_name_it(installed, ptb_window, tokenizer_dir, tmp_path, monkeypatch):
-    from ecglm.cli import run_cli
+    from ecglm.commands.lightning import run_cli
 
     monkeypatch.chdir(tmp_path)  # the recipe's relative paths (runs/, shards/) land here
     recipe = plugin_recipe(tmp_path / "s4d.yaml")

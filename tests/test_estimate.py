@@ -392,7 +392,7 @@ def test_gpu_benchmark_tiny_cpu_smoke_runs_every_measurement(tmp_path):
 def test_the_cli_refuses_a_strategy_that_cannot_run_the_recipe_before_building_anything(monkeypatch):
     """`ecglm fit` checks the strategy before the model is built (the LLM would take minutes to load)."""
     from ecglm.backbones import HFBackbone
-    from ecglm.cli import run_cli
+    from ecglm.commands.lightning import run_cli
 
     def never(*args, **kwargs):
         raise AssertionError("the backbone was built before the strategy was checked")
@@ -404,7 +404,7 @@ def test_the_cli_refuses_a_strategy_that_cannot_run_the_recipe_before_building_a
 
 
 def test_ecglm_estimate_command_prints_the_table_and_names_a_bad_strategy(capsys):
-    from ecglm.cli import main
+    from ecglm.commands import main
 
     recipe = str(REPO / "recipes" / "gemma-4-31b" / "joint-peft.yaml")
     assert main(["estimate", "--config", recipe, "--trainer.strategy=fsdp"]) == 2

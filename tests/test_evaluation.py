@@ -225,7 +225,7 @@ def _recipe_args(mixture_dir: Path, tokenizer_dir: str) -> list[str]:
 
 
 def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path, monkeypatch):
-    from ecglm.cli import run_cli, run_evaluate
+    from ecglm.commands.lightning import run_cli, run_evaluate
 
     monkeypatch.chdir(tmp_path)
     # Absolute: MLflow caches its store per URI string, and other tests use the recipe's relative one.

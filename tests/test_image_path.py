@@ -422,7 +422,7 @@ def test_label_scores_are_each_label_s_answer_likelihood_and_give_the_macro_auc(
 
 
 def test_reports_of_the_signal_and_image_paths_side_by_side(tmp_path):
-    from ecglm.cli import main
+    from ecglm.commands import main
 
     def report(acc: float, blank: float) -> dict:
         def entry(value: float) -> dict:
@@ -541,7 +541,7 @@ def test_image_models_export_and_answer_a_record_as_before(tmp_path):
 
     # A picture as a dataset ships it: `ecglm ask --image` answers what answer_image answers, and
     # the printout the model would draw itself gets the same answer as drawing it from the signal.
-    from ecglm.cli import main
+    from ecglm.commands import main
     from ecglm.inference import preprocessing_of
     from ecglm.records import Recording, prepare
 
@@ -568,7 +568,7 @@ def test_image_models_export_and_answer_a_record_as_before(tmp_path):
 def test_image_quickstart_recipe_draws_trains_and_checkpoints_through_the_cli(tmp_path, monkeypatch):
     """recipes/image-quickstart.yaml through ``ecglm fit`` (a tiny LLM in SmolLM2's place): printouts
     drawn in the loader worker at the CNN's size, a few steps, a checkpoint with the CNN's weights."""
-    from ecglm.cli import run_cli
+    from ecglm.commands.lightning import run_cli
     from ecglm.testing.tiny import saved_causal_lm, tokenizer_dir
     from ecglm_testing import REPO
 

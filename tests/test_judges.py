@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ecglm.cli import run_cli
+from ecglm.commands.lightning import run_cli
 from ecglm.evaluation import build_judge, judge_answers, render_markdown, summarize
 from ecglm.judges import Judge, JudgeItem, LocalJudge, Verdict, parse_verdict
 from ecglm.testing import saved_causal_lm

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ecglm.cli import main, run_cli
+from ecglm.commands import main
+from ecglm.commands.lightning import run_cli
 from ecglm.plugins import GROUPS, UnknownComponentError, discover, format_registry, resolve_class_paths
+from ecglm.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -40,7 +42,7 @@ def test_plugins_command_lists_every_group(capsys):
     out = capsys.readouterr().out
     for group in GROUPS.values():
         assert f"{group}:" in out
-    assert "ecglm.backbones.HFBackbone" in out and "ecglm 0.1.0" in out
+    assert "ecglm.backbones.HFBackbone" in out and f"ecglm {__version__}" in out
 
 
 def write_dist(
@@ -101,7 +103,7 @@ def test_a_plugin_cannot_take_a_builtin_name_whatever_the_order(first, tmp_path,
     assert (hf.distribution, hf.class_path) == ("ecglm", "ecglm.backbones.HFBackbone")
     [failure] = registry.failures
     assert (failure.plugin.name, failure.plugin.distribution) == ("hf", "squatter")
-    assert "already registered by ecglm's own ecglm 0.1.0 (ecglm.backbones.HFBackbone)" in failure.error
+    assert f"already registered by ecglm's own ecglm {__version__} (ecglm.backbones.HFBackbone)" in failure.error
     assert "FAILED ecglm.backbones 'hf' from squatter 9.9: " in format_registry(registry)
     config = {"model": {"backbone": {"class_path": "hf"}}}
     assert (
@@ -226,11 +228,11 @@ def broken_recipe(tmp_path: Path, old: str, new: str) -> Path:
 
 
 def parse_error(recipe: Path, capsys) -> str:
-    """The CLI's complaint about ``recipe`` (it must refuse it)."""
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(["fit", "--config", str(recipe), "--print_config"])
-    assert exit_.value.code != 0
-    return capsys.readouterr().err
+    """The command's complaint about ``recipe``: it must refuse it with one line and exit status 2."""
+    assert main(["fit", "--config", str(recipe), "--print_config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ecglm fit: "), err
+    return err
 
 
 def test_unknown_component_name_lists_what_exists(tmp_path, capsys):

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from ecglm.cli import run_cli, run_evaluate
+from ecglm.commands.lightning import run_cli, run_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "quickstart.yaml"

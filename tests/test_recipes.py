@@ -14,7 +14,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ecglm.callbacks import AtomicCheckpointIO
-from ecglm.cli import run_cli
+from ecglm.commands.lightning import run_cli
 from ecglm.data.datamodule import QACollator
 from ecglm.data.monitor import SkippedInputLogger
 from ecglm_testing import FAMILIES, REPO, TINY, VOCAB

@@ -66,7 +66,7 @@ def test_bad_signals_are_refused():
 def test_ecglm_render_draws_a_real_record(ptb_record, tmp_path):
     from PIL import Image
 
-    from ecglm.cli import main
+    from ecglm.commands import main
 
     out = tmp_path / "ptb.png"
     assert main(["render", "--record", str(ptb_record), "--out", str(out), "--dpi", "100"]) == 0

@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 from ecglm import callbacks as ecglm_callbacks
 from ecglm import resume
 from ecglm.backbones import HFBackbone
-from ecglm.cli import main, run_cli, run_evaluate
+from ecglm.commands import main
+from ecglm.commands.lightning import run_cli, run_evaluate
 from ecglm.data.synthetic import SyntheticHeartQA
 from ecglm.testing import TINY_ENCODER, saved_causal_lm
 
@@ -114,7 +115,7 @@ def _step(path: Path) -> int:
 KILLED_AT_SECOND_SAVE = textwrap.dedent(
     """
     import os, shutil, sys
-    from ecglm.cli import main
+    from ecglm.commands import main
 
     def dies_at_step_2(rename):
         def wrapped(src, dst, *args, **kwargs):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ecglm.cli import main, run_shard
+from ecglm.commands import main
+from ecglm.commands.shard import run_shard
 from ecglm.data.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +38,14 @@ def test_shard_command_builds_then_keeps_an_up_to_date_folder(tmp_path, capsys):
 def test_shard_command_names_a_bad_builder_argument(tmp_path, capsys):
     config = (REPO / "shards/quickstart.yaml").read_text().replace("num_val: 32", "num_val: many")
     (tmp_path / "shard.yaml").write_text(config)
-    with pytest.raises(SystemExit):
-        run_shard(["--config", str(tmp_path / "shard.yaml")])
-    assert "num_val" in capsys.readouterr().err
+    assert main(["shard", "--config", str(tmp_path / "shard.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "builder.init_args.num_val: expected int, got 'many'" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "shards").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shard_config_parses(config):
-    from ecglm.cli import shard_parser
+    from ecglm.commands.shard import shard_parser
 
     assert config.read_text().startswith("# ecglm shard --config shards/"), "first line: the command"
     parsed = shard_parser().parse_args(["--config", str(config)])

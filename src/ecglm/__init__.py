@@ -1,12 +1,14 @@
 """ecglm: train ECG-language models from a pretrained ECG encoder, a connector and a causal LM.
 
 The component layer (``ecglm.encoders``, ``ecglm.connectors``, ``ecglm.backbones``, ``ecglm.peft``)
-needs torch, transformers and peft only; Lightning, data streaming and the CLI live in
-``ecglm.module``, ``ecglm.data`` and ``ecglm.cli``. :class:`ECGLM` (``ecglm.model``) composes the
-components into one ``torch.nn.Module`` without Lightning.
+needs torch, transformers and peft only; Lightning, data streaming and the command live in
+``ecglm.module``, ``ecglm.data`` and ``ecglm.commands``. :class:`ECGLM` (``ecglm.model``) composes the
+components into one ``torch.nn.Module`` without Lightning; :mod:`ecglm.inference` answers with it.
+``docs/api.md`` says which names plugin authors may rely on.
 """
 
-__version__ = "0.1.0"
+from ecglm.version import __version__
+
 __all__ = ["ECGLM", "Decoding", "__version__"]
 
 

@@ -49,3 +49,12 @@ def moved_names(
         return getattr(importlib.import_module(where), attribute)
 
     return __getattr__
+
+
+def forward_deprecated(old: str, new: str, removed_in: str = REMOVED_IN) -> Callable[..., Any]:
+    """The function at ``new`` (``"package.module:function"``), after warning that ``old`` is deprecated:
+    for a deprecated method that forwards to where its job went. Resolved here, by name, so that a
+    lower layer's shim does not import the layer above it (the shim goes in ``removed_in``)."""
+    where, _, attribute = new.partition(":")
+    warn_deprecated(old, f"{where}.{attribute}", removed_in, stacklevel=4)
+    return getattr(importlib.import_module(where), attribute)

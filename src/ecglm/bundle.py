@@ -13,18 +13,32 @@ ecglm and its dependencies:
   the same base model without ecglm;
 - ``README.md``: the model card.
 
-Loading reads YAML, JSON and safetensors only (never a pickle), and refuses a bundle from a newer
-ecglm or format, or whose tensors differ from what the model expects, naming what differs.
+A bundle is untrusted input, as a model repository is for transformers: loading it runs no code of
+the bundle's choosing (:func:`check_bundle`, before the LLM loads):
+
+- every file is checked against the size and sha256 ``ecglm.yaml`` records (a changed byte, a
+  truncated or renamed file, an extra file: refused, naming the file and both digests);
+- every class it names must be one that an installed distribution registers for that part (ecglm's
+  own, or a plugin the user installed: :mod:`ecglm.plugins`), of the part's base class;
+- arguments that load files outside the bundle, allow pickles or run a repository's code
+  (``checkpoint``, ``trust_pickle``, ``trust_remote_code``, absolute or ``..`` paths, a local
+  folder as the base LLM) are not honoured: the user gives them at load time (``overrides``);
+- it reads YAML, JSON and safetensors only (never a pickle).
+
+``trust_remote_code=True`` lifts the class and argument rules (not the digests) for bundles whose
+author the user trusts. A bundle from a newer ecglm or format, or whose tensors differ from what the
+model expects, is refused naming what differs.
 
 Component layer: torch, transformers, peft, safetensors and PyYAML; no Lightning.
 """
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -33,24 +47,46 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from packaging.version import Version
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ecglm.errors import EcglmError
 
 if TYPE_CHECKING:
     from ecglm.model import ECGLM
 
-#: Raised by readers when a bundle's layout changes; a reader refuses any newer format.
-BUNDLE_FORMAT = 1
+#: Raised by readers when a bundle's layout changes; a reader refuses any newer format. 2: ``files``
+#: records every file's size and sha256.
+BUNDLE_FORMAT = 2
 CONFIG_FILE = "ecglm.yaml"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CARD_FILE = "README.md"
 PARTS = ("encoder", "connector", "backbone", "policy")
+#: The entry-point group each section of ``ecglm.yaml`` names its class from.
+GROUPS = {
+    "encoder": "ecglm.encoders",
+    "connector": "ecglm.connectors",
+    "backbone": "ecglm.backbones",
+    "policy": "ecglm.peft",
+    "prompt": "ecglm.prompts",
+    "image": "ecglm.printouts",
+}
+#: Arguments a bundle cannot set for its user, and why: each runs code or reads files from elsewhere.
+UNSAFE_ARGUMENTS = {
+    "trust_remote_code": "runs code from the model's repository",
+    "trust_pickle": "unpickles a checkpoint, which runs code",
+    "checkpoint": "loads a file from outside the bundle",
+}
+#: Arguments that name a pretrained model: a hub id or an installed package (``pkg:NAME``) from a
+#: bundle; a local folder only from the user.
+MODEL_ARGUMENTS = ("model", "tokenizer")
 #: The key prefix PEFT's own files use for a model's adapters (``PeftModel.save_pretrained``).
 PEFT_PREFIX = "base_model.model."
 
 
-class BundleError(ValueError):
+class BundleError(EcglmError, ValueError):
     """A bundle that cannot be written or loaded; the message names the file and what to do."""
 
 
@@ -85,7 +121,7 @@ def save_bundle(
     and renamed into place, so a crash leaves no half bundle). ``components``: the ``class_path`` /
     ``init_args`` of ``encoder``, ``connector``, ``backbone`` and ``policy``; ``prompt``: the prompt
     style's."""
-    from ecglm import __version__
+    from ecglm.version import __version__
 
     directory = Path(directory)
     if directory.exists():
@@ -116,8 +152,9 @@ def save_bundle(
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         if adapters:
             _save_adapters(model, staging / ADAPTER_DIR, components)
-        (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / CARD_FILE).write_text(card or default_card(config, report))
+        config["files"] = file_digests(staging)  # every file but ecglm.yaml, which holds the digests
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         _readable(staging)  # mkdtemp's folder (and safetensors' files) are the owner's only
         os.replace(staging, directory)
     except BaseException:
@@ -157,16 +194,51 @@ def _save_adapters(model: ECGLM, folder: Path, components: Mapping[str, Any]) ->
     )
 
 
+def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``directory`` but ``ecglm.yaml``, by relative path."""
+    return {
+        name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in bundle_files(directory)
+    }
+
+
+def bundle_files(directory: Path) -> list[str]:
+    """Relative paths of every file under ``directory`` but ``ecglm.yaml``, sorted."""
+    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(name for name in names if name != CONFIG_FILE)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The bundle's ``ecglm.yaml``, checked against this ecglm's version and format."""
-    from ecglm import __version__
+    from ecglm.version import __version__
 
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise BundleError(f"{path} not found: {directory} is not an ecglm bundle (ecglm export writes one)")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise BundleError(
+            f"{path}: not readable YAML ({type(err).__name__}); the bundle is damaged"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("components"), dict):
+        raise BundleError(f"{path}: no components section; the bundle is damaged or not an ecglm bundle")
     made_by = str(config.get("ecglm_version", "0"))
-    if int(config.get("format", 0)) > BUNDLE_FORMAT or Version(made_by) > Version(__version__):
+    try:
+        newer = int(config.get("format", 0)) > BUNDLE_FORMAT or Version(made_by) > Version(__version__)
+    except (ValueError, TypeError):
+        raise BundleError(
+            f"{path}: format {config.get('format')!r} / version {made_by!r} unreadable"
+        ) from None
+    if newer:
         raise BundleError(
             f"{path} was written by ecglm {made_by} (bundle format {config.get('format')}); this is "
             f"ecglm {__version__} (format {BUNDLE_FORMAT}): upgrade ecglm to load it"
@@ -174,31 +246,164 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def build(spec: Mapping[str, Any]) -> Any:
-    """An object from its ``class_path`` and ``init_args``."""
-    module, _, name = str(spec["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
+def verify_files(directory: Path, config: Mapping[str, Any]) -> None:
+    """Every file the bundle holds, against the size and sha256 ``ecglm.yaml`` records for it."""
+    recorded = config.get("files")
+    if recorded is None:
+        warnings.warn(
+            f"{directory / CONFIG_FILE} was written by ecglm {config.get('ecglm_version')} (bundle format "
+            f"{config.get('format')}), which recorded no file digests: its files cannot be checked. "
+            "Re-export it with this ecglm to have them checked.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    unlisted = sorted(set(bundle_files(directory)) - set(recorded))
+    if unlisted:
         raise BundleError(
-            f"cannot import {spec['class_path']} named by the bundle: install the package that provides it"
-        ) from err
-    return cls(**dict(spec.get("init_args") or {}))
+            f"{directory / unlisted[0]} is not one of the files {directory / CONFIG_FILE} lists: a file was "
+            f"added to the bundle ({len(unlisted)} in all); remove it, or ask the sender for the bundle"
+        )
+    for name, entry in recorded.items():
+        path = directory / name
+        if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
+            raise BundleError(f"{path}: listed in {CONFIG_FILE} but missing; the bundle is incomplete")
+        size = path.stat().st_size
+        found = _sha256(path)
+        if size != entry.get("size") or found != entry.get("sha256"):
+            raise BundleError(
+                f"{path} does not match {CONFIG_FILE}: expected sha256 {entry.get('sha256')} "
+                f"({entry.get('size')} bytes), found {found} ({size} bytes); the file was changed or "
+                "damaged after export: ask the sender for it again"
+            )
 
 
-def load_bundle(directory: str | Path, device: str | torch.device | None = None) -> ECGLM:
-    """The model a bundle holds, in eval mode (see the module docstring)."""
-    from ecglm.model import ECGLM
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["backbone.model=/models/x", "encoder.checkpoint=ecg-fm.pt"]`` as ``{part: {key: value}}``
+    (values parsed as YAML scalars: ``true``, ``3``, ``null``)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        part, dot, name = key.partition(".")
+        if not sep or not dot or part not in GROUPS or not name:
+            raise BundleError(
+                f"--override {item!r}: write PART.KEY=VALUE with PART one of {', '.join(GROUPS)} "
+                "(e.g. backbone.model=/models/smollm2)"
+            )
+        overrides.setdefault(part, {})[name] = yaml.safe_load(value) if value else value
+    return overrides
 
+
+def check_bundle(
+    directory: str | Path,
+    trust_remote_code: bool = False,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``ecglm.yaml`` once the bundle is known to be safe to load (see the module docstring), with the
+    user's ``overrides`` (``{part: {argument: value}}``) applied: what :func:`load_bundle` builds. Cheap:
+    it reads the files and imports only registered components' modules, and loads no model."""
     directory = Path(directory)
     config = read_config(directory)
+    verify_files(directory, config)
+    overrides = {part: dict(args) for part, args in (overrides or {}).items()}
+    for part, spec in _sections(config):
+        if not trust_remote_code:
+            _check_spec(directory, part, spec)
+        if part in overrides:
+            spec["init_args"] = {**(spec.get("init_args") or {}), **overrides.pop(part)}
+    if overrides:
+        raise BundleError(f"--override names {sorted(overrides)}, which this bundle has no section for")
+    return config
+
+
+def _sections(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    sections = [(p, config["components"][p]) for p in PARTS if config["components"].get(p)]
+    sections += [(p, config[p]) for p in ("prompt", "image") if config.get(p)]
+    for part, spec in sections:
+        if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+            raise BundleError(f"{CONFIG_FILE}: {part} has no class_path; the bundle is damaged")
+    return sections
+
+
+def _check_spec(directory: Path, part: str, spec: Mapping[str, Any]) -> None:
+    from ecglm.plugins import UntrustedComponentError, component_class
+
+    where = f"{directory / CONFIG_FILE}: {part}"
+    try:
+        component_class(spec["class_path"], GROUPS[part], registered_only=True)
+    except UntrustedComponentError as err:
+        raise BundleError(f"{where}.class_path: {err}") from None
+    except ValueError as err:
+        raise BundleError(f"{where}.class_path: {err}") from None
+    for key, value in (spec.get("init_args") or {}).items():
+        reason = _unsafe_argument(key, value)
+        if reason is not None:
+            raise BundleError(
+                f"{where}.init_args.{key} = {value!r} is not honoured from a bundle: it {reason}. Give it "
+                f"yourself if you trust it (overrides={{'{part}': {{'{key}': ...}}}}, ecglm ask --override "
+                f"{part}.{key}=...), or load with trust_remote_code=True"
+            )
+
+
+def _unsafe_argument(key: str, value: Any) -> str | None:
+    """Why a bundle may not set ``key`` to ``value`` (``None``: it may)."""
+    if key in UNSAFE_ARGUMENTS and value not in (None, False):
+        return UNSAFE_ARGUMENTS[key]
+    for text in _strings(value):
+        path = Path(os.path.expanduser(text)) if text.startswith("~") else Path(text)
+        if text.startswith("~") or path.is_absolute() or ".." in path.parts:
+            return "names a file outside the bundle"
+        if key in MODEL_ARGUMENTS and not text.startswith("pkg:") and path.exists():
+            return "names a local folder as the model (a bundle names a hub id or pkg:PACKAGE)"
+    return None
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _build(spec: Mapping[str, Any], part: str, trust_remote_code: bool) -> Any:
+    from ecglm.plugins import build_component
+
+    return build_component(spec, GROUPS[part], registered_only=not trust_remote_code)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise BundleError(f"{path} not found: the bundle is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BundleError(
+            f"{path}: not a readable safetensors file ({first}); the bundle is damaged"
+        ) from None
+
+
+def load_bundle(
+    directory: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    model_class: type[ECGLM],
+    trust_remote_code: bool = False,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ECGLM:
+    """The model a bundle holds, in eval mode, as ``model_class`` (``ECGLM.from_pretrained`` passes
+    itself: this module never imports the model); see the module docstring and :func:`check_bundle`."""
+    directory = Path(directory)
+    config = check_bundle(directory, trust_remote_code, overrides)
+    weights = _read_weights(directory / WEIGHTS_FILE)  # before the LLM loads: a damaged file fails fast
     components = config["components"]
-    parts = {p: build(components[p]) if components.get(p) else None for p in PARTS[:3]}
-    policy = build(components["policy"]) if components.get("policy") else None
-    prompt = build(config["prompt"]) if config.get("prompt") else None
-    model = ECGLM(parts["encoder"], parts["connector"], parts["backbone"], policy, prompt)
+    parts = {p: _build(components[p], p, trust_remote_code) if components.get(p) else None for p in PARTS}
+    prompt = _build(config["prompt"], "prompt", trust_remote_code) if config.get("prompt") else None
+    model = model_class(parts["encoder"], parts["connector"], parts["backbone"], parts["policy"], prompt)
     expected = model.persistent_keys()
-    weights = load_file(str(directory / WEIGHTS_FILE))
     _check_keys(directory / WEIGHTS_FILE, {k for k in expected if not is_adapter_key(k)}, set(weights))
     model.load_state_dict(weights, strict=False)
     wanted_adapters = {k for k in expected if is_adapter_key(k)}
@@ -206,7 +411,7 @@ def load_bundle(directory: str | Path, device: str | torch.device | None = None)
         _load_adapters(model, directory / ADAPTER_DIR, wanted_adapters)
     model.demonstrations = config.get("demonstrations")
     if config.get("image"):  # the image path: draw each ECG as the model was trained to read it
-        model.printout = build(config["image"])
+        model.printout = _build(config["image"], "image", trust_remote_code)
     model.bundle_config = config
     if device is not None:
         model.to(device)
@@ -219,7 +424,7 @@ def _load_adapters(model: ECGLM, folder: Path, wanted: set[str]) -> None:
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         raise BundleError(f"{path} not found: the model has {len(wanted)} adapter tensors to load")
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path)).items()}
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in _read_weights(path).items()}
     hf = model.backbone.transformers_model
     prefix = next(n for n, m in model.named_modules() if m is hf) + "."
     # PEFT's file leaves out the adapter name (".default") that the model's own keys carry.

@@ -32,6 +32,7 @@ import yaml
 from torch import Tensor, nn
 
 from ecglm.backbones import resolve_model_path, torch_dtype
+from ecglm.errors import EcglmError
 
 GIB = 2**30
 #: NF4 / FP4 quantise weights in blocks of 64, each with an absmax scale (bitsandbytes' default).
@@ -46,11 +47,11 @@ DEFAULT_ANSWER_TOKENS = 64
 TRACE_ATTENTION = {"sdpa": "ecglm_estimate_fused", "eager": "ecglm_estimate_eager"}
 
 
-class EstimateError(ValueError):
+class EstimateError(EcglmError, ValueError):
     """A recipe that cannot be estimated, with what to do about it."""
 
 
-class StrategyError(ValueError):
+class StrategyError(EcglmError, ValueError):
     """A distribution setting that cannot work with the recipe, found before the model loads."""
 
 

@@ -1,4 +1,7 @@
-"""Answers on ECG files: :meth:`ecglm.model.ECGLM.answer` and ``ecglm ask``. No Lightning.
+"""Answers on ECGs, above the model (as transformers' pipelines sit above its models): a signal in
+physical units (:func:`answer`), a picture of a printout (:func:`answer_image`), ECG files
+(:func:`ask`, behind ``ecglm ask``). Calls :meth:`ecglm.model.ECGLM.generate`; the model never calls
+up into this module. No Lightning, metrics or WebDataset.
 
 A record is read (:mod:`ecglm.records`), prepared as the encoder expects (its ``preprocessing``),
 and every (window, question) pair is answered in batches through the same collator training uses,
@@ -12,7 +15,6 @@ reported, never fatal to the rest.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ecglm._deprecation import moved_names
 from ecglm.data.collate import QACollator
 from ecglm.encoders import Preprocessing
-from ecglm.records import FORMATS, RecordError, prepare, read_recording
+from ecglm.records import FORMATS, RecordError, Recording, prepare, read_recording, samples_by_leads
 from ecglm.render import ECGPrintout
 
 if TYPE_CHECKING:
@@ -101,6 +104,52 @@ def read_image(image: str | Path | np.ndarray, source: str = "image") -> np.ndar
             f"(at least {MIN_IMAGE_SIDE} px a side)"
         )
     return array
+
+
+def answer(
+    model: ECGLM,
+    signal: Any,
+    fs: float,
+    leads: Sequence[str],
+    question: str | Sequence[str],
+    decoding: Decoding | None = None,
+    window: str = "first",
+    dataset: str | None = None,
+    batch_size: int = 8,
+) -> str | list[str]:
+    """Answer ``question`` about one ECG, ``signal`` (leads by samples, or samples by leads, in
+    physical units) sampled at ``fs`` Hz with its ``leads`` named: the 12 standard leads are picked by
+    name, resampled and normalised as the model's encoder expects (:mod:`ecglm.records`), and drawn as
+    a printout for a model that reads images.
+
+    One question gives one answer (``window="first"``: from the first window); a list of questions
+    gives a list; ``window="all"`` answers every window of a longer record (a list per question,
+    flattened window by window). ``dataset`` picks whose few-shot demonstrations prompt the model."""
+    array = samples_by_leads(np.asarray(signal), len(leads), "signal")
+    windows = prepare(Recording(array, list(leads), float(fs), "signal"), preprocessing_of(model), window)
+    questions = [question] if isinstance(question, str) else list(question)
+    pairs = [(w, q) for w in windows for q in questions]
+    answers = answer_windows(
+        model, [w for w, _ in pairs], [q for _, q in pairs], decoding, batch_size, dataset=dataset
+    )
+    return answers[0] if isinstance(question, str) and len(answers) == 1 else answers
+
+
+def answer_image(
+    model: ECGLM,
+    image: str | Path | np.ndarray,
+    question: str | Sequence[str],
+    decoding: Decoding | None = None,
+    dataset: str | None = None,
+    batch_size: int = 8,
+) -> str | list[str]:
+    """Answer ``question`` (or each of a list) about an ECG picture, as datasets ship them (a
+    photographed or scanned printout): a PNG / JPEG path or an RGB array, resized to what the
+    image-path ``model`` reads. For a signal, use :func:`answer` (the model's printout draws it)."""
+    picture = read_image(image)
+    questions = [question] if isinstance(question, str) else list(question)
+    answers = answer_images(model, [picture] * len(questions), questions, decoding, batch_size, dataset)
+    return answers[0] if isinstance(question, str) else answers
 
 
 def answer_images(
@@ -210,6 +259,29 @@ def find_records(source: str | Path) -> list[Path]:
     return [source]
 
 
+def drop_cut_line(path: Path) -> None:
+    """Truncate a last line that a kill cut short (no newline), so the file stays valid JSON lines
+    and the next row starts on its own line; the pair it held is answered again."""
+    if not path.is_file() or not path.stat().st_size:
+        return
+    with path.open("rb+") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        # Read back until the last newline: the cut line starts after it (or at the start of the file).
+        block, end = 1 << 16, size
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            end = start
+        f.truncate(0)
+
+
 def _done(out: Path) -> set[tuple[str, int, str]]:
     if not out.is_file():
         return set()
@@ -250,13 +322,8 @@ def ask(
     skipped: list[tuple[str, str]] = []
     rows: list[dict[str, Any]] = []
     pending: list[tuple[str, int, np.ndarray, str]] = []
-    if out and Path(out).is_file() and Path(out).stat().st_size:
-        with Path(out).open("rb") as f:
-            f.seek(-1, 2)
-            cut = f.read(1) != b"\n"
-        if cut:  # a line cut by a kill: close it, so the next row starts on its own line
-            with Path(out).open("a") as f:
-                f.write("\n")
+    if out:
+        drop_cut_line(Path(out))
     with Path(out).open("a") if out else contextlib.nullcontext() as sink:
 
         def flush() -> None:
@@ -293,90 +360,7 @@ def ask(
     return rows, skipped
 
 
-def ask_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecglm ask", description="Answer questions about ECG files.")
-    parser.add_argument("--model", required=True, help="a bundle folder (ecglm export)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--record", help="one ECG file: WFDB (.hea), EDF/BDF, .npy or .csv")
-    source.add_argument("--records", help="a folder of ECG files, or a CSV list with a `path` column")
-    source.add_argument(
-        "--image", action="append", help="an ECG picture (PNG / JPEG; repeat for several): image-path models"
-    )
-    asked = parser.add_mutually_exclusive_group(required=True)
-    asked.add_argument("--question", help="the question")
-    asked.add_argument("--questions", help="a text file, one question per line")
-    parser.add_argument("--out", help="JSON lines file, appended (a rerun answers only what is missing)")
-    parser.add_argument("--fs", type=float, help="sampling rate of .npy / .csv files, Hz")
-    parser.add_argument("--leads", help="lead order of .npy / .csv files, comma-separated (I,II,III,aVR,...)")
-    parser.add_argument("--window", choices=("first", "all"), default="first", help="first window, or each")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
-    parser.add_argument(
-        "--plot", help="a folder: each answer's ECG as the model read it, with Q and A, as PNG"
-    )
-    return parser
-
-
-def run_ask(args: list[str]) -> int:
-    """``ecglm ask``: 0 when every file was answered, 1 when some were skipped, 2 when none was."""
-    from ecglm.model import ECGLM, Decoding
-
-    options = ask_parser().parse_args(args)
-    questions = (
-        [options.question]
-        if options.question
-        else [q.strip() for q in Path(options.questions).read_text().splitlines() if q.strip()]
-    )
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if options.image:
-        return _ask_images(ECGLM.from_pretrained(options.model, device=device), options, questions)
-    records = find_records(options.record or options.records)
-    model = ECGLM.from_pretrained(options.model, device=device)
-    leads = options.leads.split(",") if options.leads else None
-    rows, skipped = ask(
-        model,
-        records,
-        questions,
-        out=options.out,
-        fs=options.fs,
-        leads=leads,
-        window=options.window,
-        decoding=Decoding(max_new_tokens=options.max_new_tokens),
-        batch_size=options.batch_size,
-        model_id=str(options.model),
-        plot_dir=options.plot,
-        progress=len(records) > 1,
-    )
-    for row in rows if options.out is None else rows[:20]:
-        print(f"{row['record']} [window {row['window']}] {row['question']}\n  -> {row['answer']}")
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    if options.out:
-        print(f"{len(rows)} answer(s) appended to {options.out}; {len(skipped)} file(s) skipped")
-    return 2 if skipped and not rows and len(skipped) == len(records) else 1 if skipped else 0
-
-
-def _ask_images(model: ECGLM, options: argparse.Namespace, questions: list[str]) -> int:
-    """``ecglm ask --image``: every question about every picture, printed (and appended to ``--out``)."""
-    from ecglm.model import Decoding
-
-    pictures = [(path, read_image(path)) for path in options.image]
-    pairs = [(path, image, q) for path, image in pictures for q in questions]
-    answers = answer_images(
-        model,
-        [image for _, image, _ in pairs],
-        [q for _, _, q in pairs],
-        Decoding(max_new_tokens=options.max_new_tokens),
-        options.batch_size,
-    )
-    rows = [
-        {"image": str(path), "question": q, "answer": a, "model": str(options.model)}
-        for (path, _, q), a in zip(pairs, answers, strict=True)
-    ]
-    for row in rows:
-        print(f"{row['image']} {row['question']}\n  -> {row['answer']}")
-    if options.out:
-        with Path(options.out).open("a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    return 0
+#: ``ecglm ask``'s command-line side moved to :mod:`ecglm.commands.ask` in 0.2.0.
+__getattr__ = moved_names(
+    __name__, {"run_ask": "ecglm.commands.ask:run_ask", "ask_parser": "ecglm.commands.ask:ask_parser"}
+)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ecglm._deprecation import forward_deprecated
 from ecglm.backbones import Backbone
 from ecglm.batch import ECGQABatch, TokenFields
 from ecglm.connectors import Connector
@@ -234,59 +234,38 @@ class ECGLM(nn.Module):
             image = {**image, "init_args": {**(image.get("init_args") or {}), "augment": None}}
         return save_bundle(self, directory, components, prompt, self.demonstrations, card, report, image)
 
-    def answer(
-        self,
-        signal: Any,
-        fs: float,
-        leads: Sequence[str],
-        question: str | Sequence[str],
-        decoding: Decoding | None = None,
-        window: str = "first",
-        dataset: str | None = None,
-    ) -> str | list[str]:
-        """Answer ``question`` about one ECG, ``signal`` (leads by samples, or samples by leads, in
-        physical units) sampled at ``fs`` Hz with its ``leads`` named: the 12 standard leads are
-        picked by name, resampled and normalised as the encoder expects (:mod:`ecglm.records`).
+    def answer(self, *args: Any, **kwargs: Any) -> str | list[str]:
+        """Deprecated: :func:`ecglm.inference.answer` (``answer(model, signal, fs, leads, question)``)
+        answers about a signal; answering sits above the model. Removed in 0.3.0."""
+        return forward_deprecated("ECGLM.answer", "ecglm.inference:answer")(self, *args, **kwargs)
 
-        One question gives one answer (``window="first"``: from the first window); a list of questions
-        gives a list; ``window="all"`` answers every window of a longer record (a list per question,
-        flattened window by window). ``dataset`` picks whose few-shot demonstrations prompt the model."""
-        from ecglm.inference import answer_windows, preprocessing_of
-        from ecglm.records import Recording, prepare, samples_by_leads
-
-        array = samples_by_leads(np.asarray(signal), len(leads), "signal")
-        windows = prepare(Recording(array, list(leads), float(fs), "signal"), preprocessing_of(self), window)
-        questions = [question] if isinstance(question, str) else list(question)
-        pairs = [(w, q) for w in windows for q in questions]
-        answers = answer_windows(
-            self, [w for w, _ in pairs], [q for _, q in pairs], decoding, dataset=dataset
-        )
-        return answers[0] if isinstance(question, str) and len(answers) == 1 else answers
-
-    def answer_image(
-        self,
-        image: Any,
-        question: str | Sequence[str],
-        decoding: Decoding | None = None,
-        dataset: str | None = None,
-    ) -> str | list[str]:
-        """Answer ``question`` (or each of a list) about an ECG picture, as datasets ship them (a
-        photographed or scanned printout): a PNG / JPEG path or an RGB array, resized to what this
-        image-path model reads. For a signal, use :meth:`answer` (the model draws it itself)."""
-        from ecglm.inference import answer_images, read_image
-
-        picture = read_image(image)
-        questions = [question] if isinstance(question, str) else list(question)
-        answers = answer_images(self, [picture] * len(questions), questions, decoding, dataset=dataset)
-        return answers[0] if isinstance(question, str) else answers
+    def answer_image(self, *args: Any, **kwargs: Any) -> str | list[str]:
+        """Deprecated: :func:`ecglm.inference.answer_image` (``answer_image(model, image, question)``).
+        Removed in 0.3.0."""
+        return forward_deprecated("ECGLM.answer_image", "ecglm.inference:answer_image")(self, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> ECGLM:
-        """The model a bundle holds (:meth:`save_pretrained`, ``ecglm export``), in eval mode; reads
-        YAML, JSON and safetensors only. The base LLM comes from the hub id or folder the bundle names."""
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> ECGLM:
+        """The model a bundle holds (:meth:`save_pretrained`, ``ecglm export``), in eval mode.
+
+        A bundle is untrusted input (:mod:`ecglm.bundle`): its files are checked against their
+        recorded sha256, it may name only components that installed packages register, and it runs
+        no code and reads no file outside its folder; it reads YAML, JSON and safetensors only. The base
+        LLM comes from the hub id or ``pkg:`` package the bundle names. ``overrides`` gives what a
+        bundle cannot give for you, per part (``{"backbone": {"model": "/models/smollm2"}}``,
+        ``{"encoder": {"checkpoint": "ecg-fm.pt"}}``). ``trust_remote_code=True`` lifts the class and
+        argument rules (not the digests): only for bundles from authors you trust."""
         from ecglm.bundle import load_bundle
 
-        model = load_bundle(directory, device)
+        model = load_bundle(
+            directory, device, model_class=cls, trust_remote_code=trust_remote_code, overrides=overrides
+        )
         config = model.bundle_config
         model.recipe = {**config["components"], "prompt": config.get("prompt"), "image": config.get("image")}
         return model

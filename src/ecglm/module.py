@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import get_scheduler
 
-from ecglm import __version__
+from ecglm.version import __version__
 from ecglm.backbones import Backbone
 from ecglm.batch import ECGQABatch
 from ecglm.connectors import Connector

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import itertools
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, packages_distributions, version
+from typing import Any
+
+from ecglm.errors import EcglmError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ GROUPS = {
     "policy": "ecglm.peft",
     "prompt": "ecglm.prompts",
     "judge": "ecglm.judges",
+    "printout": "ecglm.printouts",
 }
 
 #: Where each group's component sits in the CLI's config (the prompt style is the data side's, the
@@ -36,6 +39,7 @@ GROUPS = {
 CLI_PLACES = {part: (f"model.{part}",) for part in GROUPS} | {
     "prompt": ("data.prompt", "data.init_args.prompt"),
     "judge": ("evaluate.judge",),
+    "printout": ("data.image", "data.init_args.image"),
 }
 
 #: The base class every component of a group derives from, imported only when a plugin is checked.
@@ -46,6 +50,7 @@ BASE_CLASSES = {
     "ecglm.peft": "ecglm.peft:PEFTPolicy",
     "ecglm.prompts": "ecglm.prompts:PromptStyle",
     "ecglm.judges": "ecglm.judges:Judge",
+    "ecglm.printouts": "ecglm.render:ECGPrintout",
 }
 
 #: The distribution whose entry points are the built-ins, which no plugin can replace.
@@ -114,8 +119,7 @@ def _load_error(ep: EntryPoint, group: str) -> str | None:
 
 def component_error(obj: object, group: str) -> str | None:
     """Why ``obj`` cannot be a component of ``group`` (not a class, wrong base, abstract), or ``None``."""
-    module, _, name = BASE_CLASSES[group].partition(":")
-    base = getattr(importlib.import_module(module), name)
+    base = base_class(group)
     where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
     if not inspect.isclass(obj):
         return f"{where} is a {type(obj).__name__}, not a class"
@@ -188,8 +192,69 @@ def format_registry(registry: Registry) -> str:
     return "\n".join(lines)
 
 
-class UnknownComponentError(ValueError):
-    pass
+class UnknownComponentError(EcglmError, ValueError):
+    """A component name or class path that no registry entry or import path provides."""
+
+
+class UntrustedComponentError(EcglmError, ValueError):
+    """A class named by untrusted input (a bundle) that no installed entry point registers."""
+
+
+def import_object(path: str) -> Any:
+    """The object a dotted (``package.module.Name``) or entry-point style (``package.module:Name``)
+    path names; the one place ecglm turns a class path into a class."""
+    module, sep, name = path.partition(":")
+    if not sep:
+        module, _, name = path.rpartition(".")
+    if not module or not name:
+        raise UnknownComponentError(f"{path!r} is not an import path (package.module.Name)")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise UnknownComponentError(
+            f"cannot import {path}: {err}; install the package that provides it or correct the path"
+        ) from None
+
+
+def base_class(group: str) -> type:
+    """The class every component of ``group`` (``ecglm.encoders``, ...) derives from."""
+    return import_object(BASE_CLASSES[group])
+
+
+def component_class(
+    class_path: str, group: str, registry: Registry | None = None, registered_only: bool = False
+) -> type:
+    """The class of a ``group`` component named by entry-point name or import path, checked against the
+    group's base class. ``registered_only``: the class must be one that an installed distribution
+    registers under ``group`` (ecglm's own, or a plugin the user installed) -- for class paths read
+    from untrusted files such as bundles, where importing an arbitrary module would run its code."""
+    registry = registry or discover()
+    path = _resolve_name(class_path, group, registry, group)
+    if registered_only:
+        registered = {p.class_path for p in registry.plugins.get(group, {}).values()}
+        if path not in registered:
+            known = ", ".join(registry.names(group)) or "none"
+            raise UntrustedComponentError(
+                f"{class_path!r} is not a registered {group} component (registered: {known}); a bundle may "
+                "only name components of installed packages. Install the plugin that provides it, or load "
+                "with trust_remote_code=True (--trust-remote-code) if you trust the bundle's author"
+            )
+    cls = import_object(path)
+    error = component_error(cls, group)
+    if error is not None:
+        raise UnknownComponentError(f"{class_path}: {error}")
+    return cls
+
+
+def build_component(
+    spec: Mapping[str, Any], group: str, registry: Registry | None = None, **kwargs: Any
+) -> Any:
+    """A ``group`` component from its config node (``class_path`` + ``init_args``); ``kwargs`` go to
+    :func:`component_class`."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("class_path"), str):
+        raise UnknownComponentError(f"a {group} component needs a class_path (and init_args), got {spec!r}")
+    cls = component_class(spec["class_path"], group, registry, **kwargs)
+    return cls(**dict(spec.get("init_args") or {}))
 
 
 def resolve_class_paths(config: object, registry: Registry, path: str = "") -> object:
@@ -237,21 +302,30 @@ def _resolve_name(name: str, group: str, registry: Registry, where: str) -> str:
 
 
 def resolve_cli_args(args: list[str], registry: Registry) -> list[str]:
-    """Resolve entry-point names given on the command line (``--model.encoder.class_path s4d``).
+    """Resolve entry-point names given on the command line.
 
     The YAML loader resolves names inside recipes; flags bypass it, so they are rewritten here: the
-    ``class_path`` of each group, and its ``help`` (jsonargparse's help for one class).
+    ``class_path`` of each group (``--model.encoder.class_path s4d``), its ``help`` (jsonargparse's
+    help for one class), and the short form ``--model.encoder s4d`` / ``--model.policy=lora``.
     """
     out = list(args)
     for i, arg in enumerate(out):
         for part, group in GROUPS.items():
-            for where, key in itertools.product(CLI_PLACES[part], ("class_path", "help")):
-                flag = f"--{where}.{key}"
-                if arg.startswith(flag + "="):
-                    out[i] = f"{flag}={_resolve_name(arg.split('=', 1)[1], group, registry, where)}"
-                elif arg == flag and i + 1 < len(out):
-                    out[i + 1] = _resolve_name(out[i + 1], group, registry, where)
+            for where in CLI_PLACES[part]:
+                for flag in (f"--{where}.class_path", f"--{where}.help", f"--{where}"):
+                    short = flag == f"--{where}"  # --model.policy lora: only a name is rewritten
+                    if arg.startswith(flag + "="):
+                        value = arg.split("=", 1)[1]
+                        if not short or _is_short_name(value):
+                            out[i] = f"{flag}={_resolve_name(value, group, registry, where)}"
+                    elif arg == flag and i + 1 < len(out) and (not short or _is_short_name(out[i + 1])):
+                        out[i + 1] = _resolve_name(out[i + 1], group, registry, where)
     return out
+
+
+def _is_short_name(value: str) -> bool:
+    """An entry-point name (``lora``), not a config file, a JSON/YAML node or an import path."""
+    return bool(value) and value.replace("-", "").replace("_", "").isalnum()
 
 
 def component_provenance(*components: object) -> dict[str, dict[str, str]]:

@@ -25,13 +25,14 @@ import numpy as np
 from ecglm.data.preprocess import MissingLeadError, PreprocessConfig, preprocess, read_wfdb
 from ecglm.ecg import LEADS
 from ecglm.encoders import Preprocessing
+from ecglm.errors import EcglmError
 
 #: File suffixes each reader takes (a WFDB record is named by its header or without a suffix).
 FORMATS = {"wfdb": (".hea",), "edf": (".edf", ".bdf"), "numpy": (".npy",), "csv": (".csv",)}
 WINDOWS = ("first", "all")
 
 
-class RecordError(ValueError):
+class RecordError(EcglmError, ValueError):
     """An ECG file that cannot be read or prepared; the message names it and what to do."""
 
 
@@ -59,6 +60,27 @@ def record_format(path: str | Path) -> str:
         return "wfdb"
     supported = ", ".join(s for suffixes in FORMATS.values() for s in suffixes)
     raise RecordError(f"{path}: unknown ECG format (supported: {supported}; a WFDB record by its .hea)")
+
+
+def check_readable(path: str | Path, fs: float | None = None, leads: list[str] | None = None) -> str:
+    """The reader ``path`` needs, once it is known that the file exists and that what that format does
+    not state (rate, lead names) is given: a check as cheap as a ``stat``, made before a model loads."""
+    path = Path(path)
+    kind = record_format(path)
+    if kind == "wfdb":
+        header = path if path.suffix.lower() == ".hea" else path.with_name(path.name + ".hea")
+        if not header.is_file():
+            raise RecordError(f"{header}: no such file (a WFDB record needs its .hea and data files)")
+        return kind
+    if not path.is_file():
+        raise RecordError(f"{path}: no such file")
+    if kind in ("numpy", "csv") and (fs is None or fs <= 0):
+        raise RecordError(f"{path}: a {kind} file does not state its sampling rate: give it (--fs HZ)")
+    if kind == "numpy" and not leads:
+        raise RecordError(
+            f"{path}: a .npy file does not name its leads: give them in order (--leads I,II,...)"
+        )
+    return kind
 
 
 def read_recording(path: str | Path, fs: float | None = None, leads: list[str] | None = None) -> Recording:

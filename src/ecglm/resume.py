@@ -22,9 +22,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ecglm.callbacks import ResumedMLFlowLogger
+from ecglm.errors import EcglmError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EcglmError, RuntimeError):
     """A ``--ckpt_path`` that cannot be used: partial, not a checkpoint, or unsafe to unpickle."""
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecglm.answers import answer_text
 from ecglm.batch import ECGQABatch, TokenFields, pack
 from ecglm.data.controls import ECGDonors
-from ecglm.metrics import answer_text
 from ecglm.prompts import IGNORE_INDEX, PromptStyle
 from ecglm.render import ECGPrintout
 

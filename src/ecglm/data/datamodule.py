@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
+from ecglm.answers import answer_text
 from ecglm.batch import ECGQABatch
 from ecglm.data.collate import QACollator
 from ecglm.data.controls import ECGDonors
@@ -41,7 +42,7 @@ from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa r
     expand_qa,
 )
 from ecglm.encoders import Preprocessing, check_preprocessing
-from ecglm.metrics import answer_text
+from ecglm.errors import EcglmError
 from ecglm.prompts import ChatTemplate, PromptStyle
 from ecglm.render import ECGPrintout
 
@@ -198,7 +199,7 @@ class ECGQADataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "shards/quickstart",
+        data_dir: str | None = None,
         prompt: PromptStyle | None = None,
         builder: ShardBuilder | None = None,
         batch_size: int = 8,
@@ -220,7 +221,7 @@ class ECGQADataModule(L.LightningDataModule):
         self.packed, self.pack_tokens = packed, pack_tokens
         self.verify_checksums = verify_checksums
         self.include_comparison = include_comparison
-        self.data_dir = Path(data_dir)
+        self._data_dir = Path(data_dir) if data_dir is not None else None
         self.builder = builder
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -245,6 +246,16 @@ class ECGQADataModule(L.LightningDataModule):
         self.preprocessing: Preprocessing | None = None
         self.manifest: dict | None = None
         self._test_subset: tuple[dict[str, float], int] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        """The folder of the shards and their manifest (``data_dir``); an error when none was given."""
+        if self._data_dir is None:
+            raise EcglmError(
+                "data_dir is not set: give the folder of the shards (data.init_args.data_dir; ecglm shard "
+                "writes one, and with a builder the shards are built there on first use)"
+            )
+        return self._data_dir
 
     def prepare_data(self) -> None:
         if self.builder is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ecglm.answers import answer_text  # noqa: F401  (re-exported: metrics read answers as text)
+
 NORMAL_ANSWERS: tuple[str, ...] = ("none", "no", "normal", "n/a")
 
 
@@ -21,11 +23,6 @@ def answer_items(answer: str | Sequence[str]) -> frozenset[str]:
     parts = re.split(r"[,;]", answer) if isinstance(answer, str) else answer
     items = frozenset(item for item in map(normalize_answer, parts) if item)
     return frozenset() if items == {"none"} else items
-
-
-def answer_text(answer: str | Sequence[str]) -> str:
-    """The answer as one string: list answers joined with ``", "``."""
-    return answer if isinstance(answer, str) else ", ".join(answer)
 
 
 def is_normal_answer(answer: str | Sequence[str], normal_answers: Sequence[str] = NORMAL_ANSWERS) -> bool:
