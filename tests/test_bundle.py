@@ -28,7 +28,8 @@ from ecglm.testing import TINY_ENCODER, saved_causal_lm
 LOAD_AND_ANSWER = """
 import json, sys, torch
 from ecglm import ECGLM
-model = ECGLM.from_pretrained(sys.argv[1])
+# The base LLM is a local folder, which a bundle cannot name for its user: the user gives it.
+model = ECGLM.from_pretrained(sys.argv[1], overrides={"backbone": {"model": sys.argv[4]}})
 train, generation = (torch.load(p, weights_only=False) for p in sys.argv[2:4])  # batches this test wrote
 with torch.no_grad():
     loss = model(train).loss.item()
@@ -88,6 +89,17 @@ def trained(tokenizer_dir, tmp_path_factory) -> dict:
     return {"recipe": recipe, "bundle": out, "llm": str(llm), "root": root}
 
 
+def load(trained: dict, bundle: Path | None = None) -> ECGLM:
+    """The bundle, its base LLM (a local folder, which only the user may name) given at load time."""
+    return ECGLM.from_pretrained(
+        bundle or trained["bundle"], overrides={"backbone": {"model": trained["llm"]}}
+    )
+
+
+def llm_flag(trained: dict) -> list[str]:
+    return ["--override", f"backbone.model={trained['llm']}"]
+
+
 def _items(n: int = 3) -> list[dict]:
     rng = np.random.default_rng(1)
     answers = ["tachycardia", "regular", "normal"]
@@ -140,6 +152,7 @@ def test_an_exported_bundle_answers_as_the_checkpoint_does_without_lightning(tra
             str(bundle),
             str(tmp_path / "train.pt"),
             str(tmp_path / "generation.pt"),
+            trained["llm"],
         ],
         capture_output=True,
         text=True,
@@ -155,7 +168,7 @@ def test_an_exported_bundle_answers_as_the_checkpoint_does_without_lightning(tra
 def test_peft_alone_loads_the_adapters_on_the_same_base(trained):
     from peft import PeftModel
 
-    model = ECGLM.from_pretrained(trained["bundle"])
+    model = load(trained)
     base = AutoModelForCausalLM.from_pretrained(trained["llm"])
     peft_model = PeftModel.from_pretrained(base, str(trained["bundle"] / ADAPTER_DIR)).eval()
     ids = torch.tensor([[1, 200, 300, 400, 500]])
@@ -190,9 +203,16 @@ def test_a_bundle_whose_tensors_differ_is_refused_naming_them(trained, tmp_path,
     else:
         weights["connector.surplus"] = torch.zeros(1)
     save_file(weights, str(copy / WEIGHTS_FILE))
+    with pytest.raises(BundleError, match=r"model\.safetensors does not match ecglm\.yaml: expected sha256"):
+        load(trained, copy)
+    # Re-signed (digests recorded anew, as a bundle written for other components would be).
+    from ecglm.bundle import file_digests
+
+    config = yaml.safe_load((copy / CONFIG_FILE).read_text())
+    (copy / CONFIG_FILE).write_text(yaml.safe_dump({**config, "files": file_digests(copy)}))
     expected = "connector.mlp.0.weight" if change == "missing" else "connector.surplus"
     with pytest.raises(BundleError, match=rf"model.safetensors does not fit.*{expected}"):
-        ECGLM.from_pretrained(copy)
+        load(trained, copy)
 
 
 def test_export_refuses_an_existing_folder_and_missing_flags(trained, capsys):
@@ -233,7 +253,7 @@ def test_ecglm_ask_answers_the_real_ptb_record_from_its_12_standard_leads(traine
 
     from ecglm.records import prepare, read_recording
 
-    model = ECGLM.from_pretrained(trained["bundle"])
+    model = load(trained)
     recording = read_recording(ptb_record.with_suffix(".hea"))
     assert (recording.fs, len(recording.leads), recording.signal.shape[0]) == (1000.0, 15, 38400)
     first = prepare(recording, model.encoder.preprocessing)
@@ -248,6 +268,7 @@ def test_ecglm_ask_answers_the_real_ptb_record_from_its_12_standard_leads(traine
     out = tmp_path / "answers.jsonl"
     question = "What is the heart rate category of this ECG?"
     args = ["ask", "--model", str(trained["bundle"]), "--record", str(ptb_record), "--question", question]
+    args += llm_flag(trained)
     plots = tmp_path / "plots"
     assert (
         main([*args, "--out", str(out), "--window", "all", "--max_new_tokens", "4", "--plot", str(plots)])
@@ -262,7 +283,9 @@ def test_ecglm_ask_answers_the_real_ptb_record_from_its_12_standard_leads(traine
     # The Python API gives the same answer from the same signal.
     from ecglm.model import Decoding
 
-    direct = model.answer(recording.signal, 1000, recording.leads, question, Decoding(max_new_tokens=4))
+    from ecglm.inference import answer
+
+    direct = answer(model, recording.signal, 1000, recording.leads, question, Decoding(max_new_tokens=4))
     assert direct == rows[0]["answer"]
 
 
@@ -283,6 +306,7 @@ def test_a_folder_run_skips_bad_files_reports_them_and_resumes(trained, tmp_path
     out = tmp_path / "answers.jsonl"
     args = ["ask", "--model", str(trained["bundle"]), "--records", str(folder), "--questions", str(questions)]
     args += ["--fs", "250", "--leads", leads, "--out", str(out), "--batch_size", "3", "--max_new_tokens", "3"]
+    args += llm_flag(trained)
     assert main(args) == 1  # some files skipped
     err = capsys.readouterr().err
     assert "short.npy: 10.40 s long" not in err and "short.npy: 4.00 s long, shorter than" in err
@@ -297,12 +321,14 @@ def test_a_folder_run_skips_bad_files_reports_them_and_resumes(trained, tmp_path
     # A rerun answers only what is missing: nothing here.
     assert main(args) == 1
     assert len(out.read_text().splitlines()) == 4
-    # An interrupted file (its last line cut) is completed, the cut line answered again.
+    # An interrupted file (its last line cut): the cut line is dropped and its pair answered again, so
+    # the file stays valid JSON lines (pandas reads it).
+    import pandas as pd
+
     out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:3]) + '{"record": "x')
     assert main(args) == 1
-    complete = [json.loads(line) for line in out.read_text().splitlines()[:3]]
-    complete += [json.loads(line) for line in out.read_text().splitlines()[4:]]
-    assert len(complete) == 4
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and len(pd.read_json(out, lines=True)) == 4
 
 
 def test_bad_ecg_files_are_refused_naming_the_file(tmp_path):

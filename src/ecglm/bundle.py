@@ -307,10 +307,11 @@ def check_bundle(
     verify_files(directory, config)
     overrides = {part: dict(args) for part, args in (overrides or {}).items()}
     for part, spec in _sections(config):
-        if not trust_remote_code:
-            _check_spec(directory, part, spec)
-        if part in overrides:
-            spec["init_args"] = {**(spec.get("init_args") or {}), **overrides.pop(part)}
+        given = overrides.pop(part, {})
+        if not trust_remote_code:  # the bundle's own values; what the user gives replaces them
+            _check_spec(directory, part, spec, skip=set(given))
+        if given:
+            spec["init_args"] = {**(spec.get("init_args") or {}), **given}
     if overrides:
         raise BundleError(f"--override names {sorted(overrides)}, which this bundle has no section for")
     return config
@@ -325,7 +326,7 @@ def _sections(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return sections
 
 
-def _check_spec(directory: Path, part: str, spec: Mapping[str, Any]) -> None:
+def _check_spec(directory: Path, part: str, spec: Mapping[str, Any], skip: set[str]) -> None:
     from ecglm.plugins import UntrustedComponentError, component_class
 
     where = f"{directory / CONFIG_FILE}: {part}"
@@ -336,7 +337,7 @@ def _check_spec(directory: Path, part: str, spec: Mapping[str, Any]) -> None:
     except ValueError as err:
         raise BundleError(f"{where}.class_path: {err}") from None
     for key, value in (spec.get("init_args") or {}).items():
-        reason = _unsafe_argument(key, value)
+        reason = None if key in skip else _unsafe_argument(key, value)
         if reason is not None:
             raise BundleError(
                 f"{where}.init_args.{key} = {value!r} is not honoured from a bundle: it {reason}. Give it "
