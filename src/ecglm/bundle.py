@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from packaging.version import Version
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ecglm.errors import EcglmError
@@ -305,6 +305,8 @@ def check_bundle(
     directory = Path(directory)
     config = read_config(directory)
     verify_files(directory, config)
+    for path in sorted(directory.rglob("*.safetensors")):  # headers only: cheap, before any model
+        _check_safetensors(path)
     overrides = {part: dict(args) for part, args in (overrides or {}).items()}
     for part, spec in _sections(config):
         given = overrides.pop(part, {})
@@ -373,6 +375,17 @@ def _build(spec: Mapping[str, Any], part: str, trust_remote_code: bool) -> Any:
     from ecglm.plugins import build_component
 
     return build_component(spec, GROUPS[part], registered_only=not trust_remote_code)
+
+
+def _check_safetensors(path: Path) -> None:
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BundleError(
+            f"{path}: not a readable safetensors file ({first}); the bundle is damaged"
+        ) from None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

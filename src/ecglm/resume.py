@@ -45,7 +45,9 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any]:
         origin = " ecglm fit writes checkpoints of tensors and plain containers only; this one was not."
         raise CheckpointError(explain_unpickling_error(str(path), err) + origin) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        # The first sentence: torch's messages go on to general advice over several lines.
+        reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
         raise CheckpointError(f"{path} is not a complete checkpoint: {reason}") from err
 
 
@@ -144,7 +146,9 @@ def prepare_ckpt_path(config: Namespace, key: str, fit: bool) -> str | None:
         if found is None:
             rank_zero_warn(f"{key}=last: no complete checkpoint found; training starts from scratch")
         path = None if found is None else str(found)
-    if path is not None and Path(path).is_file():
+    if path is not None and "://" not in str(path) and not Path(path).is_file():
+        raise CheckpointError(f"{key} {path}: no such checkpoint file (give a path, or last)")
+    if path is not None:
         ckpt = peek_checkpoint(path)
         if fit:
             resume_mlflow_run(config.trainer, ckpt.get("mlflow"))

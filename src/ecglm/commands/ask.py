@@ -79,7 +79,6 @@ def ask(
         raise AskError("give --question TEXT or --questions FILE (one question per line)")
     asked = [question] if question is not None else _read_questions(Path(questions))
     overrides = parse_overrides(override or [])
-    config = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
     lead_names = leads.split(",") if leads else None
     skipped: list[tuple[str, str]] = []
     paths = []
@@ -87,8 +86,6 @@ def ask(
     if image:
         from ecglm.inference import read_image
 
-        if not config.get("image"):
-            raise AskError(f"{model} reads ECG signals, not pictures: give it a record (--record FILE)")
         pictures = [(path, read_image(path)) for path in image]
     else:
         for path in find_records(record or records):
@@ -100,6 +97,9 @@ def ask(
         if not paths:
             reasons = "; ".join(reason for _, reason in skipped[:3])
             raise RecordError(f"no readable ECG file to answer: {reasons or 'none found'}")
+    config = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
+    if pictures and not config.get("image"):
+        raise AskError(f"{model} reads ECG signals, not pictures: give it a record (--record FILE)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ecglm.model import ECGLM, Decoding
 

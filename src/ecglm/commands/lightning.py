@@ -100,15 +100,6 @@ class ECGLMCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         return self.config.get(subcommand) if subcommand else self.config
 
-    def before_instantiate_classes(self) -> None:
-        # A strategy that cannot run this recipe (FSDP over uint8 4-bit weights, ...) and a data folder
-        # that holds no shards fail here, with the reason, before the LLM loads rather than mid-run.
-        from ecglm.estimate import check_recipe
-
-        config = self._stage_config()
-        check_recipe(config)
-        check_data_folder(config.get("data"))
-
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -148,6 +139,12 @@ class ECGLMCLI(LightningCLI):
         key = "ckpt_path" if subcommand else self.ckpt_key
         if key is not None and config.get(key):
             config[key] = prepare_ckpt_path(config, key, fit=subcommand == "fit")
+        # A strategy that cannot run this recipe (FSDP over uint8 4-bit weights, ...) and a data folder
+        # that holds no shards fail here, with the reason, before anything is built or seeded.
+        from ecglm.estimate import check_recipe
+
+        check_recipe(config)
+        check_data_folder(config.get("data"))
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         extra: list[L.Callback] = [RunContinuity()]
@@ -258,6 +255,8 @@ def run_evaluate(args: list[str], registry: Registry | None = None) -> dict[str,
     are the recipe's ``evaluate:`` section (every subcommand accepts and ignores it)."""
     cli = run_cli(_ckpt_flag(list(args)), registry=registry, run=False, ckpt_key="evaluate.ckpt_path")
     protocol = EvaluationProtocol(**cli.config["evaluate"].as_dict())
+    if cli.datamodule is not None:
+        cli.datamodule.prepare_data()  # a recipe's builder builds its shards on first use, as fit does
     config_text = cli.parser.dump(cli.config, skip_none=False)
     return protocol.run(cli.trainer, cli.model, cli.datamodule, config_text)
 
