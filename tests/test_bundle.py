@@ -281,9 +281,8 @@ def test_ecglm_ask_answers_the_real_ptb_record_from_its_12_standard_leads(traine
     assert [r["window"] for r in rows] == [0, 1, 2] and all(r["record"] == str(ptb_record) for r in rows)
     assert rows[0]["decoding"]["max_new_tokens"] == 4 and rows[0]["model"] == str(trained["bundle"])
     # The Python API gives the same answer from the same signal.
-    from ecglm.model import Decoding
-
     from ecglm.inference import answer
+    from ecglm.model import Decoding
 
     direct = answer(model, recording.signal, 1000, recording.leads, question, Decoding(max_new_tokens=4))
     assert direct == rows[0]["answer"]

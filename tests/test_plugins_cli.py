@@ -103,7 +103,9 @@ def test_a_plugin_cannot_take_a_builtin_name_whatever_the_order(first, tmp_path,
     assert (hf.distribution, hf.class_path) == ("ecglm", "ecglm.backbones.HFBackbone")
     [failure] = registry.failures
     assert (failure.plugin.name, failure.plugin.distribution) == ("hf", "squatter")
-    assert f"already registered by ecglm's own ecglm {__version__} (ecglm.backbones.HFBackbone)" in failure.error
+    assert (
+        f"already registered by ecglm's own ecglm {__version__} (ecglm.backbones.HFBackbone)" in failure.error
+    )
     assert "FAILED ecglm.backbones 'hf' from squatter 9.9: " in format_registry(registry)
     config = {"model": {"backbone": {"class_path": "hf"}}}
     assert (

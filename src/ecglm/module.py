@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 from transformers import get_scheduler
 
-from ecglm.version import __version__
 from ecglm.backbones import Backbone
 from ecglm.batch import ECGQABatch
 from ecglm.connectors import Connector
@@ -36,6 +35,7 @@ from ecglm.metrics import AnswerTokenStats
 from ecglm.model import ECGLM
 from ecglm.peft import PEFTPolicy, count_parameters
 from ecglm.plugins import component_provenance
+from ecglm.version import __version__
 
 
 class ECGLanguageModel(L.LightningModule):
