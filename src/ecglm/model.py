@@ -234,15 +234,32 @@ class ECGLM(nn.Module):
             image = {**image, "init_args": {**(image.get("init_args") or {}), "augment": None}}
         return save_bundle(self, directory, components, prompt, self.demonstrations, card, report, image)
 
-    def answer(self, *args: Any, **kwargs: Any) -> str | list[str]:
-        """Deprecated: :func:`ecglm.inference.answer` (``answer(model, signal, fs, leads, question)``)
-        answers about a signal; answering sits above the model. Removed in 0.3.0."""
-        return forward_deprecated("ECGLM.answer", "ecglm.inference:answer")(self, *args, **kwargs)
+    def answer(
+        self,
+        signal: Any,
+        fs: float,
+        leads: Sequence[str],
+        question: str | Sequence[str],
+        decoding: Decoding | None = None,
+        window: str = "first",
+        dataset: str | None = None,
+    ) -> str | list[str]:
+        """Deprecated since 0.2.0, removed in 0.3.0: ``ecglm.inference.answer(model, signal, fs, leads,
+        question, ...)`` (answering sits above the model, as transformers' pipelines do)."""
+        answer = forward_deprecated("ecglm.model.ECGLM.answer", "ecglm.inference:answer")
+        return answer(self, signal, fs, leads, question, decoding, window, dataset)
 
-    def answer_image(self, *args: Any, **kwargs: Any) -> str | list[str]:
-        """Deprecated: :func:`ecglm.inference.answer_image` (``answer_image(model, image, question)``).
-        Removed in 0.3.0."""
-        return forward_deprecated("ECGLM.answer_image", "ecglm.inference:answer_image")(self, *args, **kwargs)
+    def answer_image(
+        self,
+        image: Any,
+        question: str | Sequence[str],
+        decoding: Decoding | None = None,
+        dataset: str | None = None,
+    ) -> str | list[str]:
+        """Deprecated since 0.2.0, removed in 0.3.0: ``ecglm.inference.answer_image(model, image,
+        question, ...)``."""
+        answer_image = forward_deprecated("ecglm.model.ECGLM.answer_image", "ecglm.inference:answer_image")
+        return answer_image(self, image, question, decoding, dataset)
 
     @classmethod
     def from_pretrained(

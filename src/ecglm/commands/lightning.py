@@ -12,6 +12,7 @@ data folder, and whether the strategy can run the recipe (:func:`ecglm.estimate.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import warnings
@@ -275,6 +276,10 @@ def run_export(args: list[str], registry: Registry | None = None) -> Path:
     from ecglm.bundle import BundleError
     from ecglm.resume import peek_checkpoint
 
+    if "-h" in args or "--help" in args:
+        print("usage: ecglm export --config RECIPE [--config VARIANT] --ckpt_path PATH|last --out NEW_DIR\n")
+        print(inspect.getdoc(run_export))
+        raise SystemExit(0)
     args, out = _pop_flag(list(args), "--out")
     args, ckpt = _pop_flag(args, "--ckpt_path")
     if not out or not ckpt:
