@@ -1,8 +1,9 @@
 """The base class of ECG encoders and the input they expect.
 
-:class:`ECGEncoder` is what every encoder subclasses (plugins too); its ``preprocessing``, a
-:class:`Preprocessing`, says which signals it expects, and :func:`check_preprocessing` compares that
-with what a dataset's manifest declares, warning with a :class:`PreprocessingMismatchWarning`.
+:class:`ECGEncoder` is what every encoder subclasses (plugins too). Its ``preprocessing``, a
+:class:`Preprocessing` (the input spec, defined in :mod:`ecglm.ecg`), says which signals it expects;
+:func:`check_preprocessing` compares that with what a dataset's manifest declares, warning with a
+:class:`PreprocessingMismatchWarning`.
 """
 
 from __future__ import annotations
@@ -11,48 +12,20 @@ import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from ecglm.ecg import NORMALIZATIONS
+from ecglm.ecg import MANIFEST_KEYS, NORMALIZATIONS, Preprocessing
 
 
 class PreprocessingMismatchWarning(UserWarning):
     """Data prepared differently from what an encoder expects (``warnings.simplefilter("error", ...)``)."""
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """The input an encoder expects: ``num_samples`` per lead at ``sampling_rate`` Hz, normalised so.
-
-    fairseq-signals' preprocessing (ECG-FM, the CMSC encoders) resamples to 500 Hz, cuts 5 s
-    segments (2,500 samples) and z-scores each lead; ecglm's own default is 10 s at 250 Hz.
-    """
-
-    sampling_rate: int = 250
-    num_samples: int = 2500
-    normalization: str = "zscore"
-
-    def __post_init__(self) -> None:
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {sorted(NORMALIZATIONS)}, got {self.normalization!r}"
-            )
-        if self.sampling_rate <= 0 or self.num_samples <= 0:
-            raise ValueError(
-                f"sampling_rate and num_samples must be positive, got {self.sampling_rate}, "
-                f"{self.num_samples}"
-            )
-
-
-#: Names a dataset's manifest may use for each :class:`Preprocessing` field.
-_DATA_KEYS = {
-    "sampling_rate": ("sampling_rate",),
-    "num_samples": ("num_samples",),
-    "normalization": ("normalization", "normalisation"),
-}
+#: Names a dataset's manifest may use for each :class:`Preprocessing` field: the field's own, and the
+#: spelling manifests are written with (:data:`ecglm.ecg.MANIFEST_KEYS`).
+_DATA_KEYS = {name: tuple(dict.fromkeys((name, key))) for name, key in MANIFEST_KEYS.items()}
 
 
 #: Spellings (lower case, letters only) a manifest may use for each normalisation.
