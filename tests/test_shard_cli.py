@@ -50,3 +50,20 @@ def test_every_shard_config_parses(config):
     assert config.read_text().startswith("# ecglm shard --config shards/"), "first line: the command"
     parsed = shard_parser().parse_args(["--config", str(config)])
     assert "." in parsed.builder.class_path and parsed.out_dir.startswith("shards/")
+
+
+def test_a_shard_config_with_0_1_normalisation_builds_with_a_warning(tmp_path):
+    from ecglm.cli import shard_parser
+
+    text = (REPO / "shards/ecg-qa-mix.yaml").read_text()
+    assert "    normalization: zscore " in text
+    (tmp_path / "old.yaml").write_text(
+        text.replace("    normalization: zscore ", "    normalisation: minmax ")
+    )
+    parser = shard_parser()
+    with pytest.warns(DeprecationWarning, match=r"builder\.init_args\.normalisation.*use normalization"):
+        builder = parser.instantiate_classes(
+            parser.parse_args(["--config", str(tmp_path / "old.yaml")])
+        ).builder
+    assert builder.config.normalization == "minmax"
+    assert builder.params["preprocessing"]["normalisation"] == "minmax"  # the manifest as 0.1 wrote it

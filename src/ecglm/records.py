@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ecglm.data.preprocess import MissingLeadError, PreprocessConfig, preprocess, read_wfdb
-from ecglm.ecg import LEADS
-from ecglm.encoders import Preprocessing
+from ecglm.ecg import LEADS, Preprocessing
 from ecglm.errors import EcglmError
 
 #: File suffixes each reader takes (a WFDB record is named by its header or without a suffix).
@@ -177,12 +176,7 @@ def prepare(recording: Recording, preprocessing: Preprocessing, window: str = "f
             f"{recording.source}: {recording.seconds:.2f} s long, shorter than the encoder's window of "
             f"{needed:g} s ({preprocessing.num_samples} samples at {preprocessing.sampling_rate} Hz)"
         )
-    config = PreprocessConfig(
-        sampling_rate=preprocessing.sampling_rate,
-        num_samples=preprocessing.num_samples,
-        normalisation=preprocessing.normalization,
-        window=window,
-    )
+    config = PreprocessConfig.of(preprocessing, window=window)
     try:
         prepared = preprocess(recording.signal, recording.leads, recording.fs, recording.source, config)
     except MissingLeadError as err:

@@ -40,7 +40,7 @@ def test_real_ptb_record_matches_wfdb_scipy_reference(ptb_record):
 
 
 def test_real_ptb_record_cut_into_windows_and_minmax(ptb_record):
-    out = preprocess_record(ptb_record, PreprocessConfig(window="all", normalisation="minmax"))
+    out = preprocess_record(ptb_record, PreprocessConfig(window="all", normalization="minmax"))
 
     assert out.windows.shape == (3, 12, 2500)  # 9600 samples: three full windows, 600 discarded
     ref = _reference(ptb_record)
@@ -72,7 +72,7 @@ def test_leads_are_reordered_by_name_case_insensitively_and_extras_dropped():
     canonical = [lead.lower() for lead in LEADS]
     t = np.linspace(0.0, 1.0, 2500)
     x = np.stack([(canonical.index(n.lower()) + 1 if n.lower() in canonical else 99) * t for n in order], 1)
-    out = preprocess(x, order, 250, "r", PreprocessConfig(normalisation="minmax"))
+    out = preprocess(x, order, 250, "r", PreprocessConfig(normalization="minmax"))
     # global min-max: the row of canonical lead k spans [0, (k + 1) / 12]; vx (99 * t) is gone
     np.testing.assert_allclose(out.windows[0].max(axis=1), np.arange(1, 13) / 12, atol=1e-3)
 
@@ -93,8 +93,8 @@ def test_short_nan_gaps_are_interpolated_long_ones_and_many_dropped():
     gappy = x.copy()
     gappy[100:110, 3] = np.nan
     gappy[4000:4005, 7] = np.inf
-    repaired = preprocess(gappy, list(LEADS), 500, "gappy", PreprocessConfig(normalisation="minmax"))
-    clean = preprocess(x, list(LEADS), 500, "clean", PreprocessConfig(normalisation="minmax"))
+    repaired = preprocess(gappy, list(LEADS), 500, "gappy", PreprocessConfig(normalization="minmax"))
+    clean = preprocess(x, list(LEADS), 500, "clean", PreprocessConfig(normalization="minmax"))
     assert repaired.drop_reason is None
     # A 10-sample gap in a slow sine: linear interpolation is within ~1e-4 of the truth.
     np.testing.assert_allclose(repaired.windows.astype(float), clean.windows.astype(float), atol=2e-3)
@@ -116,14 +116,67 @@ def test_missing_record_is_a_counted_drop(tmp_path):
 
 
 def test_config_rejects_unknown_choices():
-    with pytest.raises(ValueError, match="normalisation"):
-        PreprocessConfig(normalisation="robust")
-    with pytest.raises(ValueError, match="window"):
+    from ecglm.errors import EcglmError
+
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        PreprocessConfig(normalization="robust")
+    with pytest.raises(EcglmError, match="window"):
         PreprocessConfig(window="random")
-    assert PreprocessConfig().manifest_entry()["normalisation"] == "zscore"
+    with pytest.raises(ValueError, match="positive"):
+        PreprocessConfig(sampling_rate=0)
 
 
-def test_leads_and_normalisations_have_one_definition():
+def test_manifest_entry_is_what_0_1_wrote():
+    """A manifest of 0.1 stays current: the builders compare it key by key, so a respelt key would
+    rebuild every shard set."""
+    entry = PreprocessConfig(sampling_rate=500, normalization="minmax", window="all").manifest_entry()
+    assert list(entry.items()) == [
+        ("sampling_rate", 500),
+        ("num_samples", 2500),
+        ("normalisation", "minmax"),
+        ("window", "all"),
+        ("zero_fill_missing", False),
+        ("max_gap", 250),
+        ("max_nan_fraction", 0.05),
+        ("leads", list(LEADS)),
+        ("dtype", "float16"),
+    ]
+
+
+def test_the_input_spec_is_defined_once():
+    from ecglm import ecg, encoders
+
+    assert encoders.Preprocessing is ecg.Preprocessing and issubclass(PreprocessConfig, ecg.Preprocessing)
+    spec = ecg.Preprocessing(sampling_rate=500, num_samples=5000, normalization="minmax")
+    config = PreprocessConfig.of(spec, window="centre")
+    assert (config.sampling_rate, config.num_samples, config.normalization, config.window) == (
+        500,
+        5000,
+        "minmax",
+        "centre",
+    )
+
+
+def test_the_0_1_spelling_normalisation_still_works_with_a_warning():
+    from ecglm.data import preprocess as pre
+
+    with pytest.warns(
+        DeprecationWarning, match=r"normalisation=.*0\.3\.0.*PreprocessConfig\(normalization="
+    ) as w:
+        old = PreprocessConfig(normalisation="minmax", window="all")
+    assert old == PreprocessConfig(normalization="minmax", window="all")
+    assert w[0].filename == __file__  # the warning points at the caller's line
+    with pytest.warns(DeprecationWarning, match="PreprocessConfig.normalization"):
+        assert old.normalisation == "minmax"
+    with pytest.warns(DeprecationWarning, match="ecglm.ecg.NORMALIZATIONS"):
+        assert pre.NORMALISATIONS == ("zscore", "minmax")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        PreprocessConfig(normalization="minmax", normalisation="zscore")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="normalization must be one of"):
+        PreprocessConfig(normalisation="robust")
+
+
+def test_leads_and_normalizations_have_one_definition():
     from ecglm import ecg, encoders
     from ecglm.data import preprocess as pre
     from ecglm.data import sources, synthetic
@@ -131,7 +184,7 @@ def test_leads_and_normalisations_have_one_definition():
     assert pre.LEADS is synthetic.LEADS is ecg.LEADS and len(ecg.LEADS) == 12
     # PTB-XL's headers spell the augmented leads in capitals; the order is the canonical one.
     assert ("I", "II", "III", "AVR", "AVL", "AVF", *ecg.LEADS[6:]) == sources.PTBXL_LEADS
-    assert pre.NORMALISATIONS == tuple(encoders.NORMALIZATIONS) == ("zscore", "minmax")
+    assert encoders.NORMALIZATIONS is ecg.NORMALIZATIONS and tuple(ecg.NORMALIZATIONS) == ("zscore", "minmax")
 
 
 def test_zscore_is_the_zscore_normalisation_and_keeps_float64():

@@ -230,7 +230,7 @@ def test_rebuild_is_skipped_when_current_and_redone_when_params_change(sources, 
     assert _shas(again) == _shas(manifest)  # byte-identical, whatever the workers
     shas = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
 
-    minmax = ECGQAMixture(**sources, max_samples_per_shard=2, normalisation="minmax").build(
+    minmax = ECGQAMixture(**sources, max_samples_per_shard=2, normalization="minmax").build(
         tmp_path / "parallel"
     )
     assert minmax["preprocessing"]["normalisation"] == "minmax"
@@ -239,7 +239,7 @@ def test_rebuild_is_skipped_when_current_and_redone_when_params_change(sources, 
 
     shard = tmp_path / "parallel" / minmax["splits"]["val"]["shards"][0]["path"]
     shard.write_bytes(b"truncated")  # a damaged shard is noticed by its sha256 and rebuilt
-    rebuilt = ECGQAMixture(**sources, max_samples_per_shard=2, normalisation="minmax").build(
+    rebuilt = ECGQAMixture(**sources, max_samples_per_shard=2, normalization="minmax").build(
         tmp_path / "parallel"
     )
     assert rebuilt == minmax and shard.stat().st_size > 1000

@@ -33,7 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from ecglm.data.preprocess import MissingLeadError, PreprocessConfig, Preprocessed, preprocess_task
+from ecglm.data.preprocess import (
+    MissingLeadError,
+    PreprocessConfig,
+    Preprocessed,
+    _renamed_normalisation,
+    preprocess_task,
+)
 from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_built, write_manifest, write_shards
 from ecglm.data.sources import (
     MIMIC,
@@ -58,6 +64,11 @@ PULSE_DATASET = "pulse-ecg-instruct"
 PULSE_QUESTION_TYPE = "instruct"
 MISSING_LEADS = ("error", "drop", "zero")
 INDEX_NAME = ".index.sqlite"  # in out_dir while building, removed afterwards
+#: 0.1's spelling of the ``normalization`` argument, and the key that replaces it (for the warning).
+_OLD_NEW_KEY = (
+    "ECGQAMixture(normalisation=...) (in a shard config: builder.init_args.normalisation)",
+    "normalization",
+)
 
 
 @dataclass
@@ -85,8 +96,9 @@ class ECGQAMixture:
         ecgqa_variant: ``paraphrased`` or ``template`` questions.
         include_comparison: Write comparison (two-ECG) questions to ``{split}-comparison-*.tar``;
             without it they are counted under ``dropped_qa["comparison_excluded"]``.
-        sampling_rate, seconds, normalisation, window, max_gap, max_nan_fraction: Preprocessing
+        sampling_rate, seconds, normalization, window, max_gap, max_nan_fraction: Preprocessing
             (:class:`~ecglm.data.preprocess.PreprocessConfig`).
+        normalisation: Deprecated (until 0.3.0): 0.1's spelling of ``normalization``.
         missing_leads: ``error`` (raise, naming the record), ``drop`` (count) or ``zero`` (zero-fill).
         mimic_split_ratios: Train / val / test shares of MIMIC patients (PULSE's MIMIC records).
         shard_size_mb: A shard is closed once it reaches this many MB (10**6 bytes); ``None``: no limit.
@@ -106,7 +118,7 @@ class ECGQAMixture:
         include_comparison: bool = True,
         sampling_rate: int = 250,
         seconds: float = 10.0,
-        normalisation: str = "zscore",
+        normalization: str = "zscore",
         window: str = "first",
         max_gap: int = 250,
         max_nan_fraction: float = 0.05,
@@ -116,6 +128,7 @@ class ECGQAMixture:
         max_samples_per_shard: int | None = None,
         num_workers: int = 0,
         progress: bool = False,
+        normalisation: str | None = None,
     ) -> None:
         self.ptbxl_root = Path(ptbxl_root) if ptbxl_root else None
         self.mimic_root = Path(mimic_root) if mimic_root else None
@@ -133,7 +146,7 @@ class ECGQAMixture:
         self.config = PreprocessConfig(
             sampling_rate=sampling_rate,
             num_samples=round(sampling_rate * seconds),
-            normalisation=normalisation,
+            normalization=_renamed_normalisation(normalization, normalisation, *_OLD_NEW_KEY),
             window=window,
             zero_fill_missing=missing_leads == "zero",
             max_gap=max_gap,

@@ -28,7 +28,8 @@ silently); the shard builder counts them by reason.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -37,55 +38,101 @@ import numpy as np
 from numpy.typing import DTypeLike
 from scipy import signal
 
-from ecglm.ecg import LEADS, NORMALIZATIONS
+from ecglm._deprecation import moved_names, warn_deprecated
+from ecglm.ecg import LEADS, MANIFEST_KEYS, NORMALIZATIONS, Preprocessing, PreprocessingError
 
-NORMALISATIONS = tuple(NORMALIZATIONS)
 WINDOW_POLICIES = ("first", "centre", "all")
 STORAGE_DTYPE = np.float16
+#: 0.1's tuple of the normalization names, ``NORMALISATIONS`` until 0.3.0.
+_NORMALISATIONS = tuple(NORMALIZATIONS)
+
+__getattr__ = moved_names(
+    __name__, {"NORMALISATIONS": (f"{__name__}:_NORMALISATIONS", "ecglm.ecg.NORMALIZATIONS (its keys)")}
+)
 
 
 class MissingLeadError(ValueError):
     """A record lacks one of the 12 standard leads (and zero-filling was not asked for)."""
 
 
+def _renamed_normalisation(normalization: str, normalisation: str | None, old: str, new: str) -> str:
+    """The normalization to use where 0.1's spelling, ``normalisation`` (``old``), may also be given.
+
+    ``normalisation`` wins over a ``normalization`` left at its default, with a
+    :class:`DeprecationWarning` naming ``new``; the two giving different values is an error.
+    """
+    if normalisation is None:
+        return normalization
+    warn_deprecated(old, new, stacklevel=4)
+    if normalization not in (Preprocessing.normalization, normalisation):
+        raise PreprocessingError(
+            f"normalization={normalization!r} and normalisation={normalisation!r} disagree; "
+            f"give normalization only ({new})"
+        )
+    return normalisation
+
+
 @dataclass(frozen=True)
-class PreprocessConfig:
-    """How every ECG is prepared; :meth:`manifest_entry` is what a manifest records.
+class PreprocessConfig(Preprocessing):
+    """How every ECG is prepared: the input spec (:class:`~ecglm.ecg.Preprocessing`) and how records
+    are brought to it. :meth:`manifest_entry` is what a manifest records.
 
     Args:
         sampling_rate: Target rate in Hz.
         num_samples: Samples per window (``sampling_rate * seconds``).
-        normalisation: ``zscore`` (per lead) or ``minmax`` (global, to [0, 1]).
+        normalization: ``zscore`` (per lead) or ``minmax`` (global, to [0, 1]). 0.1's spelling,
+            ``normalisation=``, is accepted with a DeprecationWarning until 0.3.0.
         window: ``first``, ``centre`` or ``all`` (see the module docstring).
         zero_fill_missing: Fill a missing lead with zeros instead of raising.
         max_gap: Longest run of NaN/Inf samples (at the source rate) that is interpolated.
         max_nan_fraction: Records with a larger fraction of NaN/Inf samples are dropped.
     """
 
-    sampling_rate: int = 250
-    num_samples: int = 2500
-    normalisation: str = "zscore"
     window: str = "first"
     zero_fill_missing: bool = False
     max_gap: int = 250
     max_nan_fraction: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.normalisation not in NORMALISATIONS:
-            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
+        super().__post_init__()
         if self.window not in WINDOW_POLICIES:
-            raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {self.window!r}")
-        if self.sampling_rate <= 0 or self.num_samples <= 0:
-            raise ValueError(
-                "sampling_rate and num_samples must be positive, "
-                f"got {self.sampling_rate}, {self.num_samples}"
-            )
+            raise PreprocessingError(f"window must be one of {WINDOW_POLICIES}, got {self.window!r}")
         if self.max_gap < 0 or not 0.0 <= self.max_nan_fraction <= 1.0:
-            raise ValueError("max_gap must be >= 0 and max_nan_fraction in [0, 1]")
+            raise PreprocessingError("max_gap must be >= 0 and max_nan_fraction in [0, 1]")
+
+    @classmethod
+    def of(cls, spec: Preprocessing, **options: Any) -> PreprocessConfig:
+        """``spec``'s rate, samples and normalization (an encoder's), prepared with ``options``."""
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(Preprocessing)}, **options)
+
+    @property
+    def normalisation(self) -> str:
+        """Deprecated: 0.1's spelling of :attr:`normalization`."""
+        warn_deprecated("PreprocessConfig.normalisation", "PreprocessConfig.normalization")
+        return self.normalization
 
     def manifest_entry(self) -> dict[str, Any]:
-        """The manifest's ``preprocessing`` section (read by :func:`~ecglm.encoders.check_preprocessing`)."""
-        return {**asdict(self), "leads": list(LEADS), "dtype": np.dtype(STORAGE_DTYPE).name}
+        """The manifest's ``preprocessing`` section (read by :func:`~ecglm.encoders.check_preprocessing`),
+        its keys spelled as :data:`~ecglm.ecg.MANIFEST_KEYS` says."""
+        spec = {MANIFEST_KEYS.get(name, name): value for name, value in asdict(self).items()}
+        return {**spec, "leads": list(LEADS), "dtype": np.dtype(STORAGE_DTYPE).name}
+
+
+def _accept_normalisation(init: Any) -> Any:
+    old, new = "PreprocessConfig(normalisation=...)", "PreprocessConfig(normalization=...)"
+
+    @functools.wraps(init)
+    def __init__(self: PreprocessConfig, *args: Any, normalisation: str | None = None, **kwargs: Any) -> None:
+        if normalisation is not None:
+            given = kwargs.get("normalization", Preprocessing.normalization)
+            kwargs["normalization"] = _renamed_normalisation(given, normalisation, old, new)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+# 0.1's keyword (until 0.3.0); kept out of the dataclass, so that it is neither a field nor in asdict().
+PreprocessConfig.__init__ = _accept_normalisation(PreprocessConfig.__init__)  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -208,7 +255,7 @@ def preprocess(
         return Preprocessed(record, drop_reason=reason, detail=detail)
     resampled = resample(leads, rate, config.sampling_rate)
     windows = [
-        _pad(normalise(w, config.normalisation), config.num_samples)
+        _pad(normalise(w, config.normalization), config.num_samples)
         for w in cut_windows(resampled, config.num_samples, config.window)
     ]
     stacked = np.stack(windows)

@@ -26,7 +26,7 @@ from scipy import signal
 from ecglm.data.preprocess import read_wfdb, resample, select_leads, zscore
 from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_built, write_manifest, write_shards
 from ecglm.data.splits import SPLITS
-from ecglm.ecg import LEADS
+from ecglm.ecg import LEADS, MANIFEST_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class SyntheticHeartQA:
                 "sampling_rate": self.sampling_rate,
                 "num_samples": self.num_samples,
                 "leads": list(LEADS),
-                "normalisation": "per-lead z-score",
+                MANIFEST_KEYS["normalization"]: "per-lead z-score",
             },
         }
         write_manifest(out_dir, manifest)
