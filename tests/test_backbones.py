@@ -300,7 +300,7 @@ def test_dtype_sets_the_lm_weights_and_ecg_tokens_follow(tiny_backbone_factory):
 
 
 class Spy:
-    """Stands in for an ``Auto*`` class inside ecglm.backbones and records ``trust_remote_code``."""
+    """Stands in for an ``Auto*`` class where ecglm.backbones looks it up; records ``trust_remote_code``."""
 
     def __init__(self, auto, seen: list):
         self.auto, self.seen = auto, seen
@@ -314,18 +314,19 @@ class Spy:
 
 
 def test_trust_remote_code_is_off_unless_asked(saved_models, monkeypatch):
-    import ecglm.backbones
+    from ecglm.backbones import hf, loading
 
     seen = []
-    for auto in (AutoTokenizer, AutoModelForCausalLM, AutoConfig):
-        monkeypatch.setattr(ecglm.backbones, auto.__name__, Spy(auto, seen))
+    for module, auto in ((hf, AutoTokenizer), (hf, AutoModelForCausalLM), (loading, AutoConfig)):
+        monkeypatch.setattr(module, auto.__name__, Spy(auto, seen))
     HFBackbone(saved_models["llama"])
     HFBackbone(saved_models["llama"], random_init=True)
-    loaded = ["AutoTokenizer", "AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"]
+    # The config is read once, by HFBackbone.load_config, then handed to the model class.
+    loaded = ["AutoTokenizer", "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"]
     assert seen == [(name, False) for name in loaded]
     seen.clear()
     HFBackbone(saved_models["llama"], trust_remote_code=True)
-    assert seen == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
+    assert seen == [("AutoTokenizer", True), ("AutoConfig", True), ("AutoModelForCausalLM", True)]
 
 
 # --- fast kernels ---------------------------------------------------------------------------------------
