@@ -176,9 +176,13 @@ class HFBackbone(PrefixReuseMixin, Backbone):
     def config_for(cls, init_args: Mapping[str, Any]) -> PreTrainedConfig:
         """:meth:`load_config` of a recipe's ``model.backbone.init_args`` (a mapping): the arguments
         :meth:`load_config` takes are passed on, the others (dtype, tokenizer, quantization, ...) ignored."""
-        parameters = inspect.signature(cls.load_config).parameters
-        arguments = {k: v for k, v in init_args.items() if k in parameters}
-        missing = [p.name for p in parameters.values() if p.default is p.empty and p.name not in arguments]
+        parameters = inspect.signature(cls.load_config).parameters.values()
+        named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        names = {p.name for p in named}
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):  # an override that passes **kwargs on
+            names |= set(inspect.signature(HFBackbone.load_config).parameters)
+        arguments = {k: v for k, v in init_args.items() if k in names}
+        missing = [p.name for p in named if p.default is p.empty and p.name not in arguments]
         if missing:
             raise BackboneConfigError(
                 f"{cls.__name__}'s config needs model.backbone.init_args.{missing[0]}, which is not given"
