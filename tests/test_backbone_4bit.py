@@ -99,7 +99,9 @@ ops.warning("a real bitsandbytes warning")
 
 
 @pytest.mark.parametrize(
-    "script", [LOAD_4BIT + LOG_BOTH, "import ecglm.cli\nimport logging\n" + LOG_BOTH], ids=["4-bit", "cli"]
+    "script",
+    [LOAD_4BIT + LOG_BOTH, "from ecglm.cli import main\nimport logging\n" + LOG_BOTH],
+    ids=["4-bit", "command"],
 )
 def test_the_kernels_lookup_message_is_not_printed(script, saved_qwen):
     """bitsandbytes (0.49+, AVX512-BF16 CPUs) logs a failed lookup of an optional kernel ecglm never uses
