@@ -7,9 +7,15 @@ These tests run on every CPU; on one without AVX512-BF16 they pass with or witho
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
+from ecglm._quiet import KERNELS_LOOKUP_LOGGER, KERNELS_LOOKUP_MESSAGE, quiet_kernels_lookup
 from ecglm.backbones import HFBackbone
 from ecglm.testing import bound_prompt
 from ecglm_testing import FAMILIES
@@ -75,3 +81,53 @@ def test_4bit_layers_keep_training_after_a_validation_pass(saved_qwen):
     torch.testing.assert_close(loss_after, loss_before)
     assert grad_after is not None and grad_after.abs().sum() > 0
     torch.testing.assert_close(grad_after, grad_before)
+
+
+LOAD_4BIT = """
+import logging, sys
+from ecglm.backbones import HFBackbone
+HFBackbone(sys.argv[1], quantization="nf4", dtype="float32", bnb_compute_dtype="float32")
+assert "bitsandbytes.backends.cpu.ops" in sys.modules
+"""
+#: Then bitsandbytes' logger again: its lookup message (on a CPU where bitsandbytes does not try the
+#: lookup), and a real warning, which must still be printed.
+LOG_BOTH = f"""
+ops = logging.getLogger({KERNELS_LOOKUP_LOGGER!r})
+ops.warning("%s: %s. Please `pip install kernels`", {KERNELS_LOOKUP_MESSAGE!r}, "no kernels")
+ops.warning("a real bitsandbytes warning")
+"""
+
+
+@pytest.mark.parametrize(
+    "script",
+    [LOAD_4BIT + LOG_BOTH, "from ecglm.cli import main\nimport logging\n" + LOG_BOTH],
+    ids=["4-bit", "command"],
+)
+def test_the_kernels_lookup_message_is_not_printed(script, saved_qwen):
+    """bitsandbytes (0.49+, AVX512-BF16 CPUs) logs a failed lookup of an optional kernel ecglm never uses
+    when it is imported; neither loading a 4-bit backbone nor the ``ecglm`` command prints it."""
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), saved_qwen],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert KERNELS_LOOKUP_MESSAGE not in out.stderr
+    assert "a real bitsandbytes warning" in out.stderr
+
+
+def test_the_kernels_lookup_message_is_demoted_to_debug(caplog):
+    quiet_kernels_lookup()
+    quiet_kernels_lookup()  # once only
+    ops = logging.getLogger(KERNELS_LOOKUP_LOGGER)
+    assert len(ops.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=KERNELS_LOOKUP_LOGGER):
+        ops.warning("%s: no kernels", KERNELS_LOOKUP_MESSAGE)
+        ops.warning("another message")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, "another message")]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=KERNELS_LOOKUP_LOGGER):
+        ops.warning("%s: no kernels", KERNELS_LOOKUP_MESSAGE)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, f"{KERNELS_LOOKUP_MESSAGE}: no kernels")
+    ]

@@ -300,7 +300,7 @@ def test_dtype_sets_the_lm_weights_and_ecg_tokens_follow(tiny_backbone_factory):
 
 
 class Spy:
-    """Stands in for an ``Auto*`` class inside ecglm.backbones and records ``trust_remote_code``."""
+    """Stands in for an ``Auto*`` class where ecglm.backbones looks it up; records ``trust_remote_code``."""
 
     def __init__(self, auto, seen: list):
         self.auto, self.seen = auto, seen
@@ -314,18 +314,58 @@ class Spy:
 
 
 def test_trust_remote_code_is_off_unless_asked(saved_models, monkeypatch):
-    import ecglm.backbones
+    from ecglm.backbones import hf, loading
 
     seen = []
-    for auto in (AutoTokenizer, AutoModelForCausalLM, AutoConfig):
-        monkeypatch.setattr(ecglm.backbones, auto.__name__, Spy(auto, seen))
+    for module, auto in ((hf, AutoTokenizer), (hf, AutoModelForCausalLM), (loading, AutoConfig)):
+        monkeypatch.setattr(module, auto.__name__, Spy(auto, seen))
     HFBackbone(saved_models["llama"])
     HFBackbone(saved_models["llama"], random_init=True)
-    loaded = ["AutoTokenizer", "AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"]
+    # The config is read once, by HFBackbone.load_config, then handed to the model class.
+    loaded = ["AutoTokenizer", "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"]
     assert seen == [(name, False) for name in loaded]
     seen.clear()
     HFBackbone(saved_models["llama"], trust_remote_code=True)
-    assert seen == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
+    assert seen == [("AutoTokenizer", True), ("AutoConfig", True), ("AutoModelForCausalLM", True)]
+
+
+def test_load_config_reads_what_the_backbone_builds_without_weights(saved_models, monkeypatch):
+    """HFBackbone.load_config is the one config read: a recipe's init_args give the built LM's config,
+    with no weights loaded; the recipe's other keys are ignored; an unknown override names itself."""
+    from ecglm.backbones import BackboneConfigError, hf
+
+    folder = saved_models["llama"]
+    built = HFBackbone(folder, config_overrides={"rms_norm_eps": 1e-3}).model.config
+
+    monkeypatch.setattr(hf, "AutoModelForCausalLM", None)  # a weight read would fail
+    args = {
+        "model": folder,
+        "config_overrides": {"rms_norm_eps": 1e-3},
+        "dtype": "bfloat16",
+        "tokenizer": "x",
+    }
+    config = HFBackbone.config_for(args)
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "rms_norm_eps")
+    assert [getattr(config, f) for f in fields] == [getattr(built, f) for f in fields]
+    assert config.rms_norm_eps == 1e-3
+    random = HFBackbone.config_for({"model": "qwen3", "random_init": True, "config_overrides": TINY})
+    assert (random.model_type, random.hidden_size) == ("qwen3", TINY["hidden_size"])
+    with pytest.raises(BackboneConfigError, match=r"\['hiden_size'\] are not fields of the llama config"):
+        HFBackbone.config_for({"model": folder, "config_overrides": {"hiden_size": 8}})
+    with pytest.raises(BackboneConfigError, match=r"needs model\.backbone\.init_args\.model"):
+        HFBackbone.config_for({"dtype": "float32"})
+
+
+def test_a_plugin_overriding_load_config_controls_the_built_lm_and_the_estimate(saved_models):
+    class OneLayer(HFBackbone):
+        @classmethod
+        def load_config(cls, model, config_overrides=None, **kwargs):
+            overrides = {**(config_overrides or {}), "num_hidden_layers": 1}
+            return super().load_config(model, config_overrides=overrides, **kwargs)
+
+    assert OneLayer.config_for({"model": saved_models["llama"]}).num_hidden_layers == 1
+    assert len(OneLayer(saved_models["llama"]).model.model.layers) == 1
+    assert len(HFBackbone(saved_models["llama"]).model.model.layers) == 2
 
 
 # --- fast kernels ---------------------------------------------------------------------------------------
