@@ -164,8 +164,8 @@ def test_questions_drawn_in_several_seeds_count_once():
 
 
 def test_matched_noise_has_each_leads_scale_and_none_of_its_content():
-    from ecglm.evaluation import DEFAULT_CONDITIONS, MetricsConfig
-    from ecglm.model import matched_noise
+    from ecglm.conditions import default_names, matched_noise
+    from ecglm.evaluation import MetricsConfig
 
     t = torch.linspace(0, 10, 2500)
     ecg = torch.stack([torch.stack([3 * torch.sin(2 * torch.pi * t) + lead for lead in range(12)])] * 2)
@@ -180,7 +180,7 @@ def test_matched_noise_has_each_leads_scale_and_none_of_its_content():
     assert abs(float(torch.corrcoef(torch.stack([centred, signal]))[0, 1])) < 0.1
     assert torch.equal(noise, matched_noise(ecg, ["r1_qa0", "r2_qa0"]))  # the same questions, the same noise
     assert not torch.equal(noise, matched_noise(ecg, ["r1_qa1", "r2_qa0"]))
-    assert "noise_ecg" not in DEFAULT_CONDITIONS and MetricsConfig().conditions == DEFAULT_CONDITIONS
+    assert "noise_ecg" not in default_names() and MetricsConfig().conditions == default_names()
     assert MetricsConfig(conditions=("noise_ecg",)).conditions == ("ecg", "noise_ecg")
 
 

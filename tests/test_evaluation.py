@@ -18,11 +18,11 @@ from ecglm.evaluation import (
     AnswerEvaluation,
     MetricsConfig,
     mean_std,
-    plot_confusion,
     plot_metrics,
     render_markdown,
     summarize,
 )
+from ecglm.metrics import plot_confusion
 from ecglm_testing import TINY
 
 REPO = Path(__file__).resolve().parents[1]

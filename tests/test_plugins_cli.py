@@ -327,6 +327,7 @@ def test_component_layer_imports_without_lightning():
         """
         import sys
         import ecglm.encoders, ecglm.connectors, ecglm.backbones, ecglm.peft, ecglm.plugins, ecglm.model
+        import ecglm.conditions
         import ecglm.bundle, ecglm.records, ecglm.inference, ecglm.data.collate
         above = {"lightning", "pytorch_lightning", "webdataset", "mlflow"}
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in above)

@@ -11,7 +11,6 @@ Component layer: imports torch and ecglm's components only.
 from __future__ import annotations
 
 import copy
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ecglm._deprecation import forward_deprecated
+from ecglm import conditions
+from ecglm._deprecation import forward_deprecated, moved_names
 from ecglm.backbones import Backbone
 from ecglm.batch import ECGQABatch, TokenFields
 from ecglm.connectors import Connector
@@ -28,11 +28,18 @@ from ecglm.encoders import ECGEncoder
 from ecglm.peft import PEFTPolicy, ProjectionOnly, frozen_part_mode
 from ecglm.prompts import PromptStyle
 
-#: What the ECG positions of a prompt hold when answers are generated (see :meth:`ECGLM.generate`).
-CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only", "noise_ecg", "random_encoder")
-#: The conditions every evaluation runs unless told otherwise (``noise_ecg``, ``random_encoder``: optional).
-DEFAULT_CONDITIONS = ("ecg", "shuffled_ecg", "zeroed_ecg", "text_only")
 PARTS = ("encoder", "connector", "backbone")
+
+# The conditions are registered in ecglm.conditions (CONDITIONS, DEFAULT_CONDITIONS: deprecated, read
+# from the registry when asked for); matched_noise moved there with them.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "CONDITIONS": conditions._LEGACY_CONSTANTS["CONDITIONS"],
+        "DEFAULT_CONDITIONS": conditions._LEGACY_CONSTANTS["DEFAULT_CONDITIONS"],
+        "matched_noise": "ecglm.conditions:matched_noise",
+    },
+)
 
 
 #: Prefixes that torch's wrappers (FSDP's auto-wrapped units, activation checkpointing) put into
@@ -45,23 +52,6 @@ def state_dict_name(name: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
-
-
-def matched_noise(ecg: Tensor, keys: list[str]) -> Tensor:
-    """Gaussian noise with each ECG lead's own mean and std: the signal's scale, none of its content.
-
-    For ECGs normalised per lead (z-score) that is standard normal noise, the encoder's input
-    distribution without a heartbeat in it. Seeded by the QA keys, so a question gets the same noise
-    in every run and on every device.
-    """
-    values = ecg.float()
-    mean, std = values.mean(-1, keepdim=True), values.std(-1, keepdim=True)
-    generator = torch.Generator().manual_seed(zlib.crc32("|".join(keys).encode()))
-    noise = torch.randn(values.shape, generator=generator).to(ecg.device)
-    noisy = mean + std * noise
-    if not ecg.is_floating_point():  # images: 0-255 pixels
-        noisy = noisy.round().clamp(0, 255)
-    return noisy.to(ecg.dtype)
 
 
 def randomized_copy(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -359,37 +349,23 @@ class ECGLM(nn.Module):
     def condition_inputs(
         self, batch: ECGQABatch, condition: str = "ecg", prompt: TokenFields | None = None
     ) -> tuple[TokenFields, Tensor]:
-        """The prompt rows and ECG tokens a generation batch gives the LLM under ``condition`` (see
-        :meth:`generate`)."""
+        """The prompt rows and ECG tokens a generation batch gives the LLM under ``condition``, a name
+        in the registry of :mod:`ecglm.conditions` (see :meth:`generate`)."""
+        spec = conditions.get(condition)
         if batch.packed or (prompt is not None and prompt.packed):
             raise ValueError("packed rows are for the training loss; generate from padded prompts")
-        if condition == "text_only":
-            fields = batch.text_only
-            if fields is None:
-                raise ValueError(
-                    "a text_only condition needs generation batches (QACollator(..., for_generation=True))"
-                )
-            device = fields.input_ids.device
-            ecg_tokens = torch.zeros((fields.rows, 0, self.backbone.hidden_size), device=device)
-        elif condition in ("ecg", "zeroed_ecg", "shuffled_ecg", "noise_ecg"):
-            fields = prompt or batch
-            ecg = batch.shuffled_ecg if condition == "shuffled_ecg" else batch.ecg
-            if ecg is None:
-                raise ValueError(
-                    "a shuffled_ecg condition needs generation batches with other records' ECGs "
-                    "(QACollator(..., for_generation=True, donors=ECGDonors()))"
-                )
-            if condition == "zeroed_ecg":
-                ecg = self.blank_ecg(ecg)
-            elif condition == "noise_ecg":
-                ecg = matched_noise(ecg, batch.key)
-            ecg_tokens = self.ecg_tokens(ecg)
-        elif condition == "random_encoder":
-            fields = prompt or batch
-            ecg_tokens = self.connector(self.random_encoder()(batch.ecg.to(self._encoder_dtype())))
-        else:
-            raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
-        return fields, ecg_tokens
+        if spec.needs_donors and batch.shuffled_ecg is None:
+            raise ValueError(
+                f"a {condition} condition needs generation batches with other records' ECGs "
+                "(QACollator(..., for_generation=True, donors=ECGDonors()))"
+            )
+        if not spec.vision_language and getattr(self.backbone, "image_size", None) is not None:
+            raise ValueError(
+                f"the {condition} condition does not apply to {type(self.backbone).__name__}, a "
+                "vision-language backbone that reads the images with its own tower: leave it out of "
+                "model.evaluation.conditions"
+            )
+        return spec.inputs(self, batch, prompt)
 
     @torch.no_grad()
     def answer_scores(self, batch: ECGQABatch, answers: Sequence[str], condition: str = "ecg") -> Tensor:
@@ -453,13 +429,13 @@ class ECGLM(nn.Module):
     ) -> list[str]:
         """Answers for a left-padded prompt batch (``QACollator(..., for_generation=True)``).
 
-        ``condition`` is ``ecg``, ``shuffled_ecg`` (each question with other records' ECGs, the
-        batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG tokens of an all-zero signal), ``noise_ecg``
-        (Gaussian noise with each lead's mean and std, :func:`matched_noise`), ``random_encoder``
-        (the real ECG through the encoder with random weights, :meth:`random_encoder`, and the
-        trained connector) or ``text_only`` (the batch's ``text_only`` prompts, which have no ECG
-        positions). ``prompt`` replaces the
-        batch's token fields (validation generates from the prompt part of a training batch).
+        ``condition`` names a registered condition (:mod:`ecglm.conditions`): ``ecg``, ``shuffled_ecg``
+        (each question with other records' ECGs, the batch's ``shuffled_ecg``), ``zeroed_ecg`` (ECG
+        tokens of an all-zero signal), ``noise_ecg`` (Gaussian noise with each lead's mean and std,
+        :func:`ecglm.conditions.matched_noise`), ``random_encoder`` (the real ECG through the encoder
+        with random weights, :meth:`random_encoder`, and the trained connector) or ``text_only`` (the
+        batch's ``text_only`` prompts, which have no ECG positions). ``prompt`` replaces the batch's
+        token fields (validation generates from the prompt part of a training batch).
         Decoding follows ``decoding`` (greedy by default) unless ``generation_kwargs`` say otherwise.
         """
         fields, ecg_tokens = self.condition_inputs(batch, condition, prompt)

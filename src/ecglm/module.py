@@ -57,8 +57,9 @@ class ECGLanguageModel(L.LightningModule):
         lr_scheduler_kwargs: Keyword arguments of that scheduler (``cosine_with_restarts``:
             ``{num_cycles: 25}`` = 24 restarts; see ``docs/training.md``).
         decoding: Decoding of generated answers in validation, ``ecglm test`` and ``ecglm evaluate``.
-        evaluation: Metrics, BERTScore model, the normal/abnormal answer mapping and the controls
-            (``shuffled_ecg``, ``zeroed_ecg``, ``text_only``) run beside every evaluation.
+        evaluation: Metrics, BERTScore model, the normal/abnormal answer mapping and the conditions
+            run beside ``ecg`` in every evaluation (the registered controls of :mod:`ecglm.conditions`;
+            ``shuffled_ecg``, ``zeroed_ecg`` and ``text_only`` by default).
         val_generation_samples: Validation QA pairs whose answers are generated and scored with the
             same metrics each validation (0: loss and answer-token statistics only). Lets
             ModelCheckpoint select by ``val/acc`` rather than by loss.

@@ -3,34 +3,37 @@
 A shard sample holds one ECG and every QA pair about it; pairs are expanded while streaming, so an
 ECG is stored once however many questions use it. Tokenisation runs in the loader's workers with
 the DataModule's prompt style (:mod:`ecglm.prompts`), bound to the backbone's tokenizer.
+
+This file holds :class:`ECGQADataModule`; it also gives the names its users import from here, from
+where they live: the shard builder protocol (:mod:`ecglm.data.shards`), the seeded subsets and
+few-shot demonstrations (:mod:`ecglm.data.selection`), the loader (:mod:`ecglm.data.loader`), the
+collator (:mod:`ecglm.data.collate`) and the stream's bad-input handling (:mod:`ecglm.data.stream`).
 """
 
 from __future__ import annotations
 
-import heapq
-import json
 import logging
-import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
-from webdataset.tariterators import base_plus_ext
 
-from ecglm.answers import answer_text
+from ecglm._deprecation import moved_names
 from ecglm.batch import ECGQABatch
 from ecglm.data.collate import QACollator
 from ecglm.data.controls import ECGDonors
-from ecglm.data.shards import read_manifest, split_shards
-from ecglm.data.splits import SPLITS, hash_uniform
-from ecglm.data.stream import (  # noqa: F401 - BadInput, CheckedQA, expand_qa re-exported for users
+from ecglm.data.loader import StreamLoader
+from ecglm.data.selection import SubsetFilter, read_qa_text, select_demonstrations, subset_fraction
+from ecglm.data.shards import ShardBuilder, read_manifest, split_shards
+from ecglm.data.splits import SPLITS
+from ecglm.data.stream import (
     REASONS,
     BadInput,
     BadSampleError,
@@ -46,97 +49,31 @@ from ecglm.errors import EcglmError
 from ecglm.prompts import ChatTemplate, PromptStyle
 from ecglm.render import ECGPrintout
 
+__all__ = [
+    "BadInput",
+    "BadSampleError",
+    "CheckedQA",
+    "ECGQADataModule",
+    "QACollator",
+    "ShardBuilder",
+    "StreamLoader",
+    "SubsetFilter",
+    "expand_qa",
+    "read_qa_text",
+    "select_demonstrations",
+    "subset_fraction",
+]
+
+# Names this module only imported before it was split, served from their own modules with a warning.
+__getattr__ = moved_names(
+    __name__, {"hash_uniform": "ecglm.data.splits:hash_uniform", "answer_text": "ecglm.answers:answer_text"}
+)
+
 log = logging.getLogger("ecglm.data")
 
 # Lightning warns that an IterableDataset's __len__ "could be inaccurate" with several loader workers;
 # a QAStream's length is exact (EpochPlan sizes every worker's share), so here the warning misleads.
 warnings.filterwarnings("ignore", "Your `IterableDataset` has `__len__` defined", UserWarning)
-
-
-class ShardBuilder(Protocol):
-    """Anything that can write a shard set with a ``manifest.json`` into a folder, idempotently."""
-
-    def build(self, out_dir: str | Path) -> dict[str, Any]: ...
-
-
-def subset_fraction(seed: int, key: str) -> float:
-    """A uniform number in [0, 1) fixed by ``(seed, key)``: the evaluation subset keeps keys below a rate.
-
-    Hashing the key (not drawing from a stream RNG) gives the same subset for a seed however the
-    stream is split across loader workers and DDP ranks, without a pass over the data.
-    """
-    return hash_uniform(f"{seed}:{key}")
-
-
-def read_qa_text(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The QA pairs of one shard as :func:`expand_qa` yields them, without the ECG.
-
-    Only the ``json`` members are read: tarfile seeks over the ECG arrays, so a pass over a split
-    costs its headers and metadata, not its signals.
-    """
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, field = base_plus_ext(member.name) if member.isfile() else (None, None)
-            if field != "json":
-                continue
-            meta = json.loads(tar.extractfile(member).read())
-            for i, qa in enumerate(meta["qa"]):
-                yield {
-                    "key": f"{key}_qa{i}",
-                    "question": qa["question"],
-                    "answer": qa["answer"],
-                    "question_type": qa.get("question_type", "unknown"),
-                    "dataset": meta.get("dataset", "unknown"),
-                }
-
-
-def select_demonstrations(
-    items: Iterable[dict[str, Any]], seed: int, per_dataset: int, max_chars: int | None = None
-) -> dict[str, list[dict[str, str]]]:
-    """Per dataset, the ``per_dataset`` QA pairs with the smallest :func:`subset_fraction` of ``(seed, key)``.
-
-    A hash rank, not a stream RNG: the draw does not depend on the order of the pairs (shard order,
-    shuffling, loader workers, DDP ranks), and the first of ``n + 1`` draws are the ``n`` draws.
-    ``max_chars`` skips pairs whose question and answer text are longer together. Demonstrations
-    are plain strings, the answer as the model reads it (lists joined with ", "), best rank first.
-    """
-    heaps: dict[str, list[tuple[float, str]]] = {}
-    kept: dict[str, dict[str, str]] = {}
-    for item in items:
-        answer = answer_text(item["answer"])
-        if max_chars is not None and len(item["question"]) + len(answer) > max_chars:
-            continue
-        entry = (-subset_fraction(seed, item["key"]), item["key"])
-        heap = heaps.setdefault(item["dataset"], [])
-        if len(heap) < per_dataset:
-            heapq.heappush(heap, entry)
-        elif entry > heap[0]:
-            kept.pop(heapq.heapreplace(heap, entry)[1], None)
-        else:
-            continue
-        kept[item["key"]] = {
-            "key": item["key"],
-            "dataset": item["dataset"],
-            "question": item["question"],
-            "answer": answer,
-            "question_type": item["question_type"],
-        }
-    return {
-        dataset: [kept[key] for _, key in sorted(heaps[dataset], reverse=True)] for dataset in sorted(heaps)
-    }
-
-
-class SubsetFilter:
-    """Keeps a QA pair of dataset ``d`` with probability ``rates[d]`` (Bernoulli by key hash); picklable."""
-
-    def __init__(self, rates: dict[str, float], seed: int):
-        self.rates, self.seed = rates, seed
-
-    def __call__(self, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for item in items:
-            rate = self.rates.get(item["dataset"], 1.0)
-            if rate >= 1.0 or subset_fraction(self.seed, item["key"]) < rate:
-                yield item
 
 
 class ECGQADataModule(L.LightningDataModule):
@@ -614,53 +551,3 @@ class ECGQADataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """``ecglm predict``: every QA pair of the test split, as generation batches."""
         return self._loader("test", self.eval_batch_size, train=False, for_generation=True)
-
-
-class StreamLoader(DataLoader):
-    """A DataLoader over a :class:`QAStream` that sets the stream's epoch and resume point when a pass starts.
-
-    Lightning tells samplers the epoch (``set_epoch``), but an iterable dataset has no sampler; here
-    ``on_iter(dataset)`` does it, at the first batch of each pass rather than when the iterator is
-    made: Lightning makes the training iterator while setting up (``estimated_stepping_batches``),
-    before a checkpoint's loop state is restored, and only then would the epoch be wrong. The
-    workers copy the dataset when they start, which is then too. ``state_dict`` /
-    ``load_state_dict`` hand over to the DataModule's stream position, which makes this a
-    resumable loader to Lightning.
-    """
-
-    def __init__(
-        self,
-        dataset: QAStream,
-        on_iter: Callable[[QAStream], None],
-        position: Callable[[], dict[str, Any]] | None = None,
-        resume: Callable[[dict[str, Any]], None] | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(dataset, **kwargs)
-        self.on_iter, self.position, self.resume = on_iter, position, resume
-
-    def __iter__(self) -> Iterator[Any]:
-        return _StartsAtFirstBatch(self)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position() if self.position else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.resume and state_dict:
-            self.resume(state_dict)
-
-
-class _StartsAtFirstBatch:
-    """The loader's iterator, made (and its workers started) when the first batch is asked for."""
-
-    def __init__(self, loader: StreamLoader):
-        self.loader, self.iterator = loader, None
-
-    def __iter__(self) -> _StartsAtFirstBatch:
-        return self
-
-    def __next__(self) -> Any:
-        if self.iterator is None:
-            self.loader.on_iter(self.loader.dataset)
-            self.iterator = DataLoader.__iter__(self.loader)
-        return next(self.iterator)

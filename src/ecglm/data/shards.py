@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import webdataset as wds
@@ -27,6 +27,12 @@ MANIFEST_NAME = "manifest.json"
 # TarWriter stamps every member with time.time() unless given an mtime; a fixed one keeps
 # shards byte-identical across builds. uid/gid are 0 and uname/gname "bigdata" by default.
 TAR_MTIME = 0.0
+
+
+class ShardBuilder(Protocol):
+    """Anything that can write a shard set with a ``manifest.json`` into a folder, idempotently."""
+
+    def build(self, out_dir: str | Path) -> dict[str, Any]: ...
 
 
 def _json_default(obj: Any) -> Any:
