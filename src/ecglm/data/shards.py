@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from ecglm.data.images import IMAGE_MEMBERS
 from ecglm.data.splits import SPLITS
 from ecglm.io import atomic_write_bytes, commit, partial_path
 
@@ -62,10 +63,6 @@ def _check_key(key: Any) -> str:
             f"sample __key__ {key!r} contains a dot; WebDataset would split it into key and field"
         )
     return key
-
-
-#: Members that may hold a sample's ECG as an image file, in place of ``ecg.npy`` (written as given).
-IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
 
 
 def _encode_sample(sample: dict) -> dict[str, Any]:
