@@ -42,4 +42,10 @@ __all__ = [
     "interleave",
 ]
 
-__getattr__ = moved_names(__name__, {"MIN_IMAGE_SIDE": "ecglm.data.images:MIN_IMAGE_SIDE"})
+__getattr__ = moved_names(
+    __name__,
+    {
+        "MIN_IMAGE_SIDE": "ecglm.data.images:MIN_IMAGE_SIDE",
+        "IMAGE_MEMBERS": "ecglm.data.images:IMAGE_MEMBERS",
+    },
+)
