@@ -11,6 +11,7 @@ from typing import Any
 
 import fsspec
 import lightning as L
+import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.callbacks import Callback
@@ -62,6 +63,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, local_path)
 
 
+def unlogged_step_metrics(trainer: L.Trainer) -> dict[str, Any] | None:
+    """The metrics Lightning logs for the training step being saved, when a checkpoint is written at the
+    end of a training batch (``ModelCheckpoint(every_n_train_steps=...)``): ``{"step", "metrics"}``.
+
+    Lightning logs a step's metrics after every callback's ``on_train_batch_end``, so after the
+    checkpoint of the step: a kill once the checkpoint is complete and before that log loses them,
+    and the run resumed from that checkpoint never trains the step again. ``None`` for a save anywhere
+    else, or for a step Lightning would not log (accumulating, off ``log_every_n_steps``). Reads the
+    same private state Lightning's ``update_train_step_metrics`` reads (Lightning 2.6); a Lightning
+    whose loops differ gives ``None``, which leaves the hole as it was.
+    """
+    try:
+        loop = trainer.fit_loop.epoch_loop
+        current = loop.batch_progress.current
+        connector = trainer._logger_connector
+        in_batch_end = trainer.training and current.processed > current.completed
+        if not in_batch_end or trainer.fit_loop._should_accumulate() or not connector.should_update_logs:
+            return None
+        metrics = dict(connector.metrics["log"])
+        step = loop._batches_that_stepped
+    except (AttributeError, AssertionError, TypeError):
+        return None
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor)}
+    values.setdefault("epoch", float(trainer.current_epoch))  # as Lightning adds it
+    return {"step": int(step), "metrics": values} if values else None
+
+
+def _latest_steps(logger: MLFlowLogger) -> dict[str, int]:
+    """The latest logged step of each metric of the logger's run (one query, not the histories)."""
+    run = logger.experiment.get_run(logger.run_id)
+    return {metric.key: metric.step for metric in run.data.to_proto().metrics}
+
+
 class RunContinuity(Callback):
     """Lets a killed or crashed run resume as the same run; the ``ecglm`` CLI adds it to every trainer.
 
@@ -69,12 +103,23 @@ class RunContinuity(Callback):
       ``tracking_uri``), so ``ecglm fit --ckpt_path`` logs into that run again.
     - On resuming into an MLflow run that a kill left ``RUNNING`` or a crash ended ``FAILED``, the run is
       marked ``RUNNING`` again (it ends ``FINISHED`` or ``FAILED`` with this fit).
+    - No hole in the run's metrics: a checkpoint written at the end of a training batch also records
+      the metrics Lightning logs for that step after the checkpoint (``checkpoint["mlflow"]["unlogged"]``,
+      :func:`unlogged_step_metrics`); resuming from it logs those the run lacks (a kill between the
+      save and the log), at their step. Steps after the checkpoint are trained, so logged, again.
+      Epoch-level training metrics of an epoch-end save are not covered (ecglm logs none).
     - Partial checkpoints (``*.tmp``) that a kill mid-save left in the checkpoint folders are removed
       at fit start (only those written before this process started).
     """
 
     def __init__(self) -> None:
         self.started = time.time()
+        self._resumed: dict[str, Any] | None = None
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._resumed = checkpoint.get("mlflow")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -88,6 +133,24 @@ class RunContinuity(Callback):
                 if run.info.status != "RUNNING":
                     logger.experiment.update_run(logger.run_id, status="RUNNING")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        resumed, self._resumed = self._resumed, None
+        unlogged = (resumed or {}).get("unlogged")
+        if not trainer.is_global_zero or not trainer.ckpt_path or not unlogged:
+            return
+        step = unlogged["step"]
+        for logger in _mlflow_loggers(trainer):
+            if logger.run_id != resumed.get("run_id"):
+                continue  # a new run (another tracking store) starts after the checkpoint
+            latest = _latest_steps(logger)
+            missing = {k: v for k, v in unlogged["metrics"].items() if latest.get(k, -1) < step}
+            if missing:
+                logger.log_metrics(missing, step=step)
+                rank_zero_info(
+                    f"MLflow run {logger.run_id}: logged step {step} again ({', '.join(sorted(missing))}): "
+                    "its checkpoint was saved, its metrics were not (the run was stopped in between)"
+                )
+
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -99,3 +162,6 @@ class RunContinuity(Callback):
                 "experiment_id": logger.experiment_id,
                 "tracking_uri": getattr(logger, "_tracking_uri", None),
             }
+            unlogged = unlogged_step_metrics(trainer)
+            if unlogged is not None:
+                checkpoint["mlflow"]["unlogged"] = unlogged
