@@ -10,12 +10,14 @@ e.g. ``class_path: ecglm.callbacks.LRRestartMonitor``). One file per job:
 - ``snapshots.py``: its rollback points (:class:`Snapshot`, :func:`take_snapshot`,
   :func:`restore_snapshot`);
 - ``runs.py``: what lets a killed run resume as the same run, which the ``ecglm`` CLI installs on
-  every trainer (:class:`AtomicCheckpointIO`, :class:`RunContinuity`, :class:`ResumedMLFlowLogger`).
+  every trainer (:class:`AtomicCheckpointIO`, :class:`RunContinuity`, :class:`ResumedMLFlowLogger`);
+- ``progress.py``: :class:`ProgressLog`, progress as log lines when the output is not a terminal.
 """
 
 from __future__ import annotations
 
 from ecglm.callbacks.lr_restart import LRRestartMonitor
+from ecglm.callbacks.progress import ProgressLog, interactive
 from ecglm.callbacks.runs import AtomicCheckpointIO, ResumedMLFlowLogger, RunContinuity
 from ecglm.callbacks.schedule_plot import LRSchedulePlot, log_lr_schedule
 from ecglm.callbacks.snapshots import Snapshot, restore_snapshot, take_snapshot
@@ -39,6 +41,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "LRRestartMonitor",
     "LRSchedulePlot",
+    "ProgressLog",
     "ResumedMLFlowLogger",
     "RunContinuity",
     "Signal",
@@ -47,6 +50,7 @@ __all__ = [
     "any_rank",
     "compare",
     "grad_norm",
+    "interactive",
     "log_lr_schedule",
     "plot_stability",
     "restore_snapshot",
