@@ -127,6 +127,19 @@ def test_a_process_other_than_the_first_writes_nothing(caplog):
     assert _lines(caplog) == []
 
 
+def test_what_the_module_prints_becomes_a_line(caplog):
+    caplog.set_level(logging.INFO, logger="ecglm.progress")
+
+    class Printing(Tiny):
+        def on_train_end(self):
+            self.print("trained", self.global_step, "steps")  # LightningModule.print: through the bar
+
+    L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=2, callbacks=[ProgressLog()]
+    ).fit(Printing(), _loader())
+    assert _lines(caplog)[-1] == "trained 2 steps"
+
+
 def test_interactive_only_when_both_streams_are_terminals():
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

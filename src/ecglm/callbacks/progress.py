@@ -91,6 +91,14 @@ class ProgressLog(ProgressBar):
 
     # --- the ProgressBar interface -----------------------------------------------------------------
 
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self._enabled
+
     def disable(self) -> None:
         self._enabled = False
 
