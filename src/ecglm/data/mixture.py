@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from itertools import combinations, islice
+from itertools import combinations, dropwhile, islice
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,15 @@ import numpy as np
 
 from ecglm.data.mixture_index import Group, QAIndex
 from ecglm.data.preprocess import MissingLeadError, PreprocessConfig, Preprocessed, preprocess_task
-from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_built, write_manifest, write_shards
+from ecglm.data.shards import (
+    MANIFEST_NAME,
+    check_build,
+    last_sample,
+    repair_shards,
+    shards_built,
+    write_manifest,
+    write_shards,
+)
 from ecglm.data.sources import (
     MIMIC,
     MIMIC_SPLIT_RATIOS,
@@ -200,9 +208,17 @@ class ECGQAMixture:
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""
         out_dir = Path(out_dir)
-        if self.is_built(out_dir):
+        expected = {
+            "params": self.params,
+            "version": VERSION,
+            "inputs_fingerprint": self.inputs_fingerprint(),
+        }
+        built, damage = check_build(out_dir, **expected)
+        if built is not None and not damage:
             log.info("%s already built in %s", DATASET, out_dir)
-            return read_manifest(out_dir)
+            return built
+        if built is not None and self._repair(out_dir, built, damage):
+            return built
         started = time.perf_counter()
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,6 +255,25 @@ class ECGQAMixture:
         write_manifest(out_dir, manifest)
         log.info("built %s in %s in %.1f s", DATASET, out_dir, time.perf_counter() - started)
         return manifest
+
+    def _repair(self, out_dir: Path, manifest: dict[str, Any], damage: dict[str, str]) -> bool:
+        """Write the damaged shards again alone (:func:`repair_shards`). The record tables and QA pairs are
+        indexed again (metadata only); a shard's samples resume after the last sample of the intact
+        shard before it, so only the damaged shards' own records are preprocessed."""
+        with self._pool() as pool, QAIndex(out_dir / INDEX_NAME) as index:
+            self._index_records(index)
+            self._index_qa(index, Counter())
+
+            def run_samples(prefix: str, start: int, previous: Path | None) -> Iterator[dict]:
+                split, _, rest = prefix.partition("-")
+                pair = rest.startswith("comparison-")
+                dataset = rest.removeprefix("comparison-") if pair else rest
+                state = _SplitState(split, index, Counter(), {}, Counter())
+                state.start()
+                last = last_sample(previous) if previous is not None else None
+                return self._samples(pool, index, state, dataset, pair, last)
+
+            return repair_shards(out_dir, manifest, damage, run_samples, DATASET)
 
     def _index_records(self, index: QAIndex) -> None:
         if self.ptbxl_root:
@@ -301,12 +336,35 @@ class ECGQAMixture:
             shards += write_shards(samples, out_dir, prefix, self.max_samples_per_shard, self.shard_size_mb)
         return {**summary.finish(), "shards": shards}
 
-    def _samples(self, pool, index: QAIndex, state: _SplitState, dataset: str, pair: bool) -> Iterator[dict]:
-        """Shard samples of one dataset in one split: ECGs by id, windows in time order."""
+    def _samples(
+        self,
+        pool,
+        index: QAIndex,
+        state: _SplitState,
+        dataset: str,
+        pair: bool,
+        after: tuple[str, dict] | None = None,
+    ) -> Iterator[dict]:
+        """Shard samples of one dataset in one split: ECGs by id, windows in time order; with ``after``
+        (a sample's key and json), those after that sample only, preprocessing no record before it."""
         groups = index.groups(state.split, dataset, pair)
         total = index.num_records(state.split, dataset, pair) if self.progress else None
-        for group, windows in self._with_signals(pool, state, dataset, groups, total):
-            yield from self._make_samples(state, dataset, group, windows)
+        rest_of_group = False
+        if after is not None:
+            key, meta = after
+            target = key if pair else key.rpartition("_w")[0]  # a window's key ends in _w<index>
+            groups = dropwhile(lambda g: _group_key(dataset, g) != target, groups)
+            rest_of_group = not pair and meta.get("window", 0) + 1 < meta.get("num_windows", 1)
+            if not rest_of_group:
+                groups = islice(groups, 1, None)  # ``after`` ends its group
+        samples = (
+            sample
+            for group, windows in self._with_signals(pool, state, dataset, groups, total)
+            for sample in self._make_samples(state, dataset, group, windows)
+        )
+        if rest_of_group:  # the later windows of the record that ``after`` is a window of
+            samples = islice(dropwhile(lambda s: s["__key__"] != after[0], samples), 1, None)
+        yield from samples
 
     def _with_signals(
         self, pool, state: _SplitState, dataset: str, groups: Iterator[Group], total: int | None
@@ -359,7 +417,7 @@ class ECGQAMixture:
                 "qa": group.qa,
             }
             state.add(meta, group.records)
-            key = f"{dataset}_{first.record_id:08d}_{second.record_id:08d}"
+            key = _group_key(dataset, group)
             ecg = np.stack([w[0] for w in windows])  # the first window of each record
             yield {"__key__": key, "ecg.npy": ecg, "json": meta}
             return
@@ -383,7 +441,7 @@ class ECGQAMixture:
             if group.conversations:
                 meta["conversations"] = group.conversations
             state.add(meta, group.records)
-            key = f"{dataset}_{record.source}_{record.record_id:08d}_w{index}"
+            key = f"{_group_key(dataset, group)}_w{index}"
             yield {"__key__": key, "ecg.npy": window, "json": meta}
 
     def _progress(self, iterable: Iterable, total: int | None, desc: str) -> Iterator:
@@ -392,6 +450,15 @@ class ECGQAMixture:
         from tqdm import tqdm
 
         return iter(tqdm(iterable, total=total, desc=desc, unit="rec"))
+
+
+def _group_key(dataset: str, group: Group) -> str:
+    """The key of a comparison group's sample; for one ECG, what its windows' keys start with."""
+    if group.pair:
+        first, second = group.records
+        return f"{dataset}_{first.record_id:08d}_{second.record_id:08d}"
+    (record,) = group.records
+    return f"{dataset}_{record.source}_{record.record_id:08d}"
 
 
 def _imap(pool, tasks: Iterable, ahead: int, chunk: int = 16) -> Iterator[Preprocessed]:
