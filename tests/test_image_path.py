@@ -302,7 +302,9 @@ def write_image_shard(path: Path, samples: list[tuple[str, bytes | None]]) -> No
 
 
 def test_image_only_shards_stream_and_bad_images_are_skipped_with_shard_and_key(tmp_path, caplog):
-    from ecglm.data.stream import BadInput, BadSampleError, CheckedQA, tarfile_samples
+    from webdataset.tariterators import tarfile_samples
+
+    from ecglm.data.stream import BadInput, BadSampleError, CheckedQA
 
     good = _png()
     shard = tmp_path / "images-000000.tar"

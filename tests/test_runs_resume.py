@@ -106,6 +106,12 @@ def _losses_by_step(tmp_path: Path, run_id: str) -> list[int]:
     return sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
 
 
+def _metric_steps(tmp_path: Path, run_id: str, key: str = "train/loss") -> list[int]:
+    """Every logged step of ``key``, repeats included."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
 def _step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
 
@@ -155,8 +161,53 @@ def test_a_kill_mid_save_leaves_no_temp_file_and_the_resume_continues_the_run(re
     (run,) = _runs(tmp_path)  # one MLflow run across the kill
     assert run.info.run_id == killed_run.info.run_id and run.info.status == "FINISHED"
     assert _losses_by_step(tmp_path, run.info.run_id) == [0, 1, 2]
+    # Step 1 was retrained (its checkpoint was never completed) and step 0 logged before the kill:
+    # the resume logs neither twice.
+    assert _metric_steps(tmp_path, run.info.run_id) == [0, 1, 2]
     saved = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3 and saved["mlflow"]["run_id"] == run.info.run_id
+
+
+#: Runs ``ecglm`` and dies once ``last.ckpt`` of step 2 is in place: both checkpoints of the step are
+#: complete, and the step's metrics, which Lightning logs after its checkpoint callbacks, never were.
+KILLED_AFTER_SECOND_SAVE = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from ecglm.cli import main
+
+    replace = os.replace
+
+    def dies_after_step_2(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        if str(dst).endswith("last.ckpt") and (Path(dst).parent / "epoch=0-step=2.ckpt").exists():
+            os._exit(137)
+
+    os.replace = dies_after_step_2
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_a_step_whose_checkpoint_was_saved_but_whose_metrics_were_not_is_logged_on_resume(recipe, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ["fit", "--config", str(recipe), "--trainer.max_steps", "3"]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_SECOND_SAVE, *args], env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert _step(tmp_path / "ckpt" / "last.ckpt") == 2
+    (killed_run,) = _runs(tmp_path)
+    assert _losses_by_step(tmp_path, killed_run.info.run_id) == [0]  # the second step's loss is missing
+    recorded = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["mlflow"]
+
+    main(["fit", "--config", str(recipe), "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    (run,) = _runs(tmp_path)
+    assert run.info.run_id == killed_run.info.run_id
+    assert _metric_steps(tmp_path, run.info.run_id) == [0, 1, 2]  # no hole, nothing twice
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (loss,) = [m for m in client.get_metric_history(run.info.run_id, "train/loss") if m.step == 1]
+    assert loss.value == pytest.approx(recorded["unlogged"]["metrics"]["train/loss"])
 
 
 class FailsAtStep2(L.Callback):

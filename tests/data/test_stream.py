@@ -377,3 +377,20 @@ def test_trainer_resumed_from_a_mid_epoch_checkpoint_sees_the_uninterrupted_sequ
     assert resumed == uninterrupted[16:]  # nothing repeated, nothing skipped
     epoch_1 = [k for batch in uninterrupted[per_epoch:] for k in batch]
     assert len(set(epoch_1)) == len(epoch_1) and set(epoch_1) <= keys
+
+
+def test_the_image_limits_load_without_webdataset_and_their_old_place_warns():
+    """The inference side checks a user's picture with the stream's limits without loading WebDataset."""
+    import subprocess
+    import sys
+
+    import ecglm.data.images
+    import ecglm.data.stream
+
+    code = "import sys, ecglm.data.images; assert 'webdataset' not in sys.modules, 'webdataset imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    moved = r"stream\.MIN_IMAGE_SIDE is deprecated .* 0\.3\.0: use ecglm\.data\.images\.MIN_IMAGE_SIDE"
+    with pytest.warns(DeprecationWarning, match=moved):
+        from ecglm.data.stream import MIN_IMAGE_SIDE
+    assert MIN_IMAGE_SIDE == ecglm.data.images.MIN_IMAGE_SIDE == 64
+    assert all(getattr(ecglm.data.stream, name) is not None for name in ecglm.data.stream.__all__)

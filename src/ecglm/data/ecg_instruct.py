@@ -19,12 +19,13 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import ijson
 
-from ecglm.data.shards import read_manifest, shards_built, write_manifest, write_shards
+from ecglm.data.shards import check_build, repair_shards, shards_built, write_manifest, write_shards
 from ecglm.data.sources import pulse_conversation
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ECGInstructImages:
         self.max_samples_per_shard, self.strict, self.limit = max_samples_per_shard, strict, limit
         #: Items not written, by reason (``missing image``, ``unreadable image``, ``no conversation``, ...).
         self.skipped: Counter[str] = Counter()
+        self._repairing = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -92,7 +94,18 @@ class ECGInstructImages:
         if self.strict:
             raise ValueError(message)
         self.skipped[reason] += 1
-        log.warning("skipped: %s", message)
+        # Writing a damaged shard again reads the items before it: their skips were reported by the build.
+        log.log(logging.INFO if self._repairing else logging.WARNING, "skipped: %s", message)
+
+    def _run_samples(self, split: str, start: int, previous: Path | None) -> Iterator[dict[str, Any]]:
+        """Samples ``start, start + 1, ...`` of ``split`` (a run of shards is a split), for writing a damaged
+        shard again (:func:`repair_shards`): the JSON is read from its start and the split's images up
+        to the shard's end, since which items are usable (and so where a shard starts) depends on them."""
+        self._repairing = True
+        try:
+            yield from islice(self.samples(split), start, None)
+        finally:
+            self._repairing = False
 
     def samples(self, split: str) -> Iterator[dict[str, Any]]:
         """The usable items of ``split`` as samples, in file order (one pass over the JSON; only the
@@ -152,8 +165,11 @@ class ECGInstructImages:
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write the image shards and ``manifest.json`` to ``out_dir`` (unless built with these params)."""
         out_dir = Path(out_dir)
-        if self.is_built(out_dir):
-            return read_manifest(out_dir)
+        built, damage = check_build(out_dir, params=self.params, version=VERSION)
+        if built is not None and not damage:
+            return built
+        if built is not None and repair_shards(out_dir, built, damage, self._run_samples, DATASET):
+            return built
         started = time.perf_counter()
         (out_dir / "manifest.json").unlink(missing_ok=True)
         self.skipped.clear()

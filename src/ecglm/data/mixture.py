@@ -11,8 +11,8 @@ DataModule streams them with their dataset (``include_comparison``, on by defaul
 ``docs/data.md`` describes the sample and manifest formats.
 
 The record tables and the grouping of QA pairs by ECG live in a SQLite file in ``out_dir`` while
-building (:class:`_QAIndex`), not in Python dicts: the full mixture has ~800K records and ~1.9M QA
-pairs, and the builder's memory should not grow with them.
+building (:class:`ecglm.data.mixture_index.QAIndex`), not in Python dicts: the full mixture has ~800K
+records and ~1.9M QA pairs, and the builder's memory should not grow with them.
 """
 
 from __future__ import annotations
@@ -20,19 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
-from itertools import combinations, groupby, islice
+from itertools import combinations, dropwhile, islice
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ecglm.data.mixture_index import Group, QAIndex
 from ecglm.data.preprocess import (
     MissingLeadError,
     PreprocessConfig,
@@ -40,7 +39,15 @@ from ecglm.data.preprocess import (
     _renamed_normalisation,
     preprocess_task,
 )
-from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_built, write_manifest, write_shards
+from ecglm.data.shards import (
+    MANIFEST_NAME,
+    check_build,
+    last_sample,
+    repair_shards,
+    shards_built,
+    write_manifest,
+    write_shards,
+)
 from ecglm.data.sources import (
     MIMIC,
     MIMIC_SPLIT_RATIOS,
@@ -69,19 +76,6 @@ _OLD_NEW_KEY = (
     "ECGQAMixture(normalisation=...) (in a shard config: builder.init_args.normalisation)",
     "normalization",
 )
-
-
-@dataclass
-class _Group:
-    """Everything one dataset asks about one ECG (or one pair of ECGs) in one split."""
-
-    records: tuple[ECGRecord, ...]  # one, or two for a comparison question
-    qa: list[dict[str, Any]]
-    conversations: list[list[dict[str, str]]]
-
-    @property
-    def pair(self) -> bool:
-        return len(self.records) == 2
 
 
 class ECGQAMixture:
@@ -227,9 +221,17 @@ class ECGQAMixture:
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""
         out_dir = Path(out_dir)
-        if self.is_built(out_dir):
+        expected = {
+            "params": self.params,
+            "version": VERSION,
+            "inputs_fingerprint": self.inputs_fingerprint(),
+        }
+        built, damage = check_build(out_dir, **expected)
+        if built is not None and not damage:
             log.info("%s already built in %s", DATASET, out_dir)
-            return read_manifest(out_dir)
+            return built
+        if built is not None and self._repair(out_dir, built, damage):
+            return built
         started = time.perf_counter()
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +240,7 @@ class ECGQAMixture:
         dropped_records: dict[str, dict[str, str]] = {}
         splits = {}
         # The pool forks before the index is opened, so workers inherit no SQLite connection.
-        with self._pool() as pool, _QAIndex(out_dir / INDEX_NAME) as index:
+        with self._pool() as pool, QAIndex(out_dir / INDEX_NAME) as index:
             self._index_records(index)
             self._index_qa(index, dropped_qa)
             for split in SPLITS:
@@ -267,13 +269,32 @@ class ECGQAMixture:
         log.info("built %s in %s in %.1f s", DATASET, out_dir, time.perf_counter() - started)
         return manifest
 
-    def _index_records(self, index: _QAIndex) -> None:
+    def _repair(self, out_dir: Path, manifest: dict[str, Any], damage: dict[str, str]) -> bool:
+        """Write the damaged shards again alone (:func:`repair_shards`). The record tables and QA pairs are
+        indexed again (metadata only); a shard's samples resume after the last sample of the intact
+        shard before it, so only the damaged shards' own records are preprocessed."""
+        with self._pool() as pool, QAIndex(out_dir / INDEX_NAME) as index:
+            self._index_records(index)
+            self._index_qa(index, Counter())
+
+            def run_samples(prefix: str, start: int, previous: Path | None) -> Iterator[dict]:
+                split, _, rest = prefix.partition("-")
+                pair = rest.startswith("comparison-")
+                dataset = rest.removeprefix("comparison-") if pair else rest
+                state = _SplitState(split, index, Counter(), {}, Counter())
+                state.start()
+                last = last_sample(previous) if previous is not None else None
+                return self._samples(pool, index, state, dataset, pair, last)
+
+            return repair_shards(out_dir, manifest, damage, run_samples, DATASET)
+
+    def _index_records(self, index: QAIndex) -> None:
         if self.ptbxl_root:
             index.add_records(iter_ptbxl(self.ptbxl_root))
         if self.mimic_root:
             index.add_records(iter_mimic(self.mimic_root, self.mimic_split_ratios, reports=False))
 
-    def _index_qa(self, index: _QAIndex, dropped_qa: Counter) -> None:
+    def _index_qa(self, index: QAIndex, dropped_qa: Counter) -> None:
         """Every QA pair and conversation into ``index``, those that cannot be written counted instead."""
         odd: list[tuple[str, list[int]]] = []  # neither one nor two ECGs: none in the real ECG-QA
         index.add_items(self._ecgqa_items(odd))
@@ -307,7 +328,7 @@ class ECGQAMixture:
             if item.source not in given:
                 dropped_qa[f"pulse_source_not_given:{item.source}"] += 1
                 continue
-            # The split is the record's, filled in from the record table (_QAIndex.finish_items).
+            # The split is the record's, filled in from the record table (QAIndex.finish_items).
             yield PULSE_DATASET, None, item.source, item.record_id, None, True, json.dumps(item.conversation)
 
     def _pool(self):
@@ -318,7 +339,7 @@ class ECGQAMixture:
         method = "fork" if "fork" in get_all_start_methods() else "spawn"
         return get_context(method).Pool(self.num_workers)
 
-    def _write_shard_set(self, out_dir: Path, pool, index: _QAIndex, state: _SplitState, pair: bool) -> dict:
+    def _write_shard_set(self, out_dir: Path, pool, index: QAIndex, state: _SplitState, pair: bool) -> dict:
         """The single-ECG (or comparison) shards of one split: one run of shards per dataset."""
         summary = state.start()
         shards = []
@@ -328,21 +349,44 @@ class ECGQAMixture:
             shards += write_shards(samples, out_dir, prefix, self.max_samples_per_shard, self.shard_size_mb)
         return {**summary.finish(), "shards": shards}
 
-    def _samples(self, pool, index: _QAIndex, state: _SplitState, dataset: str, pair: bool) -> Iterator[dict]:
-        """Shard samples of one dataset in one split: ECGs by id, windows in time order."""
+    def _samples(
+        self,
+        pool,
+        index: QAIndex,
+        state: _SplitState,
+        dataset: str,
+        pair: bool,
+        after: tuple[str, dict] | None = None,
+    ) -> Iterator[dict]:
+        """Shard samples of one dataset in one split: ECGs by id, windows in time order; with ``after``
+        (a sample's key and json), those after that sample only, preprocessing no record before it."""
         groups = index.groups(state.split, dataset, pair)
         total = index.num_records(state.split, dataset, pair) if self.progress else None
-        for group, windows in self._with_signals(pool, state, dataset, groups, total):
-            yield from self._make_samples(state, dataset, group, windows)
+        rest_of_group = False
+        if after is not None:
+            key, meta = after
+            target = key if pair else key.rpartition("_w")[0]  # a window's key ends in _w<index>
+            groups = dropwhile(lambda g: _group_key(dataset, g) != target, groups)
+            rest_of_group = not pair and meta.get("window", 0) + 1 < meta.get("num_windows", 1)
+            if not rest_of_group:
+                groups = islice(groups, 1, None)  # ``after`` ends its group
+        samples = (
+            sample
+            for group, windows in self._with_signals(pool, state, dataset, groups, total)
+            for sample in self._make_samples(state, dataset, group, windows)
+        )
+        if rest_of_group:  # the later windows of the record that ``after`` is a window of
+            samples = islice(dropwhile(lambda s: s["__key__"] != after[0], samples), 1, None)
+        yield from samples
 
     def _with_signals(
-        self, pool, state: _SplitState, dataset: str, groups: Iterator[_Group], total: int | None
-    ) -> Iterator[tuple[_Group, list[np.ndarray]]]:
+        self, pool, state: _SplitState, dataset: str, groups: Iterator[Group], total: int | None
+    ) -> Iterator[tuple[Group, list[np.ndarray]]]:
         """``(group, windows)`` in the order of ``groups``, without groups that lost a record.
 
         Groups are read from the index as the pool asks for work, so only the look-ahead is in memory.
         """
-        waiting: deque[_Group] = deque()
+        waiting: deque[Group] = deque()
 
         def tasks() -> Iterator[tuple[str, str, PreprocessConfig]]:
             for group in groups:
@@ -373,7 +417,7 @@ class ECGQAMixture:
         log.warning("dropped %s (%s): %s", part.record, part.drop_reason, part.detail)
 
     def _make_samples(
-        self, state: _SplitState, dataset: str, group: _Group, windows: list[np.ndarray]
+        self, state: _SplitState, dataset: str, group: Group, windows: list[np.ndarray]
     ) -> Iterator[dict[str, Any]]:
         if group.pair:
             first, second = group.records
@@ -386,7 +430,7 @@ class ECGQAMixture:
                 "qa": group.qa,
             }
             state.add(meta, group.records)
-            key = f"{dataset}_{first.record_id:08d}_{second.record_id:08d}"
+            key = _group_key(dataset, group)
             ecg = np.stack([w[0] for w in windows])  # the first window of each record
             yield {"__key__": key, "ecg.npy": ecg, "json": meta}
             return
@@ -410,7 +454,7 @@ class ECGQAMixture:
             if group.conversations:
                 meta["conversations"] = group.conversations
             state.add(meta, group.records)
-            key = f"{dataset}_{record.source}_{record.record_id:08d}_w{index}"
+            key = f"{_group_key(dataset, group)}_w{index}"
             yield {"__key__": key, "ecg.npy": window, "json": meta}
 
     def _progress(self, iterable: Iterable, total: int | None, desc: str) -> Iterator:
@@ -421,150 +465,13 @@ class ECGQAMixture:
         return iter(tqdm(iterable, total=total, desc=desc, unit="rec"))
 
 
-_SCHEMA = """
-CREATE TABLE records (
-    source TEXT NOT NULL, record_id INTEGER NOT NULL, patient_id INTEGER NOT NULL,
-    path TEXT NOT NULL, split TEXT NOT NULL, PRIMARY KEY (source, record_id)
-) WITHOUT ROWID;
-CREATE TABLE items (
-    seq INTEGER PRIMARY KEY, dataset TEXT NOT NULL, split TEXT, source TEXT NOT NULL,
-    id1 INTEGER NOT NULL, id2 INTEGER, pair INTEGER NOT NULL, conversation INTEGER NOT NULL,
-    payload TEXT NOT NULL
-);
-CREATE TABLE patients (
-    split TEXT NOT NULL, source TEXT NOT NULL, patient_id INTEGER NOT NULL,
-    PRIMARY KEY (split, source, patient_id)
-) WITHOUT ROWID;
-"""
-_MATCHES = "r.source = items.source AND r.record_id = {}"
-_UNKNOWN = "NOT EXISTS (SELECT 1 FROM records AS r WHERE {})"
-_UNKNOWN_ID1 = _UNKNOWN.format(_MATCHES.format("items.id1"))
-_UNKNOWN_ID2 = f"(id2 IS NOT NULL AND {_UNKNOWN.format(_MATCHES.format('items.id2'))})"
-_GROUP_ROWS = """
-SELECT i.source, i.id1, i.id2, i.conversation, i.payload,
-       a.patient_id, a.path, a.split, b.patient_id, b.path, b.split
-FROM items AS i
-JOIN records AS a ON a.source = i.source AND a.record_id = i.id1
-LEFT JOIN records AS b ON b.source = i.source AND b.record_id = i.id2
-WHERE i.split = ? AND i.dataset = ? AND i.pair = ?
-ORDER BY i.source, i.id1, i.id2, i.conversation, i.seq
-"""
-
-
-class _QAIndex:
-    """The record tables and every QA pair / conversation of one build, in a temporary SQLite file.
-
-    ``items`` holds one row per QA pair (ECG-QA) or conversation (PULSE) in the order read, its
-    payload as JSON; :meth:`groups` reads them back grouped by ECG (or ECG pair) in sorted order,
-    the rows of a group in the order read, so the shards do not depend on how SQLite stores them.
-    SQLite's page cache is capped (``cache_size``), so memory stays flat whatever the data size.
-    """
-
-    CACHE_KIB = 32 * 1024
-    BATCH = 10_000
-
-    def __init__(self, path: Path) -> None:
-        path.unlink(missing_ok=True)  # left by a build that was killed
-        self.path = path
-        # Autocommit; bulk loads open their own transactions. No journal, no fsync: the file is
-        # scratch space, rebuilt from the sources if a build fails.
-        self.db = sqlite3.connect(path, isolation_level=None)
-        for pragma in ("journal_mode = OFF", "synchronous = OFF", f"cache_size = -{self.CACHE_KIB}"):
-            self.db.execute(f"PRAGMA {pragma}")
-        self.db.executescript(_SCHEMA)
-        self._patients: list[tuple[str, str, int]] = []
-
-    def __enter__(self) -> _QAIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.db.close()
-        self.path.unlink(missing_ok=True)
-
-    def _insert_many(self, sql: str, rows: Iterable[tuple]) -> None:
-        rows = iter(rows)
-        while batch := list(islice(rows, self.BATCH)):
-            self.db.execute("BEGIN")
-            self.db.executemany(sql, batch)
-            self.db.execute("COMMIT")
-
-    def add_records(self, records: Iterable[ECGRecord]) -> None:
-        # OR REPLACE: a later row with the same id wins, as in read_ptbxl / read_mimic's dicts.
-        rows = ((r.source, r.record_id, r.patient_id, str(r.path), r.split) for r in records)
-        self._insert_many("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)", rows)
-
-    def add_items(self, items: Iterable[tuple]) -> None:
-        """``(dataset, split or None, source, id1, id2 or None, conversation, payload)`` rows."""
-        rows = ((d, s, src, a, b, b is not None, c, p) for d, s, src, a, b, c, p in items)
-        sql = "INSERT INTO items (dataset, split, source, id1, id2, pair, conversation, payload) VALUES "
-        self._insert_many(sql + "(?, ?, ?, ?, ?, ?, ?, ?)", rows)
-
-    def has_record(self, source: str, record_id: int) -> bool:
-        query = "SELECT 1 FROM records WHERE source = ? AND record_id = ?"
-        return self.db.execute(query, (source, record_id)).fetchone() is not None
-
-    def drop_unknown(self, datasets: Iterable[str]) -> int:
-        """Delete the items of ``datasets`` naming a record (either of a pair) not in the tables."""
-        datasets = list(datasets)
-        where = f"dataset IN ({', '.join('?' * len(datasets))}) AND ({_UNKNOWN_ID1} OR {_UNKNOWN_ID2})"
-        return self.db.execute(f"DELETE FROM items WHERE {where}", datasets).rowcount
-
-    def drop_pairs(self) -> int:
-        return self.db.execute("DELETE FROM items WHERE pair = 1").rowcount
-
-    def finish_items(self) -> None:
-        """Give PULSE items their record's split and index items in the order :meth:`groups` reads."""
-        record_split = f"SELECT r.split FROM records AS r WHERE {_MATCHES.format('items.id1')}"
-        self.db.execute(f"UPDATE items SET split = ({record_split}) WHERE split IS NULL")
-        # seq (the rowid) ends every index entry, so rows of one group come back in insertion order.
-        self.db.execute(
-            "CREATE INDEX items_by_group ON items (split, dataset, pair, source, id1, id2, conversation)"
-        )
-
-    def datasets(self, split: str, pair: bool) -> list[str]:
-        query = "SELECT DISTINCT dataset FROM items WHERE split = ? AND pair = ? ORDER BY dataset"
-        return [row[0] for row in self.db.execute(query, (split, pair))]
-
-    def num_records(self, split: str, dataset: str, pair: bool) -> int:
-        """Records to preprocess for one dataset in one split (for a progress bar)."""
-        query = (
-            "SELECT count(*) FROM (SELECT DISTINCT source, id1, id2 FROM items"
-            " WHERE split = ? AND dataset = ? AND pair = ?)"
-        )
-        return self.db.execute(query, (split, dataset, pair)).fetchone()[0] * (2 if pair else 1)
-
-    def groups(self, split: str, dataset: str, pair: bool) -> Iterator[_Group]:
-        """The groups of one dataset in one split by ``(source, id1, id2)``, read as they are consumed."""
-        rows = self.db.execute(_GROUP_ROWS, (split, dataset, pair))
-        for _, group_rows in groupby(rows, key=lambda row: row[:3]):
-            group_rows = list(group_rows)
-            source, id1, id2 = group_rows[0][:3]
-            first = group_rows[0][5:]
-            records = [ECGRecord(source, id1, first[0], Path(first[1]), first[2])]
-            if id2 is not None:
-                records.append(ECGRecord(source, id2, first[3], Path(first[4]), first[5]))
-            group = _Group(tuple(records), [], [])
-            for row in group_rows:
-                (group.conversations if row[3] else group.qa).append(json.loads(row[4]))
-            yield group
-
-    def add_patients(self, split: str, records: Iterable[ECGRecord]) -> None:
-        self._patients += [(split, r.source, r.patient_id) for r in records]
-        if len(self._patients) >= self.BATCH:
-            self._flush_patients()
-
-    def _flush_patients(self) -> None:
-        self.db.executemany("INSERT OR IGNORE INTO patients VALUES (?, ?, ?)", self._patients)
-        self._patients = []
-
-    def patient_overlap(self, a: str, b: str) -> int:
-        """Patients (per source) with written samples in both splits."""
-        self._flush_patients()
-        query = (
-            "SELECT count(*) FROM patients AS p JOIN patients AS q ON q.split = ?"
-            " AND q.source = p.source AND q.patient_id = p.patient_id WHERE p.split = ?"
-        )
-        return self.db.execute(query, (b, a)).fetchone()[0]
+def _group_key(dataset: str, group: Group) -> str:
+    """The key of a comparison group's sample; for one ECG, what its windows' keys start with."""
+    if group.pair:
+        first, second = group.records
+        return f"{dataset}_{first.record_id:08d}_{second.record_id:08d}"
+    (record,) = group.records
+    return f"{dataset}_{record.source}_{record.record_id:08d}"
 
 
 def _imap(pool, tasks: Iterable, ahead: int, chunk: int = 16) -> Iterator[Preprocessed]:

@@ -2,7 +2,8 @@
 
 A sample is a dict with ``__key__`` (no dots: WebDataset splits a tar member name at the first
 dot of its basename into key and field), ``ecg.npy`` (stored as float16) and ``json`` (a dict).
-The same samples always give byte-identical shards, so a manifest's sha256 sums identify a build.
+The same samples always give byte-identical shards, so a manifest's sha256 sums identify a build,
+and a builder can write a damaged shard again alone (:func:`check_build`, :func:`repair_shards`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,24 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import re
+import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import webdataset as wds
 
+from ecglm.data.images import IMAGE_MEMBERS
 from ecglm.data.splits import SPLITS
 from ecglm.io import atomic_write_bytes, commit, partial_path
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 # TarWriter stamps every member with time.time() unless given an mtime; a fixed one keeps
@@ -68,10 +76,6 @@ def _check_key(key: Any) -> str:
             f"sample __key__ {key!r} contains a dot; WebDataset would split it into key and field"
         )
     return key
-
-
-#: Members that may hold a sample's ECG as an image file, in place of ``ecg.npy`` (written as given).
-IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
 
 
 def _encode_sample(sample: dict) -> dict[str, Any]:
@@ -213,6 +217,18 @@ def write_shards(
     return shards
 
 
+def write_shard(samples: Iterable[dict], path: Path) -> dict:
+    """Write every one of ``samples`` into the single shard ``path``, atomically; its manifest entry."""
+    shard = _ShardFile(Path(path))
+    try:
+        for sample in samples:
+            shard.write(_encode_sample(sample), sample["json"])
+    except BaseException:
+        shard.abort()
+        raise
+    return shard.close()
+
+
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Atomically write ``out_dir/manifest.json`` (indent 2, sorted keys)."""
     atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, json_bytes(manifest, indent=2) + b"\n")
@@ -233,14 +249,109 @@ def split_shards(info: dict[str, Any]) -> list[dict[str, Any]]:
 def shards_built(out_dir: str | Path, **expected: Any) -> bool:
     """True when ``out_dir`` holds a manifest whose top-level entries equal ``expected`` (a builder's
     ``params``, ``version``, ...) and every shard of every split (:data:`SPLITS`) matches its sha256."""
+    manifest, damage = check_build(out_dir, **expected)
+    return manifest is not None and not damage
+
+
+def _problem(path: Path, entry: dict[str, Any]) -> str | None:
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        return f"{size} bytes, manifest.json records {entry['bytes']}"
+    digest = sha256_file(path)
+    if digest == entry["sha256"]:
+        return None
+    return f"sha256 {digest[:12]}..., manifest.json records {entry['sha256'][:12]}..."
+
+
+def check_build(out_dir: str | Path, **expected: Any) -> tuple[dict | None, dict[str, str]]:
+    """``(manifest, damage)``: the manifest of ``out_dir`` when its top-level entries equal ``expected``
+    (else None: nothing, or something else, was built there), and what is wrong with each of its
+    shards that no longer matches it, by file name (``missing``, the size or sha256 found)."""
     out_dir = Path(out_dir)
     try:
         manifest = read_manifest(out_dir)
-        current = all(manifest[key] == value for key, value in expected.items())
+        if not all(manifest[key] == value for key, value in expected.items()):
+            return None, {}
         shards = [shard for split in SPLITS for shard in split_shards(manifest["splits"][split])]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return current and shards_intact(out_dir, shards)
+        return None, {}
+    damage = {s["path"]: problem for s in shards if (problem := _problem(out_dir / s["path"], s))}
+    return manifest, damage
+
+
+#: A builder's samples of one run of shards (those named ``{prefix}-NNNNNN.tar``) from sample ``start``
+#: of the run on; ``previous`` is the run's intact shard before it (None for the first shard).
+RunSamples = Callable[[str, int, "Path | None"], Iterable[dict]]
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{6})\.tar$")
+
+
+def shard_runs(manifest: dict) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's shard entries by run (file name without ``-NNNNNN.tar``), each run in file order."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for split in SPLITS:
+        for entry in split_shards(manifest["splits"][split]):
+            match = _SHARD_NAME.match(entry["path"])
+            runs.setdefault(match["prefix"] if match else entry["path"], []).append(entry)
+    return {prefix: sorted(entries, key=lambda e: e["path"]) for prefix, entries in runs.items()}
+
+
+def last_sample(path: Path) -> tuple[str, dict] | None:
+    """The ``__key__`` and ``json`` of the last sample of a shard (its tar members are read in order)."""
+    with tarfile.open(path) as tar:
+        members = [member for member in tar if member.isfile()]
+        if not members:
+            return None
+        key = members[-1].name.split(".", 1)[0]
+        meta = next(m for m in reversed(members) if m.name == f"{key}.json")
+        return key, json.loads(tar.extractfile(meta).read())
+
+
+def last_key(path: Path) -> str | None:
+    """The ``__key__`` of the last sample of a shard."""
+    last = last_sample(path)
+    return None if last is None else last[0]
+
+
+def repair_shards(
+    out_dir: str | Path, manifest: dict, damage: dict[str, str], samples: RunSamples, dataset: str
+) -> bool:
+    """Write each damaged shard again, alone, from its builder's ``samples``; True when every one now
+    matches ``manifest`` (False: the sources changed since the build, so the builder builds anew).
+
+    The shards are deterministic, so a shard written again from the same sources is byte-identical. A
+    WARNING names what was found and what is written again; the other shards are not touched.
+    """
+    out_dir = Path(out_dir)
+    runs = shard_runs(manifest)
+    total = sum(len(entries) for entries in runs.values())
+    found = ", ".join(f"{path} ({problem})" for path, problem in sorted(damage.items()))
+    log.warning(
+        "%s in %s: %d of its %d shards do not match manifest.json: %s; writing %s again from the sources "
+        "(shards are deterministic), the other shards are kept",
+        dataset, out_dir, len(damage), total, found, "it" if len(damage) == 1 else "them",
+    )  # fmt: skip
+    for prefix, entries in runs.items():
+        start = 0
+        for i, entry in enumerate(entries):
+            if entry["path"] in damage:
+                previous = out_dir / entries[i - 1]["path"] if i else None
+                run = islice(iter(samples(prefix, start, previous)), entry["num_samples"])
+                written = write_shard(run, out_dir / entry["path"])
+                if written["sha256"] != entry["sha256"]:
+                    log.warning(
+                        "%s in %s: %s written again differs from manifest.json (%d samples, sha256 %s...; "
+                        "recorded: %d, %s...): the sources changed since the build; building all shards anew",
+                        dataset, out_dir, entry["path"], written["num_samples"], written["sha256"][:12],
+                        entry["num_samples"], entry["sha256"][:12],
+                    )  # fmt: skip
+                    return False
+            start += entry["num_samples"]
+    log.info(
+        "%s in %s: %s written again, each matches manifest.json", dataset, out_dir, ", ".join(sorted(damage))
+    )
+    return True
 
 
 def read_manifest(out_dir: Path) -> dict:

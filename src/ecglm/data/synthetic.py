@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ import numpy as np
 from scipy import signal
 
 from ecglm.data.preprocess import read_wfdb, resample, select_leads, zscore
-from ecglm.data.shards import MANIFEST_NAME, read_manifest, shards_built, write_manifest, write_shards
+from ecglm.data.shards import (
+    MANIFEST_NAME,
+    check_build,
+    repair_shards,
+    shards_built,
+    write_manifest,
+    write_shards,
+)
 from ecglm.data.splits import SPLITS
 from ecglm.ecg import LEADS, MANIFEST_KEYS
 
@@ -294,9 +302,12 @@ class SyntheticHeartQA:
     def build(self, out_dir: str | Path) -> dict[str, Any]:
         """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""
         out_dir = Path(out_dir)
-        if self.is_built(out_dir):
+        built, damage = check_build(out_dir, params=self.params, version=VERSION)
+        if built is not None and not damage:
             log.info("%s already built in %s", DATASET, out_dir)
-            return read_manifest(out_dir)
+            return built
+        if built is not None and repair_shards(out_dir, built, damage, self._run_samples, DATASET):
+            return built
         started = time.perf_counter()
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         splits = {split: self._build_split(out_dir, split, n) for split, n in self.split_sizes().items()}
@@ -315,6 +326,11 @@ class SyntheticHeartQA:
         write_manifest(out_dir, manifest)
         log.info("built %s in %s in %.1f s", DATASET, out_dir, time.perf_counter() - started)
         return manifest
+
+    def _run_samples(self, split: str, start: int, previous: Path | None) -> Iterator[dict[str, Any]]:
+        """Records ``start, start + 1, ...`` of ``split`` (a run of shards is a split): each depends only
+        on (seed, split, index), so a damaged shard is written again alone (:func:`repair_shards`)."""
+        return (self.make_record(split, i) for i in range(start, self.split_sizes()[split]))
 
     def _build_split(self, out_dir: Path, split: str, size: int) -> dict[str, Any]:
         for stale in out_dir.glob(f"{split}-??????.tar*"):

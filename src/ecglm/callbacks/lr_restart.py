@@ -1,216 +1,46 @@
-"""Lightning callbacks around the LR schedule: its plot at fit start, and the LR-restart instability monitor.
+"""The LR-restart instability monitor (:class:`LRRestartMonitor`).
 
 The paper found that joint PEFT on 4-bit models peaks near an LR trough and collapses after a hard restart
 (ACC 34.0 at step 155,960, 16.5 at step 194,950). :class:`LRRestartMonitor` compares training loss,
 gradient norm and, when one is logged, a validation metric after each restart with their values before it,
 and on an alarm logs, stops, lowers the schedule's peak, or rolls the trainable weights back. The rules
 are in ``docs/training.md``.
-
-Also what lets a killed run resume as the same run (the ``ecglm`` CLI installs them on every trainer):
-:class:`AtomicCheckpointIO` (no partial checkpoint, none in the system temp folder), :class:`RunContinuity`
-(the MLflow run recorded in each checkpoint, leftovers of killed saves removed) and
-:class:`ResumedMLFlowLogger` (a resumed run whose settings changed).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import json
 import math
-import statistics
-import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
 import lightning as L
 import torch
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ecglm.io import atomic_torch_save, remove_stale_partials, save_run_file
-from ecglm.schedules import LRJumpDetector, lr_curve, lr_jumps, plot_schedule, scale_lr, schedule_restarts
-
-Action = Literal["log", "stop", "lower_peak", "rollback"]
-Signal = Literal["loss", "grad_norm"]
-ACTIONS = ("log", "stop", "lower_peak", "rollback")
-SIGNALS = ("loss", "grad_norm")
-
-
-class StabilityWarning(UserWarning):
-    """A learning-rate restart was followed by a loss, gradient-norm or validation-metric blow-up."""
-
-
-def _figure_bytes(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-# --- the schedule plot -------------------------------------------------------------------------------
-
-
-def log_lr_schedule(
-    trainer: L.Trainer, name: str = "lr_schedule.png", jump_ratio: float = 0.5
-) -> Path | None:
-    """Plot the first scheduler's LR over the whole run, restarts marked, into the run folder and MLflow.
-
-    Restarts come from the schedule when it is transformers' cosine with hard restarts, else from LR jumps.
-    Returns ``None`` (with a warning) when there is nothing to plot: no step-interval scheduler, or a run
-    whose length Lightning cannot know.
-    """
-    configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step"]
-    total = trainer.estimated_stepping_batches
-    if not configs or not math.isfinite(total):
-        rank_zero_warn(f"no LR schedule plot: step-interval schedulers {len(configs)}, run length {total}")
-        return None
-    scheduler = configs[0].scheduler
-    lrs = lr_curve(scheduler, int(total))
-    restarts = schedule_restarts(scheduler)
-    restarts = lr_jumps(lrs, jump_ratio) if restarts is None else restarts
-    fig = plot_schedule(lrs, restarts, title=type(scheduler).__name__)
-    return save_run_file(trainer, name, _figure_bytes(fig))
-
-
-class LRSchedulePlot(Callback):
-    """Logs the LR schedule (``lr_schedule.png``: LR against optimizer step, restarts marked) at fit start."""
-
-    def __init__(self, filename: str = "lr_schedule.png", jump_ratio: float = 0.5):
-        self.filename = filename
-        self.jump_ratio = jump_ratio
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            log_lr_schedule(trainer, self.filename, self.jump_ratio)
-
-
-# --- statistics and the cross-rank decision ----------------------------------------------------------
-
-
-def window_stats(values: Iterable[float]) -> dict[str, float] | None:
-    """Mean, sample standard deviation and count of the finite ``values``; ``None`` for fewer than two."""
-    finite = [v for v in values if math.isfinite(v)]
-    if len(finite) < 2:
-        return None
-    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite), "n": len(finite)}
-
-
-def compare(
-    baseline: Mapping[str, float], post: Sequence[float], ratio_threshold: float, sigma_threshold: float
-) -> dict[str, Any]:
-    """The ratio and sigma tests of ``post`` values against a pre-restart ``baseline`` (:func:`window_stats`).
-
-    ``ratio = post_mean / pre_mean`` and ``sigma = (post_mean - pre_mean) / pre_std``; the alarm needs both
-    over their thresholds (the ratio guards against near-constant baselines, the sigma test against noisy
-    ones). A non-finite post value (NaN or inf loss) is an alarm by itself.
-    """
-    post_mean = sum(post) / len(post)
-    pre_mean, pre_std = baseline["mean"], baseline["std"]
-    if not math.isfinite(post_mean):
-        ratio = sigma = math.inf
-    else:
-        gap = post_mean - pre_mean
-        ratio = post_mean / pre_mean if pre_mean > 0 else (math.inf if gap > 0 else 1.0)
-        sigma = gap / pre_std if pre_std > 0 else (math.inf if gap > 0 else 0.0)
-    alarm = ratio > ratio_threshold and sigma > sigma_threshold
-    stats = {"pre_mean": pre_mean, "pre_std": pre_std, "post_mean": post_mean, "post_n": len(post)}
-    return {**stats, "ratio": ratio, "sigma": sigma, "alarm": alarm}
-
-
-def _json_safe(obj: Any) -> Any:
-    """Strict JSON: non-finite floats (an infinite ratio, a NaN loss) become the strings ``inf``, ``nan``."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def any_rank(flag: bool, strategy: Any) -> bool:
-    """Whether ``flag`` is true on any process: a sum all-reduce through the Lightning strategy.
-
-    Every rank must call it at the same point (the monitor decides at fixed steps). On one device the
-    strategy's ``reduce`` is the identity.
-    """
-    device = getattr(strategy, "root_device", torch.device("cpu"))
-    total = strategy.reduce(torch.tensor(float(flag), device=device), reduce_op="sum")
-    return bool(float(total) > 0)
-
-
-def grad_norm(parameters: Iterable[Tensor]) -> float:
-    """Global L2 norm of the gradients of ``parameters`` (those without a gradient are skipped)."""
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def plot_stability(
-    history: Mapping[str, Sequence[float]], restarts: Sequence[int], alarms: Sequence[int]
-) -> Any:
-    """Training loss and LR against optimizer step; restarts as dashed lines, alarms as red markers."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True)
-    steps = history["step"]
-    loss_ax.plot(steps, history["loss"], lw=0.8, color="tab:blue")
-    lr_ax.plot(steps, history["lr"], lw=1.0, color="tab:green")
-    for ax in (loss_ax, lr_ax):
-        for step in restarts:
-            ax.axvline(step, color="grey", lw=0.7, ls="--", alpha=0.6)
-        for step in alarms:
-            ax.axvline(step, color="tab:red", lw=1.2, alpha=0.8)
-    loss_ax.set(ylabel="training loss", title=f"{len(restarts)} LR restarts, {len(alarms)} alarms (red)")
-    lr_ax.set(xlabel="optimizer step", ylabel="learning rate")
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    return fig
-
-
-# --- the monitor -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Snapshot:
-    """Trainable weights and optimizer state after ``step`` optimizer steps, on the CPU."""
-
-    step: int
-    score: float
-    params: dict[str, Tensor]
-    optimizers: list[dict[str, Any]]
-
-
-def _cpu_copy(obj: Any) -> Any:
-    return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
-
-
-def take_snapshot(trainer: L.Trainer, pl_module: L.LightningModule, score: float) -> Snapshot:
-    params = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters() if p.requires_grad}
-    optimizers = [_cpu_copy(opt.state_dict()) for opt in trainer.optimizers]
-    return Snapshot(trainer.global_step, score, params, optimizers)
-
-
-def restore_snapshot(trainer: L.Trainer, pl_module: L.LightningModule, snapshot: Snapshot) -> None:
-    """Copy the snapshot's weights and optimizer moments back; LR and schedule position stay as they are."""
-    named = dict(pl_module.named_parameters())
-    with torch.no_grad():
-        for name, value in snapshot.params.items():
-            named[name].copy_(value)
-    for optimizer, saved in zip(trainer.optimizers, snapshot.optimizers, strict=True):
-        current = optimizer.state_dict()["param_groups"]
-        # A copy: load_state_dict may keep CPU tensors as they are, and the moments are updated in place.
-        optimizer.load_state_dict({"state": _cpu_copy(saved["state"]), "param_groups": current})
+from ecglm.callbacks.schedule_plot import _figure_bytes
+from ecglm.callbacks.snapshots import Snapshot, restore_snapshot, take_snapshot
+from ecglm.callbacks.stability import (
+    ACTIONS,
+    SIGNALS,
+    Action,
+    Signal,
+    StabilityWarning,
+    _json_safe,
+    any_rank,
+    compare,
+    grad_norm,
+    plot_stability,
+    window_stats,
+)
+from ecglm.io import atomic_torch_save, save_run_file
+from ecglm.schedules import LRJumpDetector, scale_lr, schedule_restarts
 
 
 class LRRestartMonitor(Callback):
@@ -609,86 +439,3 @@ class LRRestartMonitor(Callback):
         self._cycle_start = state_dict["cycle_start"]
         self._rollback_meta = state_dict["rollback_point"]
         self._rollback_point = None  # in memory only; reloaded from snapshot_dir when it was written there
-
-
-# --- resumable runs: atomic checkpoints and one MLflow run across restarts ---------------------------
-
-
-def _mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
-    return [logger for logger in trainer.loggers if isinstance(logger, MLFlowLogger)]
-
-
-class ResumedMLFlowLogger(MLFlowLogger):
-    """An MLFlowLogger that continues a run (``run_id``) after a restart with changed settings.
-
-    MLflow refuses to change a logged param, so a resumed fit that logs one with another value (a
-    parameter count that changed, a hyper-parameter set elsewhere than in the checkpoint) would fail at
-    its start. Such a param keeps its first value; the new one becomes the tag ``resumed/<name>`` (with a
-    warning). ``ecglm fit --ckpt_path`` uses it in place of MLFlowLogger when it resumes a run.
-    """
-
-    def log_hyperparams(self, params: Any) -> None:
-        # Compared as MLFlowLogger logs them: flattened, str(value) cut to 250 characters.
-        params = {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(params)).items()}
-        before = self.experiment.get_run(self.run_id).data.params
-        changed = {k: v for k, v in params.items() if before.get(k, v) != v}
-        super().log_hyperparams({k: v for k, v in params.items() if k not in changed})
-        for key, value in changed.items():
-            self.experiment.set_tag(self.run_id, f"resumed/{key}", value)
-        if changed:
-            names = ", ".join(f"{k} ({before[k]} -> {v})" for k, v in changed.items())
-            rank_zero_warn(f"MLflow run {self.run_id}: changed on resume (now tags resumed/<name>): {names}")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each local checkpoint to ``<path>.tmp`` beside it, then renames it into place.
-
-    Lightning's own save stages the file in the system temp folder (fsspec's transaction) and moves it
-    over: a kill leaves the partial file there, and a move across filesystems is a copy that a kill can
-    interrupt half-way at the target. Remote paths (``s3://`` ...) keep Lightning's save.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        fs, local_path = fsspec.core.url_to_fs(str(path))
-        if storage_options is not None or not isinstance(fs, LocalFileSystem):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, local_path)
-
-
-class RunContinuity(Callback):
-    """Lets a killed or crashed run resume as the same run; the ``ecglm`` CLI adds it to every trainer.
-
-    - Each checkpoint records its MLflow run (``checkpoint["mlflow"]``: ``run_id``, ``experiment_id``,
-      ``tracking_uri``), so ``ecglm fit --ckpt_path`` logs into that run again.
-    - On resuming into an MLflow run that a kill left ``RUNNING`` or a crash ended ``FAILED``, the run is
-      marked ``RUNNING`` again (it ends ``FINISHED`` or ``FAILED`` with this fit).
-    - Partial checkpoints (``*.tmp``) that a kill mid-save left in the checkpoint folders are removed
-      at fit start (only those written before this process started).
-    """
-
-    def __init__(self) -> None:
-        self.started = time.time()
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        for callback in trainer.checkpoint_callbacks:
-            for path in remove_stale_partials(callback.dirpath, self.started) if callback.dirpath else []:
-                rank_zero_info(f"removed {path}: a partial checkpoint left by a save that was killed")
-        if trainer.ckpt_path:
-            for logger in _mlflow_loggers(trainer):
-                run = logger.experiment.get_run(logger.run_id)
-                if run.info.status != "RUNNING":
-                    logger.experiment.update_run(logger.run_id, status="RUNNING")
-
-    def on_save_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        loggers = _mlflow_loggers(trainer)
-        if trainer.is_global_zero and loggers and loggers[0].run_id:
-            logger = loggers[0]
-            checkpoint["mlflow"] = {
-                "run_id": logger.run_id,
-                "experiment_id": logger.experiment_id,
-                "tracking_uri": getattr(logger, "_tracking_uri", None),
-            }
