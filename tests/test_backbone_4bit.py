@@ -100,7 +100,7 @@ ops.warning("a real bitsandbytes warning")
 
 @pytest.mark.parametrize(
     "script",
-    [LOAD_4BIT + LOG_BOTH, "from ecglm.cli import main\nimport logging\n" + LOG_BOTH],
+    [LOAD_4BIT + LOG_BOTH, "from ecglm.commands import main\nimport logging\n" + LOG_BOTH],
     ids=["4-bit", "command"],
 )
 def test_the_kernels_lookup_message_is_not_printed(script, saved_qwen):

@@ -90,7 +90,7 @@ def test_a_0_1_recipe_trains_a_step_with_its_plain_prompts(
 ):
     """The plugin's backbone named in a 0.1-era recipe (prompt settings on the backbone, none on the
     data side), built and trained one step by ``ecglm fit``."""
-    from ecglm.cli import run_cli
+    from ecglm.commands.lightning import run_cli
 
     overrides = dict(TINY, vocab_size=VOCAB)
     backbone = {"model": "llama", "tokenizer": no_template_tokenizer_dir, "random_init": True}

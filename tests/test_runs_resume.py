@@ -174,7 +174,7 @@ KILLED_AFTER_SECOND_SAVE = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from ecglm.cli import main
+    from ecglm.commands import main
 
     replace = os.replace
 

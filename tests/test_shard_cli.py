@@ -53,7 +53,7 @@ def test_every_shard_config_parses(config):
 
 
 def test_a_shard_config_with_0_1_normalisation_builds_with_a_warning(tmp_path):
-    from ecglm.cli import shard_parser
+    from ecglm.commands.shard import shard_parser
 
     text = (REPO / "shards/ecg-qa-mix.yaml").read_text()
     assert "    normalization: zscore " in text

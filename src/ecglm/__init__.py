@@ -7,7 +7,10 @@ components into one ``torch.nn.Module`` without Lightning; :mod:`ecglm.inference
 ``docs/api.md`` says which names plugin authors may rely on.
 """
 
+from ecglm._quiet import quiet_kernels_lookup
 from ecglm.version import __version__
+
+quiet_kernels_lookup()  # bitsandbytes' optional-kernel lookup message, whoever imports it first
 
 __all__ = ["ECGLM", "Decoding", "__version__"]
 

@@ -79,7 +79,7 @@ def read_image(image: str | Path | np.ndarray, source: str = "image") -> np.ndar
     is not a readable image, or a picture too small to show a printout, is refused naming it."""
     from PIL import Image, UnidentifiedImageError
 
-    from ecglm.data.stream import MIN_IMAGE_SIDE
+    from ecglm.data.images import MIN_IMAGE_SIDE
 
     if isinstance(image, str | Path):
         source = str(image)

@@ -160,6 +160,8 @@ class ECGLM(nn.Module):
     ):
         super().__init__()
         encoder, connector = _parts_for(encoder, connector, backbone)
+        # A backbone written for 0.1 may still ask for its own prompt style (deprecated until 0.3.0).
+        prompt = prompt or getattr(backbone, "_legacy_prompt", None)
         #: How this model's prompts are written (bound to the backbone's tokenizer); set by
         #: :func:`ecglm.wiring.connect` from the data side when not given.
         self.prompt = (

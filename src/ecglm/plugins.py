@@ -120,11 +120,11 @@ def _load_error(ep: EntryPoint, group: str) -> str | None:
 def component_error(obj: object, group: str) -> str | None:
     """Why ``obj`` cannot be a component of ``group`` (not a class, wrong base, abstract), or ``None``."""
     base = base_class(group)
-    where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    where = public_class_path(obj) if inspect.isclass(obj) else f"{getattr(obj, '__module__', '?')}.{obj!r}"
     if not inspect.isclass(obj):
         return f"{where} is a {type(obj).__name__}, not a class"
     if not issubclass(obj, base):
-        return f"{where} is not a subclass of {base.__module__}.{base.__qualname__}"
+        return f"{where} is not a subclass of {public_class_path(base)}"
     if inspect.isabstract(obj):
         missing = ", ".join(sorted(obj.__abstractmethods__))
         return f"{where} is abstract: it does not implement {missing}"
@@ -339,11 +339,25 @@ def component_provenance(*components: object) -> dict[str, dict[str, str]]:
     out = {}
     for component in components:
         cls = type(component)
-        class_path = f"{cls.__module__}.{cls.__qualname__}"
+        class_path = public_class_path(cls)
         plugin = registered.get(class_path)
         dist, ver = (plugin.distribution, plugin.version) if plugin else _module_distribution(cls.__module__)
         out[class_path] = {"class_path": class_path, "distribution": dist, "version": ver}
     return out
+
+
+def public_class_path(cls: type) -> str:
+    """``package.Class`` by the package that re-exports it: ``ecglm.encoders.Wav2Vec2ECGEncoder`` for the
+    class defined in ``ecglm.encoders.wav2vec2``, so that splitting a module into files changes no path
+    a checkpoint or a message records (and a registered class is found under its entry point's path)."""
+    parts = cls.__module__.split(".")
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    for end in range(len(parts) - 1, 0, -1):
+        parent = sys.modules.get(".".join(parts[:end]))
+        if parent is None or vars(parent).get(cls.__qualname__) is not cls:  # vars: no moved-name warning
+            break
+        path = f"{parent.__name__}.{cls.__qualname__}"
+    return path
 
 
 def _module_distribution(module: str) -> tuple[str, str]:

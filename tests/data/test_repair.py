@@ -155,7 +155,7 @@ def test_mixture_shards_are_written_again_from_their_own_records_only(sources, t
 
 
 #: ``ecglm shard`` as a user runs it: no logging set up, so what shows is WARNING and above on stderr.
-SHARD = "import sys; from ecglm.cli import main; sys.exit(main(['shard', '--config', sys.argv[1]]))"
+SHARD = "import sys; from ecglm.commands import main; sys.exit(main(['shard', '--config', sys.argv[1]]))"
 
 
 def test_the_shard_command_says_what_it_found_and_what_it_writes_again(tmp_path):

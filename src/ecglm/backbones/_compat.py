@@ -58,15 +58,14 @@ class ChatFormatter(PromptStyle):
         )
 
 
-def overrides_build_formatter(backbone: Any) -> bool:
-    """Whether ``backbone``'s class overrides 0.1's ``build_formatter`` hook."""
-    from ecglm.backbones.hf import HFBackbone
-
+def overrides_build_formatter(backbone: Any, default_hook: Any) -> bool:
+    """Whether ``backbone``'s class overrides 0.1's ``build_formatter`` hook (``default_hook``: the base
+    class's own, passed in so that this module does not import the class that imports it)."""
     hook = getattr(type(backbone), "build_formatter", None)
-    return hook is not None and hook is not HFBackbone.build_formatter
+    return hook is not None and hook is not default_hook
 
 
-def legacy_prompt(backbone: Any, **given: Any) -> PromptStyle | None:
+def legacy_prompt(backbone: Any, default_hook: Any, **given: Any) -> PromptStyle | None:
     """The prompt style a 0.1-era backbone asks for, warning once per deprecated use; ``None`` if none.
 
     ``given``: the :data:`LEGACY_PROMPT_ARGS` its constructor received (``None`` when left out). A
@@ -78,7 +77,7 @@ def legacy_prompt(backbone: Any, **given: Any) -> PromptStyle | None:
     for key in given:
         warn_deprecated(f"{name}({key}=...)", f"data.init_args.prompt.init_args.{key}", stacklevel=4)
     max_length, system_prompt = given.get("max_length"), given.get("system_prompt")
-    if overrides_build_formatter(backbone):
+    if overrides_build_formatter(backbone, default_hook):
         warn_deprecated(f"{name}.build_formatter", PROMPT_STYLE, stacklevel=4)
         style = backbone.build_formatter(system_prompt, max_length)
     elif given:

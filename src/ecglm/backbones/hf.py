@@ -125,7 +125,11 @@ class HFBackbone(PrefixReuseMixin, Backbone):
         self._check_vocab()
         # 0.1's prompt settings (deprecated): the prompt style ecglm.wiring.connect falls back to.
         self._legacy_prompt = legacy_prompt(
-            self, system_prompt=system_prompt, max_length=max_length, min_answer_tokens=min_answer_tokens
+            self,
+            HFBackbone.build_formatter,
+            system_prompt=system_prompt,
+            max_length=max_length,
+            min_answer_tokens=min_answer_tokens,
         )
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._per_layer_path = self._find_per_layer_embeddings()

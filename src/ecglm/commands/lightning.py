@@ -22,10 +22,11 @@ from typing import Any
 import lightning as L
 import yaml
 from jsonargparse import set_loader
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ecglm.callbacks import AtomicCheckpointIO, RunContinuity
+from ecglm.callbacks import AtomicCheckpointIO, ProgressLog, RunContinuity, interactive
 from ecglm.commands.recipe_keys import migrate_recipe
 from ecglm.data.monitor import SkippedInputLogger
 from ecglm.errors import EcglmError
@@ -122,8 +123,13 @@ class ECGLMCLI(LightningCLI):
         data = config.get("data")
         init_args = data.get("init_args", {}) if data is not None else {}
         prompt = _plain(init_args.get("prompt"))
-        # The DataModule's default prompt style when the recipe names none.
-        recipe["prompt"] = prompt or {"class_path": "ecglm.prompts.ChatTemplate", "init_args": {}}
+        # The DataModule's default prompt style when the recipe names none; none for a backbone written
+        # for 0.1 whose own prompt settings write the prompts (deprecated): the backbone rebuilds them.
+        legacy = getattr(self.model.backbone, "_legacy_prompt", None)
+        if legacy is not None and self.datamodule is not None and self.datamodule.prompt is legacy:
+            recipe["prompt"] = None
+        else:
+            recipe["prompt"] = prompt or {"class_path": "ecglm.prompts.ChatTemplate", "init_args": {}}
         image = _plain(init_args.get("image"))
         if image:  # the image path: how each ECG is drawn for the model (ecglm.render.ECGPrintout)
             if "class_path" not in image:  # the DataModule's type, given by its arguments alone
@@ -149,8 +155,12 @@ class ECGLMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         extra: list[L.Callback] = [RunContinuity()]
-        if not any(isinstance(c, SkippedInputLogger) for c in callbacks):
+        given = [*callbacks, *(config.get("callbacks") or [])]  # the CLI's and the recipe's own
+        if not any(isinstance(c, SkippedInputLogger) for c in given):
             extra.append(SkippedInputLogger())  # QA pairs lost to bad input, logged during training
+        bar = config.get("enable_progress_bar", True) is not False
+        if bar and not interactive() and not any(isinstance(c, ProgressBar) for c in given):
+            extra.append(ProgressLog())  # CI, SLURM, a log file: progress as lines, not a bar nobody sees
         trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a strategy's or user's own
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
