@@ -120,7 +120,8 @@ def _load_error(ep: EntryPoint, group: str) -> str | None:
 def component_error(obj: object, group: str) -> str | None:
     """Why ``obj`` cannot be a component of ``group`` (not a class, wrong base, abstract), or ``None``."""
     base = base_class(group)
-    where = public_class_path(obj) if inspect.isclass(obj) else f"{getattr(obj, '__module__', '?')}.{obj!r}"
+    name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    where = public_class_path(obj) if inspect.isclass(obj) else name
     if not inspect.isclass(obj):
         return f"{where} is a {type(obj).__name__}, not a class"
     if not issubclass(obj, base):
