@@ -335,3 +335,12 @@ def test_component_layer_imports_without_lightning():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_for_a_prompt_style_as_the_docs_write_it(capsys):
+    """``ecglm fit --data.prompt.help plain`` (docs/prompts.md) with no DataModule named before it."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--data.prompt.help", "plain"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0, out.err
+    assert "--prompt.prompt_template" in out.out and "--prompt.system_prompt" in out.out

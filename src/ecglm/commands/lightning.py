@@ -210,6 +210,7 @@ def run_cli(
         sys.argv[1:] = resolve_cli_args(sys.argv[1:], registry)
     else:
         args = resolve_cli_args(args, registry)
+    args = _data_for_prompt_help(args)
     use_recipe_loader(registry)
     # The arguments always travel explicitly (ecglm.commands.main empties sys.argv; tests have their own).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -229,6 +230,19 @@ def run_cli(
         run=run,
         ckpt_key=ckpt_key,
     )
+
+
+def _data_for_prompt_help(args: list[str] | None) -> list[str] | None:
+    """``--data.prompt.help NAME`` asks for the help of a prompt style, an argument of ecglm's shard
+    DataModule: name that DataModule first when nothing before it did (jsonargparse needs the class)."""
+    if args is None:
+        return args
+    for i, arg in enumerate(args):
+        if arg.startswith(("--data.prompt.help", "--data.init_args.prompt.help")):
+            before = args[:i]
+            if not any(a.startswith(("--data=", "--config")) or a == "--data" for a in before):
+                return [*before, "--data=ecglm.data.datamodule.ECGQADataModule", *args[i:]]
+    return args
 
 
 def fit(args: list[str]) -> int:
