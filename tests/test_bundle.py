@@ -135,7 +135,7 @@ def test_an_exported_bundle_answers_as_the_checkpoint_does_without_lightning(tra
     checkpoint = peek_checkpoint(trained["root"] / "ckpt" / "last.ckpt")
     task.load_state_dict(checkpoint["state_dict"], strict=False)
     task.eval()
-    prompt = cli.datamodule.formatter
+    prompt = cli.datamodule.prompt
     train = QACollator(prompt, task.num_ecg_tokens)(_items())
     generation = QACollator(prompt, task.num_ecg_tokens, for_generation=True)(_items())
     with torch.no_grad():

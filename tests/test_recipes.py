@@ -142,7 +142,7 @@ def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved
     ]
     model.train()
     # The recipe's prompt style, bound to the backbone by the CLI's wiring (ecglm.wiring.connect).
-    prompt = cli.datamodule.formatter
+    prompt = cli.datamodule.prompt
     assert prompt is cli.datamodule.prompt and prompt.tokenizer is model.backbone.tokenizer
     assert prompt.max_length == config["data"]["init_args"]["prompt"].get("init_args", {}).get("max_length")
     image = cli.datamodule.image

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecglm._deprecation import warn_deprecated
 from ecglm.answers import answer_text
 from ecglm.batch import ECGQABatch, TokenFields, pack
 from ecglm.data.controls import ECGDonors
@@ -58,8 +59,8 @@ class QACollator:
 
     def __init__(
         self,
-        formatter: PromptStyle,
-        num_ecg_tokens: int,
+        prompt: PromptStyle | None = None,
+        num_ecg_tokens: int | None = None,
         for_generation: bool = False,
         with_prompts: bool = False,
         system_prompts: dict[str, str] | None = None,
@@ -67,8 +68,14 @@ class QACollator:
         pack_tokens: int | None = None,
         donors: ECGDonors | None = None,
         images: ECGPrintout | None = None,
+        formatter: PromptStyle | None = None,
     ):
-        self.formatter = formatter
+        if formatter is not None:  # 0.1's name of the prompt style
+            warn_deprecated("QACollator(formatter=...)", "QACollator(prompt=...)")
+            prompt = prompt or formatter
+        if prompt is None or num_ecg_tokens is None:
+            raise TypeError("QACollator needs a prompt style (bound to a tokenizer) and num_ecg_tokens")
+        self.prompt = prompt
         self.images = images
         self.donors = donors
         self.num_ecg_tokens = num_ecg_tokens
@@ -84,11 +91,11 @@ class QACollator:
         # ECG-QA answers are lists; the model reads and writes them as "a, b" (metrics compare sets).
         encoded = [
             # A multi-turn conversation (PULSE) is trained on every answer; it is asked its first question.
-            self.formatter.encode_turns(
+            self.prompt.encode_turns(
                 it["turns"], k, system_prompt=self.system_prompts.get(it.get("dataset", "unknown"))
             )
             if with_answer and len(it.get("turns") or ()) > 1
-            else self.formatter.encode(
+            else self.prompt.encode(
                 it["question"],
                 answer_text(it["answer"]) if with_answer else None,
                 k,
@@ -99,7 +106,7 @@ class QACollator:
         ]
         length = max(len(e.input_ids) for e in encoded)
         batch_size = len(items)
-        input_ids = torch.full((batch_size, length), self.formatter.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((batch_size, length), self.prompt.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
         ecg_mask = torch.zeros((batch_size, length), dtype=torch.bool)
@@ -112,6 +119,12 @@ class QACollator:
             for ecg_start in e.ecg_starts or (e.ecg_start,):
                 ecg_mask[row, start + ecg_start : start + ecg_start + k] = True
         return TokenFields(input_ids, attention_mask, ecg_mask, labels if with_answer else None)
+
+    @property
+    def formatter(self) -> PromptStyle:
+        """Deprecated since 0.2.0 (removed in 0.3.0): :attr:`prompt`."""
+        warn_deprecated("QACollator.formatter", "QACollator.prompt")
+        return self.prompt
 
     def __call__(self, items: list[dict[str, Any]]) -> ECGQABatch:
         if self.images is not None:
@@ -141,4 +154,4 @@ class QACollator:
             batch.shuffled_ecg = torch.from_numpy(shuffled)
         if not self.packed:
             return batch
-        return pack(batch, self.pack_tokens, pad_token_id=self.formatter.pad_token_id)
+        return pack(batch, self.pack_tokens, pad_token_id=self.prompt.pad_token_id)

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from ecglm._deprecation import moved_names
+from ecglm._deprecation import moved_names, warn_deprecated
 from ecglm.batch import ECGQABatch
 from ecglm.data.collate import QACollator
 from ecglm.data.controls import ECGDonors
@@ -177,7 +177,7 @@ class ECGQADataModule(L.LightningDataModule):
         self._resume: dict[str, Any] | None = None
         self._train_plan: EpochPlan | None = None
         self.prompt = prompt if prompt is not None else ChatTemplate()
-        self.formatter: PromptStyle | None = None  # the prompt style, once attached (bound)
+        self.attached = False  # the prompt style is bound to the model's tokenizer (attach)
         self.num_ecg_tokens: int | None = None
         self.system_prompts: dict[str, str] | Callable[[], dict[str, str] | None] | None = None
         self.preprocessing: Preprocessing | None = None
@@ -200,7 +200,7 @@ class ECGQADataModule(L.LightningDataModule):
 
     def attach(
         self,
-        formatter: PromptStyle,
+        prompt: PromptStyle,
         num_ecg_tokens: int,
         system_prompts: dict[str, str] | Callable[[], dict[str, str] | None] | None = None,
         preprocessing: Preprocessing | None = None,
@@ -228,8 +228,14 @@ class ECGQADataModule(L.LightningDataModule):
             )
         if self.image is not None and self.image.size is None:
             self.image = replace(self.image, size=tuple(image_size))
-        self.formatter, self.num_ecg_tokens = formatter, num_ecg_tokens
+        self.prompt, self.num_ecg_tokens, self.attached = prompt, num_ecg_tokens, True
         self.system_prompts, self.preprocessing = system_prompts, preprocessing
+
+    @property
+    def formatter(self) -> PromptStyle | None:
+        """Deprecated since 0.2.0 (removed in 0.3.0): :attr:`prompt`, once attached."""
+        warn_deprecated("ECGQADataModule.formatter", "ECGQADataModule.prompt")
+        return self.prompt if self.attached else None
 
     def setup(self, stage: str | None = None) -> None:
         self.manifest = read_manifest(self.data_dir)
@@ -404,7 +410,7 @@ class ECGQADataModule(L.LightningDataModule):
         for_generation: bool,
         subset: tuple[dict[str, float], int] | None = None,
     ) -> DataLoader:
-        if self.formatter is None:
+        if not self.attached:
             raise RuntimeError(
                 "ECGQADataModule is not connected to a model: ecglm.wiring.connect(model, datamodule) hands "
                 "it the tokenizer and ECG token count (the ecglm command does it), or attach(...) them"
@@ -441,7 +447,7 @@ class ECGQADataModule(L.LightningDataModule):
             counters=torch.zeros((max(1, self.num_workers), len(REASONS)), dtype=torch.long).share_memory_(),
         )
         collate = QACollator(
-            self.formatter,
+            self.prompt,
             self.num_ecg_tokens,
             for_generation=for_generation,
             with_prompts=split == "val",

@@ -26,11 +26,14 @@ from typing import Any
 
 import ijson
 
+from ecglm._deprecation import moved_names
 from ecglm.data.splits import hash_uniform
 from ecglm.ecg import LEADS
 
 PTBXL, MIMIC = "ptbxl", "mimic-iv-ecg"  # ECG-QA's folder names for the two signal sources
 ECGQA_SPLITS = {"train": "train", "valid": "val", "test": "test"}
+#: 0.1 named the splits here; they are ecglm.data.splits.SPLITS since 0.2.0.
+__getattr__ = moved_names(__name__, {"SPLITS": "ecglm.data.splits:SPLITS"})
 ECGQA_VARIANTS = ("paraphrased", "template")
 MIMIC_SPLIT_RATIOS = (0.8, 0.1, 0.1)
 MIMIC_REPORT_COLUMNS = tuple(f"report_{i}" for i in range(18))
