@@ -277,21 +277,22 @@ class VisionLanguageBackbone(HFBackbone):
         input_ids: Tensor,
         attention_mask: Tensor,
         ecg_mask: Tensor,
-        ecg_tokens: Tensor,
+        images: Tensor,
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
     ) -> CausalLMOutputWithPast:
-        """As :meth:`HFBackbone.forward`, with ``ecg_tokens`` the ECG images ``(n, 3, H, W)``, which the
-        model's own vision path reads."""
+        """As :meth:`HFBackbone.forward`, with the ECG ``images`` ``(n, 3, H, W)`` uint8 in the place of
+        the ECG tokens: the model's own processor turns them into its ``pixel_values`` and its vision
+        path reads them."""
         if position_ids is not None:
             raise ValueError(self.packing_blocker())
-        inputs = {**self._inputs(input_ids, attention_mask, ecg_mask, ecg_tokens), "use_cache": False}
+        inputs = {**self._inputs(input_ids, attention_mask, ecg_mask, images), "use_cache": False}
         return self._answer_forward(inputs, labels)
 
     def last_logits(
-        self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, ecg_tokens: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, ecg_mask: Tensor, images: Tensor
     ) -> Tensor:
-        inputs = {**self._inputs(input_ids, attention_mask, ecg_mask, ecg_tokens), "use_cache": False}
+        inputs = {**self._inputs(input_ids, attention_mask, ecg_mask, images), "use_cache": False}
         return self.model(**inputs, logits_to_keep=1).logits[:, -1]
 
     def packing_blocker(self) -> str | None:
@@ -306,10 +307,10 @@ class VisionLanguageBackbone(HFBackbone):
         input_ids: Tensor,
         attention_mask: Tensor,
         ecg_mask: Tensor,
-        ecg_tokens: Tensor,
+        images: Tensor,
         **generation_kwargs: Any,
     ) -> Tensor:
-        inputs = self._inputs(input_ids, attention_mask, ecg_mask, ecg_tokens)
+        inputs = self._inputs(input_ids, attention_mask, ecg_mask, images)
         inputs.pop("position_ids", None)  # generate derives them from the mask at every step
         generation_kwargs.setdefault("pad_token_id", self.pad_token_id)
         out = self.model.generate(**inputs, **generation_kwargs)
