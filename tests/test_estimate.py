@@ -359,7 +359,7 @@ def test_the_31b_recipe_under_fsdp_fails_at_start_with_the_reason():
 # --- benchmarks/gpu.py on CPU ------------------------------------------------------------------------
 
 
-def run_gpu_benchmark(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def run_gpu_benchmark(*args: str, timeout: int = 100) -> subprocess.CompletedProcess:
     command = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -400,7 +400,7 @@ def test_gpu_benchmark_writes_to_the_ignored_output_folder_by_default(monkeypatc
 @pytest.mark.slow
 def test_gpu_benchmark_tiny_cpu_smoke_runs_every_measurement(tmp_path):
     out = tmp_path / "gpu.json"
-    result = run_gpu_benchmark("--device", "cpu", "--tiny", "--out", str(out), timeout=300)
+    result = run_gpu_benchmark("--device", "cpu", "--tiny", "--out", str(out), timeout=110)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads(out.read_text())
     rows = table["rows"]

@@ -225,7 +225,7 @@ def _decoder_layers() -> set[type]:
     return {LlamaDecoderLayer}
 
 
-def run_two_ranks(folder: str, root: Path, timeout: float = 120, **options) -> dict:
+def run_two_ranks(folder: str, root: Path, timeout: float = 100, **options) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
