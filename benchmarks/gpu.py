@@ -24,9 +24,13 @@ Each model is time-boxed (``--budget_s``, smallest model first) and the whole ru
 after ``--deadline_s`` (default 450 s), so it finishes within 8 minutes; what is skipped is listed with the
 reason, and a model that does not fit the GPU is reported as out of memory. Run:
 
-    python benchmarks/gpu.py --out gpu.json          # one CUDA GPU
+    python benchmarks/gpu.py                         # one CUDA GPU: benchmarks/out/gpu.json
     python benchmarks/gpu.py --dry-run               # the plan, parameter counts and weight sizes
-    python benchmarks/gpu.py --device cpu --tiny     # the whole path on shrunken configs, on CPU
+    python benchmarks/gpu.py --device cpu --tiny     # the whole path on shrunken configs, on CPU:
+                                                     # benchmarks/out/gpu-tiny.json
+
+The table goes to ``benchmarks/out/`` (git-ignored: figures are reported, not committed) unless ``--out``
+names another file.
 """
 
 from __future__ import annotations
@@ -163,6 +167,8 @@ RUNS = [
 ]
 MODES = ("bf16", "nf4")
 ANSWER_TOKENS = 64
+#: Where the tables go by default: git-ignored, as every benchmark output.
+OUT = Path(__file__).resolve().parent / "out"
 GEN_PROMPTS, GEN_PROMPT_LEN, GEN_NEW_TOKENS = 32, 64, 16
 
 #: Dense bf16 tensor-core peak in TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -569,9 +575,19 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def default_out(tiny: bool) -> Path:
+    """``benchmarks/out/gpu.json`` (git-ignored); a ``--tiny`` run's table is named ``gpu-tiny.json``, so it
+    is never taken for the GPU's figures."""
+    return OUT / ("gpu-tiny.json" if tiny else "gpu.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="gpu.json", help="where to write the table as JSON")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write the table as JSON (default: benchmarks/out/gpu.json, gpu-tiny.json with --tiny)",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (with --tiny)")
     parser.add_argument(
         "--tiny", action="store_true", help="shrunken configs: the code path, not the figures"
@@ -645,8 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_formula": "(4 N_frozen T + 6 N_lora T + 3 A + 6 answer V h) / (step_s * peak)",
         "rows": [asdict(r) for r in rows],
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{device_name}, torch {torch.__version__}, {result['wall_s']:.0f} s\n")
+    out = args.out or default_out(args.tiny)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n{device_name}, torch {torch.__version__}, {result['wall_s']:.0f} s; table in {out}\n")
     print(table(rows))
     return 0
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ecglm_testing import REPO, SHARED_DATA, SMOLLM2_GGUF, TINY, smollm2_dir  # noqa: F401
+from ecglm_testing import REPO, SHARED_DATA, SMOLLM2_GGUF, TINY, shared_data, smollm2_dir  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +55,7 @@ def tiny_encoder_factory():
 @pytest.fixture(scope="session")
 def ptb_record() -> Path:
     record = SHARED_DATA / "ptb-s0010" / "s0010_re"
-    if not record.with_suffix(".hea").exists():
-        pytest.skip(
-            f"real PTB record not found at {record} (the shared data folder sits beside the repository)"
-        )
+    shared_data(record.with_suffix(".hea"), "the real PTB record")
     return record
 
 

@@ -6,6 +6,7 @@ Not in ``conftest.py``: ``tests/data/conftest.py`` would shadow a ``from conftes
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: The real data beside the repository (``../shared/data``); ``ECGLM_SHARED_DATA`` points elsewhere.
+SHARED_DATA = Path(os.environ.get("ECGLM_SHARED_DATA") or REPO.parent / "shared" / "data")
+#: Set (to anything but "" or "0") by ``.ci/run``: a test that needs the shared data fails without it.
+REQUIRE_SHARED_DATA = "ECGLM_REQUIRE_SHARED_DATA"
+
+
+def shared_data(path: Path, what: str) -> Path:
+    """``path`` (under :data:`SHARED_DATA`) if it exists; else the test skips naming it, or fails when
+    ``ECGLM_REQUIRE_SHARED_DATA`` is set, as CI sets it (a fresh clone without ``../shared`` must not
+    pass by skipping)."""
+    if path.exists():
+        return path
+    reason = (
+        f"{what} not found at {path} (the shared data folder {SHARED_DATA}: ../shared/data beside the "
+        "repository, or $ECGLM_SHARED_DATA)"
+    )
+    if os.environ.get(REQUIRE_SHARED_DATA, "") not in ("", "0"):
+        pytest.fail(f"{reason}; {REQUIRE_SHARED_DATA} is set, so this test may not skip")
+    pytest.skip(reason)
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: Tiny sizes for every architecture under test (vocab comes from the real tokenizer).

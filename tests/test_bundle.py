@@ -157,7 +157,7 @@ def test_an_exported_bundle_answers_as_the_checkpoint_does_without_lightning(tra
         capture_output=True,
         text=True,
         check=True,
-        timeout=300,
+        timeout=100,  # under the per-test timeout (120 s), so this one names the command
     )
     fresh = json.loads(out.stdout.strip().splitlines()[-1])
     assert fresh["lightning"] == []

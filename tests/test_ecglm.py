@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -15,7 +16,9 @@ from ecglm.batch import ECGQABatch
 from ecglm.connectors import MLPConnector
 from ecglm.data.datamodule import QACollator
 from ecglm.module import ECGLanguageModel
+from ecglm.prompts import ChatTemplate
 from ecglm.testing import bound_prompt
+from ecglm.wiring import connect
 
 K = 2
 TINY_LLAMA = dict(
@@ -120,15 +123,22 @@ def test_checkpoints_record_which_distribution_provided_each_part(tokenizer_dir,
     config = dict(TINY_LLAMA, vocab_size=49152)
     backbone = HFBackbone("llama", tokenizer=tokenizer_dir, random_init=True, config_overrides=config)
     task = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=K), backbone)
-    checkpoint = {"state_dict": task.state_dict()}
-    task.on_save_checkpoint(checkpoint)
-    components = checkpoint["ecglm"]["components"]
-    assert set(components) == {
+    parts = {
         "ecglm.encoders.Wav2Vec2ECGEncoder",
         "ecglm.connectors.MLPConnector",
         "ecglm.backbones.HFBackbone",
         "ecglm.peft.ProjectionOnly",
     }
+
+    def saved_components() -> dict:
+        checkpoint = {"state_dict": task.state_dict()}
+        task.on_save_checkpoint(checkpoint)
+        return checkpoint["ecglm"]["components"]
+
+    assert set(saved_components()) == parts  # no prompt style connected: none recorded
+    connect(task, SimpleNamespace(prompt=ChatTemplate()))  # as the ecglm command connects its DataModule
+    components = saved_components()
+    assert set(components) == parts | {"ecglm.prompts.ChatTemplate"}
     assert {(c["distribution"], c["version"]) for c in components.values()} == {("ecglm", ecglm.__version__)}
 
 

@@ -359,7 +359,7 @@ def test_the_31b_recipe_under_fsdp_fails_at_start_with_the_reason():
 # --- benchmarks/gpu.py on CPU ------------------------------------------------------------------------
 
 
-def run_gpu_benchmark(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def run_gpu_benchmark(*args: str, timeout: int = 100) -> subprocess.CompletedProcess:
     command = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -375,10 +375,32 @@ def test_gpu_benchmark_help_dry_run_and_no_cuda_message(tmp_path):
         assert refused.returncode != 0 and "no CUDA device" in refused.stderr
 
 
+def test_gpu_benchmark_writes_to_the_ignored_output_folder_by_default(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, gpu)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu)
+    defaults = {gpu.default_out(tiny=False), gpu.default_out(tiny=True)}
+    assert {p.relative_to(REPO).as_posix() for p in defaults} == {
+        "benchmarks/out/gpu.json",
+        "benchmarks/out/gpu-tiny.json",
+    }
+    ignored = subprocess.run(
+        ["git", "check-ignore", *map(str, defaults)], cwd=REPO, capture_output=True, text=True
+    )
+    assert ignored.stdout.split() == [str(p) for p in defaults], "benchmark outputs must be git-ignored"
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.json"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert not [f for f in tracked.stdout.split() if "/" not in f], "a JSON output committed at the top level"
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_tiny_cpu_smoke_runs_every_measurement(tmp_path):
     out = tmp_path / "gpu.json"
-    result = run_gpu_benchmark("--device", "cpu", "--tiny", "--out", str(out), timeout=300)
+    result = run_gpu_benchmark("--device", "cpu", "--tiny", "--out", str(out), timeout=110)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads(out.read_text())
     rows = table["rows"]

@@ -23,7 +23,7 @@ from ecglm.evaluation import (
     summarize,
 )
 from ecglm.metrics import plot_confusion
-from ecglm_testing import TINY
+from ecglm_testing import SHARED_DATA, TINY, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 #: Two datasets of the mixture, in the layout the shard builders write.
@@ -288,11 +288,7 @@ def test_evaluate_command_writes_the_report(mixture_dir, tokenizer_dir, tmp_path
 def test_label_vocabulary_reads_ecgqa_answer_files(tmp_path):
     from ecglm.evaluation import read_vocabulary
 
-    real = REPO.parent / "shared/data/ecgqa-sample/ptbxl-answers.csv"
-    if not real.exists():
-        pytest.skip(
-            f"ECG-QA answer vocabulary not found at {real} (shared data folder beside the repository)"
-        )
+    real = shared_data(SHARED_DATA / "ecgqa-sample/ptbxl-answers.csv", "the ECG-QA answer vocabulary")
     vocabulary = read_vocabulary(str(real))
     assert vocabulary[:3] == ["no", "not sure", "yes"] and "none" in vocabulary
     config = MetricsConfig(bertscore_model=None, label_vocabularies={"ecgqa-ptbxl": str(real)})

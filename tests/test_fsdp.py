@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,6 +34,8 @@ from ecglm_testing import TINY, VOCAB
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 ROWS, SEQ, ANSWER, STEPS = 2, 48, 8, 3
+#: The resume test: a TOTAL-step run checkpointed after its first epoch (BATCHES batches), resumed from there.
+BATCHES, TOTAL = 4, 6
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +125,7 @@ def batch(seed: int):
     )
 
 
-def trainer(world: int, root: str, max_steps: int, **strategy):
+def trainer(world: int, root: str, max_steps: int, callbacks=(), **strategy):
     import lightning as L
 
     return L.Trainer(
@@ -130,6 +133,7 @@ def trainer(world: int, root: str, max_steps: int, **strategy):
         devices=world,
         strategy=cpu_fsdp_strategy(state_dict_type="full", **strategy),
         max_steps=max_steps,
+        callbacks=list(callbacks),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -155,8 +159,11 @@ def _worker(rank: int, world: int, port: int, folder: str, root: str, options: d
 
 def _train(rank: int, world: int, folder: str, root: str, options: dict) -> None:
     strategy = {"auto_wrap_policy": _decoder_layers()} if options.get("wrap") else {}
+    loader = torch.utils.data.DataLoader([batch(100 * rank + i) for i in range(BATCHES)], batch_size=None)
+    if options.get("resume"):
+        _run_straight_and_resumed(rank, world, folder, root, loader)
+        return
     model = build_model(folder, options.get("four_bit"))
-    loader = torch.utils.data.DataLoader([batch(100 * rank + i) for i in range(4)], batch_size=None)
     fit = trainer(world, root, STEPS, **strategy)
     fit.fit(model, train_dataloaders=loader)
     checkpoint = Path(root, "fsdp.ckpt")
@@ -179,14 +186,37 @@ def _train(rank: int, world: int, folder: str, root: str, options: dict) -> None
             result["uint8"] = "wrapped"
         except ValueError as err:
             result["uint8"] = str(err)
-    if options.get("resume"):
-        again = trainer(world, root, STEPS + 2, **strategy)
-        again.fit(
-            build_model(folder, options.get("four_bit")), train_dataloaders=loader, ckpt_path=checkpoint
-        )
-        result["resumed_step"] = again.global_step
     if rank == 0:
         Path(root, "result.json").write_text(json.dumps(result))
+
+
+class StepCounter(L.Callback):
+    """Counts the optimizer steps its fit takes, and writes a checkpoint at step ``save_at`` (in
+    ``on_train_batch_end``, where ``ModelCheckpoint(every_n_train_steps=...)`` writes one)."""
+
+    def __init__(self, save_at: int | None = None, path: Path | None = None):
+        self.save_at, self.path, self.taken = save_at, path, 0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.taken += 1
+        if trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.path)
+
+
+def _run_straight_and_resumed(rank: int, world: int, folder: str, root: str, loader) -> None:
+    """A TOTAL-step run that writes a checkpoint after its first epoch, as a job saving every N steps
+    does, and a second run resumed from that checkpoint (as after a preemption); each writes its full
+    checkpoint (weights, optimizer and scheduler state) at the end."""
+    steps = {}
+    saved = Path(root, "after-one-epoch.ckpt")
+    for name, save_at, resume_from in (("straight", BATCHES, None), ("resumed", None, saved)):
+        counter = StepCounter(save_at, saved)
+        fit = trainer(world, root, TOTAL, callbacks=[counter])
+        fit.fit(build_model(folder), train_dataloaders=loader, ckpt_path=resume_from)
+        fit.save_checkpoint(Path(root, f"{name}.ckpt"))
+        steps[name] = {"global_step": fit.global_step, "taken": counter.taken}
+    if rank == 0:
+        Path(root, "result.json").write_text(json.dumps(steps))
 
 
 def _decoder_layers() -> set[type]:
@@ -195,7 +225,7 @@ def _decoder_layers() -> set[type]:
     return {LlamaDecoderLayer}
 
 
-def run_two_ranks(folder: str, root: Path, timeout: float = 120, **options) -> dict:
+def run_two_ranks(folder: str, root: Path, timeout: float = 100, **options) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -264,9 +294,37 @@ def test_auto_wrapped_decoder_layers_keep_their_adapters_in_the_checkpoint(pretr
     assert any(".lora_" in k for k in checkpoint["state_dict"])
 
 
-def test_an_fsdp_run_resumes_from_its_checkpoint(pretrained_llama, tmp_path):
-    result = run_two_ranks(pretrained_llama, tmp_path, resume=True)
-    assert result["resumed_step"] == STEPS + 2
+def test_a_resumed_fsdp_run_ends_with_the_weights_and_optimizer_state_of_an_uninterrupted_one(
+    pretrained_llama, tmp_path
+):
+    steps = run_two_ranks(pretrained_llama, tmp_path, resume=True)
+    assert steps == {
+        "straight": {"global_step": TOTAL, "taken": TOTAL},
+        "resumed": {"global_step": TOTAL, "taken": TOTAL - BATCHES},  # only the steps left, not a restart
+    }
+    saved, resumed, straight = (
+        torch.load(tmp_path / f"{name}.ckpt", map_location="cpu", weights_only=False)
+        for name in ("after-one-epoch", "resumed", "straight")
+    )
+    assert saved["global_step"] == BATCHES
+    # The same arithmetic in the same order: equal (a tolerance of float32 rounding, in case it is not).
+    exact = {"rtol": 1e-6, "atol": 1e-7}
+    assert set(resumed["state_dict"]) == set(straight["state_dict"])
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, **exact, msg=key)
+    (optimizer,), (reference,) = resumed["optimizer_states"], straight["optimizer_states"]
+    assert set(optimizer["state"]) == set(reference["state"]) and reference["state"]
+    for name, state in reference["state"].items():
+        assert set(optimizer["state"][name]) == {"step", "exp_avg", "exp_avg_sq"} == set(state), name
+        for field, value in state.items():
+            torch.testing.assert_close(optimizer["state"][name][field], value, **exact, msg=f"{name} {field}")
+    assert optimizer["param_groups"] == reference["param_groups"]  # learning rates where the schedule is
+    assert resumed["lr_schedulers"] == straight["lr_schedulers"]
+    # Not vacuous: the steps after the checkpoint changed the trained weights.
+    trained = [k for k in straight["state_dict"] if ".lora_" in k or k.startswith("connector.")]
+    assert trained and any(
+        not torch.equal(saved["state_dict"][k], straight["state_dict"][k]) for k in trained
+    )
 
 
 def test_the_documented_fsdp_strategy_builds_and_lightning_refuses_it_without_a_gpu():

@@ -179,6 +179,12 @@ def test_vision_language_backbone_trains_and_generates_batched_as_one_by_one(fam
     fields, blank = model.condition_inputs(g, "zeroed_ecg")
     white = backbone.last_logits(fields.input_ids, fields.attention_mask, fields.ecg_mask, blank)
     assert (real - white).abs().max() > 1e-4
+    # ... and so do two different ECGs' printouts under the same question (not only a blank page).
+    two = generation([{**it, "question": items[0]["question"]} for it in qa_items(2, seed=1)])
+    assert torch.equal(two.input_ids[0], two.input_ids[1]) and not torch.equal(two.ecg[0], two.ecg[1])
+    fields, images = model.condition_inputs(two, "ecg")
+    logits = backbone.last_logits(fields.input_ids, fields.attention_mask, fields.ecg_mask, images)
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
     assert len(model.generate(g, condition="text_only", max_new_tokens=3)) == 3
     with pytest.raises(ValueError, match="random_encoder"):
         model.generate(g, condition="random_encoder")
@@ -199,18 +205,84 @@ def test_gemma3_prompt_places_the_image_as_its_processor_does(vlm):
     assert tok.decode(expected["input_ids"]) in text
 
 
-def test_gemma3_pixels_are_the_image_processor_s_own(vlm):
-    """The printout goes through the model's own image processor: pixel values as Gemma 3's processor
-    makes them from the same picture (resize, rescale, normalise)."""
-    model = vlm("gemma3")
-    backbone = model.backbone
-    picture = ECGPrintout(size=model.image_size, fs=250)(qa_items(1)[0])
-    ours = backbone.image_inputs(
-        torch.zeros((1, 8), dtype=torch.long), torch.ones((1, 8), dtype=torch.bool), torch.from_numpy(picture)
-    )["pixel_values"]
-    reference = backbone.image_processor(images=[picture[0].transpose(1, 2, 0)], return_tensors="pt")
-    torch.testing.assert_close(ours, reference["pixel_values"])
-    assert ours.shape == (1, 3, 64, 64) and ours.min() > -1.01 and ours.max() < 1.01
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+#: Each family's image processor as its published checkpoint's ``preprocessor_config.json`` sets it
+#: (google/gemma-3-4b-it, Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct,
+#: meta-llama/Llama-3.2-11B-Vision-Instruct), with the square tile sizes (896, 560 px) scaled to the tiny
+#: towers' (64, 56 px): (module, PIL-backend class, settings).
+PUBLISHED_PROCESSORS = {
+    "gemma3": ("gemma3.image_processing_pil_gemma3", "Gemma3ImageProcessorPil", {
+        "image_processor_type": "Gemma3ImageProcessor", "size": {"height": 64, "width": 64}, "resample": 2,
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+    }),
+    "qwen2_5_vl": ("qwen2_vl.image_processing_pil_qwen2_vl", "Qwen2VLImageProcessorPil", {
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+    }),
+    "qwen3_vl": ("qwen2_vl.image_processing_pil_qwen2_vl", "Qwen2VLImageProcessorPil", {
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+    }),
+    "mllama": ("mllama.image_processing_pil_mllama", "MllamaImageProcessorPil", {
+        "image_processor_type": "MllamaImageProcessor", "size": {"height": 56, "width": 56},
+        "max_image_tiles": 4,
+        "resample": 2, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_pad": True, "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+    }),
+}  # fmt: skip
+#: Printout sizes that no tiny tower reads as they are (not its square, not multiples of the Qwen patches).
+ODD_SIZES = {"gemma3": (48, 100), "qwen2_5_vl": (50, 110), "qwen3_vl": (70, 150), "mllama": (70, 150)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pixels_are_the_published_image_processor_s_at_a_size_the_tower_does_not_read(family, tmp_path):
+    """A model folder as a hub download holds it, with the family's published image-processor settings:
+    the pixel values (and Qwen-VL's patch grid, Llama's tiles) the model gets for a printout drawn at an
+    odd size are those of an image processor this test builds from the same settings, given the printout
+    as a PIL image; and each image takes as many prompt positions as that processor's grid gives."""
+    import importlib
+
+    from PIL import Image
+
+    from ecglm.backbones import VisionLanguageBackbone
+    from ecglm.testing import saved_vision_model
+
+    module, name, settings = PUBLISHED_PROCESSORS[family]
+    folder = Path(saved_vision_model(tmp_path / family, family))
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    backbone = VisionLanguageBackbone(str(folder), image_size=ODD_SIZES[family])
+    item = qa_items(1)[0]
+    batch = QACollator(
+        bound_prompt(backbone),
+        backbone.image_tokens_per_image,
+        for_generation=True,
+        images=ECGPrintout(size=ODD_SIZES[family], fs=250),
+    )([item])
+    ours = backbone.image_inputs(batch.input_ids, batch.ecg_mask, batch.ecg)
+
+    reference_processor = getattr(importlib.import_module(f"transformers.models.{module}"), name)(
+        **{k: v for k, v in settings.items() if k != "image_processor_type"}
+    )
+    picture = Image.fromarray(batch.ecg[0].permute(1, 2, 0).numpy())
+    assert picture.size == ODD_SIZES[family][::-1]
+    reference = reference_processor(
+        images=[[picture]] if family == "mllama" else [picture], return_tensors="pt"
+    )
+    torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"])
+    if family.startswith("qwen"):
+        assert torch.equal(ours["image_grid_thw"], reference["image_grid_thw"])
+        assert backbone.image_tokens_per_image == int(reference["image_grid_thw"].prod()) // 4  # 2x2 merged
+    elif family == "mllama":
+        for key in ("aspect_ratio_ids", "aspect_ratio_mask"):
+            assert torch.equal(ours[key], reference[key]), key
+        assert reference["num_tiles"][0][0] > 1  # an odd size: resized and padded onto several tiles
+    else:
+        assert ours["pixel_values"].shape == (1, 3, 64, 64)
+    assert ours["pixel_values"].abs().max() < 3  # normalised, not raw 0-255
 
 
 def trained(model: ECGLM, batch) -> set[str]:

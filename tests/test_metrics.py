@@ -46,53 +46,23 @@ from ecglm.metrics import (
 )
 from ecglm.metrics import bertscore as metrics_bertscore
 from ecglm.metrics import wordnet as metrics_wordnet
-from ecglm_testing import SHARED_DATA
+from ecglm_testing import SHARED_DATA, shared_data
+from metric_corpus import ECGQA_PAIRS, REPORT_PAIRS
 
-#: (prediction, reference) free-text ECG findings, worded as generated reports and cardiologists write them.
-REPORT_PAIRS = [
-    ("sinus rhythm, left ventricular hypertrophy", "sinus tachycardia with left ventricular hypertrophy"),
-    ("Sinus rhythm. Normal ECG.", "sinus rhythm, normal ecg"),
-    (
-        "atrial fibrillation with rapid ventricular response",
-        "atrial fibrillation with rapid ventricular response, st depression in lateral leads",
-    ),
-    (
-        "sinus bradycardia, first degree av block",
-        "sinus bradycardia with first degree atrioventricular block",
-    ),
-    ("left bundle branch block", "complete left bundle branch block"),
-    ("inferior myocardial infarction, age undetermined", "old inferior myocardial infarction"),
-    ("normal sinus rhythm", "sinus rhythm with premature ventricular contractions"),
-    (
-        "st elevation in anterior leads consistent with acute anterior infarction",
-        "acute anterior st elevation myocardial infarction",
-    ),
-    (
-        "right bundle branch block and left anterior fascicular block",
-        "bifascicular block: right bundle branch block with left anterior fascicular block",
-    ),
-    ("non-specific T wave abnormalities", "nonspecific ST-T changes"),
-    ("sinus rhythm, prolonged QT interval", "sinus rhythm with long qt interval"),
-    ("atrial flutter with 2:1 block", "atrial flutter with variable av block"),
-    ("low QRS voltages in the limb leads", "low voltage qrs in limb leads"),
-    ("sinus tachycardia", "sinus tachycardia"),
-    ("paced rhythm", "ventricular paced rhythm with underlying atrial fibrillation"),
-    ("no acute changes", "normal ecg"),
-]
 ECGQA_CLASSES = SHARED_DATA / "ecgqa-sample" / "ptbxl-answers_for_each_template.csv"
+#: The corpora every reference test runs on: hand-written pairs (in the repository, so the tests always
+#: run), and, as an extra, pairs drawn from ECG-QA's real answer classes (``../shared/data``).
+CORPORA = ("hand-written", "ecgqa-classes")
 
 
-@pytest.fixture(scope="session")
-def ecgqa_pairs() -> list[tuple[list[str], list[str]]]:
+def ecgqa_pairs_from_real_classes() -> list[tuple[list[str], list[str]]]:
     """One (prediction, reference) list-answer pair per ECG-QA PTB-XL template, drawn from its real classes.
 
     A third of predictions are the reference reordered, a third swap one item, a third answer ["none"].
     """
-    if not ECGQA_CLASSES.is_file():
-        pytest.skip(f"ECG-QA answer classes not found at {ECGQA_CLASSES} (shared data sits beside the repo)")
     rng = random.Random(0)
     pairs = []
-    with ECGQA_CLASSES.open() as f:
+    with shared_data(ECGQA_CLASSES, "ECG-QA's answer classes").open() as f:
         for i, row in enumerate(csv.DictReader(f)):
             classes = ast.literal_eval(row["classes"])
             target = rng.sample(classes, rng.randint(1, min(3, len(classes))))
@@ -106,12 +76,16 @@ def ecgqa_pairs() -> list[tuple[list[str], list[str]]]:
     return pairs
 
 
-@pytest.fixture(scope="session")
-def corpus(ecgqa_pairs) -> tuple[list, list, list[str]]:
+def with_reports(ecgqa: list[tuple[list[str], list[str]]]) -> tuple[list, list, list[str]]:
     """Predictions, references and a group per sample ("reports" or "ecgqa")."""
-    pairs = REPORT_PAIRS + ecgqa_pairs
-    groups = ["reports"] * len(REPORT_PAIRS) + ["ecgqa"] * len(ecgqa_pairs)
+    pairs = REPORT_PAIRS + ecgqa
+    groups = ["reports"] * len(REPORT_PAIRS) + ["ecgqa"] * len(ecgqa)
     return [p for p, _ in pairs], [t for _, t in pairs], groups
+
+
+@pytest.fixture(scope="session", params=CORPORA)
+def corpus(request) -> tuple[list, list, list[str]]:
+    return with_reports(ECGQA_PAIRS if request.param == "hand-written" else ecgqa_pairs_from_real_classes())
 
 
 @pytest.fixture(scope="session")
@@ -434,12 +408,35 @@ def test_merged_rank_states_equal_one_instance(corpus):
 
 # --------------------------------------------------------------------------- BERTScore
 
+REFERENCE_MAX_LENGTH = 64  # tokens the reference pads each text to (checked to hold every text)
 
-def test_bertscore_matches_torchmetrics_class(corpus, minilm):
-    # The reports and 24 ECG-QA pairs: the reference pads every pair to 512 tokens, so it is the slow part.
-    preds, target, groups = (column[: len(REPORT_PAIRS) + 24] for column in corpus)
+
+def torchmetrics_bertscore(monkeypatch, minilm: str, **kwargs) -> BERTScore:
+    """torchmetrics' BERTScore class, computing as it does, except that it loads the model once: its
+    ``compute()`` would load it from disk again on every call (the reference scores one pair per call)."""
+    from torchmetrics.functional.text import bert
+
+    model = bert.AutoModel.from_pretrained(minilm)
+
+    class LoadedOnce:
+        @staticmethod
+        def from_pretrained(name: str, *args, **kw):
+            assert name == minilm, name
+            return model
+
+    monkeypatch.setattr(bert, "AutoModel", LoadedOnce)
+    return BERTScore(model_name_or_path=minilm, idf=False, max_length=REFERENCE_MAX_LENGTH, **kwargs)
+
+
+def test_bertscore_matches_torchmetrics_class(minilm, monkeypatch):
+    # The reports and 24 hand-written ECG-QA pairs (the slowest reference: on the in-repository corpus only).
+    # The reference pads every text to max_length (512 by default): 64 tokens hold every text here, and
+    # padding is masked out, so the scores are the same.
+    preds, target, groups = (column[: len(REPORT_PAIRS) + 24] for column in with_reports(ECGQA_PAIRS))
     pred_texts, target_texts = [answer_text(p) for p in preds], [answer_text(t) for t in target]
-    reference_metric = BERTScore(model_name_or_path=minilm, idf=False)
+    reference_metric = torchmetrics_bertscore(monkeypatch, minilm)
+    tokenizer = reference_metric.tokenizer
+    assert max(len(tokenizer(t)["input_ids"]) for t in pred_texts + target_texts) < REFERENCE_MAX_LENGTH
     reference = []
     # One pair per call: torchmetrics 1.9 mis-pairs batches that are not in length order (see BERTScoreF1).
     for p, t in zip(pred_texts, target_texts, strict=True):
@@ -470,9 +467,9 @@ def test_bertscore_matches_torchmetrics_class(corpus, minilm):
     assert not any("embeddings" in key for key in tm.state_dict()), "the model stays out of checkpoints"
 
 
-def test_bertscore_num_layers_matches_torchmetrics(minilm):
+def test_bertscore_num_layers_matches_torchmetrics(minilm, monkeypatch):
     pairs = REPORT_PAIRS[:5]
-    reference_metric = BERTScore(model_name_or_path=minilm, num_layers=3, idf=False)
+    reference_metric = torchmetrics_bertscore(monkeypatch, minilm, num_layers=3)
     reference = []
     for p, t in pairs:
         reference_metric.update([p], [t])

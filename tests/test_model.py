@@ -270,13 +270,27 @@ def test_answer_scores_are_the_first_answer_tokens_probabilities(model):
     model.model.prompt = original
 
 
-def test_generation_depends_on_the_ecg(model):
-    collate = QACollator(bound_prompt(model.backbone), K, for_generation=True)
-    batch = collate(items(2))
+def test_generation_depends_on_the_ecg(model, tiny_encoder_factory):
+    """The same question about two different ECGs (a flat line, as with the leads off, and a recording):
+    different next-token logits and different greedy answers; the first ECG again gives the first answer,
+    so the difference is the ECG's, not the row's."""
+    # 16 ECG tokens: in an untrained model every position weighs about alike, so the ECG needs a share of
+    # the prompt to move greedy answers.
+    task = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=16), model.backbone).eval()
+    question = items(1)[0]
+    flat = np.zeros_like(question["ecg"])
+    rows = [dict(question, key="flat", ecg=flat), question, dict(question, key="flat-again", ecg=flat)]
+    batch = QACollator(bound_prompt(task.backbone), 16, for_generation=True)(rows)
+    assert (batch.input_ids == batch.input_ids[0]).all(), "one prompt: only the ECGs differ"
     with torch.no_grad():
-        a = model.model.ecg_tokens(batch.ecg)
-        b = model.model.ecg_tokens(torch.zeros_like(batch.ecg))
-    assert not torch.allclose(a, b)
+        fields, ecg_tokens = task.model.condition_inputs(batch, "ecg")
+        logits = task.backbone.last_logits(
+            fields.input_ids, fields.attention_mask, fields.ecg_mask, ecg_tokens
+        )
+    assert (logits[0] - logits[1]).abs().max() > 1e-2
+    torch.testing.assert_close(logits[2], logits[0])
+    answers = task.model.generate(batch, max_new_tokens=8)
+    assert answers[0] != answers[1] and answers[2] == answers[0], answers
 
 
 def test_frozen_parts_stay_in_eval_mode(tiny_backbone_factory, tiny_encoder_factory):

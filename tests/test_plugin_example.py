@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -25,6 +26,7 @@ from ecglm.module import ECGLanguageModel
 from ecglm.plugins import component_provenance, discover, format_registry, resolve_class_paths
 from ecglm.prompts import ECG_MARKER, IGNORE_INDEX
 from ecglm.testing import bound_prompt, check_backbone, tiny_backbone
+from ecglm.wiring import connect
 from ecglm_testing import REPO, TINY, import_fresh_from, package_version, pip_install_copy
 
 PLUGIN_SRC = REPO / "plugins" / "ecglm-plain-prompt"
@@ -74,6 +76,16 @@ def test_checkpoint_provenance_names_the_plugin_distribution(installed):
         "version": plugin_version(),
     }
     assert provenance["ecglm.connectors.MLPConnector"]["distribution"] == "ecglm"
+
+
+def test_a_checkpoint_records_the_plugin_that_wrote_its_prompts(installed, tiny_encoder_factory):
+    task = ECGLanguageModel(tiny_encoder_factory(), MLPConnector(num_tokens=2), tiny_backbone())
+    connect(task, SimpleNamespace(prompt=plugin_class()(system_prompt=SYSTEM)))  # as the ecglm command does
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+
+    recorded = checkpoint["ecglm"]["components"][CLASS_PATH]
+    assert recorded == {"class_path": CLASS_PATH, "distribution": DIST, "version": plugin_version()}
 
 
 def test_safe_to_import_twice(installed):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ecglm.ecg import LEADS
-from ecglm.render import MARGIN_MM, ROW_HEIGHT_MM, paper_size_mm, render_ecg
+from ecglm.render import GRID_MAJOR, GRID_MINOR, MARGIN_MM, ROW_HEIGHT_MM, paper_size_mm, render_ecg
 
 DPI = 254  # 10 pixels per millimetre
 FS = 250
@@ -27,9 +27,30 @@ def test_paper_size_and_determinism():
     width, height = paper_size_mm()
     assert image.shape == (round(height * 10), round(width * 10), 3) and image.dtype == np.uint8
     assert np.array_equal(image, render_ecg(signal, FS, dpi=DPI))
-    # The grid is drawn: pink pixels, major lines every 5 mm (50 px).
-    pink = (image[..., 0] > 200) & (image[..., 1] < 200)
-    assert pink.any(axis=0)[::50].mean() > 0.9
+    # Traces 0.5 mm above their baselines, which lie on grid lines: between lines, so that none is hidden.
+    assert_grid_lines_every_mm(render_ecg(signal + 0.05, FS, dpi=DPI), px_per_mm=10)
+
+
+def assert_grid_lines_every_mm(image: np.ndarray, px_per_mm: int) -> None:
+    """Vertical and horizontal lines, major every 5 mm and minor every 1 mm between them, each across the
+    whole paper. A column (row) counts as a line where the colour fills over half of it: one that only
+    crosses the other direction's lines (a fifth of it in either colour) does not."""
+    height, width, _ = image.shape
+    major, minor = (np.all(image == np.round(255 * np.array(c)), axis=-1) for c in (GRID_MAJOR, GRID_MINOR))
+
+    def lines(step_mm: int, size: int, from_end: bool = False, skip_mm: int = 0) -> list[int]:
+        """Pixels of lines every ``step_mm`` from the first column, or from the last row (the grid starts
+        at the paper's bottom edge), clipped to the image, without those a major line draws over."""
+        ticks = [
+            t for t in range(0, size + 1, step_mm * px_per_mm) if not skip_mm or t % (skip_mm * px_per_mm)
+        ]
+        return sorted({min(size - t if from_end else t, size - 1) for t in ticks})
+
+    filled = lambda mask, axis: np.flatnonzero(mask.mean(axis=axis) > 0.5).tolist()  # noqa: E731
+    assert filled(major, 0) == lines(5, width)
+    assert filled(minor, 0) == lines(1, width, skip_mm=5)
+    assert filled(major, 1) == lines(5, height, from_end=True)
+    assert filled(minor, 1) == lines(1, height, from_end=True, skip_mm=5)
 
 
 def test_one_millivolt_is_ten_millimetres_and_one_second_twenty_five():

@@ -375,11 +375,13 @@ class ECGLanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.model.persistent_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        parts = (self.encoder, self.connector, self.backbone, self.policy, self.model.prompt)
         checkpoint["ecglm"] = {
             "version": __version__,
             "state_dict": "trainable-and-unrecoverable-only",
-            # Which distribution (ecglm or a plugin) and version provided each part.
-            "components": component_provenance(self.encoder, self.connector, self.backbone, self.policy),
+            # Which distribution (ecglm or a plugin) and version provided each part and the prompt style
+            # that wrote the training prompts (set by ecglm.wiring.connect); parts left out are not listed.
+            "components": component_provenance(*(part for part in parts if part is not None)),
         }
         if self.demonstrations is not None:
             checkpoint["ecglm"]["demonstrations"] = self.demonstrations

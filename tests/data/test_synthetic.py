@@ -13,7 +13,6 @@ from ecglm.data.preprocess import zscore
 from ecglm.data.shards import read_manifest
 from ecglm.data.synthetic import LEADS, SyntheticHeartQA
 
-PTB_RECORD = Path(__file__).resolve().parents[3] / "shared/data/ptb-s0010/s0010_re"
 RANGES = {"bradycardia": (40, 52), "normal": (65, 92), "tachycardia": (110, 150)}
 SMALL = {"num_train": 24, "num_val": 6, "num_test": 10, "max_samples_per_shard": 10}
 
@@ -187,20 +186,18 @@ def test_zscore_maps_a_constant_lead_to_zeros() -> None:
     assert z[1].mean() == pytest.approx(0.0, abs=1e-6) and z[1].std() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_ptb_beat_source_builds_real_morphology(tmp_path: Path) -> None:
-    if not PTB_RECORD.with_suffix(".hea").is_file():
-        pytest.skip(f"PTB sample record not found at {PTB_RECORD} (shared data folder absent)")
-    builder = SyntheticHeartQA(num_train=4, num_val=1, num_test=1, beat_source=str(PTB_RECORD))
+def test_ptb_beat_source_builds_real_morphology(tmp_path: Path, ptb_record: Path) -> None:
+    builder = SyntheticHeartQA(num_train=4, num_val=1, num_test=1, beat_source=str(ptb_record))
 
     manifest = builder.build(tmp_path)
 
-    assert manifest["params"]["beat_source"] == str(PTB_RECORD)
+    assert manifest["params"]["beat_source"] == str(ptb_record)
     assert len(builder.templates) == 4  # 38.4 s record: four 9.6 s segments
     assert all(t.beat.shape[0] == 12 for t in builder.templates)
     sample = read_split(tmp_path, manifest, "train")[0]
     assert sample["ecg.npy"].shape == (12, 2500)
     check_labels_are_in_the_signal(builder, count=40)
-    check_labels_are_in_the_signal(SyntheticHeartQA(sampling_rate=500, beat_source=str(PTB_RECORD)), count=20)
+    check_labels_are_in_the_signal(SyntheticHeartQA(sampling_rate=500, beat_source=str(ptb_record)), count=20)
 
 
 def test_missing_wfdb_record_is_named(tmp_path: Path) -> None:
