@@ -93,7 +93,6 @@ def stand_in_args(config: dict, saved, tmp_path: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(REPO / "recipes")) for r in RECIPES])
 def placeholder_shards(tmp_path: Path) -> str:
     """The model side only: the shards a paper recipe names are not built here, so a placeholder
     folder stands in (the command checks that the data folder holds a manifest before anything loads)."""
@@ -102,6 +101,7 @@ def placeholder_shards(tmp_path: Path) -> str:
     return f"--data.init_args.data_dir={tmp_path / 'shards'}"
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(REPO / "recipes")) for r in RECIPES])
 def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load(recipe.read_text())
