@@ -180,9 +180,17 @@ class PrintoutAugment:
     def __call__(self, image: np.ndarray, seed: int, size: tuple[int, int] | None = None) -> np.ndarray:
         """``image`` distorted, at ``size`` (``(height, width)``; default: its own).
 
-        Rotation, perspective, scale and crop are composed into one projective map, and the resize to
-        ``size`` with them, so the picture is resampled once (bilinear, Pillow): a quarter of the time of
-        four resamples, which a loader drawing a distorted printout per QA pair needs.
+        Rotation, perspective, scale and crop are composed into one projective map and applied at the
+        resolution the printout was drawn at (one bilinear resample, Pillow: a quarter of the time of
+        four); then :func:`resize_printout` brings it to ``size`` exactly as an undistorted printout
+        is brought there, and blur, colour and noise act at that size (their bounds are in the
+        model's pixels).
+
+        The resize is deliberately not folded into the projective map: a bilinear transform samples
+        the input at one point per output pixel, so at the usual 2x reduction it drops every other
+        column of a 1-pixel trace (dotted traces, a moiré grid) while the evaluation printouts,
+        resized with an area filter, keep them. Trained on those, the image quickstart learned
+        nothing that carried over to clean printouts (issue 28).
         """
         from PIL import Image, ImageFilter
 
@@ -190,11 +198,10 @@ class PrintoutAugment:
         if self.grid and rng.uniform() < self.grid:
             image = regrid(image, GRID_STYLES[rng.integers(len(GRID_STYLES))], rng.uniform(0.4, 1.0))
         height, width = image.shape[:2]
-        out_h, out_w = size or (height, width)
         centre = np.array([[1, 0, width / 2], [0, 1, height / 2], [0, 0, 1]])
         uncentre = np.linalg.inv(centre)
-        # Output pixel -> input pixel, built right to left: resize, crop, zoom, perspective, rotation.
-        mapping = np.diag([width / out_w, height / out_h, 1.0])
+        # Output pixel -> input pixel, built right to left: crop, zoom, perspective, rotation.
+        mapping = np.eye(3)
         if self.crop:
             left, top, right, bottom = rng.uniform(0, self.crop, size=4) * (width, height, width, height)
             keep_x, keep_y = (width - left - right) / width, (height - top - bottom) / height
@@ -214,13 +221,17 @@ class PrintoutAugment:
             turn = np.array([[np.cos(a), np.sin(a), 0], [-np.sin(a), np.cos(a), 0], [0, 0, 1]])
             mapping = centre @ turn @ uncentre @ mapping
         mapping = mapping / mapping[2, 2]
-        picture = Image.fromarray(image).transform(
-            (out_w, out_h),
-            Image.Transform.PERSPECTIVE,
-            tuple(mapping.reshape(9)[:8]),
-            Image.Resampling.BILINEAR,
-            fillcolor=(255, 255, 255),
-        )
+        picture = Image.fromarray(image)
+        if not np.allclose(mapping, np.eye(3)):
+            picture = picture.transform(
+                (width, height),
+                Image.Transform.PERSPECTIVE,
+                tuple(mapping.reshape(9)[:8]),
+                Image.Resampling.BILINEAR,
+                fillcolor=(255, 255, 255),
+            )
+        if size is not None:
+            picture = Image.fromarray(resize_printout(np.asarray(picture), size))
         if self.blur:
             # One box pass (Pillow's Gaussian is three): camera defocus is a disc, not a Gaussian, and
             # a third of the time.
@@ -239,6 +250,19 @@ class PrintoutAugment:
             window = field[dy : dy + out.shape[0], dx : dx + out.shape[1]]
             out = out + np.float32(rng.uniform(0, self.noise)) * window
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def resize_printout(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An RGB ``(height, width, 3)`` image at ``size`` (``(height, width)``), resized the one way every
+    printout is, distorted or not: Pillow's bilinear ``resize``, which widens its filter by the
+    reduction factor (an area average when shrinking), so a 1-pixel trace drawn at 50 dpi stays a
+    continuous, lighter line at the model's size instead of breaking into dots."""
+    from PIL import Image
+
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 
 
 @functools.cache
@@ -288,19 +312,16 @@ class ECGPrintout:
         images = []
         for i, signal in enumerate(signals):
             image = render_ecg(signal * self.mv_per_unit, self.fs, dpi=self.dpi)
-            if augment and self.augment is not None:  # distorted and resized in one resample
+            if augment and self.augment is not None:  # distorted as drawn, then resized
                 seed = augment_seed(f"{item['key']}#{i}", epoch, self.seed)
                 image = self.augment(image, seed, self.size)
             images.append(self.resized(image))
         return np.stack(images)
 
     def resized(self, image: np.ndarray) -> np.ndarray:
-        """An RGB ``(height, width, 3)`` image as ``(3, *size)`` uint8 (bilinear, Pillow)."""
-        from PIL import Image
-
-        if self.size is not None and image.shape[:2] != tuple(self.size):
-            height, width = self.size
-            image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+        """An RGB ``(height, width, 3)`` image as ``(3, *size)`` uint8 (:func:`resize_printout`)."""
+        if self.size is not None:
+            image = resize_printout(image, self.size)
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 
     def blank(self) -> np.ndarray:
