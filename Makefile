@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ecglm-installed
 WORDNET := /usr/share/wordnet
 WORDNET_PACKAGES := wordnet-base wordnet-sense-index
 
-.PHONY: setup quickstart image-quickstart test lint lock
+.PHONY: setup quickstart image-quickstart reproduce test lint lock
 
 $(STAMP): pyproject.toml constraints.txt plugins/ecglm-plain-prompt/pyproject.toml plugins/ecglm-s4-encoder/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ quickstart: setup
 image-quickstart: setup
 	$(BIN)/ecglm fit --config recipes/image-quickstart.yaml
 	$(BIN)/ecglm evaluate --config recipes/image-quickstart.yaml
+
+# Re-runs the README's quickstarts; prints each README figure beside the re-measured one (exit 1 outside).
+reproduce: setup
+	$(BIN)/python benchmarks/reproduce.py
 
 test: setup
 	$(BIN)/python -m pytest
