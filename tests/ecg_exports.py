@@ -145,3 +145,41 @@ def code15_h5(path: Path, exams: dict[int, np.ndarray], samples: int = 4096) -> 
         h5.create_dataset("tracings", data=tracings)
         h5.create_dataset("exam_id", data=np.array([*exams, 0], dtype=np.int64))
     return path
+
+
+def ecg_json(path: Path, signal_mv: np.ndarray, fs: float, leads: list[str] = LEADS) -> Path:
+    """A ``*.ecg.json`` file of the example reader plugin (plugins/ecglm-json-reader), in uV."""
+    import json
+
+    by_lead = {name: [round(v * 1000, 3) for v in signal_mv[:, k]] for k, name in enumerate(leads)}
+    path.write_text(json.dumps({"sampling_rate": fs, "units": "uV", "leads": by_lead}))
+    return path
+
+
+def mixed_folder(folder: Path, wfdb_record: Path) -> dict[str, str]:
+    """A folder of one 12-lead record in every format ecglm reads (and two files it must not list):
+    record as ``find_records`` lists it -> its reader. ``.npy`` and ``.csv`` are at 500 Hz in the
+    order :data:`LEADS`."""
+    import shutil
+
+    from wfdb.io.convert.edf import wfdb_to_edf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".hea", ".dat", ".xyz"):
+        if wfdb_record.with_suffix(suffix).is_file():
+            shutil.copy(wfdb_record.with_suffix(suffix), folder / f"ptb{suffix}")
+    (folder / "ptb.hea").write_text((folder / "ptb.hea").read_text().replace(wfdb_record.name, "ptb"))
+    wfdb_to_edf(str(folder / "ptb"), output_filename=str(folder / "ptb.edf"))
+    signal = ecg_signal(10.2, 500)
+    np.save(folder / "a.npy", signal.T)
+    np.savetxt(folder / "b.csv", signal, delimiter=",", header=",".join(LEADS), comments="")
+    write_dicom(folder / "c.dcm", [dicom_group(to_raw(signal, 2.5), LEADS, 500)])
+    write_dicom(folder / "C0002", [dicom_group(to_raw(signal, 2.5), LEADS, 500)])
+    (folder / "d.xml").write_text(aecg_xml(to_raw(signal, 5), LEADS, 0.002, 0, 5))
+    code15_h5(folder / "e.hdf5", {17: ecg_signal(10.2, 400)[:4080], 18: ecg_signal(10.2, 400, seed=3)})
+    ecg_json(folder / "f.ecg.json", signal, 500)
+    (folder / "notes.txt").write_text("not an ECG")
+    (folder / "settings.xml").write_text("<settings/>")
+    records = {"ptb.hea": "wfdb", "ptb.edf": "edf", "a.npy": "numpy", "b.csv": "csv", "c.dcm": "dicom"}
+    records |= {"C0002": "dicom", "d.xml": "aecg", "e.hdf5#17": "hdf5", "e.hdf5#18": "hdf5"}
+    return records | {"f.ecg.json": "json"}
