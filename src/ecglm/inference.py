@@ -329,6 +329,7 @@ def ask(
     decoding = decoding or Decoding()
     pre = preprocessing_of(model)
     done = _done(Path(out)) if out else set()
+    readers = installed_readers()  # found once: finding them costs milliseconds a file
     skipped: list[tuple[str, str]] = []
     rows: list[dict[str, Any]] = []
     pending: list[tuple[str, int, np.ndarray, str]] = []
@@ -355,7 +356,7 @@ def ask(
 
         for path in tqdm(records, desc="records", unit="record", disable=not progress, file=sys.stderr):
             try:
-                windows = prepare(read_recording(path, fs, leads), pre, window)
+                windows = prepare(read_recording(path, fs, leads, readers), pre, window)
             except RecordError as err:
                 skipped.append((str(path), str(err)))
                 continue

@@ -94,19 +94,31 @@ def record_format(path: str | Path) -> str:
     return _reader(Path(path))[0]
 
 
-def check_readable(path: str | Path, fs: float | None = None, leads: list[str] | None = None) -> str:
+def check_readable(
+    path: str | Path,
+    fs: float | None = None,
+    leads: list[str] | None = None,
+    readers: Mapping[str, object] | None = None,
+) -> str:
     """The reader ``path`` needs, once it is known that the file exists and that what that format does
-    not state (rate, lead names) is given: a check as cheap as a ``stat``, made before a model loads."""
-    name, reader = _reader(Path(path))
+    not state (rate, lead names) is given: a check as cheap as a ``stat``, made before a model loads.
+    ``readers``: :func:`installed_readers`, found once for many files (default: found for this one)."""
+    name, reader = _reader(Path(path), readers)
     reader.check(Path(path), fs, leads)
     return name
 
 
-def read_recording(path: str | Path, fs: float | None = None, leads: list[str] | None = None) -> Recording:
+def read_recording(
+    path: str | Path,
+    fs: float | None = None,
+    leads: list[str] | None = None,
+    readers: Mapping[str, object] | None = None,
+) -> Recording:
     """Read an ECG file (or ``FILE#KEY``, a record in a file of many). NumPy and CSV files carry no
     rate: give ``fs``; a ``.npy`` carries no lead names: give ``leads`` (a CSV's header row names them
-    unless ``leads`` is given)."""
-    _, reader = _reader(Path(path))
+    unless ``leads`` is given). ``readers``: :func:`installed_readers`, found once for many files
+    (finding them takes milliseconds; default: found for this file)."""
+    _, reader = _reader(Path(path), readers)
     return reader.read(Path(path), fs, leads)
 
 

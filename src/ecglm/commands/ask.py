@@ -72,7 +72,7 @@ def ask(
 
     from ecglm.bundle import check_bundle, parse_overrides
     from ecglm.inference import find_records
-    from ecglm.records import RecordError, check_readable
+    from ecglm.records import RecordError, check_readable, installed_readers
 
     sources = [s for s in (record, records, image) if s]
     if len(sources) != 1:
@@ -90,9 +90,10 @@ def ask(
 
         pictures = [(path, read_image(path)) for path in image]
     else:
+        readers = installed_readers()
         for path in find_records(record or records):
             try:
-                check_readable(path, fs, lead_names)
+                check_readable(path, fs, lead_names, readers)
                 paths.append(path)
             except RecordError as err:
                 skipped.append((str(path), str(err)))
