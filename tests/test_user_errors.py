@@ -96,9 +96,9 @@ CASES = [
         r"ecglm\.yaml not found: .* is not an ecglm bundle \(ecglm export writes one\)$",
     ),
     (
-        "an ECG format ecglm does not read",
-        lambda t: ["ask", "--model", str(t), "--record", _file(t, "ecg.dcm"), *QUESTION],
-        r"^no readable ECG file to answer: .*ecg\.dcm: unknown ECG format \(supported: \.hea, \.edf",
+        "an ECG format no installed reader reads",
+        lambda t: ["ask", "--model", str(t), "--record", _file(t, "ecg.scp"), *QUESTION],
+        r"^no readable ECG file to answer: .*ecg\.scp: unknown ECG format \(supported: \.bdf, \.csv, \.dcm",
     ),
     (
         "two sources for ask",

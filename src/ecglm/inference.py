@@ -31,7 +31,15 @@ from tqdm import tqdm
 from ecglm._deprecation import moved_names
 from ecglm.data.collate import QACollator
 from ecglm.encoders import Preprocessing
-from ecglm.records import FORMATS, RecordError, Recording, prepare, read_recording, samples_by_leads
+from ecglm.records import (
+    RecordError,
+    Recording,
+    installed_readers,
+    prepare,
+    read_recording,
+    records_in,
+    samples_by_leads,
+)
 from ecglm.render import ECGPrintout
 
 if TYPE_CHECKING:
@@ -243,12 +251,14 @@ def plot_window(window: np.ndarray, fs: float, title: str, path: str | Path) -> 
 
 
 def find_records(source: str | Path) -> list[Path]:
-    """The ECG files a folder holds (WFDB records by their ``.hea``), or those a CSV list names in its
-    ``path`` column (relative to the list), or the one file given."""
+    """The ECG records a folder holds (the files an installed reader claims: WFDB records by their
+    ``.hea``, each exam of an HDF5 file as ``FILE#EXAM_ID``), or those a CSV list names in its ``path``
+    column (relative to the list), or the one file given."""
     source = Path(source)
     if source.is_dir():
-        suffixes = {s for group in FORMATS.values() for s in group}
-        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        readers = installed_readers()
+        found = (records_in(p, readers) for p in sorted(source.rglob("*")) if p.is_file())
+        return [record for records in found for record in records]
     if source.suffix.lower() == ".csv" and source.is_file():
         with source.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -256,7 +266,7 @@ def find_records(source: str | Path) -> list[Path]:
                 return [(source.parent / row["path"]) for row in reader if row.get("path")]
     if not source.exists() and not source.with_name(source.name + ".hea").exists():
         raise RecordError(f"{source}: no such file or folder")
-    return [source]
+    return records_in(source) or [source]  # a file of many records (HDF5): each of them
 
 
 def drop_cut_line(path: Path) -> None:
@@ -319,6 +329,7 @@ def ask(
     decoding = decoding or Decoding()
     pre = preprocessing_of(model)
     done = _done(Path(out)) if out else set()
+    readers = installed_readers()  # found once: finding them costs milliseconds a file
     skipped: list[tuple[str, str]] = []
     rows: list[dict[str, Any]] = []
     pending: list[tuple[str, int, np.ndarray, str]] = []
@@ -345,7 +356,7 @@ def ask(
 
         for path in tqdm(records, desc="records", unit="record", disable=not progress, file=sys.stderr):
             try:
-                windows = prepare(read_recording(path, fs, leads), pre, window)
+                windows = prepare(read_recording(path, fs, leads, readers), pre, window)
             except RecordError as err:
                 skipped.append((str(path), str(err)))
                 continue

@@ -32,6 +32,7 @@ GROUPS = {
     "prompt": "ecglm.prompts",
     "judge": "ecglm.judges",
     "printout": "ecglm.printouts",
+    "reader": "ecglm.readers",
 }
 
 #: Where each group's component sits in the CLI's config (the prompt style is the data side's, the
@@ -40,6 +41,7 @@ CLI_PLACES = {part: (f"model.{part}",) for part in GROUPS} | {
     "prompt": ("data.prompt", "data.init_args.prompt"),
     "judge": ("evaluate.judge",),
     "printout": ("data.image", "data.init_args.image"),
+    "reader": (),  # no recipe key: a file is offered to every reader (ecglm.records)
 }
 
 #: The base class every component of a group derives from, imported only when a plugin is checked.
@@ -51,6 +53,7 @@ BASE_CLASSES = {
     "ecglm.prompts": "ecglm.prompts:PromptStyle",
     "ecglm.judges": "ecglm.judges:Judge",
     "ecglm.printouts": "ecglm.render:ECGPrintout",
+    "ecglm.readers": "ecglm.readers:ECGReader",
 }
 
 #: The distribution whose entry points are the built-ins, which no plugin can replace.
@@ -161,13 +164,14 @@ def _claim(registry: Registry, found: dict[Plugin, EntryPoint], load: bool) -> N
     registry.plugins[first.group][first.name] = first
 
 
-def discover(load: bool = True) -> Registry:
-    """Every entry point of the ecglm groups; with ``load``, each is imported and checked.
+def discover(load: bool = True, groups: Iterable[str] | None = None) -> Registry:
+    """Every entry point of the ecglm groups (or of ``groups`` only); with ``load``, each is imported
+    and checked.
 
     Entry points are re-read on each call (cheap), so plugins installed after start-up are seen.
     """
     registry = Registry()
-    for group in GROUPS.values():
+    for group in GROUPS.values() if groups is None else groups:
         registry.plugins[group] = {}
         by_name: dict[str, dict[Plugin, EntryPoint]] = {}
         for ep in entry_points(group=group):

@@ -1,10 +1,12 @@
-"""ECG files as a model reads them: WFDB, EDF/BDF, NumPy and CSV, to the windows an encoder expects.
+"""ECG files as a model reads them, to the windows an encoder expects.
 
-Readers: WFDB (``.hea`` + data files) and EDF/BDF through ``wfdb`` (its EDF reader), NumPy ``.npy``
-and CSV with a stated sampling rate and lead order. :func:`prepare` then applies the encoder's
-preprocessing with the same code the shard builder uses (:func:`ecglm.data.preprocess.preprocess`):
-the 12 standard leads by name, NaN gaps interpolated or the record refused, polyphase resampling,
-windows of the encoder's length, per-lead normalisation.
+Readers are plugins of the ``ecglm.readers`` entry-point group (:class:`ecglm.readers.ECGReader`):
+ecglm's own read WFDB, EDF/BDF, NumPy ``.npy`` and CSV (with a stated sampling rate and lead order),
+DICOM waveforms, HL7 aECG XML and HDF5 in the CODE-15% layout (``FILE.h5#EXAM_ID``); the first
+reader that claims a file reads it, ecglm's own before plugins (docs/records.md). :func:`prepare`
+then applies the encoder's preprocessing with the same code the shard builder uses
+(:func:`ecglm.data.preprocess.preprocess`): the 12 standard leads by name, NaN gaps interpolated or
+the record refused, polyphase resampling, windows of the encoder's length, per-lead normalisation.
 
 Windows: ``first`` answers from the first ``num_samples`` of the record (what the ECG-QA datasets'
 10 s records give); ``all`` cuts the record into consecutive windows and answers each (a longer Holter
@@ -16,17 +18,18 @@ Every error names the file and says what to do.
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ecglm.data.preprocess import MissingLeadError, PreprocessConfig, preprocess, read_wfdb
+from ecglm.data.preprocess import MissingLeadError, PreprocessConfig, preprocess
 from ecglm.ecg import LEADS, Preprocessing
 from ecglm.errors import EcglmError
 
-#: File suffixes each reader takes (a WFDB record is named by its header or without a suffix).
+#: File suffixes of the formats ecglm read before readers were plugins (a WFDB record is named by its
+#: header or without a suffix); :func:`reader_suffixes` gives every installed reader's.
 FORMATS = {"wfdb": (".hea",), "edf": (".edf", ".bdf"), "numpy": (".npy",), "csv": (".csv",)}
 WINDOWS = ("first", "all")
 
@@ -37,84 +40,100 @@ class RecordError(EcglmError, ValueError):
 
 @dataclass(frozen=True)
 class Recording:
-    """A read ECG: ``signal`` (samples by leads, physical units), lead names, rate in Hz, its file."""
+    """A read ECG: ``signal`` (samples by leads, physical units), lead names, rate in Hz, its file (or
+    ``FILE#KEY``), the signal's units (``mV`` unless the file says otherwise) and what else the file
+    states about the record (``metadata``: patient/exam ids, the waveform group read, ...)."""
 
     signal: np.ndarray
     leads: list[str]
     fs: float
     source: str
+    units: str = "mV"
+    metadata: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
         return self.signal.shape[0] / self.fs
 
 
+#: The entry-point group of ECG file readers.
+READERS_GROUP = "ecglm.readers"
+
+
+def installed_readers() -> dict[str, object]:
+    """Entry-point name -> reader (an :class:`ecglm.readers.ECGReader`), in the order files are offered
+    to them: ecglm's own first, then plugins by name. Re-read on each call, so a reader installed after
+    start-up is seen."""
+    from ecglm.plugins import discover, import_object
+
+    plugins = discover(groups=[READERS_GROUP]).plugins[READERS_GROUP].values()
+    ordered = sorted(plugins, key=lambda p: (not p.is_builtin, p.name))
+    return {p.name: import_object(p.class_path)() for p in ordered}
+
+
+def reader_suffixes(readers: Mapping[str, object] | None = None) -> list[str]:
+    """Every suffix an installed reader claims, sorted."""
+    readers = installed_readers() if readers is None else readers
+    return sorted({s for reader in readers.values() for s in reader.suffixes})
+
+
+def _reader(path: Path, readers: Mapping[str, object] | None = None) -> tuple[str, object]:
+    readers = installed_readers() if readers is None else readers
+    for name, reader in readers.items():
+        if reader.claims(path):
+            return name, reader
+    supported = ", ".join(reader_suffixes(readers))
+    raise RecordError(
+        f"{path}: unknown ECG format (supported: {supported}; a WFDB record by its .hea; "
+        "`ecglm plugins` lists the readers installed)"
+    )
+
+
 def record_format(path: str | Path) -> str:
-    """Which reader ``path`` needs; a WFDB record may be given with or without ``.hea``."""
-    path = Path(path)
-    for name, suffixes in FORMATS.items():
-        if path.suffix.lower() in suffixes:
-            return name
-    if path.with_name(path.name + ".hea").is_file():
-        return "wfdb"
-    supported = ", ".join(s for suffixes in FORMATS.values() for s in suffixes)
-    raise RecordError(f"{path}: unknown ECG format (supported: {supported}; a WFDB record by its .hea)")
+    """The name of the reader ``path`` needs; a WFDB record may be given with or without ``.hea``."""
+    return _reader(Path(path))[0]
 
 
-def check_readable(path: str | Path, fs: float | None = None, leads: list[str] | None = None) -> str:
+def check_readable(
+    path: str | Path,
+    fs: float | None = None,
+    leads: list[str] | None = None,
+    readers: Mapping[str, object] | None = None,
+) -> str:
     """The reader ``path`` needs, once it is known that the file exists and that what that format does
-    not state (rate, lead names) is given: a check as cheap as a ``stat``, made before a model loads."""
-    path = Path(path)
-    kind = record_format(path)
-    if kind == "wfdb":
-        header = path if path.suffix.lower() == ".hea" else path.with_name(path.name + ".hea")
-        if not header.is_file():
-            raise RecordError(f"{header}: no such file (a WFDB record needs its .hea and data files)")
-        return kind
-    if not path.is_file():
-        raise RecordError(f"{path}: no such file")
-    if kind in ("numpy", "csv") and (fs is None or fs <= 0):
-        raise RecordError(f"{path}: a {kind} file does not state its sampling rate: give it (--fs HZ)")
-    if kind == "numpy" and not leads:
-        raise RecordError(
-            f"{path}: a .npy file does not name its leads: give them in order (--leads I,II,...)"
-        )
-    return kind
+    not state (rate, lead names) is given: a check as cheap as a ``stat``, made before a model loads.
+    ``readers``: :func:`installed_readers`, found once for many files (default: found for this one)."""
+    name, reader = _reader(Path(path), readers)
+    reader.check(Path(path), fs, leads)
+    return name
 
 
-def read_recording(path: str | Path, fs: float | None = None, leads: list[str] | None = None) -> Recording:
-    """Read an ECG file. NumPy and CSV files carry no rate: give ``fs``; a ``.npy`` carries no lead
-    names: give ``leads`` (a CSV's header row names them unless ``leads`` is given)."""
-    path = Path(path)
-    kind = record_format(path)
-    if kind == "wfdb":
-        stem = path.with_suffix("") if path.suffix.lower() == ".hea" else path
-        try:
-            signal, names, rate = read_wfdb(stem)
-        except FileNotFoundError as err:
-            raise RecordError(
-                f"{stem}: {err} (a WFDB record needs its .hea and the data files it names)"
-            ) from err
-        except Exception as err:  # wfdb raises many types for corrupt headers and data files
-            raise RecordError(f"{stem}.hea: unreadable WFDB record ({type(err).__name__}: {err})") from err
-        return Recording(np.asarray(signal, dtype=np.float64), names, rate, str(stem))
-    if not path.is_file():
-        raise RecordError(f"{path}: no such file")
-    if kind == "edf":
-        return _read_edf(path)
-    if fs is None or fs <= 0:
-        raise RecordError(f"{path}: a {kind} file does not state its sampling rate: give it (--fs HZ)")
-    if kind == "numpy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise RecordError(f"{path}: not a plain numeric .npy array ({err})") from err
-        if not leads:
-            raise RecordError(
-                f"{path}: a .npy file does not name its leads: give them in order (--leads I,II,...)"
-            )
-        return Recording(samples_by_leads(array, len(leads), path), list(leads), float(fs), str(path))
-    return _read_csv(path, float(fs), leads)
+def read_recording(
+    path: str | Path,
+    fs: float | None = None,
+    leads: list[str] | None = None,
+    readers: Mapping[str, object] | None = None,
+) -> Recording:
+    """Read an ECG file (or ``FILE#KEY``, a record in a file of many). NumPy and CSV files carry no
+    rate: give ``fs``; a ``.npy`` carries no lead names: give ``leads`` (a CSV's header row names them
+    unless ``leads`` is given). ``readers``: :func:`installed_readers`, found once for many files
+    (finding them takes milliseconds; default: found for this file)."""
+    _, reader = _reader(Path(path), readers)
+    return reader.read(Path(path), fs, leads)
+
+
+def records_in(path: str | Path, readers: Mapping[str, object] | None = None) -> list[Path]:
+    """The records a file holds as :func:`read_recording` takes them (one per exam of an HDF5 file);
+    none when no reader claims it."""
+    readers = installed_readers() if readers is None else readers
+    try:
+        _, reader = _reader(Path(path), readers)
+    except RecordError:
+        return []
+    try:
+        return list(reader.records(Path(path)))
+    except RecordError:
+        return [Path(path)]  # listed as it is, so that reading it reports why it is skipped
 
 
 def samples_by_leads(array: np.ndarray, num_leads: int, path: str | Path) -> np.ndarray:
@@ -123,47 +142,6 @@ def samples_by_leads(array: np.ndarray, num_leads: int, path: str | Path) -> np.
         raise RecordError(f"{path}: array of shape {array.shape} does not hold {num_leads} leads")
     out = array.T if array.shape[0] == num_leads and array.shape[1] != num_leads else array
     return np.asarray(out, dtype=np.float64)
-
-
-def _read_csv(path: Path, fs: float, leads: list[str] | None) -> Recording:
-    with path.open(newline="") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        raise RecordError(f"{path}: empty CSV")
-    has_header = any(not _is_number(cell) for cell in header)
-    names = list(leads) if leads else header if has_header else None
-    if names is None:
-        raise RecordError(f"{path}: the CSV has no header row naming its leads: give them (--leads I,II,...)")
-    try:
-        values = np.loadtxt(path, delimiter=",", skiprows=int(has_header), ndmin=2)
-    except ValueError as err:
-        raise RecordError(f"{path}: non-numeric sample ({err})") from err
-    return Recording(samples_by_leads(values, len(names), path), [n.strip() for n in names], fs, str(path))
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _read_edf(path: Path) -> Recording:
-    from wfdb.io.convert.edf import read_edf
-
-    try:
-        record = read_edf(str(path))
-    except Exception as err:  # the EDF reader raises many types for malformed files
-        raise RecordError(f"{path}: unreadable EDF/BDF file ({type(err).__name__}: {err})") from err
-    rates = {float(f) for f in np.atleast_1d(record.fs)}
-    if len(rates) != 1:
-        raise RecordError(
-            f"{path}: leads sampled at different rates {sorted(rates)}; resample them to one rate"
-        )
-    return Recording(
-        np.asarray(record.p_signal, dtype=np.float64), list(record.sig_name), rates.pop(), str(path)
-    )
 
 
 def prepare(recording: Recording, preprocessing: Preprocessing, window: str = "first") -> np.ndarray:

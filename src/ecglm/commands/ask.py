@@ -49,8 +49,10 @@ def ask(
         model: A bundle folder (``ecglm export``).
         question: The question.
         questions: A text file, one question per line.
-        record: One ECG file: WFDB (.hea), EDF/BDF, .npy or .csv.
-        records: A folder of ECG files, or a CSV list with a ``path`` column.
+        record: One ECG record: WFDB (.hea), EDF/BDF, .npy, .csv, DICOM, HL7 aECG (.xml), an exam of
+            an HDF5 file (FILE.h5#EXAM_ID), or any format a reader plugin adds (docs/records.md).
+        records: A folder of ECG files (every format mixed; each exam of an HDF5 file), or a CSV
+            list with a ``path`` column.
         image: An ECG picture (PNG / JPEG; repeat for several): image-path models.
         out: JSON lines file, appended (a rerun answers only what is missing).
         fs: Sampling rate of .npy / .csv files, Hz.
@@ -70,7 +72,7 @@ def ask(
 
     from ecglm.bundle import check_bundle, parse_overrides
     from ecglm.inference import find_records
-    from ecglm.records import RecordError, check_readable
+    from ecglm.records import RecordError, check_readable, installed_readers
 
     sources = [s for s in (record, records, image) if s]
     if len(sources) != 1:
@@ -88,9 +90,10 @@ def ask(
 
         pictures = [(path, read_image(path)) for path in image]
     else:
+        readers = installed_readers()
         for path in find_records(record or records):
             try:
-                check_readable(path, fs, lead_names)
+                check_readable(path, fs, lead_names, readers)
                 paths.append(path)
             except RecordError as err:
                 skipped.append((str(path), str(err)))

@@ -18,7 +18,8 @@ def render(
     units and rate).
 
     Args:
-        record: WFDB (.hea), EDF/BDF, .npy or .csv.
+        record: WFDB (.hea), EDF/BDF, .npy, .csv, DICOM, HL7 aECG (.xml), FILE.h5#EXAM_ID, or any
+            format a reader plugin adds (docs/records.md).
         out: PNG file to write.
         dpi: Resolution of the drawing.
         start: Seconds into the record.
