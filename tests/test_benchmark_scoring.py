@@ -23,7 +23,7 @@ def items(gold: list, question: str = "Which classes?") -> list[Item]:
 
 
 def rows(texts: list[str], **extra) -> list[dict]:
-    return [{"question_id": f"q{i}", "prompt": "Which classes?", "text": t, **extra} for i, t in enumerate(texts)]
+    return [dict(question_id=f"q{i}", prompt="Which classes?", text=t, **extra) for i, t in enumerate(texts)]
 
 
 def test_pulse_letters_follow_the_published_extractor_and_strict_letters_only_stated_ones():
@@ -83,7 +83,11 @@ def test_strict_auroc_comes_from_label_scores():
     noise = rng.random((40, 5))
     gold = ["; ".join(label for label, on in zip(PTB, row, strict=True) if on) for row in truth]
     answers = [
-        {"question_id": f"q{i}", "text": "NORM", "label_scores": dict(zip(PTB, (truth[i] + noise[i]).tolist()))}
+        {
+            "question_id": f"q{i}",
+            "text": "NORM",
+            "label_scores": dict(zip(PTB, (truth[i] + noise[i]).tolist(), strict=True)),
+        }
         for i in range(40)
     ]
     scores = score_subset("ptb-test", items(gold), answers, "strict")
@@ -152,7 +156,10 @@ def write_subset(root, name, gold, question="Which classes?"):
         {
             "id": f"q{i}",
             "image": f"{name}/{i}.png",
-            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": g}],
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"},
+                {"from": "gpt", "value": g},
+            ],
         }
         for i, g in enumerate(gold)
     ]

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, hamming_loss, roc_auc_score
 from sklearn.preprocessing import MultiLabelBinarizer
 
-from ecglm.benchmarks import parsing
+import ecglm.benchmarks.parsing as parsing
 from ecglm.benchmarks.ecgbench import SCORED, BenchmarkError, Item, prediction_id, prediction_text, subset
 from ecglm.uncertainty import bootstrap_mean, paired_gap
 

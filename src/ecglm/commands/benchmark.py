@@ -79,6 +79,85 @@ def score(
     return 0
 
 
+def run(
+    model: str,
+    data: str,
+    out: str,
+    suite: Literal["ecgbench"] = "ecgbench",
+    subsets: list[str] | None = None,
+    controls: list[Literal["shuffled", "blank"]] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    label_scores: bool = True,
+    limit: int | None = None,
+    device: str | None = None,
+    override: list[str] | None = None,
+    trust_remote_code: bool = False,
+) -> int:
+    """Answer ECGBench's questions about its ECG images with a bundle, appending JSON lines in PULSE's
+    layout to OUT/<subset>.jsonl (a rerun answers only what is missing).
+
+    Args:
+        model: A bundle folder (``ecglm export``) of an image-path model.
+        data: The ECGBench folder: ``<subset>.json`` per subset and ``images/``.
+        out: The folder of predictions (``<subset>.jsonl``; controls ``<subset>.<control>.jsonl``).
+        suite: The benchmark (``ecgbench``).
+        subsets: The subsets to answer (default: every rule-scored one found in DATA).
+        controls: Also answer with another item's image (``shuffled``) or a blank page (``blank``).
+        batch_size: Questions answered per generate call.
+        max_new_tokens: Longest answer, in tokens (greedy decoding, as PULSE's inference).
+        label_scores: On multi-label subsets, also write each label's score (for strict AUROC).
+        limit: Answer only the first N items of each subset (a smoke test; not comparable).
+        device: cpu, cuda (default: CUDA when available).
+        override: ``PART.KEY=VALUE`` (repeatable): an argument of the bundle's parts given by you.
+        trust_remote_code: Let the bundle name classes no installed plugin registers.
+    """
+    import torch
+
+    from ecglm.benchmarks.ecgbench import read_subset
+    from ecglm.benchmarks.running import run_subset
+    from ecglm.bundle import check_bundle, parse_overrides
+
+    names = subsets or [n for n in _subsets(None) if (Path(data) / f"{n}.json").is_file()]
+    if not names:
+        raise BenchmarkUsageError(
+            f"{data}: no <subset>.json of ECGBench; download the hub dataset PULSE-ECG/ECGBench with"
+            " datasets.load_dataset as PULSE's README shows (no hub is reached here) and give that folder"
+        )
+    if "arena" in names:
+        raise BenchmarkUsageError(
+            "arena's multi-turn conversations are not run yet: leave it out of --subsets"
+        )
+    items = {name: read_subset(data, name)[:limit] for name in _subsets(names)}
+    overrides = parse_overrides(override or [])
+    config = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
+    if not config.get("image"):
+        raise BenchmarkUsageError(f"{model} reads ECG signals; ECGBench asks about ECG images")
+    from ecglm.model import ECGLM, Decoding
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = ECGLM.from_pretrained(
+        model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
+    )
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    for name, subset_items in items.items():
+        for condition in ("image", *(controls or [])):
+            answered = run_subset(
+                loaded,
+                name,
+                subset_items,
+                Path(data) / "images",
+                out,
+                decoding,
+                batch_size,
+                condition,
+                model_id=str(model),
+                with_label_scores=label_scores and condition == "image",
+            )
+            print(f"{name} ({condition}): {answered} answered now, {len(subset_items)} in all")
+    return 0
+
+
 def summary_table(scores: dict[str, dict]) -> str:
     """The scores as a markdown table: one row per subset, metrics as percentages."""
     lines = [
@@ -103,8 +182,10 @@ def benchmark(args: list[str]) -> int:
     """``ecglm benchmark (run | score) ARGS``."""
     from ecglm.commands.arguments import call
 
-    actions = {"score": score}
+    actions = {"run": run, "score": score}
     if not args or args[0] not in actions:
-        print("usage: ecglm benchmark {" + " | ".join(actions) + "} --help")
-        return 0 if args and args[0] in ("-h", "--help") else 2
+        print("usage: ecglm benchmark {" + " | ".join(actions) + "} ARGS (--help for each)")
+        if args and args[0] in ("-h", "--help"):
+            raise SystemExit(0)  # as every other command's --help exits
+        return 2
     return call(actions[args[0]], args[1:], prog=f"ecglm benchmark {args[0]}")
