@@ -49,6 +49,7 @@ def score(
         out: scores.json to write (default: printed only).
     """
     from ecglm.benchmarks.ecgbench import predictions_file, read_predictions, read_subset
+    from ecglm.benchmarks.published import SOURCE, published
     from ecglm.benchmarks.scoring import score_ecgbench
 
     if Path(predictions).is_file() and (not subsets or len(subsets) != 1):
@@ -74,7 +75,10 @@ def score(
     print(summary_table(scores))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"suite": suite, "scoring": scoring, "subsets": scores}, indent=2))
+        beside = {name: published(name) for name in scores}
+        report = {"suite": suite, "scoring": scoring, "subsets": scores}
+        report |= {"published": beside, "published_source": SOURCE}
+        Path(out).write_text(json.dumps(report, indent=2))
         print(f"scores written to {out}")
     return 0
 
@@ -158,23 +162,31 @@ def run(
     return 0
 
 
-def summary_table(scores: dict[str, dict]) -> str:
-    """The scores as a markdown table: one row per subset, metrics as percentages."""
+#: The published rows printed beside ours (scores.json holds every row of the paper's tables).
+BESIDE = ("PULSE-7B", "GPT-4o")
+
+
+def summary_table(scores: dict[str, dict], beside: tuple[str, ...] = BESIDE) -> str:
+    """The scores as a markdown table: one row per subset, metrics as percentages, with the published
+    rows of ``beside`` under each subset (comparable under ``pulse`` scoring only)."""
+    from ecglm.benchmarks.published import published
+
+    metrics = ("accuracy", "f1", "auc", "hamming_loss")
     lines = [
-        "| subset | scoring | answers | unparsable | accuracy | F1 | AUC | Hamming loss |",
+        "| subset | scoring / source | answers | unparsable | accuracy | F1 | AUC | Hamming loss |",
         "|" + "---|" * 8,
     ]
 
-    def cell(value: object) -> str:
-        return "" if value is None else f"{100 * float(value):.1f}"
+    def cells(row: dict) -> str:
+        return " | ".join("" if row.get(k) is None else f"{100 * float(row[k]):.1f}" for k in metrics)
 
     for name, row in scores.items():
-        metrics = [cell(row.get(k)) for k in ("accuracy", "f1", "auc", "hamming_loss")]
         lines.append(
-            f"| {name} | {row['scoring']} | {row['answers']} | {row.get('unparsable', '')} | "
-            + " | ".join(metrics)
-            + " |"
+            f"| {name} | {row['scoring']} | {row['answers']} | {row.get('unparsable', '')} | {cells(row)} |"
         )
+        for model, values in published(name).items():
+            if model in beside:
+                lines.append(f"| {name} | {model} (published) | | | {cells(values)} |")
     return "\n".join(lines)
 
 
