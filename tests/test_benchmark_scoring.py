@@ -109,23 +109,25 @@ def test_code15_norm_and_abnormal_are_single_labels_under_pulse():
 
 
 def test_choice_fallback_letters_come_from_pulse_s_seeded_generator_across_subsets():
-    mmmu = items(["B"] * 4)
-    csn = items(["C) Atrial fibrillation"] * 3)
-    texts_mmmu = ["B", "no idea", "no idea", "A"]
-    texts_csn = ["C", "unsure", "(C)"]
+    mmmu = items(list("ABCD" * 10))
+    csn = items([f"{letter}) a rhythm" for letter in "ABCDEFGH" * 5])
+    texts_mmmu = ["A"] + ["no idea"] * 39
+    texts_csn = ["A", "(B)"] + ["unsure"] * 38  # "(B)" is no letter to PULSE
     scores = score_ecgbench(
         {"mmmu-ecg": mmmu, "csn-test-no-cot": csn},
         {"csn-test-no-cot": rows(texts_csn), "mmmu-ecg": rows(texts_mmmu)},
     )
-    draw = random.Random(42)
-    mmmu_guess = [draw.choice("ABCD"), draw.choice("ABCD")]
-    csn_guess = [draw.choice("ABCDEFGH"), draw.choice("ABCDEFGH")]  # "(C)" is not a letter to PULSE
-    assert list(scores) == ["mmmu-ecg", "csn-test-no-cot"]  # PULSE's order: its draws depend on it
-    assert scores["mmmu-ecg"]["accuracy"] == pytest.approx((1 + sum(g == "B" for g in mmmu_guess)) / 4)
-    assert scores["csn-test-no-cot"]["accuracy"] == pytest.approx((1 + sum(g == "C" for g in csn_guess)) / 3)
-    assert scores["csn-test-no-cot"]["unparsable"] == 2
+    draw = random.Random(42)  # PULSE draws mmmu-ecg's guesses first (A-D), then csn's (A-H)
+    mmmu_letters = ["A"] + [draw.choice("ABCD") for _ in range(39)]
+    csn_letters = ["A"] + [draw.choice("ABCDEFGH") for _ in range(39)]
+    assert list(scores) == ["mmmu-ecg", "csn-test-no-cot"]
+    expected_mmmu = np.mean([p == g.gold for p, g in zip(mmmu_letters, mmmu, strict=True)])
+    expected_csn = np.mean([p == g.gold[0] for p, g in zip(csn_letters, csn, strict=True)])
+    assert scores["mmmu-ecg"]["accuracy"] == pytest.approx(expected_mmmu)
+    assert scores["csn-test-no-cot"]["accuracy"] == pytest.approx(expected_csn)
+    assert scores["csn-test-no-cot"]["unparsable"] == 39
     strict = score_subset("csn-test-no-cot", csn, rows(texts_csn), "strict")
-    assert strict["accuracy"] == pytest.approx(2 / 3) and strict["unparsable"] == 1
+    assert strict["accuracy"] == pytest.approx(2 / 40) and strict["unparsable"] == 38
 
 
 def test_ecgqa_compares_candidate_sets_and_pulse_never_finds_a_capitalised_option():
