@@ -199,3 +199,19 @@ def test_predictions_for_an_id_the_subset_lacks_are_refused_naming_it(tmp_path, 
     assert main([*args, "--subsets", "mmmu-ecg"]) == 2
     assert "'nope'" in capsys.readouterr().err
     assert read_subset(tmp_path, "mmmu-ecg")[0].question == "<image>\nWhich classes?"
+
+
+def test_strict_resamples_equal_sklearn_metrics_of_the_same_weighted_items():
+    from ecglm.benchmarks.scoring import _resampled
+
+    rng = np.random.default_rng(5)
+    t, p = (rng.random((30, 4)) < 0.4).astype(int), (rng.random((30, 4)) < 0.4).astype(int)
+    score = t + rng.random((30, 4))
+    draws = _resampled(t, p, score, [0, 1, 2, 3], n_resamples=5)
+    weights = np.random.default_rng(0).multinomial(30, np.full(30, 1 / 30), size=5)
+    for row, w in zip(draws, weights, strict=True):
+        keep = [j for j in range(4) if 0 < (w * t[:, j]).sum() < w.sum()]  # classes drawn both ways
+        f1 = f1_score(t[:, keep], p[:, keep], average="macro", sample_weight=w, zero_division=0)
+        auc = roc_auc_score(t[:, keep], score[:, keep], average="macro", sample_weight=w)
+        decided = roc_auc_score(t[:, keep], p[:, keep], average="macro", sample_weight=w)
+        assert row == pytest.approx([f1, auc, decided, hamming_loss(t, p, sample_weight=w)])
