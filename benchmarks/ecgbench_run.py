@@ -3,8 +3,9 @@ same pictures and the same question, one process, model loading included in both
 
 Draws ``--n`` random 12-lead ECGs as printouts (PNG), writes them as an ECGBench ``mmmu-ecg`` subset,
 and times both commands, each twice (the second timing printed, so neither pays the first imports),
-``benchmark run`` with ``--label_scores false`` (multiple choice has no label scores). Without ``--model``, a tiny random image bundle (CNN encoder + 2-layer Llama) is built,
-so the figure is the commands' overhead, not a real model's speed. Run:
+``benchmark run`` with ``--label_scores false`` (multiple choice has no label scores). Without
+``--model``, a tiny random image bundle (CNN encoder + 2-layer Llama) is built, so the figure is the
+commands' overhead, not a real model's speed. Run:
 
     .venv/bin/python benchmarks/ecgbench_run.py [--n 64] [--batch-size 8] [--model BUNDLE]
 """
