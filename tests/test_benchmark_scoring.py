@@ -186,7 +186,7 @@ def test_score_command_reads_pulse_s_layout_and_writes_scores_json(tmp_path, cap
     printed = capsys.readouterr().out
     assert "| ptb-test | pulse | 3 |" in printed
     # The paper's PULSE-7B row beside ours, in the same units (Table 3: AUC 82.4, F1 74.8, HL 11.0).
-    assert "| ptb-test | PULSE-7B (published) | | |  | 74.8 | 82.4 | 11.0 |" in printed
+    assert "| ptb-test | PULSE-7B (published, pulse) | | |  | 74.8 | 82.4 | 11.0 |" in printed
     assert json.loads(out.read_text())["published"]["ptb-test"]["PULSE-7B"]["auc"] == pytest.approx(0.824)
     assert main([*args[:-2], "--scoring", "strict", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["subsets"]["ptb-test"]["unparsable"] == 1

@@ -186,7 +186,7 @@ def summary_table(scores: dict[str, dict], beside: tuple[str, ...] = BESIDE) -> 
         )
         for model, values in published(name).items():
             if model in beside:
-                lines.append(f"| {name} | {model} (published) | | | {cells(values)} |")
+                lines.append(f"| {name} | {model} (published, pulse) | | | {cells(values)} |")
     return "\n".join(lines)
 
 
