@@ -215,3 +215,11 @@ def test_strict_resamples_equal_sklearn_metrics_of_the_same_weighted_items():
         auc = roc_auc_score(t[:, keep], score[:, keep], average="macro", sample_weight=w)
         decided = roc_auc_score(t[:, keep], p[:, keep], average="macro", sample_weight=w)
         assert row == pytest.approx([f1, auc, decided, hamming_loss(t, p, sample_weight=w)])
+
+
+def test_pulse_auc_of_a_class_every_item_has_is_undefined_and_the_judged_subsets_are_refused():
+    scores = score_subset("ptb-test", items(["NORM", "NORM; MI"]), rows(["NORM", "NORM"]), "pulse")
+    assert scores["per_class"]["NORM"]["auc"] is None and scores["auc"] is None  # PULSE's mean is NaN
+    assert scores["per_class"]["MI"]["auc"] == 0.5 and scores["f1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="scored by a judge"):
+        score_subset("ptb-test-report", items(["Sinus rhythm."]), rows(["Sinus rhythm."]), "pulse")

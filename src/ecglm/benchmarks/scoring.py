@@ -134,11 +134,11 @@ def pulse_multilabel(preds: Sequence[Sequence[str]], golds: Sequence[Sequence[st
     per_auc = [_auc(y_true[:, j], y_pred[:, j]) for j in range(y_true.shape[1])]
     return {
         "f1": float(np.mean(per_f1)),
-        "auc": float(np.mean(per_auc)),
+        "auc": _finite(float(np.mean(per_auc))),  # NaN (a class all or no items have): null
         "hamming_loss": float(hamming_loss(y_true, y_pred)),
         "classes": [str(c) for c in binarizer.classes_],
         "per_class": {
-            str(c): {"f1": float(f), "auc": float(a), "positives": int(y_true[:, j].sum())}
+            str(c): {"f1": float(f), "auc": _finite(a), "positives": int(y_true[:, j].sum())}
             for j, (c, f, a) in enumerate(zip(binarizer.classes_, per_f1, per_auc, strict=True))
         },
     }
