@@ -145,10 +145,10 @@ def pulse_multilabel(preds: Sequence[Sequence[str]], golds: Sequence[Sequence[st
 
 
 def _auc(truth: np.ndarray, score: np.ndarray) -> float:
-    try:
-        return float(roc_auc_score(truth, score))
-    except ValueError:  # one class only in the gold column
+    """ROC AUC, NaN when the gold column holds one class (sklearn raises or warns, by version)."""
+    if len(np.unique(truth)) < 2:
         return float("nan")
+    return float(roc_auc_score(truth, score))
 
 
 # --- strict --------------------------------------------------------------------------------------------
