@@ -77,3 +77,30 @@ def test_chat_judge_refusals_name_the_service_and_the_missing_key(server, monkey
         OpenAIChatJudge("m", base_url=url, api_key_env="ECGLM_TEST_JUDGE_KEY", require_key=True)
     with pytest.raises(JudgeServiceError, match="HTTP 401"):
         OpenAIChatJudge("refused", base_url=url).judge([JudgeItem("q", "r", "p")])
+
+
+def test_benchmark_score_judges_ptb_test_report_through_the_chat_judge(server, tmp_path, capsys):
+    from ecglm.commands import main
+
+    url, seen = server
+    turns = [
+        [{"from": "human", "value": "<image>\nWrite a report."}, {"from": "gpt", "value": ref}]
+        for ref in ("SR.", "AF.")
+    ]
+    data = [{"id": f"ptb-report-{i}", "image": f"{i}.png", "conversations": t} for i, t in enumerate(turns)]
+    (tmp_path / "ptb-test-report.json").write_text(json.dumps(data))
+    answers = [
+        {"question_id": f"ptb-report-{i}", "prompt": "", "text": t}
+        for i, t in enumerate(("SR, normal axis.", "?"))
+    ]
+    (tmp_path / "preds.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    out = tmp_path / "scores.json"
+    args = ["benchmark", "score", "--data", str(tmp_path), "--predictions", str(tmp_path / "preds.jsonl")]
+    args += ["--subsets", "ptb-test-report", "--out", str(out), "--judge", "openai-chat"]
+    assert main([*args, "--judge_args", json.dumps({"model": "stub-model", "base_url": url})]) == 0
+    report = json.loads(out.read_text())["subsets"]["ptb-test-report"]
+    assert report["report_score"] == pytest.approx(0.7) and report["unreadable"] == 1
+    assert "Reference report: SR." in seen[0]["body"]["messages"][1]["content"]
+    assert "<image>" not in seen[0]["body"]["messages"][1]["content"]
+    assert main(args[:-2]) == 2  # the report subset without a judge
+    assert "scored by a judge" in capsys.readouterr().err

@@ -34,6 +34,8 @@ def score(
     scoring: Literal["pulse", "strict"] = "pulse",
     subsets: list[str] | None = None,
     out: str | None = None,
+    judge: str | None = None,
+    judge_args: dict | None = None,
 ) -> int:
     """Score ECGBench predictions (JSON lines in PULSE's layout, from any tool) against the gold answers.
 
@@ -47,6 +49,9 @@ def score(
             intervals and gaps against the controls (docs/benchmarks.md).
         subsets: The subsets to score (default: every rule-scored one that has predictions).
         out: scores.json to write (default: printed only).
+        judge: A judge of ``ecglm.judges`` (``openai-chat``, ``local`` or a class path) for
+            ptb-test-report, with its ``judge_args``; without it the report subset is left out.
+        judge_args: The judge's arguments as JSON, e.g. ``{"model": "gpt-4o", "rubric_file": "r.txt"}``.
     """
     from ecglm.benchmarks.ecgbench import predictions_file, read_predictions, read_subset
     from ecglm.benchmarks.published import SOURCE, published
@@ -57,7 +62,11 @@ def score(
             f"--predictions {predictions} is one file: name its subset (--subsets NAME)"
         )
     found, controls = {}, {}
-    for name in _subsets(subsets):
+    names = _subsets(subsets) + (["ptb-test-report"] if judge and not subsets else [])
+    judged = [n for n in names if n == "ptb-test-report"]
+    if judged and not judge:
+        raise BenchmarkUsageError("ptb-test-report is scored by a judge: give --judge NAME --judge_args JSON")
+    for name in names:
         path = predictions_file(predictions, name)
         if path is None:
             if subsets:
@@ -71,7 +80,14 @@ def score(
     if not found:
         raise BenchmarkUsageError(f"{predictions}: no <subset>.jsonl predictions file of ECGBench")
     items = {name: read_subset(data, name) for name in found}
-    scores = score_ecgbench(items, found, scoring, controls)
+    reports = {n: found.pop(n) for n in judged if n in found}
+    scores = score_ecgbench(items, found, scoring, controls) if found else {}
+    if reports:
+        from ecglm.benchmarks.judged import judge_subset
+        from ecglm.plugins import GROUPS, build_component
+
+        chosen = build_component({"class_path": judge, "init_args": judge_args or {}}, GROUPS["judge"])
+        scores |= {n: judge_subset(n, items[n], rows, chosen) for n, rows in reports.items()}
     print(summary_table(scores))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +197,11 @@ def summary_table(scores: dict[str, dict], beside: tuple[str, ...] = BESIDE) -> 
         return " | ".join("" if row.get(k) is None else f"{100 * float(row[k]):.1f}" for k in metrics)
 
     for name, row in scores.items():
+        if row["scoring"] == "judge":
+            score = "" if row["report_score"] is None else f"{100 * row['report_score']:.1f}"
+            source = f"judge {row['judge']}: report score {score}"
+            lines.append(f"| {name} | {source} | {row['answers']} | {row['unreadable']} |")
+            continue
         lines.append(
             f"| {name} | {row['scoring']} | {row['answers']} | {row.get('unparsable', '')} | {cells(row)} |"
         )
