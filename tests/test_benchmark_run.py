@@ -141,3 +141,16 @@ def test_run_refuses_a_folder_without_ecgbench_naming_the_hub_dataset(tmp_path, 
         == 2
     )
     assert "PULSE-ECG/ECGBench" in capsys.readouterr().err
+
+
+def test_shuffled_control_gives_every_item_another_item_s_picture_once():
+    from pathlib import Path
+
+    from ecglm.benchmarks import Item
+    from ecglm.benchmarks.running import images_for
+
+    items = [Item(str(i), f"{i}.png", "q", "A") for i in range(7)]
+    shuffled = images_for(items, Path("images"), "shuffled")
+    assert all(path != Path("images") / item.image for path, item in zip(shuffled, items, strict=True))
+    assert sorted(shuffled) == sorted(Path("images") / item.image for item in items)  # each drawn once
+    assert images_for(items, Path("images"), "shuffled") == shuffled  # seeded

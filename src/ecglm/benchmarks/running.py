@@ -42,9 +42,11 @@ def images_for(items: Sequence[Item], images: Path, condition: str, seed: int = 
     there are two or more), or a white page of its own size (read when drawn)."""
     paths = [images / item.image for item in items]
     if condition == "shuffled" and len(paths) > 1:
-        order = np.random.default_rng(seed).permutation(len(paths))
-        order = np.where(order == np.arange(len(paths)), np.roll(order, 1), order)  # never its own
-        return [paths[j] for j in order]
+        # One random cycle through all items: each gets the next one's picture, never its own.
+        cycle = np.random.default_rng(seed).permutation(len(paths))
+        donor = np.empty(len(paths), dtype=int)
+        donor[cycle] = np.roll(cycle, -1)
+        return [paths[j] for j in donor]
     return paths
 
 
