@@ -149,8 +149,11 @@ def test_shuffled_control_gives_every_item_another_item_s_picture_once():
     from ecglm.benchmarks import Item
     from ecglm.benchmarks.running import images_for
 
-    items = [Item(str(i), f"{i}.png", "q", "A") for i in range(7)]
-    shuffled = images_for(items, Path("images"), "shuffled")
-    assert all(path != Path("images") / item.image for path, item in zip(shuffled, items, strict=True))
-    assert sorted(shuffled) == sorted(Path("images") / item.image for item in items)  # each drawn once
-    assert images_for(items, Path("images"), "shuffled") == shuffled  # seeded
+    for n in range(2, 12):
+        items = [Item(str(i), f"{i}.png", "q", "A") for i in range(n)]
+        own = [Path("images") / item.image for item in items]
+        for seed in range(4):
+            shuffled = images_for(items, Path("images"), "shuffled", seed)
+            assert all(path != mine for path, mine in zip(shuffled, own, strict=True))
+            assert sorted(shuffled) == sorted(own)  # each picture drawn once
+            assert images_for(items, Path("images"), "shuffled", seed) == shuffled  # seeded
