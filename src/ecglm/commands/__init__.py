@@ -57,6 +57,9 @@ COMMANDS: dict[str, Command] = {
         "ecglm.commands.estimate:estimate", "parameters and peak memory of a recipe, no weights", raw=True
     ),
     "shard": Command("ecglm.commands.shard:shard", "build WebDataset shards from a builder", raw=True),
+    "benchmark": Command(
+        "ecglm.commands.benchmark:benchmark", "ECGBench answered by a bundle and scored two ways", raw=True
+    ),
     "plugins": Command("ecglm.commands.plugins:plugins", "registered components and failed plugins"),
 }
 

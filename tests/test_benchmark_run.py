@@ -1,0 +1,159 @@
+"""``ecglm benchmark run``: a tiny random image model answers ECGBench fixtures (images drawn by
+``ecglm render``) end to end, resumes a run cut short, answers the controls, and is scored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ecglm.commands import main
+
+LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from ecglm.bundle import GROUPS
+    from ecglm.model import ECGLM
+    from ecglm.plugins import build_component
+    from ecglm.render import ECGPrintout
+    from ecglm.testing.tiny import bound_prompt, saved_causal_lm, tokenizer_dir
+
+    root = tmp_path_factory.mktemp("bundle")
+    llm = saved_causal_lm(root / "llm", tokenizer_dir())
+    components = {
+        "encoder": {
+            "class_path": "ecglm.encoders.CNNImageEncoder",
+            "init_args": {"image_size": [64, 128], "channels": [8, 16]},
+        },
+        "connector": {"class_path": "ecglm.connectors.MLPConnector", "init_args": {"num_tokens": 2}},
+        "backbone": {"class_path": "ecglm.backbones.HFBackbone", "init_args": {"model": llm}},
+        "policy": {"class_path": "ecglm.peft.ProjectionOnly", "init_args": {}},
+    }
+    torch.manual_seed(0)
+    parts = [build_component(components[p], GROUPS[p]) for p in ("encoder", "connector", "backbone")]
+    model = ECGLM(*parts, build_component(components["policy"], GROUPS["policy"]))
+    model.prompt = bound_prompt(model.backbone)
+    model.printout = ECGPrintout(dpi=40)
+    model.save_pretrained(
+        root / "b", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
+    )
+    return root / "b", llm
+
+
+@pytest.fixture(scope="module")
+def ecgbench(tmp_path_factory):
+    """ptb-test and mmmu-ecg in ECGBench's layout, three ECGs drawn by ``ecglm render``."""
+    root = tmp_path_factory.mktemp("ECGBench")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        record = root / f"r{i}.npy"
+        np.save(record, rng.standard_normal((2500, 12)).cumsum(0) * 0.01)
+        (root / "images" / "ptb-xl").mkdir(parents=True, exist_ok=True)
+        png = root / "images" / "ptb-xl" / f"{i}.png"
+        assert (
+            main(
+                [
+                    "render",
+                    "--record",
+                    str(record),
+                    "--out",
+                    str(png),
+                    "--fs",
+                    "250",
+                    "--leads",
+                    LEADS12,
+                    "--dpi",
+                    "30",
+                ]
+            )
+            == 0
+        )
+
+    def item(i, question, gold):
+        turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": gold}]
+        return {"id": f"{i}", "image": f"ptb-xl/{i % 3}.png", "conversations": turns}
+
+    ptb = [
+        item(i, "Which diagnostic classes?", g)
+        for i, g in enumerate(["NORM", "MI; STTC", "NORM", "CD", "HYP"])
+    ]
+    mmmu = [item(i, "Which rhythm? A. sinus B. AF", g) for i, g in enumerate("ABA")]
+    (root / "ptb-test.json").write_text(json.dumps(ptb))
+    (root / "mmmu-ecg.json").write_text(json.dumps(mmmu))
+    return root
+
+
+def test_run_answers_in_pulse_s_layout_resumes_and_scores(bundle, ecgbench, tmp_path):
+    path, llm = bundle
+    out = tmp_path / "preds"
+    args = ["benchmark", "run", "--model", str(path), "--data", str(ecgbench), "--out", str(out)]
+    args += [
+        "--override",
+        f"backbone.model={llm}",
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, "--controls", "blank"]) == 0
+    rows = [json.loads(line) for line in (out / "ptb-test.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[1]["prompt"] == "<image>\nWhich diagnostic classes?" and isinstance(rows[1]["text"], str)
+    assert set(rows[0]["label_scores"]) == {"NORM", "MI", "STTC", "CD", "HYP"}
+    assert len((out / "ptb-test.blank.jsonl").read_text().splitlines()) == 5
+    assert len((out / "mmmu-ecg.jsonl").read_text().splitlines()) == 3
+    # Killed midway: two whole lines and a cut one; the rerun answers the three missing items only.
+    lines = (out / "ptb-test.jsonl").read_text().splitlines()
+    (out / "ptb-test.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    assert main(args) == 0
+    again = [json.loads(line) for line in (out / "ptb-test.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in again] == ["0", "1", "2", "3", "4"]
+    assert again[:2] == rows[:2]
+    assert [r["text"] for r in again[2:]] == [r["text"] for r in rows[2:]]  # greedy: the same answers
+    scores = tmp_path / "scores.json"
+    score = ["benchmark", "score", "--data", str(ecgbench), "--predictions", str(out), "--out", str(scores)]
+    assert main([*score, "--scoring", "strict"]) == 0
+    ptb = json.loads(scores.read_text())["subsets"]["ptb-test"]
+    assert ptb["auc_from"] == "label_scores" and ptb["answers"] == 5
+    assert "model_minus_blank" in ptb["gaps"]
+
+
+def test_run_refuses_a_folder_without_ecgbench_naming_the_hub_dataset(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "benchmark",
+                "run",
+                "--model",
+                str(tmp_path),
+                "--data",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "PULSE-ECG/ECGBench" in capsys.readouterr().err
+
+
+def test_shuffled_control_gives_every_item_another_item_s_picture_once():
+    from pathlib import Path
+
+    from ecglm.benchmarks import Item
+    from ecglm.benchmarks.running import images_for
+
+    for n in range(2, 12):
+        items = [Item(str(i), f"{i}.png", "q", "A") for i in range(n)]
+        own = [Path("images") / item.image for item in items]
+        for seed in range(4):
+            shuffled = images_for(items, Path("images"), "shuffled", seed)
+            assert all(path != mine for path, mine in zip(shuffled, own, strict=True))
+            assert sorted(shuffled) == sorted(own)  # each picture drawn once
+            assert images_for(items, Path("images"), "shuffled", seed) == shuffled  # seeded
