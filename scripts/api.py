@@ -88,9 +88,7 @@ def changelog_sections(text: str) -> dict[str, str]:
 def recorded_after(version: Version, changelog: str) -> str:
     """The text of the CHANGELOG sections of releases after ``version``, and ``Unreleased``."""
     sections = changelog_sections(changelog)
-    return "".join(
-        text for name, text in sections.items() if name == "Unreleased" or Version(name) > version
-    )
+    return "".join(text for name, text in sections.items() if name == "Unreleased" or Version(name) > version)
 
 
 def unrecorded(old: griffe.Module, new: griffe.Module, recorded: str) -> list[str]:
