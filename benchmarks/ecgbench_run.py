@@ -19,35 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ecglm.commands import main as ecglm
 from ecglm.render import render_ecg, save_png
 
 
 def tiny_bundle(root: Path) -> tuple[str, list[str]]:
-    from ecglm.bundle import GROUPS
-    from ecglm.model import ECGLM
-    from ecglm.plugins import build_component
-    from ecglm.render import ECGPrintout
-    from ecglm.testing.tiny import bound_prompt, saved_causal_lm, tokenizer_dir
+    """A tiny random image bundle and the flag that gives its LLM back (:func:`saved_image_bundle`)."""
+    from ecglm.testing import saved_image_bundle
 
-    llm = saved_causal_lm(root / "llm", tokenizer_dir())
-    components = {
-        "encoder": {"class_path": "ecglm.encoders.CNNImageEncoder", "init_args": {"image_size": [64, 128]}},
-        "connector": {"class_path": "ecglm.connectors.MLPConnector", "init_args": {"num_tokens": 2}},
-        "backbone": {"class_path": "ecglm.backbones.HFBackbone", "init_args": {"model": llm}},
-        "policy": {"class_path": "ecglm.peft.ProjectionOnly", "init_args": {}},
-    }
-    torch.manual_seed(0)
-    parts = [build_component(components[p], GROUPS[p]) for p in ("encoder", "connector", "backbone")]
-    model = ECGLM(*parts, build_component(components["policy"], GROUPS["policy"]))
-    model.prompt = bound_prompt(model.backbone)
-    model.printout = ECGPrintout(dpi=40)
-    model.save_pretrained(
-        root / "bundle", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
-    )
-    return str(root / "bundle"), ["--override", f"backbone.model={llm}"]
+    bundle, llm = saved_image_bundle(root)
+    return bundle, ["--override", f"backbone.model={llm}"]
 
 
 def main() -> None:

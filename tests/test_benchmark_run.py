@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from ecglm.commands import main
 
@@ -16,32 +15,12 @@ LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from ecglm.bundle import GROUPS
-    from ecglm.model import ECGLM
-    from ecglm.plugins import build_component
-    from ecglm.render import ECGPrintout
-    from ecglm.testing.tiny import bound_prompt, saved_causal_lm, tokenizer_dir
+    from pathlib import Path
 
-    root = tmp_path_factory.mktemp("bundle")
-    llm = saved_causal_lm(root / "llm", tokenizer_dir())
-    components = {
-        "encoder": {
-            "class_path": "ecglm.encoders.CNNImageEncoder",
-            "init_args": {"image_size": [64, 128], "channels": [8, 16]},
-        },
-        "connector": {"class_path": "ecglm.connectors.MLPConnector", "init_args": {"num_tokens": 2}},
-        "backbone": {"class_path": "ecglm.backbones.HFBackbone", "init_args": {"model": llm}},
-        "policy": {"class_path": "ecglm.peft.ProjectionOnly", "init_args": {}},
-    }
-    torch.manual_seed(0)
-    parts = [build_component(components[p], GROUPS[p]) for p in ("encoder", "connector", "backbone")]
-    model = ECGLM(*parts, build_component(components["policy"], GROUPS["policy"]))
-    model.prompt = bound_prompt(model.backbone)
-    model.printout = ECGPrintout(dpi=40)
-    model.save_pretrained(
-        root / "b", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
-    )
-    return root / "b", llm
+    from ecglm.testing import saved_image_bundle
+
+    bundle, llm = saved_image_bundle(tmp_path_factory.mktemp("bundle"), channels=[8, 16])
+    return Path(bundle), llm
 
 
 @pytest.fixture(scope="module")
