@@ -192,7 +192,11 @@ def check_data_folder(data: Any) -> None:
             "data.init_args.data_dir is not set: give the folder of the shards (ecglm shard writes one; "
             "with data.init_args.builder the shards are built there on first use)"
         )
-    manifest = Path(data_dir).expanduser() / "manifest.json"
+    from ecglm.data.stream.remote import is_remote, local_path
+
+    if is_remote(data_dir):
+        return  # read through fsspec in setup, which names the URL if there is no manifest there
+    manifest = local_path(data_dir) / "manifest.json"
     if init_args.get("builder") is None and not manifest.is_file():
         raise ConfigError(
             f"data.init_args.data_dir {data_dir}: no manifest.json there; build the shards first "

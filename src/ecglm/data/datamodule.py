@@ -31,7 +31,7 @@ from ecglm.data.collate import QACollator
 from ecglm.data.controls import ECGDonors
 from ecglm.data.loader import StreamLoader
 from ecglm.data.selection import SubsetFilter, read_qa_text, select_demonstrations, subset_fraction
-from ecglm.data.shards import ShardBuilder, read_manifest, split_shards
+from ecglm.data.shards import MANIFEST_NAME, ShardBuilder, read_manifest, split_shards
 from ecglm.data.splits import SPLITS
 from ecglm.data.stream import (
     REASONS,
@@ -44,6 +44,7 @@ from ecglm.data.stream import (
     ShardInfo,
     expand_qa,
 )
+from ecglm.data.stream.remote import RemoteShards, is_remote, join, local_path
 from ecglm.encoders import Preprocessing, check_preprocessing
 from ecglm.errors import EcglmError
 from ecglm.prompts import ChatTemplate, PromptStyle
@@ -84,7 +85,10 @@ class ECGQADataModule(L.LightningDataModule):
     :func:`ecglm.wiring.connect` calls (the ``ecglm`` command does it); nothing is read from the Trainer.
 
     Args:
-        data_dir: Folder with the shards and manifest.
+        data_dir: Folder with the shards and manifest: a local path (or ``file://`` URL), or any
+            fsspec URL (``s3://bucket/mix/``, ``https://host/mix/``, ``gs://...``) read through
+            fsspec with the store's credentials from its usual environment (docs/data.md, "data in
+            object storage").
         prompt: How questions and answers are written and tokenised (``ecglm.prompts`` entry point or
             import path; default ``chat``, the tokenizer's chat template): system prompt,
             ``max_length``, ``min_answer_tokens``.
@@ -132,6 +136,16 @@ class ECGQADataModule(L.LightningDataModule):
             epoch on training batches), or as the dataset's own image where its shards hold images
             (ECGInstruct). Its ``size`` defaults to the image size the model reads, its ``fs`` to
             the manifest's sampling rate. ``None``: signals, as stored.
+        storage_options: With a remote ``data_dir``, options of its fsspec filesystem (e.g.
+            ``{endpoint_url: ...}`` for an S3-compatible store); not for credentials.
+        retries: With a remote ``data_dir``, tries after a failed read of a shard (a dropped
+            connection, a 5xx, a stalled read) before the shard is counted as lost ("unreachable
+            shard"; raised under ``strict``). Each retry resumes at the byte it stopped at.
+        retry_backoff: Seconds before the first retry, doubled each retry up to 30 s.
+        read_timeout: Seconds a remote read may wait for bytes before it is retried.
+        cache_dir: With a remote ``data_dir``, keep each shard read here (checked against its
+            sha256 before use, written atomically; safe for several processes of one node).
+        cache_gb: Bound of ``cache_dir`` in GB; the least recently used shards are dropped.
     """
 
     def __init__(
@@ -152,13 +166,33 @@ class ECGQADataModule(L.LightningDataModule):
         packed: bool = False,
         pack_tokens: int | None = None,
         image: ECGPrintout | None = None,
+        storage_options: dict[str, Any] | None = None,
+        retries: int = 5,
+        retry_backoff: float = 1.0,
+        read_timeout: float = 60.0,
+        cache_dir: str | None = None,
+        cache_gb: float | None = None,
     ):
         super().__init__()
+        self.remote = (
+            RemoteShards(
+                dict(storage_options or {}),
+                retries=retries,
+                backoff=retry_backoff,
+                timeout=read_timeout,
+                cache_dir=cache_dir,
+                cache_gb=cache_gb,
+            )
+            if is_remote(data_dir)
+            else None
+        )
         self.image = image
         self.packed, self.pack_tokens = packed, pack_tokens
         self.verify_checksums = verify_checksums
         self.include_comparison = include_comparison
-        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._data_dir: Path | str | None = None
+        if data_dir is not None:
+            self._data_dir = str(data_dir).rstrip("/") if self.remote is not None else local_path(data_dir)
         self.builder = builder
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -185,8 +219,9 @@ class ECGQADataModule(L.LightningDataModule):
         self._test_subset: tuple[dict[str, float], int] | None = None
 
     @property
-    def data_dir(self) -> Path:
-        """The folder of the shards and their manifest (``data_dir``); an error when none was given."""
+    def data_dir(self) -> Path | str:
+        """The folder of the shards and their manifest (``data_dir``; a URL string when remote); an error
+        when none was given."""
         if self._data_dir is None:
             raise EcglmError(
                 "data_dir is not set: give the folder of the shards (data.init_args.data_dir; ecglm shard "
@@ -194,7 +229,23 @@ class ECGQADataModule(L.LightningDataModule):
             )
         return self._data_dir
 
+    @property
+    def _manifest_path(self) -> str:
+        if self.remote is not None:
+            return join(self.data_dir, MANIFEST_NAME)
+        return str(self.data_dir / MANIFEST_NAME)
+
+    def _read_manifest(self) -> dict:
+        if self.remote is not None:
+            return self.remote.read_manifest(self.data_dir)
+        return read_manifest(self.data_dir)
+
     def prepare_data(self) -> None:
+        if self.builder is not None and self.remote is not None:
+            raise EcglmError(
+                f"data_dir {self.data_dir} is remote: a builder writes local folders; write the shards there "
+                "with `ecglm shard --config CONFIG --out_dir URL` and leave data.init_args.builder unset"
+            )
         if self.builder is not None:
             self.builder.build(self.data_dir)
 
@@ -238,12 +289,10 @@ class ECGQADataModule(L.LightningDataModule):
         return self.prompt if self.attached else None
 
     def setup(self, stage: str | None = None) -> None:
-        self.manifest = read_manifest(self.data_dir)
+        self.manifest = self._read_manifest()
         missing = [s for s in SPLITS if s not in self.manifest.get("splits", {})]
         if missing:
-            raise ValueError(
-                f"{self.data_dir / 'manifest.json'} has no split(s) {missing}; rebuild the shards"
-            )
+            raise ValueError(f"{self._manifest_path} has no split(s) {missing}; rebuild the shards")
         unread = {
             split: info["comparison"].get("num_qa", 0)
             for split, info in self.manifest["splits"].items()
@@ -251,12 +300,12 @@ class ECGQADataModule(L.LightningDataModule):
         }
         if unread and not self.include_comparison:
             rank_zero_warn(
-                f"{self.data_dir / 'manifest.json'} holds comparison (two-ECG) questions, {unread} QA pairs "
+                f"{self._manifest_path} holds comparison (two-ECG) questions, {unread} QA pairs "
                 "by split, which include_comparison=False leaves out of training and evaluation"
             )
         if self.manifest.get("images") and self.image is None:
             raise ValueError(
-                f"{self.data_dir / 'manifest.json'} holds ECG pictures, not signals: set "
+                f"{self._manifest_path} holds ECG pictures, not signals: set "
                 "data.init_args.image (class_path: ecglm.render.ECGPrintout) and use an image encoder or "
                 "a vision-language backbone"
             )
@@ -265,19 +314,18 @@ class ECGQADataModule(L.LightningDataModule):
             self.image = replace(self.image, fs=float(fs))
         if self.preprocessing is not None and "preprocessing" in self.manifest:
             # Warns loudly (PreprocessingMismatchWarning) for each field that differs.
-            check_preprocessing(
-                self.preprocessing, self.manifest["preprocessing"], str(self.data_dir / "manifest.json")
-            )
+            check_preprocessing(self.preprocessing, self.manifest["preprocessing"], self._manifest_path)
 
     def _urls(self, split: str, shards: list[dict[str, Any]] | None = None) -> list[str]:
         """Paths of ``shards`` (default: the split's single-ECG shards); a missing one is an error."""
         urls = []
         for shard in self.manifest["splits"][split]["shards"] if shards is None else shards:
+            if self.remote is not None:  # a missing object is counted as lost when it is read
+                urls.append(join(self.data_dir, shard["path"]))
+                continue
             path = self.data_dir / shard["path"]
             if not path.exists():
-                raise FileNotFoundError(
-                    f"shard {path} listed in {self.data_dir / 'manifest.json'} is missing"
-                )
+                raise FileNotFoundError(f"shard {path} listed in {self._manifest_path} is missing")
             urls.append(str(path))
         return urls
 
@@ -293,8 +341,9 @@ class ECGQADataModule(L.LightningDataModule):
         if per_dataset < 1:
             raise ValueError(f"per_dataset must be at least 1, got {per_dataset}")
         if self.manifest is None:
-            self.manifest = read_manifest(self.data_dir)
-        items = (qa for url in self._urls("train") for qa in read_qa_text(url))
+            self.manifest = self._read_manifest()
+        opener = self.remote.open if self.remote is not None else None
+        items = (qa for url in self._urls("train") for qa in read_qa_text(opener(url) if opener else url))
         demonstrations = select_demonstrations(items, seed, per_dataset, max_chars)
         missing = sorted(set(self.qa_counts("train")) - set(demonstrations))
         if missing:
@@ -330,7 +379,7 @@ class ECGQADataModule(L.LightningDataModule):
     def eval_groups(self, split: str = "test") -> tuple[list[str], list[str] | None]:
         """Dataset names and question types of ``split`` (``None`` when the manifest does not list them)."""
         if self.manifest is None:
-            self.manifest = read_manifest(self.data_dir)
+            self.manifest = self._read_manifest()
         info = self.manifest["splits"][split]
         types = info.get("question_types")
         if types is not None and self.include_comparison:
@@ -346,7 +395,7 @@ class ECGQADataModule(L.LightningDataModule):
         missing from a dict) keeps every pair. Returns the expected size per dataset.
         """
         if self.manifest is None:
-            self.manifest = read_manifest(self.data_dir)
+            self.manifest = self._read_manifest()
         counts = self.qa_counts("test")
         if samples_per_dataset is None:
             self._test_subset = None
@@ -361,7 +410,7 @@ class ECGQADataModule(L.LightningDataModule):
         )
         if unknown:
             warnings.warn(
-                f"samples per dataset name {unknown}, which {self.data_dir / 'manifest.json'} does not hold "
+                f"samples per dataset name {unknown}, which {self._manifest_path} does not hold "
                 f"(its test split has {sorted(counts)})",
                 stacklevel=2,
             )
@@ -378,14 +427,14 @@ class ECGQADataModule(L.LightningDataModule):
         for url, entry in zip(self._urls(split, entries), entries, strict=True):
             if "num_qa" not in entry:
                 raise ValueError(
-                    f"shard {entry['path']} in {self.data_dir / 'manifest.json'} has no num_qa: the shards "
+                    f"shard {entry['path']} in {self._manifest_path} has no num_qa: the shards "
                     "were built by an older ecglm; build them again (ecglm shard --config ..., or delete "
                     "the folder and let the builder run)"
                 )
             datasets = list(entry.get("datasets") or (only if len(only) == 1 else ["mixed"]))
             if len(datasets) > 1 and self.weights is not None and split == "train":
                 raise ValueError(
-                    f"shard {entry['path']} in {self.data_dir / 'manifest.json'} holds several datasets "
+                    f"shard {entry['path']} in {self._manifest_path} holds several datasets "
                     f"{datasets}; weights need one dataset per shard (build the shards again)"
                 )
             name = datasets[0] if len(datasets) == 1 else "+".join(sorted(datasets))
@@ -445,6 +494,7 @@ class ECGQADataModule(L.LightningDataModule):
             pad=train,
             checksums=self._checksums(split, shards),
             counters=torch.zeros((max(1, self.num_workers), len(REASONS)), dtype=torch.long).share_memory_(),
+            remote=self.remote,
         )
         collate = QACollator(
             self.prompt,
@@ -474,7 +524,7 @@ class ECGQADataModule(L.LightningDataModule):
     def _checksums(self, split: str, shards: list[ShardInfo]) -> ShardChecksums | None:
         if not self.verify_checksums:
             return None
-        manifest = self.data_dir / "manifest.json"
+        manifest = self._manifest_path
         unrecorded = [s.url for s in shards if s.sha256 is None]
         if unrecorded:
             rank_zero_warn(

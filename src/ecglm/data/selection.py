@@ -12,7 +12,7 @@ import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from webdataset.tariterators import base_plus_ext
 
@@ -29,13 +29,15 @@ def subset_fraction(seed: int, key: str) -> float:
     return hash_uniform(f"{seed}:{key}")
 
 
-def read_qa_text(path: str | Path) -> Iterator[dict[str, Any]]:
+def read_qa_text(path: str | Path | BinaryIO) -> Iterator[dict[str, Any]]:
     """The QA pairs of one shard as :func:`expand_qa` yields them, without the ECG.
 
     Only the ``json`` members are read: tarfile seeks over the ECG arrays, so a pass over a split
     costs its headers and metadata, not its signals.
     """
-    with tarfile.open(path) as tar:
+    # An open file (a remote shard's stream) is read in tarfile's stream mode, members in order.
+    opened = tarfile.open(fileobj=path, mode="r|") if hasattr(path, "read") else tarfile.open(path)  # noqa: SIM115
+    with opened as tar:
         for member in tar:
             key, field = base_plus_ext(member.name) if member.isfile() else (None, None)
             if field != "json":

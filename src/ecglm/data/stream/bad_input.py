@@ -16,9 +16,12 @@ from typing import Any
 from webdataset.autodecode import DecodingError
 from webdataset.tariterators import base_plus_ext
 
+from ecglm.data.stream.remote import ShardUnreachable
 from ecglm.errors import EcglmError
 
 TAR_ERROR = "corrupt or truncated tar"
+#: A remote shard that could not be read after the retries (:class:`ShardUnreachable`).
+UNREACHABLE = "unreachable shard"
 #: Why input was skipped: a fixed set, so that every rank logs the same per-reason metrics.
 REASONS = (
     TAR_ERROR,
@@ -35,6 +38,7 @@ REASONS = (
     "empty QA",
     "unreadable image",
     "wrong image size",
+    UNREACHABLE,
 )
 
 log = logging.getLogger("ecglm.data")
@@ -121,7 +125,10 @@ class BadInput:
             return
         if pairs is not None:
             self._lose(reason, pairs)
-        elif self.unsized != TAR_ERROR:  # after a tar error, what else goes wrong is its symptom
+        elif self.unsized not in (
+            TAR_ERROR,
+            UNREACHABLE,
+        ):  # after a tar error, what else goes wrong is its symptom
             self.unsized = reason
         if announce:
             log.warning("skipped bad input: %s", message)
@@ -179,6 +186,11 @@ class BadInput:
         key = base_plus_ext(member)[0] if member else "unknown"
         self.report(url, key, TAR_ERROR, detail + "; the rest of this shard is lost")
 
+    def _unreachable(self, exn: ShardUnreachable) -> None:
+        # The rest of the shard is lost; its pairs are the segment's shortfall (end_segment).
+        self.broken.add(exn.url)
+        self.report(exn.url, None, UNREACHABLE, f"{exn.reason}; the rest of this shard is lost")
+
     def _decoding_error(self, exn: DecodingError) -> None:
         self.passed(exn.url, exn.key)
         cause = exn.__cause__
@@ -200,6 +212,9 @@ class BadInput:
         if isinstance(exn, BadSampleError):  # raised by this handler in an inner stage
             raise exn
         try:
+            if isinstance(exn, ShardUnreachable):
+                self._unreachable(exn)
+                return False
             if isinstance(exn, DecodingError):
                 self._decoding_error(exn)
                 return True

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
 
-from ecglm.data.stream.bad_input import REASONS, BadInput
+from ecglm.data.stream.bad_input import REASONS, UNREACHABLE, BadInput
 from ecglm.data.stream.checksums import ShardChecksums
 from ecglm.data.stream.plan import EpochPlan, Segment
 from ecglm.data.stream.qa import CheckedQA
+from ecglm.data.stream.remote import RemoteShards, ShardReader, ShardUnreachable
 
 log = logging.getLogger("ecglm.data")
 
@@ -71,6 +72,8 @@ class QAStream(IterableDataset):
             pad: a repeated pair would count twice.
         checksums: Verifies each shard against the manifest's sha256 before reading it (None: no check).
         counters: ``(workers, len(REASONS))`` int64 tensor in shared memory (see above), or None.
+        remote: The shard urls are fsspec URLs read through :class:`RemoteShards` (retries, resume,
+            cache); None: local files.
     """
 
     def __init__(
@@ -84,7 +87,9 @@ class QAStream(IterableDataset):
         pad: bool = True,
         checksums: ShardChecksums | None = None,
         counters: torch.Tensor | None = None,
+        remote: RemoteShards | None = None,
     ):
+        self.remote = remote
         self.plan, self.rank, self.bad, self.num_samples = plan, rank, bad, num_samples
         self.counters = counters
         self.shuffle_buffer, self.item_filter, self.pad = shuffle_buffer, item_filter, pad
@@ -105,6 +110,9 @@ class QAStream(IterableDataset):
     def _read(self, segments: list[Segment], checked: CheckedQA) -> Iterator[dict[str, Any]]:
         bad = checked.bad
         for segment in segments:
+            if self.remote is not None:
+                yield from self._read_remote(segment, checked)
+                continue
             damaged = self.checksums.problem(segment.shard) if self.checksums is not None else None
             if damaged is not None:
                 bad.report(segment.shard.url, None, "sha256 mismatch", damaged, segment.stop - segment.start)
@@ -112,6 +120,65 @@ class QAStream(IterableDataset):
             urls = iter([{"url": segment.shard.url}])
             samples = tarfile_samples(urls, handler=bad, rename_files=bad.see_member)
             yield from checked.segment(wds.decode(handler=bad)(samples), segment)
+
+    def _read_remote(self, segment: Segment, checked: CheckedQA) -> Iterator[dict[str, Any]]:
+        """One segment of a shard in object storage: from the cache, or streamed and hashed on the way.
+
+        With a cache the shard is fetched whole (hashed as it comes) and checked before any pair of it
+        is used, as a local shard is. Streamed, its sha256 is known at its end: the segment that reads
+        to the end checks it, and a mismatch counts the segment's pairs as bad input (``strict``: raises).
+        """
+        bad, shard, remote = checked.bad, segment.shard, self.remote
+        expected = shard.sha256 if self.checksums is not None else None
+        mismatch = "the shard's sha256 is {}, the manifest records {}: it changed or was damaged after it "
+        mismatch += "was built; build the shards again (ecglm shard) or restore the object"
+        source: Any = None
+        if remote.cache_dir is not None and expected is not None:
+            path = remote.cached(shard.url, expected)
+            if path is None:
+                try:
+                    path, digest = remote.fetch(shard.url, expected)
+                except ShardUnreachable as err:
+                    bad.start_segment(shard.url)
+                    bad._unreachable(err)
+                    bad.end_segment(shard.url, "unknown", segment.stop - segment.start)
+                    return
+                if path is None:
+                    bad.report(shard.url, None, "sha256 mismatch", mismatch.format(digest, expected),
+                               segment.stop - segment.start)  # fmt: skip
+                    return
+            source = open(path, "rb")  # noqa: SIM115 - closed below
+        else:
+            source = remote.open(shard.url)
+        try:
+            sources = iter([{"url": shard.url, "stream": source}])
+            files = tar_file_expander(sources, handler=bad, rename_files=bad.see_member)
+            samples = group_by_keys(files, handler=bad)
+            yielded = 0
+            for item in checked.segment(wds.decode(handler=bad)(samples), segment):
+                yielded += 1
+                yield item
+            if isinstance(source, ShardReader) and expected is not None and segment.complete:
+                self._check_streamed(source, shard.url, expected, yielded, bad, mismatch)
+        finally:
+            source.close()
+
+    @staticmethod
+    def _check_streamed(
+        source: ShardReader, url: str, expected: str, yielded: int, bad: BadInput, mismatch: str
+    ) -> None:
+        """At a streamed shard's end: does the digest of its bytes match the manifest's?"""
+        if url in bad.broken:
+            return  # read in part: no digest of the whole
+        try:
+            source.drain()  # the tar reader stops at its end marker: hash the padding after it
+        except ShardUnreachable as err:
+            bad.report(url, None, UNREACHABLE, f"{err.reason}; its sha256 was not checked", 0)
+            return
+        if source.ended and source.hexdigest() != expected:
+            detail = mismatch.format(source.hexdigest(), expected)
+            detail += f"; the {yielded} pairs of it read before its end showed this were used"
+            bad.report(url, None, "sha256 mismatch", detail, yielded)
 
     def _slot(self, worker: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{self.plan.seed}:{self.epoch}:{self.rank}:{worker}")
