@@ -139,6 +139,8 @@ class RemoteShards:
         import fsspec
 
         protocol = url.split("://", 1)[0].lower()
+        if self.__dict__.get("_pid") != os.getpid():  # a forked loader worker: its own event loop
+            self._fs, self._pid = {}, os.getpid()
         if protocol not in self._fs:
             options = dict(self.storage_options)
             if protocol in ("http", "https"):
@@ -153,7 +155,7 @@ class RemoteShards:
                 config.setdefault("connect_timeout", self.timeout)
                 config.setdefault("retries", {"max_attempts": 1})  # the retries are ShardReader's
                 options["config_kwargs"] = config
-            self._fs[protocol] = fsspec.filesystem(protocol, **options)
+            self._fs[protocol] = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         return self._fs[protocol]
 
     def read_bytes(self, url: str) -> bytes:
