@@ -154,12 +154,17 @@ class QAStream(IterableDataset):
             sources = iter([{"url": shard.url, "stream": source}])
             files = tar_file_expander(sources, handler=bad, rename_files=bad.see_member)
             samples = group_by_keys(files, handler=bad)
-            yielded = 0
+            # One pair held back: the reader of the stream stops asking after the slot's last pair, so the
+            # end-of-shard check runs before that pair is passed on, not after.
+            yielded, held = 0, None
             for item in checked.segment(wds.decode(handler=bad)(samples), segment):
-                yielded += 1
-                yield item
+                if held is not None:
+                    yield held
+                held, yielded = item, yielded + 1
             if isinstance(source, ShardReader) and expected is not None and segment.complete:
                 self._check_streamed(source, shard.url, expected, yielded, bad, mismatch)
+            if held is not None:
+                yield held
         finally:
             source.close()
 
