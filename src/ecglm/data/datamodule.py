@@ -44,7 +44,7 @@ from ecglm.data.stream import (
     ShardInfo,
     expand_qa,
 )
-from ecglm.data.stream.remote import RemoteShards, is_remote, join, local_path
+from ecglm.data.stream.remote import RemoteShards, join, local_path
 from ecglm.encoders import Preprocessing, check_preprocessing
 from ecglm.errors import EcglmError
 from ecglm.prompts import ChatTemplate, PromptStyle
@@ -136,16 +136,10 @@ class ECGQADataModule(L.LightningDataModule):
             epoch on training batches), or as the dataset's own image where its shards hold images
             (ECGInstruct). Its ``size`` defaults to the image size the model reads, its ``fs`` to
             the manifest's sampling rate. ``None``: signals, as stored.
-        storage_options: With a remote ``data_dir``, options of its fsspec filesystem (e.g.
-            ``{endpoint_url: ...}`` for an S3-compatible store); not for credentials.
-        retries: With a remote ``data_dir``, tries after a failed read of a shard (a dropped
-            connection, a 5xx, a stalled read) before the shard is counted as lost ("unreachable
-            shard"; raised under ``strict``). Each retry resumes at the byte it stopped at.
-        retry_backoff: Seconds before the first retry, doubled each retry up to 30 s.
-        read_timeout: Seconds a remote read may wait for bytes before it is retried.
-        cache_dir: With a remote ``data_dir``, keep each shard read here (checked against its
-            sha256 before use, written atomically; safe for several processes of one node).
-        cache_gb: Bound of ``cache_dir`` in GB; the least recently used shards are dropped.
+        storage_options, retries, retry_backoff, read_timeout, cache_dir, cache_gb: With a remote
+            ``data_dir``, fsspec options (not credentials), tries after a failed read before a shard
+            counts as lost, the first wait (doubled each try), the seconds a read may stall, and the
+            local shard cache and its bound in GB (:class:`ecglm.data.stream.remote.RemoteShards`).
     """
 
     def __init__(
@@ -174,18 +168,8 @@ class ECGQADataModule(L.LightningDataModule):
         cache_gb: float | None = None,
     ):
         super().__init__()
-        self.remote = (
-            RemoteShards(
-                dict(storage_options or {}),
-                retries=retries,
-                backoff=retry_backoff,
-                timeout=read_timeout,
-                cache_dir=cache_dir,
-                cache_gb=cache_gb,
-            )
-            if is_remote(data_dir)
-            else None
-        )
+        remote = {"retries": retries, "backoff": retry_backoff, "timeout": read_timeout}
+        self.remote = RemoteShards.for_location(data_dir, storage_options, cache_dir, cache_gb, **remote)
         self.image = image
         self.packed, self.pack_tokens = packed, pack_tokens
         self.verify_checksums = verify_checksums

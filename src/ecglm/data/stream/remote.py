@@ -134,6 +134,20 @@ class RemoteShards:
         state["_fs"] = {}  # filesystems (their event loops, sessions) are made again in each worker
         return state
 
+    @classmethod
+    def for_location(
+        cls,
+        location: str | os.PathLike | None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        cache_gb: float | None = None,
+        **settings: Any,
+    ) -> RemoteShards | None:
+        """The settings to read shards at ``location`` with, or None where it is a local folder."""
+        if not is_remote(location):
+            return None
+        return cls(dict(storage_options or {}), cache_dir=cache_dir, cache_gb=cache_gb, **settings)
+
     def filesystem(self, url: str) -> Any:
         """The fsspec filesystem of ``url``'s protocol, with a read timeout, made once per process."""
         import fsspec
