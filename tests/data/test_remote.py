@@ -261,3 +261,46 @@ def test_the_reader_hashes_what_it_passes_on(shards):
 
 def test_reasons_include_unreachable_shards():
     assert UNREACHABLE in REASONS
+
+
+def test_ecglm_shard_writes_to_s3_each_object_once_and_the_manifest_last(tmp_path, formatter):
+    from ecglm.commands.shard import run_shard
+
+    config = (Path(__file__).resolve().parents[2] / "shards/quickstart.yaml").read_text()
+    for key, value in (
+        ("num_train: 720", "num_train: 3"),
+        ("num_val: 32", "num_val: 1"),
+        ("num_test: 96", "num_test: 2"),
+    ):
+        config = config.replace(key, value)
+    (tmp_path / "shard.yaml").write_text(config)
+    with MotoS3() as s3:
+        fs = s3.fs()
+        fs.mkdir("lab")
+        puts: list[str] = []
+        original = type(fs).put_file
+
+        args = ["--config", str(tmp_path / "shard.yaml"), "--out_dir", "s3://lab/quick/"]
+        args += [
+            "--staging_dir",
+            str(tmp_path / "stage"),
+            "--storage_options",
+            f'{{"endpoint_url": "{s3.endpoint}"}}',
+        ]
+
+        def spy(self, lpath, rpath, *a, **k):
+            puts.append(rpath.rsplit("/", 1)[-1])
+            return original(self, lpath, rpath, *a, **k)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(fs), "put_file", spy)
+            manifest = run_shard(args)
+            names = sorted({e["path"] for split in manifest["splits"].values() for e in split["shards"]})
+            assert puts[-1] == "manifest.json" and sorted(puts[:-1]) == names  # each once, manifest last
+            puts.clear()
+            run_shard(args)  # again: every shard is there already, only the manifest is written
+            assert puts == ["manifest.json"]
+        for name in names:
+            assert fs.cat_file(f"lab/quick/{name}") == (tmp_path / "stage" / name).read_bytes()
+        dm = _module("s3://lab/quick", formatter, storage_options={"endpoint_url": s3.endpoint})
+        assert len(_val(dm)) == manifest["splits"]["val"]["num_qa"]
