@@ -119,6 +119,12 @@ def cached_sha256(path: str | Path) -> str:
     return _DIGESTS[key]
 
 
+def remember_sha256(path: str | Path, digest: str) -> None:
+    """Record the sha256 of a file hashed as it was written (a fetched shard) for :func:`cached_sha256`."""
+    stat = os.stat(path)
+    _DIGESTS[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)] = digest
+
+
 class _ShardFile:
     """One tar shard being written beside its path (:func:`ecglm.io.partial_path`); :meth:`close` checksums
     it and commits it in place (:func:`ecglm.io.commit`)."""

@@ -208,8 +208,8 @@ class RemoteShards:
         from ecglm.data.shards import cached_sha256
 
         if cached_sha256(path) == sha256:
-            with contextlib.suppress(OSError):
-                os.utime(path)  # recently used: the last to be dropped
+            with contextlib.suppress(OSError):  # recently used: the last to be dropped (its mtime, which
+                os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))  # keys the digest, stays)
             return path
         log.warning("cached copy %s of %s does not match its sha256: dropped, fetched again", path, url)
         with contextlib.suppress(FileNotFoundError):
@@ -234,6 +234,9 @@ class RemoteShards:
                 return None, digest
             path = folder / f"{sha256}.tar"
             os.replace(tmp, path)
+            from ecglm.data.shards import remember_sha256
+
+            remember_sha256(path, digest)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -248,7 +251,7 @@ class RemoteShards:
         for path in Path(self.cache_dir).glob("*.tar"):
             with contextlib.suppress(FileNotFoundError):
                 stat = path.stat()
-                files.append((stat.st_mtime, stat.st_size, path))
+                files.append((stat.st_atime, stat.st_size, path))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= budget:
