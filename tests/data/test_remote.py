@@ -304,3 +304,38 @@ def test_ecglm_shard_writes_to_s3_each_object_once_and_the_manifest_last(tmp_pat
             assert fs.cat_file(f"lab/quick/{name}") == (tmp_path / "stage" / name).read_bytes()
         dm = _module("s3://lab/quick", formatter, storage_options={"endpoint_url": s3.endpoint})
         assert len(_val(dm)) == manifest["splits"]["val"]["num_qa"]
+
+
+def _fetch_and_read(url: str, sha256: str, cache: str, out) -> None:
+    remote = RemoteShards(cache_dir=cache, backoff=0.0, block_size=1024)
+    seen = []
+    for _ in range(5):
+        path = remote.cached(url, sha256) or remote.fetch(url, sha256)[0]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # another process dropped it in between: never half of it
+            continue
+        seen.append(__import__("hashlib").sha256(data).hexdigest() == sha256)
+        path.unlink(missing_ok=True)  # the others race to fetch it again
+    out.put(all(seen))
+
+
+def test_processes_sharing_a_cache_never_read_a_partial_copy(shards, tmp_path):
+    import multiprocessing as mp
+
+    entry = _shard(shards, "ptbxl-1-000000.tar")
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    with FaultyHTTP(shards) as http:
+        url = f"{http.url}/{entry['path']}"
+        procs = [
+            ctx.Process(target=_fetch_and_read, args=(url, entry["sha256"], str(tmp_path), out))
+            for _ in range(4)
+        ]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=10)
+    assert results == [True] * 4
+    assert not list(tmp_path.glob(".partial*"))
