@@ -62,13 +62,13 @@ def formatter(tokenizer_dir):
     return ChatTemplate(AutoTokenizer.from_pretrained(tokenizer_dir), "Answer briefly.")
 
 
-def _module(data_dir: str, formatter, **kwargs) -> ECGQADataModule:
+def _module(data_dir: str, formatter, block: int = 2048, **kwargs) -> ECGQADataModule:
     args = {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, "retry_backoff": 0.01, **kwargs}
     dm = ECGQADataModule(data_dir, **args)
     dm.setup("fit")
     dm.attach(formatter, 1)
     if dm.remote is not None:
-        dm.remote.block_size = 2048  # several ranged reads per shard, so faults fall between them
+        dm.remote.block_size = block  # 2048: several ranged reads per shard, so faults fall between them
     return dm
 
 
@@ -91,6 +91,7 @@ def test_urls_and_local_paths_are_told_apart():
     assert not is_remote("/data/mix") and not is_remote("file:///data/mix") and not is_remote(Path("x"))
 
 
+@pytest.mark.timeout(300)  # moto answers slowly on a loaded machine
 def test_local_http_and_s3_give_the_same_epoch(shards, formatter, tmp_path):
     local = _module(str(shards), formatter, num_workers=2)
     expected = _train(local)
@@ -105,19 +106,21 @@ def test_local_http_and_s3_give_the_same_epoch(shards, formatter, tmp_path):
         assert ranged  # the shards were read in ranges of block_size bytes
     with MotoS3() as s3:
         url = s3.upload(shards, "ecg", "mix")
-        over_s3 = _module(url, formatter, num_workers=2, storage_options={"endpoint_url": s3.endpoint})
+        over_s3 = _module(
+            url, formatter, num_workers=2, storage_options={"endpoint_url": s3.endpoint}, block=1 << 20
+        )
         assert _train(over_s3) == expected
         # resumable mid-epoch as a local folder: 5 batches, then a new loader from the saved position
-        first = _module(url, formatter, storage_options={"endpoint_url": s3.endpoint})
+        first = _module(url, formatter, storage_options={"endpoint_url": s3.endpoint}, block=1 << 20)
         first.epoch = 1
         seen = []
         for batch in first.train_dataloader():
             seen.append(first.on_before_batch_transfer(batch, 0).key)
             if len(seen) == 5:
                 break
-        resumed = _module(url, formatter, storage_options={"endpoint_url": s3.endpoint})
+        resumed = _module(url, formatter, storage_options={"endpoint_url": s3.endpoint}, block=1 << 20)
         resumed.load_state_dict(first.state_dict())
-        uninterrupted = _module(url, formatter, storage_options={"endpoint_url": s3.endpoint})
+        uninterrupted = _module(url, formatter, storage_options={"endpoint_url": s3.endpoint}, block=1 << 20)
         assert [k for b in seen for k in b] + _train(resumed) == _train(uninterrupted)
 
 
@@ -302,7 +305,9 @@ def test_ecglm_shard_writes_to_s3_each_object_once_and_the_manifest_last(tmp_pat
             assert puts == ["manifest.json"]
         for name in names:
             assert fs.cat_file(f"lab/quick/{name}") == (tmp_path / "stage" / name).read_bytes()
-        dm = _module("s3://lab/quick", formatter, storage_options={"endpoint_url": s3.endpoint})
+        dm = _module(
+            "s3://lab/quick", formatter, storage_options={"endpoint_url": s3.endpoint}, block=1 << 20
+        )
         assert len(_val(dm)) == manifest["splits"]["val"]["num_qa"]
 
 
@@ -339,3 +344,16 @@ def test_processes_sharing_a_cache_never_read_a_partial_copy(shards, tmp_path):
             p.join(timeout=10)
     assert results == [True] * 4
     assert not list(tmp_path.glob(".partial*"))
+
+
+def test_a_url_data_dir_passes_the_command_line_check_and_refuses_a_builder():
+    from ecglm.commands.lightning import check_data_folder
+    from ecglm.errors import EcglmError
+
+    data = {"class_path": "ecglm.data.datamodule.ECGQADataModule", "init_args": {"data_dir": "s3://lab/mix/"}}
+    check_data_folder(data)  # read through fsspec in setup, not looked for on disk
+    dm = ECGQADataModule("s3://lab/mix/", builder=object())
+    assert dm.data_dir == "s3://lab/mix" and dm.remote is not None
+    with pytest.raises(EcglmError, match="ecglm shard --config CONFIG --out_dir URL"):
+        dm.prepare_data()
+    assert ECGQADataModule("file:///tmp/mix").data_dir == Path("/tmp/mix")
