@@ -266,6 +266,7 @@ def test_reasons_include_unreachable_shards():
     assert UNREACHABLE in REASONS
 
 
+@pytest.mark.timeout(300)  # builds the quickstart shards, then moto; slow on a loaded machine
 def test_ecglm_shard_writes_to_s3_each_object_once_and_the_manifest_last(tmp_path, formatter):
     from ecglm.commands.shard import run_shard
 
