@@ -1,6 +1,7 @@
-"""The image quickstart's printouts can be learnt from, and the training distortions do not change what the
-paper looks like at the model's size (issue 28: they did, and the quickstart learned nothing that carried
-over to the clean printouts it is evaluated on).
+"""The image quickstart's printouts can be learnt from: its CNN, trained on the distorted printouts as the
+recipe distorts them, reads heart rate from the clean ones evaluation draws (issue 28: after changes to
+the distortions the quickstart learned nothing that carried over; `make reproduce` re-checks the whole
+model's figures, this the encoder's side of it in a minute).
 
 Both read the recipe (recipes/image-quickstart.yaml), so a change to its printouts is checked here."""
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from ecglm.data.synthetic import HEART_RATE_CLASSES, SyntheticHeartQA
 from ecglm.encoders import CNNImageEncoder
-from ecglm.render import ECGPrintout, PrintoutAugment, render_ecg
+from ecglm.render import ECGPrintout, PrintoutAugment
 from ecglm_testing import REPO
 
 RECIPE = yaml.safe_load((REPO / "recipes" / "image-quickstart.yaml").read_text())
@@ -29,30 +30,6 @@ def recipe_view() -> ECGPrintout:
     return ECGPrintout(
         dpi=DRAWING["dpi"], size=SIZE, augment=augment, mv_per_unit=DRAWING["mv_per_unit"], fs=250
     )
-
-
-def _banding(image: np.ndarray) -> float:
-    """Spread of the brightness of 8 x 8 pixel blocks (the edges, where fill may enter, left out): a
-    printout's grid averages to an even tone at this scale; moiré shows as bright and dark bands."""
-    grey = image.astype(np.float64).mean(axis=-1)[8:120, 8:248]
-    return float(grey.reshape(14, 8, 30, 8).mean(axis=(1, 3)).std())
-
-
-def test_geometric_distortions_add_no_moire_at_the_model_s_size():
-    """The paper alone (flat traces), rotated, skewed, zoomed and cropped as the recipe distorts it and
-    brought to the encoder's 128 x 256: its block brightness spreads as the undistorted page's does.
-    Resampling the pose straight to the small size (the bug) doubled the spread (12-14 against 6.9)."""
-    assert SIZE == (128, 256)  # _banding's blocks are laid out for this size
-    paper = render_ecg(np.zeros((12, 2500)), 250, dpi=DRAWING["dpi"])
-    clean = _banding(recipe_view().resized(paper).transpose(1, 2, 0))
-    bounds = DRAWING["augment"]["init_args"]
-    geometric = PrintoutAugment(**{k: bounds[k] for k in ("rotation_deg", "perspective", "scale", "crop")},
-                                blur=0, noise=0, colour=0, grid=0)  # fmt: skip
-    spreads = [_banding(geometric(paper, seed, SIZE)) for seed in range(6)]
-    assert max(spreads) < 1.15 * clean, (clean, spreads)
-    # With every distortion off, training and evaluation printouts are the same pixels.
-    off = PrintoutAugment(0, 0, 0, 0, 0, 0, 0, 0)
-    assert np.array_equal(off(paper, 0, SIZE), recipe_view().resized(paper).transpose(1, 2, 0))
 
 
 def _items(builder: SyntheticHeartQA, split: str, count: int) -> tuple[list[dict], torch.Tensor]:

@@ -161,7 +161,7 @@ class PrintoutAugment:
         perspective: Largest corner displacement, as a fraction of the image's width and height.
         scale: Largest zoom in or out (0.05: 0.95x to 1.05x), the image kept at its size.
         crop: Largest fraction cut from each side (then resized back).
-        blur: Largest blur radius (a box blur, as a defocused camera's), pixels.
+        blur: Largest blur radius (a box blur, as a defocused camera's), pixels of ``size``.
         noise: Largest standard deviation of additive noise, in 0-255 units.
         colour: Largest per-channel gain change (0.15: 0.85x to 1.15x) of paper, grid and ink.
         grid: Probability of a grid printed otherwise (:data:`GRID_STYLES`: grey, blue, green, a
@@ -180,17 +180,20 @@ class PrintoutAugment:
     def __call__(self, image: np.ndarray, seed: int, size: tuple[int, int] | None = None) -> np.ndarray:
         """``image`` distorted, at ``size`` (``(height, width)``; default: its own).
 
-        Rotation, perspective, scale and crop are composed into one projective map and applied at the
-        resolution the printout was drawn at (one bilinear resample, Pillow: a quarter of the time of
-        four); then :func:`resize_printout` brings it to ``size`` exactly as an undistorted printout
-        is brought there, and blur, colour and noise act at that size (their bounds are in the
-        model's pixels).
+        Rotation, perspective, scale and crop are composed into one projective map, and the resize to
+        ``size`` with them, so the picture is resampled once (bilinear, Pillow: a quarter of the time
+        of four resamples, which a loader drawing a distorted printout per QA pair needs); blur,
+        colour and noise then act at ``size`` (their bounds are in the model's pixels).
 
-        The resize is deliberately not folded into the projective map: a bilinear transform samples
-        the input at one point per output pixel, so at the usual 2x reduction it drops every other
-        column of a 1-pixel trace (dotted traces, a moiré grid) while the evaluation printouts,
-        resized with an area filter, keep them. Trained on those, the image quickstart learned
-        nothing that carried over to clean printouts (issue 28).
+        The one transform samples the drawing at one point per output pixel, so at the usual 2x
+        reduction a 1-pixel trace comes out dark and broken where an area-filtered resize
+        (:func:`resize_printout`, which clean printouts get) leaves it continuous and grey. That
+        looks like a defect, and was "fixed" once (distort at the drawn resolution, then resize as
+        the clean ones): the image quickstart then read heart rate far worse (issue 28: its gap to
+        another record's printout fell from 33 to 5 points). The sharp, broken traces are a harder
+        and more varied training picture than the clean one, and what the small CNN learns from
+        them carries over; ``tests/test_printout_learning.py`` keeps the quickstart's pictures as
+        they were measured.
         """
         from PIL import Image, ImageFilter
 
@@ -198,10 +201,11 @@ class PrintoutAugment:
         if self.grid and rng.uniform() < self.grid:
             image = regrid(image, GRID_STYLES[rng.integers(len(GRID_STYLES))], rng.uniform(0.4, 1.0))
         height, width = image.shape[:2]
+        out_h, out_w = size or (height, width)
         centre = np.array([[1, 0, width / 2], [0, 1, height / 2], [0, 0, 1]])
         uncentre = np.linalg.inv(centre)
-        # Output pixel -> input pixel, built right to left: crop, zoom, perspective, rotation.
-        mapping = np.eye(3)
+        # Output pixel -> input pixel, built right to left: resize, crop, zoom, perspective, rotation.
+        mapping = np.diag([width / out_w, height / out_h, 1.0])
         if self.crop:
             left, top, right, bottom = rng.uniform(0, self.crop, size=4) * (width, height, width, height)
             keep_x, keep_y = (width - left - right) / width, (height - top - bottom) / height
@@ -221,17 +225,13 @@ class PrintoutAugment:
             turn = np.array([[np.cos(a), np.sin(a), 0], [-np.sin(a), np.cos(a), 0], [0, 0, 1]])
             mapping = centre @ turn @ uncentre @ mapping
         mapping = mapping / mapping[2, 2]
-        picture = Image.fromarray(image)
-        if not np.allclose(mapping, np.eye(3)):
-            picture = picture.transform(
-                (width, height),
-                Image.Transform.PERSPECTIVE,
-                tuple(mapping.reshape(9)[:8]),
-                Image.Resampling.BILINEAR,
-                fillcolor=(255, 255, 255),
-            )
-        if size is not None:
-            picture = Image.fromarray(resize_printout(np.asarray(picture), size))
+        picture = Image.fromarray(image).transform(
+            (out_w, out_h),
+            Image.Transform.PERSPECTIVE,
+            tuple(mapping.reshape(9)[:8]),
+            Image.Resampling.BILINEAR,
+            fillcolor=(255, 255, 255),
+        )
         if self.blur:
             # One box pass (Pillow's Gaussian is three): camera defocus is a disc, not a Gaussian, and
             # a third of the time.
@@ -253,10 +253,11 @@ class PrintoutAugment:
 
 
 def resize_printout(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An RGB ``(height, width, 3)`` image at ``size`` (``(height, width)``), resized the one way every
-    printout is, distorted or not: Pillow's bilinear ``resize``, which widens its filter by the
-    reduction factor (an area average when shrinking), so a 1-pixel trace drawn at 50 dpi stays a
-    continuous, lighter line at the model's size instead of breaking into dots."""
+    """An RGB ``(height, width, 3)`` image at ``size`` (``(height, width)``), as clean printouts and a
+    dataset's own images reach the model: Pillow's bilinear ``resize``, which widens its filter by
+    the reduction factor (an area average when shrinking), so a 1-pixel trace drawn at 50 dpi stays
+    a continuous, lighter line at the model's size. (Distorted printouts are resized inside their
+    one projective transform, :class:`PrintoutAugment`.)"""
     from PIL import Image
 
     height, width = size
@@ -312,7 +313,7 @@ class ECGPrintout:
         images = []
         for i, signal in enumerate(signals):
             image = render_ecg(signal * self.mv_per_unit, self.fs, dpi=self.dpi)
-            if augment and self.augment is not None:  # distorted as drawn, then resized
+            if augment and self.augment is not None:  # distorted and resized in one resample
                 seed = augment_seed(f"{item['key']}#{i}", epoch, self.seed)
                 image = self.augment(image, seed, self.size)
             images.append(self.resized(image))
