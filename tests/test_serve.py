@@ -41,38 +41,46 @@ def bundle(tmp_path_factory) -> tuple[str, str]:
     return saved_signal_bundle(tmp_path_factory.mktemp("signal"))
 
 
-@pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    """``ecglm serve`` in a subprocess on a free port: ``(base URL, log file)``."""
-    path, llm = bundle
+def _serve(path: str, llm: str, log: Path, *extra: str):
+    """``ecglm serve`` of bundle ``path`` in a subprocess on a free port, once it is healthy:
+    ``(process, base URL)``."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = [sys.executable, "-m", "ecglm", "serve", "--model", path, "--override", f"backbone.model={llm}"]
     args += ["--port", str(port), "--max_new_tokens", str(MAX_NEW_TOKENS), "--api_key_env", "ECGLM_TEST_KEY"]
-    args += ["--max_upload_mb", "3", "--max_windows", "2", "--max_questions", "3", "--max_batch_size", "8"]
     env = {**os.environ, "ECGLM_TEST_KEY": KEY}
     with log.open("w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen([*args, *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health", headers=HEADERS, timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
-        yield url, log
-    finally:
-        process.terminate()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
         try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            if requests.get(f"{url}/health", headers=HEADERS, timeout=2).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
+
+
+def _stop(process) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    """The signal bundle served with small limits: ``(base URL, log file)``."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    limits = ["--max_upload_mb", "3", "--max_windows", "2", "--max_questions", "3", "--max_batch_size", "8"]
+    process, url = _serve(*bundle, log, *limits)
+    yield url, log
+    _stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +318,41 @@ def test_each_request_is_logged_on_one_line_with_id_size_status_and_latency(serv
     lines = [line for line in log.read_text().splitlines() if f"request {request_id} " in line]
     assert len(lines) == 1, log.read_text()[-2000:]
     assert " GET /v1/models 0 B -> 200 in " in lines[0] and lines[0].endswith(" s")
+
+
+def test_an_image_model_answers_a_picture_and_a_record_as_answer_image_and_answer_do(tmp_path_factory, ptb):
+    from PIL import Image
+
+    from ecglm.inference import answer_image
+    from ecglm.model import ECGLM, Decoding
+    from ecglm.render import render_ecg
+    from ecglm.testing import saved_image_bundle
+
+    path, llm = saved_image_bundle(tmp_path_factory.mktemp("image"), channels=[8, 16])
+    model = ECGLM.from_pretrained(path, device="cpu", overrides={"backbone": {"model": llm}})
+    recording, archive = ptb
+    picture = render_ecg(recording.signal[:10000, :12].T, recording.fs, dpi=30)
+    png = io.BytesIO()
+    Image.fromarray(picture).save(png, format="PNG")
+    process, url = _serve(path, llm, tmp_path_factory.mktemp("image-serve") / "serve.log")
+    try:
+        content = [
+            {"type": "text", "text": QUESTIONS[0]},
+            {"type": "image_url", "image_url": {"url": _data_url(png.getvalue(), "image/png")}},
+        ]
+        request = {"model": "bundle", "messages": [{"role": "user", "content": content}]}
+        response = requests.post(f"{url}/v1/chat/completions", json=request, headers=HEADERS, timeout=60)
+        assert response.status_code == 200, response.text
+        expected = answer_image(model, picture, QUESTIONS[0], Decoding(MAX_NEW_TOKENS))
+        assert response.json()["choices"][0]["message"]["content"] == expected
+        # A record is drawn by the model's own printout, as answer() draws it.
+        files = {"file": ("s0010_re.zip", archive, "application/zip")}
+        response = requests.post(
+            f"{url}/v1/answer", files=files, data={"question": QUESTIONS[0]}, headers=HEADERS, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["answers"][0]["answer"] == _expected(model, recording, [QUESTIONS[0]])[0]
+        models = requests.get(f"{url}/v1/models", headers=HEADERS, timeout=30).json()
+        assert models["data"][0]["reads"] == "pictures"
+    finally:
+        _stop(process)
