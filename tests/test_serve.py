@@ -41,13 +41,13 @@ def bundle(tmp_path_factory) -> tuple[str, str]:
     return saved_signal_bundle(tmp_path_factory.mktemp("signal"))
 
 
-def _serve(path: str, llm: str, log: Path, *extra: str):
-    """``ecglm serve`` of bundle ``path`` in a subprocess on a free port, once it is healthy:
-    ``(process, base URL)``."""
-    port = _free_port()
+def _serve(path: str, llm: str, log: Path, *extra: str, port: int | None = None, env: dict | None = None):
+    """``ecglm serve`` of bundle ``path`` in a subprocess on ``port`` (default: a free one), once it is
+    healthy: ``(process, base URL)``."""
+    port = port or _free_port()
     args = [sys.executable, "-m", "ecglm", "serve", "--model", path, "--override", f"backbone.model={llm}"]
     args += ["--port", str(port), "--max_new_tokens", str(MAX_NEW_TOKENS), "--api_key_env", "ECGLM_TEST_KEY"]
-    env = {**os.environ, "ECGLM_TEST_KEY": KEY}
+    env = {**os.environ, "ECGLM_TEST_KEY": KEY, **(env or {})}
     with log.open("w") as out:
         process = subprocess.Popen([*args, *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -354,5 +354,107 @@ def test_an_image_model_answers_a_picture_and_a_record_as_answer_image_and_answe
         assert response.json()["answers"][0]["answer"] == _expected(model, recording, [QUESTIONS[0]])[0]
         models = requests.get(f"{url}/v1/models", headers=HEADERS, timeout=30).json()
         assert models["data"][0]["reads"] == "pictures"
+    finally:
+        _stop(process)
+
+
+def _raw(
+    url: str, body: bytes, path: str = "/v1/chat/completions", declared: int | None = None
+) -> socket.socket:
+    """A socket that has sent ``body`` as the start of a POST (``declared`` bytes announced)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {declared or len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_clients_that_go_away_or_upload_slowly_do_not_disturb_the_server(server, model, ptb):
+    url, _ = server
+    recording, _ = ptb
+    good = json.dumps(_chat("ecg.csv", _csv(recording), ecg_fs=recording.fs)).encode()
+    expected = _expected(model, _sent(recording), [QUESTIONS[0]])[0]
+    _raw(url, good[:1000], declared=len(good)).close()  # gone halfway through its upload
+    _raw(url, good).close()  # gone before its answer
+    slow = _raw(url, b"", declared=len(good))
+    for start in range(0, len(good), len(good) // 4 + 1):  # the upload trickles in over a second
+        time.sleep(0.25)
+        slow.sendall(good[start : start + len(good) // 4 + 1])
+    reply = b""
+    while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        chunk = slow.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    slow.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["choices"][0]["message"]["content"] == expected
+    response = requests.post(f"{url}/v1/chat/completions", data=good, headers=HEADERS, timeout=60)
+    assert response.json()["choices"][0]["message"]["content"] == expected
+
+
+def _family(pid: int) -> list:
+    import psutil
+
+    return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+
+
+def _gone(processes: list, seconds: float = 20.0) -> list:
+    import psutil
+
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for p in processes:
+            try:  # an exited process whose parent is gone may stay a zombie where no init reaps it
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for p in alive:  # leave nothing behind for the next test, then fail
+        p.kill()
+    return alive
+
+
+@pytest.mark.timeout(400)  # three servers start, one after the other
+def test_stopped_or_killed_mid_load_the_server_leaves_nothing_behind_and_restarts(bundle, ptb, tmp_path):
+    import signal
+
+    recording, _ = ptb
+    good = _chat("ecg.csv", _csv(recording), ecg_fs=recording.fs)
+    port = _free_port()
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        private = tmp_path / f"tmp-{how.name}"
+        private.mkdir()
+        process, url = _serve(*bundle, tmp_path / f"{how.name}.log", port=port, env={"TMPDIR": str(private)})
+        family = _family(process.pid)
+        assert len(family) >= 3  # the main process, an HTTP server, an inference worker
+        with ThreadPoolExecutor(8) as pool:
+            sent = [
+                pool.submit(
+                    requests.post, f"{url}/v1/chat/completions", json=good, headers=HEADERS, timeout=60
+                )
+                for _ in range(8)
+            ]
+            time.sleep(0.3)
+            process.send_signal(how)
+            outcomes = [f.exception() or f.result().status_code for f in sent]
+        assert not _gone(family), f"{how.name} left processes running"
+        assert not list(private.glob("ecglm-serve-*")), f"{how.name} left an upload folder"
+        if how == signal.SIGTERM:  # a graceful stop: what was in flight was answered
+            assert all(o == 200 or isinstance(o, requests.ConnectionError) for o in outcomes), outcomes
+            assert outcomes.count(200) >= 1, outcomes
+        else:  # killed: the requests in flight get an answer or an error, none hangs
+            assert all(o in (200, 500) or isinstance(o, requests.ConnectionError) for o in outcomes), outcomes
+    process, url = _serve(*bundle, tmp_path / "again.log", port=port)  # the same port, free again
+    try:
+        response = requests.post(f"{url}/v1/chat/completions", json=good, headers=HEADERS, timeout=60)
+        assert response.status_code == 200
     finally:
         _stop(process)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 from ecglm.errors import EcglmError
 
@@ -90,5 +91,12 @@ def serve(
         trust_remote_code=trust_remote_code,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # SIGTERM as Ctrl-C: LitServe's shutdown stops the HTTP servers (in-flight requests finish) and
+    # then the workers; by default SIGTERM would end this process alone and leave them running.
+    signal.signal(signal.SIGTERM, _interrupt)
     server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

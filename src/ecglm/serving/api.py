@@ -57,6 +57,9 @@ class ECGLMAPI(ls.LitAPI):
         import torch
 
         from ecglm.model import ECGLM, Decoding
+        from ecglm.serving.app import exit_with_parent
+
+        exit_with_parent()
 
         # Plain CPU serving keeps to the threads it was given (a shared workstation); CUDA as LitServe says.
         chosen = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
