@@ -22,6 +22,8 @@ import pytest
 pytest.importorskip("litserve")
 requests = pytest.importorskip("requests")
 
+#: A loaded machine (other jobs on two cores) can take minutes to start a server and its worker.
+pytestmark = pytest.mark.timeout(900)
 KEY = "test-key-24"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 QUESTIONS = ["Is the rhythm regular or irregular?", "Does this ECG show atrial fibrillation?"]
@@ -51,18 +53,21 @@ def _serve(path: str, llm: str, log: Path, *extra: str, port: int | None = None,
     with log.open("w") as out:
         process = subprocess.Popen([*args, *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", headers=HEADERS, timeout=2).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/health", headers=HEADERS, timeout=2).status_code == 200:
+                    return process, url
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
+    except BaseException:  # not started in time, or the test interrupted: leave nothing running
+        _stop(process)
+        raise
 
 
 def _stop(process) -> None:
@@ -402,7 +407,7 @@ def _family(pid: int) -> list:
     return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
 
 
-def _gone(processes: list, seconds: float = 20.0) -> list:
+def _gone(processes: list, seconds: float = 60.0) -> list:
     import psutil
 
     deadline = time.monotonic() + seconds
@@ -422,7 +427,6 @@ def _gone(processes: list, seconds: float = 20.0) -> list:
     return alive
 
 
-@pytest.mark.timeout(400)  # three servers start, one after the other
 def test_stopped_or_killed_mid_load_the_server_leaves_nothing_behind_and_restarts(bundle, ptb, tmp_path):
     import signal
 
