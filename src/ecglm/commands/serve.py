@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 
@@ -94,9 +95,29 @@ def serve(
     # SIGTERM as Ctrl-C: LitServe's shutdown stops the HTTP servers (in-flight requests finish) and
     # then the workers; by default SIGTERM would end this process alone and leave them running.
     signal.signal(signal.SIGTERM, _interrupt)
-    server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)
+    try:
+        server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)
+    except KeyboardInterrupt:  # stopped while the workers were starting: outside LitServe's shutdown
+        return 130
+    finally:
+        _stop_children()
     return 0
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _stop_children(grace: float = 10.0) -> None:
+    """Every process this one started and LitServe left running (a stop during start-up), terminated
+    and after ``grace`` seconds killed: otherwise exiting would wait on them for ever."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
