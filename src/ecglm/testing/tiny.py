@@ -341,3 +341,30 @@ def saved_image_bundle(
         folder / "bundle", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
     )
     return str(folder / "bundle"), llm
+
+
+def saved_signal_bundle(folder: str | Path, seed: int = 0) -> tuple[str, str]:
+    """A tiny random signal-path model (:func:`tiny_encoder`'s wav2vec 2.0 on 10 s at 250 Hz, 2 ECG
+    tokens, a tiny Llama) saved as a bundle in ``folder / "bundle"``, its LLM in ``folder / "llm"``:
+    ``(bundle, llm)``. As for :func:`saved_image_bundle`, give the LLM back at load time with
+    ``overrides={"backbone": {"model": llm}}``."""
+    from ecglm.bundle import GROUPS
+    from ecglm.model import ECGLM
+    from ecglm.plugins import build_component
+
+    folder = Path(folder)
+    llm = saved_causal_lm(folder / "llm", tokenizer_dir())
+    components = {
+        "encoder": {"class_path": "ecglm.encoders.Wav2Vec2ECGEncoder", "init_args": dict(TINY_ENCODER)},
+        "connector": {"class_path": "ecglm.connectors.MLPConnector", "init_args": {"num_tokens": 2}},
+        "backbone": {"class_path": "ecglm.backbones.HFBackbone", "init_args": {"model": llm}},
+        "policy": {"class_path": "ecglm.peft.ProjectionOnly", "init_args": {}},
+    }
+    torch.manual_seed(seed)
+    parts = [build_component(components[p], GROUPS[p]) for p in ("encoder", "connector", "backbone")]
+    model = ECGLM(*parts, build_component(components["policy"], GROUPS["policy"]))
+    model.prompt = bound_prompt(model.backbone)
+    model.save_pretrained(
+        folder / "bundle", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
+    )
+    return str(folder / "bundle"), llm
