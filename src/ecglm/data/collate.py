@@ -149,6 +149,11 @@ class QACollator:
         )
         if self.for_generation:
             batch.question = [it["question"] for it in items]
+        elif all("question" in it for it in items):  # what the rewards of RL objectives read
+            batch.question = [it["question"] for it in items]
+        if items and all("chosen" in it and "rejected" in it for it in items):
+            batch.chosen = [answer_text(it["chosen"]) for it in items]
+            batch.rejected = [answer_text(it["rejected"]) for it in items]
         if self.donors is not None and self.for_generation:
             shuffled, batch.donor = self.donors(items)
             batch.shuffled_ecg = torch.from_numpy(shuffled)
