@@ -28,13 +28,24 @@ class Objective(ABC):
         init_from: A checkpoint (``ecglm fit``'s ``.ckpt``) whose trained weights the run starts from,
             e.g. the SFT model that RL then improves; ignored when a fit resumes (``--ckpt_path``),
             whose checkpoint then holds the weights.
+        reference: The reference policy of objectives that have one (KL penalty, DPO): ``start``, the
+            model as this run starts (its trainable weights copied; nothing else is), or ``base``,
+            the same weights with LoRA adapters switched off (the base LLM; no copy of adapters).
     """
 
     #: The training stage this objective produces, recorded in checkpoints and reports.
     stage = "sft"
 
-    def __init__(self, init_from: str | None = None):
+    def __init__(self, init_from: str | None = None, reference: str = "start"):
+        if reference not in ("start", "base"):
+            raise ValueError(f"model.objective.init_args.reference is {reference!r}: use start or base")
         self.init_from = init_from
+        self.reference_kind = reference
+
+    @property
+    def adapters_off(self) -> bool:
+        """Whether the reference policy is the base LLM with LoRA adapters switched off."""
+        return self.reference_kind == "base"
 
     @abstractmethod
     def training_step(self, task: ECGLanguageModel, batch: ECGQABatch, batch_idx: int) -> Tensor:

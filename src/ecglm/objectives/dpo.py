@@ -38,16 +38,21 @@ class DPO(Objective):
         beta: Strength of the implicit KL constraint (DPO's beta).
         label_smoothing: Assumed probability that a preference label is flipped (cDPO; 0: plain DPO).
         sft_weight: Weight of the next-token loss of the chosen answers added to the DPO loss (RPO).
-        init_from: See :class:`~ecglm.objectives.base.Objective`.
+        init_from, reference: See :class:`~ecglm.objectives.base.Objective`.
     """
 
     stage = "dpo"
     needs_reference = True
 
     def __init__(
-        self, beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0, init_from: str | None = None
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+        init_from: str | None = None,
+        reference: str = "start",
     ):
-        super().__init__(init_from)
+        super().__init__(init_from, reference)
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"model.objective.init_args.label_smoothing is {label_smoothing}: use [0, 0.5)")
         self.beta, self.label_smoothing, self.sft_weight = beta, label_smoothing, sft_weight
@@ -65,7 +70,7 @@ class DPO(Objective):
         ecg = torch.cat([batch.ecg, batch.ecg])
         tokens, mask = answer_rows(model, both, [*batch.chosen, *batch.rejected])
         policy = completion_logprobs(model, both, model.ecg_tokens(ecg), tokens, mask).sum(1)
-        with torch.no_grad(), reference_policy(model, self.reference or {}):
+        with torch.no_grad(), reference_policy(model, self.reference or {}, self.adapters_off):
             reference = completion_logprobs(model, both, model.ecg_tokens(ecg), tokens, mask).sum(1)
         return policy, reference, mask.sum(1)
 

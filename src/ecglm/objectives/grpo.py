@@ -50,8 +50,8 @@ class GRPO(Objective):
     Per question, ``group_size`` answers are sampled in one batched ``generate`` call and scored by
     the ``rewards`` (summed with their weights); advantages are the rewards normalised within each
     group. The loss is the clipped policy-ratio objective with a per-token KL penalty (``beta``) to
-    the reference policy: the same weights with LoRA adapters switched off, and the other trainable
-    weights as they were when the run started (a copy of those only, never of the LLM). The
+    the reference policy: the trainable weights as the run started (a copy of those only, never of
+    the LLM), or with ``reference: base`` the same weights with LoRA adapters switched off. The
     reference answers of the batch are read by the rewards, never trained on.
 
     Args:
@@ -65,7 +65,7 @@ class GRPO(Objective):
         steps_per_rollout: Optimisation steps on one rollout (DeepSeekMath's mu); the batches of
             the extra steps are not sampled from (each step still consumes one training batch).
         scale_rewards: Divide by the group's std (``false``: Dr. GRPO's centred rewards).
-        init_from: See :class:`~ecglm.objectives.base.Objective`.
+        init_from, reference: See :class:`~ecglm.objectives.base.Objective`.
     """
 
     stage = "grpo"
@@ -83,8 +83,9 @@ class GRPO(Objective):
         steps_per_rollout: int = 1,
         scale_rewards: bool = True,
         init_from: str | None = None,
+        reference: str = "start",
     ):
-        super().__init__(init_from)
+        super().__init__(init_from, reference)
         if group_size < 2:
             raise ValueError(f"model.objective.init_args.group_size is {group_size}: GRPO compares at least 2 answers")
         self.rewards = list(rewards) if rewards else [ExactMatchReward()]
@@ -161,7 +162,7 @@ class GRPO(Objective):
             old = completion_logprobs(model, prompt, ecg_tokens, tokens, mask, self.temperature)
             ref = None
             if self.beta:
-                with reference_policy(model, self.reference or {}):
+                with reference_policy(model, self.reference or {}, self.adapters_off):
                     ref_tokens = model.ecg_tokens(ecg)
                     ref = completion_logprobs(model, prompt, ref_tokens, tokens, mask, self.temperature)
         stats.update(

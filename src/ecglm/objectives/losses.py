@@ -27,7 +27,8 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale:
     grouped = rewards.float().view(-1, group_size)
     centred = grouped - grouped.mean(1, keepdim=True)
     if scale and group_size > 1:
-        centred = centred / (grouped.std(1, keepdim=True) + eps)
+        std = grouped.std(1, keepdim=True)
+        centred = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
     return centred.view(-1)
 
 

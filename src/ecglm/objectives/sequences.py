@@ -102,29 +102,29 @@ def completion_logprobs(
 
 
 def snapshot_trainable(model: ECGLM) -> dict[str, Tensor]:
-    """A detached copy of the trainable weights that adapters-off does not cover (LoRA's adapters are
-    switched off instead): with the frozen rest, the reference policy. Never a copy of the LLM."""
-    return {
-        name: p.detach().clone()
-        for name, p in model.named_parameters()
-        if p.requires_grad and ".lora_" not in name
-    }
+    """A detached copy of the trainable weights (connector, adapters, a trained encoder): with the
+    frozen rest, the policy as it is now. Never a copy of the LLM's frozen weights."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 @contextmanager
-def reference_policy(model: ECGLM, snapshot: dict[str, Tensor]) -> Iterator[None]:
-    """Within: the model as the reference policy, i.e. LoRA adapters switched off and the other
-    trainable weights (connector, trained encoder) as they were at the start of the run.
+def reference_policy(model: ECGLM, snapshot: dict[str, Tensor], adapters_off: bool = False) -> Iterator[None]:
+    """Within: the model as the reference policy, its trainable weights swapped for ``snapshot``'s
+    (:func:`snapshot_trainable` at the start of the run); with ``adapters_off``, LoRA adapters are
+    switched off instead of swapped (the reference is then the base LLM, whatever the adapters
+    learnt before this run).
 
     Written here rather than peft's ``PeftModel.disable_adapter()``: ecglm injects adapters in place
     (``inject_adapter_in_model``), so there is no ``PeftModel``; its tuner layers are switched off
     one by one, as that context manager does.
     """
     params = dict(model.named_parameters())
-    current = {name: params[name].data for name in snapshot}
+    swapped = {n: v for n, v in snapshot.items() if not (adapters_off and ".lora_" in n)}
+    current = {name: params[name].data for name in swapped}
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    layers = layers if adapters_off else []
     try:
-        for name, value in snapshot.items():
+        for name, value in swapped.items():
             params[name].data = value
         for layer in layers:
             layer.enable_adapters(False)
