@@ -223,15 +223,15 @@ def test_the_reference_with_adapters_off_is_the_frozen_base_and_start_is_the_sta
 def test_dpo_prefers_the_chosen_answer_after_a_few_steps():
     model = _tiny(PartialFineTuning(modules=["lm_head"]))
     rng = np.random.default_rng(0)
-    items = _items(rng, 8)
+    items = _items(rng, 4)
     for it in items:  # a preference the LM head alone can learn (it does not read the ECG)
         it["chosen"], it["rejected"] = "regular", "irregular"
     batch = QACollator(model.prompt, 1)(items)
-    assert batch.chosen == ["regular"] * 8 and batch.rejected == ["irregular"] * 8
+    assert batch.chosen == ["regular"] * 4 and batch.rejected == ["irregular"] * 4
     task, objective = _task(model), DPO(beta=0.5)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     losses = []
-    for step in range(6):
+    for step in range(4):
         loss = objective.training_step(task, batch, step)
         optimizer.zero_grad()
         loss.backward()
