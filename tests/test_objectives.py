@@ -3,6 +3,7 @@ policy, and GRPO teaching a tiny model to read the ECG."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -91,10 +92,20 @@ def _trl_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
     identity = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
     model = SimpleNamespace(training=True)
     trainer = SimpleNamespace(
-        model=model, accelerator=identity, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=beta,
-        label_smoothing=0.0, use_weighting=False, _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1,
+        model=model,
+        accelerator=identity,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
     inputs = {
         "input_ids": torch.zeros(2 * n, 3, dtype=torch.long),
@@ -182,7 +193,13 @@ def test_the_kl_is_zero_and_no_ratio_is_clipped_at_the_first_step():
     rollout = objective._rollout
     assert rollout.completion.shape[0] == 12 and rollout.ref_logp is not None
     torch.testing.assert_close(rollout.ref_logp, rollout.old_logp)  # reference = policy at the start
-    for name in ("reward", "reward/exact_match", "reward/exact_match_std", "answer_length", "zero_variance_groups"):
+    for name in (
+        "reward",
+        "reward/exact_match",
+        "reward/exact_match_std",
+        "answer_length",
+        "zero_variance_groups",
+    ):
         assert f"train/{name}" in task.logs
 
 
@@ -200,7 +217,7 @@ def test_the_reference_with_adapters_off_is_the_frozen_base_and_start_is_the_sta
     start, snapshot = logp(), snapshot_trainable(model)
     assert not any(n.startswith("backbone") and ".lora_" not in n for n in snapshot)  # no LLM copy
     with torch.no_grad():  # "training": every adapter and the connector move
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn_like(p))
     trained = logp()
@@ -238,7 +255,7 @@ def test_dpo_prefers_the_chosen_answer_after_a_few_steps():
         optimizer.step()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(2), rel=1e-5)  # policy = reference at the start
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < losses[0] - 0.3 and task.logs["train/rewards/accuracy"] == 1.0
 
 
@@ -277,6 +294,9 @@ def test_grpo_teaches_a_tiny_model_to_read_the_ecg():
         rewards.append(task.logs["train/reward"])
     assert np.mean(rewards[-8:]) > np.mean(rewards[:8]) + 0.15, rewards
     after, after_shuffled = _accuracy(model, held_out, False), _accuracy(model, held_out, True)
-    print(f"before {before:.2f} (shuffled {before_shuffled:.2f}), after {after:.2f} (shuffled {after_shuffled:.2f})")
+    print(
+        f"before {before:.2f} (shuffled {before_shuffled:.2f}), "
+        f"after {after:.2f} (shuffled {after_shuffled:.2f})"
+    )
     assert abs(before - before_shuffled) < 0.2
     assert after >= 0.75 and after - after_shuffled >= 0.25

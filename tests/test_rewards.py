@@ -53,7 +53,10 @@ def test_the_format_reward_takes_listed_options_per_question_type():
 
 class FixedJudge(Judge):
     def judge(self, items):
-        return [Verdict(0.7, "", "Score: 7") if "sinus" in it.prediction else Verdict(None, "", "?") for it in items]
+        return [
+            Verdict(0.7, "", "Score: 7") if "sinus" in it.prediction else Verdict(None, "", "?")
+            for it in items
+        ]
 
 
 def test_the_judge_reward_is_the_judges_score_and_zero_when_unreadable():
@@ -67,7 +70,7 @@ def test_rewards_are_discovered_and_checked_like_every_component():
     assert {"exact-match", "label-f1", "format", "judge"} <= set(registry.names("ecglm.rewards"))
     assert {"sft", "grpo", "dpo"} <= set(registry.names("ecglm.objectives"))
     assert component_class("exact-match", "ecglm.rewards", registry) is ExactMatchReward
-    with pytest.raises(Exception, match="not a subclass of ecglm.rewards.Reward"):
+    with pytest.raises(Exception, match=r"not a subclass of ecglm\.rewards\.Reward"):
         component_class("ecglm.judges.LocalJudge", "ecglm.rewards", registry)
 
 

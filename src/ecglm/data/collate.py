@@ -147,9 +147,7 @@ class QACollator:
             if self.with_prompts and not self.for_generation
             else None,
         )
-        if self.for_generation:
-            batch.question = [it["question"] for it in items]
-        elif all("question" in it for it in items):  # what the rewards of RL objectives read
+        if self.for_generation or all("question" in it for it in items):
             batch.question = [it["question"] for it in items]
         if items and all("chosen" in it and "rejected" in it for it in items):
             batch.chosen = [answer_text(it["chosen"]) for it in items]

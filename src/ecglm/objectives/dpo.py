@@ -66,7 +66,9 @@ class DPO(Objective):
                 "'chosen' and 'rejected' answers (build the shards from pairs: docs/training.md)"
             )
         prompt = prompt_fields(batch)
-        both = TokenFields(*(torch.cat([t, t]) for t in (prompt.input_ids, prompt.attention_mask, prompt.ecg_mask)))
+        both = TokenFields(
+            *(torch.cat([t, t]) for t in (prompt.input_ids, prompt.attention_mask, prompt.ecg_mask))
+        )
         ecg = torch.cat([batch.ecg, batch.ecg])
         tokens, mask = answer_rows(model, both, [*batch.chosen, *batch.rejected])
         policy = completion_logprobs(model, both, model.ecg_tokens(ecg), tokens, mask).sum(1)

@@ -87,7 +87,9 @@ class GRPO(Objective):
     ):
         super().__init__(init_from, reference)
         if group_size < 2:
-            raise ValueError(f"model.objective.init_args.group_size is {group_size}: GRPO compares at least 2 answers")
+            raise ValueError(
+                f"model.objective.init_args.group_size is {group_size}: GRPO compares at least 2 answers"
+            )
         self.rewards = list(rewards) if rewards else [ExactMatchReward()]
         self.group_size, self.temperature, self.top_p = group_size, temperature, top_p
         self.max_new_tokens, self.beta, self.clip_eps = max_new_tokens, beta, clip_eps
@@ -135,13 +137,22 @@ class GRPO(Objective):
         )
         return prompt, ecg, tokens, completion_mask(tokens, end_token_ids(model))
 
-    def score(self, model: ECGLM, batch: ECGQABatch, tokens: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def score(
+        self, model: ECGLM, batch: ECGQABatch, tokens: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
         """The weighted sum of the rewards of each sampled answer, and each reward's mean and std."""
-        texts = model.backbone.tokenizer.batch_decode(tokens.masked_fill(~mask, model.backbone.pad_token_id), skip_special_tokens=True)
+        texts = model.backbone.tokenizer.batch_decode(
+            tokens.masked_fill(~mask, model.backbone.pad_token_id), skip_special_tokens=True
+        )
         questions = batch.question or [""] * len(batch.key)
         items = [
-            RewardItem(questions[row // self.group_size], batch.answer[row // self.group_size], text.strip(),
-                       batch.dataset[row // self.group_size], batch.question_type[row // self.group_size])
+            RewardItem(
+                questions[row // self.group_size],
+                batch.answer[row // self.group_size],
+                text.strip(),
+                batch.dataset[row // self.group_size],
+                batch.question_type[row // self.group_size],
+            )
             for row, text in enumerate(texts)
         ]
         total = torch.zeros(len(items))

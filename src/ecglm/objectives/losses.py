@@ -86,9 +86,7 @@ def grpo_loss(
     loss = -((per_token * mask).sum(1) / lengths).mean()
     clipped = ((ratio - 1).abs() > clip_eps).float()
     total = mask.sum().clamp(min=1)
-    return GRPOLoss(
-        loss, ((kl * mask).sum() / total).detach(), ((clipped * mask).sum() / total).detach()
-    )
+    return GRPOLoss(loss, ((kl * mask).sum() / total).detach(), ((clipped * mask).sum() / total).detach())
 
 
 def dpo_loss(
@@ -103,7 +101,9 @@ def dpo_loss(
     conservative-DPO label smoothing; returns ``(losses, chosen_rewards, rejected_rewards)``, the
     rewards being ``beta * (logp - ref_logp)`` (detached), as TRL reports them."""
     logits = (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)
-    losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    losses = (
+        -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    )
     chosen = beta * (chosen_logp - ref_chosen_logp).detach()
     rejected = beta * (rejected_logp - ref_rejected_logp).detach()
     return losses, chosen, rejected

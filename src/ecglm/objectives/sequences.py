@@ -47,7 +47,9 @@ def prompt_fields(batch: ECGQABatch) -> TokenFields:
 
 def repeat_rows(fields: TokenFields, times: int) -> TokenFields:
     """Each row ``times`` times in a row (a group of answers per question)."""
-    return TokenFields(*(t.repeat_interleave(times, 0) for t in (fields.input_ids, fields.attention_mask, fields.ecg_mask)))
+    return TokenFields(
+        *(t.repeat_interleave(times, 0) for t in (fields.input_ids, fields.attention_mask, fields.ecg_mask))
+    )
 
 
 def repeat_ecgs(ecg: Tensor, counts: Tensor, times: int) -> Tensor:
@@ -94,7 +96,9 @@ def completion_logprobs(
         torch.cat([prompt.attention_mask, mask.to(prompt.attention_mask.dtype)], 1),
         torch.cat([prompt.ecg_mask, torch.zeros_like(mask)], 1),
         ecg_tokens,
-        torch.cat([torch.full_like(prompt.input_ids, IGNORE_INDEX), completion.masked_fill(~mask, IGNORE_INDEX)], 1),
+        torch.cat(
+            [torch.full_like(prompt.input_ids, IGNORE_INDEX), completion.masked_fill(~mask, IGNORE_INDEX)], 1
+        ),
     )
     # The logits before each answer token predict it (the backbone keeps the answer span's, or all).
     logp = token_logprobs(out.logits[:, -(n + 1) : -1], completion, temperature)
