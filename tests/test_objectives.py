@@ -300,3 +300,36 @@ def test_grpo_teaches_a_tiny_model_to_read_the_ecg():
     )
     assert abs(before - before_shuffled) < 0.2
     assert after >= 0.75 and after - after_shuffled >= 0.25
+
+
+def test_the_lightning_task_trains_with_grpo_and_checkpoints_its_reference(tmp_path):
+    import lightning as L
+
+    from ecglm.module import ECGLanguageModel
+
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    connector = MLPConnector(num_tokens=1, input_norm="batch")
+    objective = GRPO(group_size=2, max_new_tokens=2)
+    task = ECGLanguageModel(Wav2Vec2ECGEncoder(**TINY_ENCODER), connector, backbone, objective=objective)
+    task.model.prompt = bound_prompt(backbone)
+    assert "objective" not in task.hparams  # SFT recipes' hyper-parameters are unchanged
+    batches = [QACollator(task.model.prompt, 1)(_items(np.random.default_rng(i), 2)) for i in range(2)]
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    start = {n: p.detach().clone() for n, p in task.model.named_parameters() if p.requires_grad}
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert {"train/reward", "train/kl", "train/clip_fraction"} <= set(trainer.callback_metrics)
+    trainer.save_checkpoint(tmp_path / "grpo.ckpt")
+    saved = torch.load(tmp_path / "grpo.ckpt", weights_only=True)["ecglm"]["objective"]
+    assert saved["stage"] == "grpo" and set(saved["state"]["reference"]) == set(start)
+    for name, value in start.items():  # the reference is the start, not the trained weights
+        torch.testing.assert_close(saved["state"]["reference"][name], value)
+    restored = GRPO(group_size=2)
+    ECGLanguageModel(
+        Wav2Vec2ECGEncoder(**TINY_ENCODER), MLPConnector(num_tokens=1, input_norm="batch"), tiny_backbone(),
+        objective=restored,
+    ).on_load_checkpoint(torch.load(tmp_path / "grpo.ckpt", weights_only=True))  # fmt: skip
+    assert restored.reference is not None and set(restored.reference) == set(start)
