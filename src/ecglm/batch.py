@@ -73,7 +73,9 @@ class ECGQABatch(TokenFields):
             dataset (:class:`ecglm.data.controls.ECGDonors`), laid out as ``ecg``: the shuffled
             control.
         donor: Per row, the record(s) ``shuffled_ecg`` holds (``None``: the row kept its own ECG).
-        question: Per row, the question as written (generation batches; for judges and reports).
+        question: Per row, the question as written (for judges, rewards and reports).
+        chosen: Per row, the preferred answer of a preference pair (shards with ``chosen`` fields; DPO).
+        rejected: Per row, the dispreferred answer of that pair.
     """
 
     ecg: Tensor
@@ -87,6 +89,8 @@ class ECGQABatch(TokenFields):
     shuffled_ecg: Tensor | None = None
     donor: list[str | None] | None = None
     question: list[str] | None = None
+    chosen: list[str] | None = None
+    rejected: list[str] | None = None
 
 
 def pack(batch: ECGQABatch, max_tokens: int | None = None, pad_token_id: int = 0) -> ECGQABatch:

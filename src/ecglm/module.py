@@ -33,6 +33,7 @@ from ecglm.evaluation import (
 from ecglm.io import save_run_file
 from ecglm.metrics import AnswerTokenStats
 from ecglm.model import ECGLM
+from ecglm.objectives import SFT, Objective
 from ecglm.peft import PEFTPolicy, count_parameters
 from ecglm.plugins import component_provenance
 from ecglm.version import __version__
@@ -63,6 +64,9 @@ class ECGLanguageModel(L.LightningModule):
         val_generation_samples: Validation QA pairs whose answers are generated and scored with the
             same metrics each validation (0: loss and answer-token statistics only). Lets
             ModelCheckpoint select by ``val/acc`` rather than by loss.
+        objective: What a training step optimises (``ecglm.objectives``): the next-token loss
+            (:class:`~ecglm.objectives.SFT`, the default), :class:`~ecglm.objectives.GRPO` or
+            :class:`~ecglm.objectives.DPO`. Everything else is the same whatever the objective.
     """
 
     def __init__(
@@ -79,11 +83,13 @@ class ECGLanguageModel(L.LightningModule):
         decoding: Decoding | None = None,
         evaluation: MetricsConfig | None = None,
         val_generation_samples: int = 0,
+        objective: Objective | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
-            ignore=["encoder", "connector", "backbone", "policy", "decoding", "evaluation"]
+            ignore=["encoder", "connector", "backbone", "policy", "decoding", "evaluation", "objective"]
         )
+        self.objective = objective or SFT()
         self.decoding = Decoding(**decoding) if isinstance(decoding, dict) else decoding or Decoding()
         self.metrics_config = (
             MetricsConfig(**evaluation) if isinstance(evaluation, dict) else evaluation or MetricsConfig()
@@ -148,6 +154,8 @@ class ECGLanguageModel(L.LightningModule):
         Other stages take them from the checkpoint they load (:meth:`on_load_checkpoint`), which also
         replaces these when a fit resumes: a run keeps the demonstrations it started with.
         """
+        if stage == "fit":
+            self.objective.setup(self)
         if stage != "fit" or not self.wants_demonstrations or self.demonstrations is not None:
             return
         if self._sample_demonstrations is None:
@@ -201,9 +209,7 @@ class ECGLanguageModel(L.LightningModule):
         return self.model(batch, zero_ecg)
 
     def training_step(self, batch: ECGQABatch, batch_idx: int) -> Tensor:
-        loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.key))
-        return loss
+        return self.objective.training_step(self, batch, batch_idx)
 
     def validation_step(self, batch: ECGQABatch, batch_idx: int) -> None:
         out = self(batch)
@@ -342,6 +348,7 @@ class ECGLanguageModel(L.LightningModule):
     def on_train_start(self) -> None:
         self._weights_from = "training"
         self._record_demonstrations()  # here: after any checkpoint a resumed fit restores
+        self.objective.on_train_start(self)
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)
@@ -385,6 +392,12 @@ class ECGLanguageModel(L.LightningModule):
         }
         if self.demonstrations is not None:
             checkpoint["ecglm"]["demonstrations"] = self.demonstrations
+        if not isinstance(self.objective, SFT):  # SFT checkpoints stay as they were
+            checkpoint["ecglm"]["objective"] = {
+                "stage": self.objective.stage,
+                "init_from": self.objective.init_from,
+                "state": self.objective.state_dict(),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = self.model.persistent_keys()
@@ -397,6 +410,9 @@ class ECGLanguageModel(L.LightningModule):
                 f"  unexpected ({len(unexpected)}): {unexpected[:10]}"
             )
         self._restore_demonstrations(checkpoint.get("ecglm", {}).get("demonstrations"))
+        recorded = checkpoint.get("ecglm", {}).get("objective")
+        if recorded and recorded.get("stage") == self.objective.stage:
+            self.objective.load_state_dict(recorded.get("state") or {})
         self._weights_from = "checkpoint"
 
     def _keys_in_ckpt_file(self) -> set[str]:

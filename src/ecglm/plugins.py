@@ -33,7 +33,12 @@ GROUPS = {
     "judge": "ecglm.judges",
     "printout": "ecglm.printouts",
     "reader": "ecglm.readers",
+    "objective": "ecglm.objectives",
+    "reward": "ecglm.rewards",
 }
+
+#: Keys whose value is a list of components of one group (a recipe weights several rewards).
+LIST_GROUPS = {"rewards": "ecglm.rewards"}
 
 #: Where each group's component sits in the CLI's config (the prompt style is the data side's, the
 #: judge the evaluation protocol's).
@@ -42,6 +47,7 @@ CLI_PLACES = {part: (f"model.{part}",) for part in GROUPS} | {
     "judge": ("evaluate.judge",),
     "printout": ("data.image", "data.init_args.image"),
     "reader": (),  # no recipe key: a file is offered to every reader (ecglm.records)
+    "reward": (),  # listed under model.objective.init_args.rewards
 }
 
 #: The base class every component of a group derives from, imported only when a plugin is checked.
@@ -54,6 +60,8 @@ BASE_CLASSES = {
     "ecglm.judges": "ecglm.judges:Judge",
     "ecglm.printouts": "ecglm.render:ECGPrintout",
     "ecglm.readers": "ecglm.readers:ECGReader",
+    "ecglm.objectives": "ecglm.objectives.base:Objective",
+    "ecglm.rewards": "ecglm.rewards:Reward",
 }
 
 #: The distribution whose entry points are the built-ins, which no plugin can replace.
@@ -278,6 +286,11 @@ def resolve_class_paths(config: object, registry: Registry, path: str = "") -> o
         out[key] = resolve_class_paths(value, registry, where)
         if isinstance(value, dict) and isinstance(value.get("class_path"), str) and key in GROUPS:
             out[key]["class_path"] = _resolve_name(value["class_path"], GROUPS[key], registry, where)
+        if isinstance(value, list) and key in LIST_GROUPS:
+            for i, item in enumerate(value):
+                if isinstance(item, dict) and isinstance(item.get("class_path"), str):
+                    name = _resolve_name(item["class_path"], LIST_GROUPS[key], registry, f"{where}[{i}]")
+                    out[key][i]["class_path"] = name
     return out
 
 

@@ -147,8 +147,11 @@ class QACollator:
             if self.with_prompts and not self.for_generation
             else None,
         )
-        if self.for_generation:
+        if self.for_generation or all("question" in it for it in items):
             batch.question = [it["question"] for it in items]
+        if items and all("chosen" in it and "rejected" in it for it in items):
+            batch.chosen = [answer_text(it["chosen"]) for it in items]
+            batch.rejected = [answer_text(it["rejected"]) for it in items]
         if self.donors is not None and self.for_generation:
             shuffled, batch.donor = self.donors(items)
             batch.shuffled_ecg = torch.from_numpy(shuffled)

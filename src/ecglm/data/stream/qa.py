@@ -30,6 +30,8 @@ def expand_qa(samples: Iterator[dict[str, Any]], first: int = 0) -> Iterator[dic
                 "answer": qa["answer"],
                 "question_type": qa.get("question_type", "unknown"),
                 "dataset": meta.get("dataset", "unknown"),
+                # Preference pairs (DPO): a preferred and a dispreferred answer beside the reference.
+                **{f: qa[f] for f in ("chosen", "rejected") if f in qa},
             }
 
 
