@@ -57,7 +57,7 @@ class ECGLMAPI(ls.LitAPI):
         import torch
 
         from ecglm.model import ECGLM, Decoding
-        from ecglm.serving.app import exit_with_parent
+        from ecglm.serving.lifetime import exit_with_parent
 
         exit_with_parent()
 
