@@ -309,6 +309,32 @@ def saved_vision_model(folder: str | Path, family: str = "gemma3", seed: int = 0
     return str(folder)
 
 
+def _saved_bundle(folder: Path, encoder: dict[str, Any], seed: int, printout: Any = None) -> tuple[str, str]:
+    """``encoder`` with an MLP connector (2 ECG tokens) into a tiny random Llama, projection-only,
+    saved as a bundle in ``folder / "bundle"``, its LLM in ``folder / "llm"``: ``(bundle, llm)``."""
+    from ecglm.bundle import GROUPS
+    from ecglm.model import ECGLM
+    from ecglm.plugins import build_component
+
+    llm = saved_causal_lm(folder / "llm", tokenizer_dir())
+    components = {
+        "encoder": encoder,
+        "connector": {"class_path": "ecglm.connectors.MLPConnector", "init_args": {"num_tokens": 2}},
+        "backbone": {"class_path": "ecglm.backbones.HFBackbone", "init_args": {"model": llm}},
+        "policy": {"class_path": "ecglm.peft.ProjectionOnly", "init_args": {}},
+    }
+    torch.manual_seed(seed)
+    parts = [build_component(components[p], GROUPS[p]) for p in ("encoder", "connector", "backbone")]
+    model = ECGLM(*parts, build_component(components["policy"], GROUPS["policy"]))
+    model.prompt = bound_prompt(model.backbone)
+    if printout is not None:
+        model.printout = printout
+    model.save_pretrained(
+        folder / "bundle", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
+    )
+    return str(folder / "bundle"), llm
+
+
 def saved_image_bundle(
     folder: str | Path, channels: list[int] | None = None, seed: int = 0
 ) -> tuple[str, str]:
@@ -316,31 +342,13 @@ def saved_image_bundle(
     saved as a bundle in ``folder / "bundle"``, its LLM in ``folder / "llm"``: ``(bundle, llm)``.
     The bundle names the LLM by a local path, which loading refuses from a bundle: give it back with
     ``overrides={"backbone": {"model": llm}}`` (``--override backbone.model=LLM``)."""
-    from ecglm.bundle import GROUPS
-    from ecglm.model import ECGLM
-    from ecglm.plugins import build_component
     from ecglm.render import ECGPrintout
 
-    folder = Path(folder)
-    llm = saved_causal_lm(folder / "llm", tokenizer_dir())
     encoder_args: dict[str, Any] = {"image_size": [64, 128]}
     if channels is not None:
         encoder_args["channels"] = list(channels)
-    components = {
-        "encoder": {"class_path": "ecglm.encoders.CNNImageEncoder", "init_args": encoder_args},
-        "connector": {"class_path": "ecglm.connectors.MLPConnector", "init_args": {"num_tokens": 2}},
-        "backbone": {"class_path": "ecglm.backbones.HFBackbone", "init_args": {"model": llm}},
-        "policy": {"class_path": "ecglm.peft.ProjectionOnly", "init_args": {}},
-    }
-    torch.manual_seed(seed)
-    parts = [build_component(components[p], GROUPS[p]) for p in ("encoder", "connector", "backbone")]
-    model = ECGLM(*parts, build_component(components["policy"], GROUPS["policy"]))
-    model.prompt = bound_prompt(model.backbone)
-    model.printout = ECGPrintout(dpi=40)
-    model.save_pretrained(
-        folder / "bundle", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
-    )
-    return str(folder / "bundle"), llm
+    encoder = {"class_path": "ecglm.encoders.CNNImageEncoder", "init_args": encoder_args}
+    return _saved_bundle(Path(folder), encoder, seed, printout=ECGPrintout(dpi=40))
 
 
 def saved_signal_bundle(folder: str | Path, seed: int = 0) -> tuple[str, str]:
@@ -348,23 +356,5 @@ def saved_signal_bundle(folder: str | Path, seed: int = 0) -> tuple[str, str]:
     tokens, a tiny Llama) saved as a bundle in ``folder / "bundle"``, its LLM in ``folder / "llm"``:
     ``(bundle, llm)``. As for :func:`saved_image_bundle`, give the LLM back at load time with
     ``overrides={"backbone": {"model": llm}}``."""
-    from ecglm.bundle import GROUPS
-    from ecglm.model import ECGLM
-    from ecglm.plugins import build_component
-
-    folder = Path(folder)
-    llm = saved_causal_lm(folder / "llm", tokenizer_dir())
-    components = {
-        "encoder": {"class_path": "ecglm.encoders.Wav2Vec2ECGEncoder", "init_args": dict(TINY_ENCODER)},
-        "connector": {"class_path": "ecglm.connectors.MLPConnector", "init_args": {"num_tokens": 2}},
-        "backbone": {"class_path": "ecglm.backbones.HFBackbone", "init_args": {"model": llm}},
-        "policy": {"class_path": "ecglm.peft.ProjectionOnly", "init_args": {}},
-    }
-    torch.manual_seed(seed)
-    parts = [build_component(components[p], GROUPS[p]) for p in ("encoder", "connector", "backbone")]
-    model = ECGLM(*parts, build_component(components["policy"], GROUPS["policy"]))
-    model.prompt = bound_prompt(model.backbone)
-    model.save_pretrained(
-        folder / "bundle", components=components, prompt={"class_path": "ecglm.prompts.ChatTemplate"}
-    )
-    return str(folder / "bundle"), llm
+    encoder = {"class_path": "ecglm.encoders.Wav2Vec2ECGEncoder", "init_args": dict(TINY_ENCODER)}
+    return _saved_bundle(Path(folder), encoder, seed)
