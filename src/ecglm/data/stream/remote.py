@@ -236,7 +236,8 @@ class RemoteShards:
             os.replace(tmp, path)
             from ecglm.data.shards import remember_sha256
 
-            remember_sha256(path, digest)
+            with contextlib.suppress(FileNotFoundError):  # another process sharing the cache may have
+                remember_sha256(path, digest)  # dropped it already: nothing to remember then
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
