@@ -189,6 +189,21 @@ def answer_windows(
     return _answer(model, items, questions, decoding, batch_size, dataset, printout_of(model))
 
 
+def answer_inputs(
+    model: ECGLM,
+    inputs: Sequence[dict[str, Any]],
+    questions: Sequence[str],
+    decoding: Decoding | None = None,
+    batch_size: int = 8,
+    dataset: str | None = None,
+) -> list[str]:
+    """One answer per (input, question) pair, in order, in batches; each input as the collator takes it:
+    ``{"ecg": window}`` (a ``(12, num_samples)`` window) or ``{"ecg": None, "image": picture}``."""
+    return _answer(
+        model, [dict(given) for given in inputs], questions, decoding, batch_size, dataset, printout_of(model)
+    )
+
+
 @torch.no_grad()
 def _answer(
     model: ECGLM,

@@ -1,16 +1,18 @@
-"""ECGBench answered by an ecglm model: each subset's questions about its ECG images, in batches,
-appended to ``<out>/<subset>.jsonl`` in the layout PULSE's inference writes (``question_id``,
-``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``) plus ecglm's fields (``condition``,
-``label_scores`` on multi-label subsets). A rerun answers only what is missing; a line a kill cut short
-is dropped first (:func:`ecglm.inference.drop_cut_line`). The controls are the same questions about
-another item's image (``shuffled``) or a blank page (``blank``), in ``<subset>.<control>.jsonl``.
+"""Benchmarks answered by an ecglm model: ECGBench's questions about its ECG images, and the signal
+suites' (PTB-XL) about their records, in batches, appended to ``<out>/<subset>.jsonl`` in the layout
+PULSE's inference writes (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``,
+``metadata``) plus ecglm's fields (``condition``, ``label_scores`` on multi-label subsets). A rerun
+answers only what is missing; a line a kill cut short is dropped first
+(:func:`ecglm.inference.drop_cut_line`). The controls are the same questions about another item's
+ECG (``shuffled``) or the no-signal input (``blank``: a white page, a zero signal), in
+``<subset>.<control>.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ecglm.benchmarks.ecgbench import Item, read_predictions, subset
-from ecglm.inference import ASKED, answer_images, drop_cut_line, printout_of, read_image, system_prompts
+from ecglm.benchmarks.ecgbench import Item, Subset, read_predictions, subset
+from ecglm.benchmarks.signals import SignalItem
+from ecglm.inference import ASKED, drop_cut_line, printout_of, read_image, system_prompts
 
 if TYPE_CHECKING:
     from ecglm.model import ECGLM, Decoding
@@ -34,19 +37,28 @@ def question_text(question: str) -> str:
 
 
 def output_file(out: str | Path, name: str, condition: str = "image") -> Path:
-    return Path(out) / (f"{name}.jsonl" if condition == "image" else f"{name}.{condition}.jsonl")
+    """``<name>.jsonl`` for the model's own input (``image``, ``ecg``), else ``<name>.<condition>.jsonl``."""
+    own = condition in ("image", "ecg")
+    return Path(out) / (f"{name}.jsonl" if own else f"{name}.{condition}.jsonl")
+
+
+def donors(count: int, seed: int = 0) -> np.ndarray:
+    """For each of ``count`` items, the item whose input it gets under the ``shuffled`` control: one
+    seeded random cycle through all of them, so none gets its own (with two or more)."""
+    if count < 2:
+        return np.arange(count)
+    cycle = np.random.default_rng(seed).permutation(count)
+    donor = np.empty(count, dtype=int)
+    donor[cycle] = np.roll(cycle, -1)
+    return donor
 
 
 def images_for(items: Sequence[Item], images: Path, condition: str, seed: int = 0) -> list[np.ndarray | Path]:
-    """Each item's picture under ``condition``: its own, another item's (a seeded derangement when
-    there are two or more), or a white page of its own size (read when drawn)."""
+    """Each item's picture under ``condition``: its own, another item's (:func:`donors`), or a white
+    page of its own size (read when drawn)."""
     paths = [images / item.image for item in items]
-    if condition == "shuffled" and len(paths) > 1:
-        # One random cycle through all items: each gets the next one's picture, never its own.
-        cycle = np.random.default_rng(seed).permutation(len(paths))
-        donor = np.empty(len(paths), dtype=int)
-        donor[cycle] = np.roll(cycle, -1)
-        return [paths[j] for j in donor]
+    if condition == "shuffled":
+        return [paths[j] for j in donors(len(paths), seed)]
     return paths
 
 
@@ -60,6 +72,12 @@ def label_scores(
     model: ECGLM, pictures: Sequence[np.ndarray], questions: Sequence[str], labels: Sequence[str]
 ):
     """``(len(pictures), len(labels))`` label scores (:meth:`ECGLM.label_scores`) of each question."""
+    return _label_scores(model, [{"ecg": None, "image": p} for p in pictures], questions, labels)
+
+
+@torch.no_grad()
+def _label_scores(model: ECGLM, inputs: Sequence[dict], questions: Sequence[str], labels: Sequence[str]):
+    """:func:`label_scores` of inputs given as collator items (``{"ecg": window}`` or ``{"image": ...}``)."""
     from ecglm.data.collate import QACollator
 
     collate = QACollator(
@@ -70,9 +88,8 @@ def label_scores(
         images=printout_of(model),
     )
     items = [
-        {"key": f"bench{i}_qa0", "ecg": None, "image": p, "question": q, "answer": "", "question_type": "ask"}
-        | ASKED
-        for i, (p, q) in enumerate(zip(pictures, questions, strict=True))
+        {"key": f"bench{i}_qa0", **given, "question": q, "answer": "", "question_type": "ask"} | ASKED
+        for i, (given, q) in enumerate(zip(inputs, questions, strict=True))
     ]
     device = next(model.parameters()).device
     return model.label_scores(collate(items).to(device), list(labels))
@@ -90,23 +107,103 @@ def run_subset(
     model_id: str = "",
     with_label_scores: bool = True,
 ) -> int:
-    """Answer the items of ``name`` not yet in its output file; the number answered now."""
+    """Answer the ECGBench items of ``name`` not yet in its output file; the number answered now."""
+    labels = subset(name).labels if with_label_scores else ()
+    if name == "code15-test" and labels:
+        labels = ("NORM", "ABNORMAL", *labels)
+
+    def inputs(sources: Sequence[Path]) -> list[dict]:
+        return [{"ecg": None, "image": _picture(source, condition)} for source in sources]
+
+    def shown(item: Item, source: Path) -> str:
+        return str(Path(source).relative_to(images)) if condition == "shuffled" else item.image
+
+    sources = images_for(items, images, condition)
+    return _answer_missing(
+        model, name, items, sources, inputs, shown, out, decoding, batch_size, condition, model_id, labels
+    )
+
+
+def run_signal_subset(
+    model: ECGLM,
+    spec: Subset,
+    items: Sequence[SignalItem],
+    data: Path,
+    out: str | Path,
+    decoding: Decoding,
+    batch_size: int = 8,
+    condition: str = "ecg",
+    model_id: str = "",
+    with_label_scores: bool = True,
+    dataset: str | None = None,
+) -> int:
+    """Answer a signal suite's items (records under ``data``) not yet in the output file, each record
+    read as its first window as the model's encoder reads it (:func:`ecglm.records.prepare`; two
+    stacked for a comparison question); the ``shuffled`` control gives each item another item's
+    records (:func:`donors`), ``blank`` the model's no-signal input (:meth:`ECGLM.blank_ecg`, as
+    ``ecglm evaluate``'s ``zeroed_ecg``). ``dataset``: whose system prompt and demonstrations the
+    model was trained with for these questions (``ecgqa-ptbxl``)."""
+    from ecglm.inference import preprocessing_of
+    from ecglm.records import installed_readers, prepare, read_recording
+
+    preprocessing, readers = preprocessing_of(model), installed_readers()
+    own = [item.records for item in items]
+    sources = [own[j] for j in donors(len(own))] if condition == "shuffled" else own
+
+    def window(path: str) -> np.ndarray:
+        return prepare(read_recording(data / path, readers=readers), preprocessing)[0]
+
+    def inputs(chunk: Sequence[tuple[str, ...]]) -> list[dict]:
+        given = []
+        for records in chunk:
+            ecg = np.stack([window(p) for p in records]) if len(records) > 1 else window(records[0])
+            if condition == "blank":
+                ecg = model.blank_ecg(torch.from_numpy(ecg)).numpy()
+            given.append({"ecg": ecg})
+        return given
+
+    def shown(item: SignalItem, records: tuple[str, ...]) -> list[str]:
+        return list(records)
+
+    labels = spec.labels if with_label_scores else ()
+    return _answer_missing(
+        model, spec.name, items, sources, inputs, shown, out, decoding, batch_size, condition, model_id,
+        labels, dataset,
+    )  # fmt: skip
+
+
+def _answer_missing(
+    model: ECGLM,
+    name: str,
+    items: Sequence[Item | SignalItem],
+    sources: Sequence[Any],
+    inputs: Callable[[Sequence[Any]], list[dict]],
+    shown: Callable[[Any, Any], Any],
+    out: str | Path,
+    decoding: Decoding,
+    batch_size: int,
+    condition: str,
+    model_id: str,
+    labels: Sequence[str],
+    dataset: str | None = None,
+) -> int:
+    """The loop both runners share: the items not yet in ``name``'s output file for ``condition``
+    answered in batches from ``inputs(sources)``, each batch appended as JSON lines (a kill loses at
+    most the batch being answered); the number answered now."""
+    from ecglm.inference import answer_inputs
+
     path = output_file(out, name, condition)
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_cut_line(path)
     done = {str(r.get("question_id")) for r in read_predictions(path)} if path.is_file() else set()
-    sources = images_for(items, images, condition)
     todo = [(item, source) for item, source in zip(items, sources, strict=True) if item.id not in done]
-    labels = subset(name).labels if with_label_scores else ()
-    if name == "code15-test" and labels:
-        labels = ("NORM", "ABNORMAL", *labels)
     bar = tqdm(total=len(todo), desc=f"{name} ({condition})", unit="answer", disable=not todo)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        pictures = [_picture(source, condition) for _, source in chunk]
+        given = inputs([source for _, source in chunk])
         questions = [question_text(item.question) for item, _ in chunk]
-        answers = answer_images(model, pictures, questions, decoding, batch_size)
-        scores = label_scores(model, pictures, questions, labels).tolist() if labels else None
+        answers = answer_inputs(model, given, questions, decoding, batch_size, dataset)
+        scores = _label_scores(model, given, questions, labels).tolist() if labels else None
         rows = []
         for k, ((item, source), text) in enumerate(zip(chunk, answers, strict=True)):
             row: dict[str, Any] = {
@@ -117,7 +214,7 @@ def run_subset(
                 "model_id": model_id,
                 "metadata": {},
                 "condition": condition,
-                "image": str(Path(source).relative_to(images)) if condition == "shuffled" else item.image,
+                "records" if isinstance(item, SignalItem) else "image": shown(item, source),
             }
             if scores is not None:
                 row["label_scores"] = dict(zip(labels, scores[k], strict=True))

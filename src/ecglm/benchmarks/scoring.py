@@ -16,7 +16,15 @@ from sklearn.metrics import accuracy_score, f1_score, hamming_loss, roc_auc_scor
 from sklearn.preprocessing import MultiLabelBinarizer
 
 import ecglm.benchmarks.parsing as parsing
-from ecglm.benchmarks.ecgbench import SCORED, BenchmarkError, Item, prediction_id, prediction_text, subset
+from ecglm.benchmarks.ecgbench import (
+    SCORED,
+    BenchmarkError,
+    Item,
+    Subset,
+    prediction_id,
+    prediction_text,
+    subset,
+)
 from ecglm.uncertainty import bootstrap_mean, paired_gap
 
 Scoring = Literal["pulse", "strict"]
@@ -40,27 +48,29 @@ def score_subset(
     label_scores: bool = True,
     controls: dict[str, Sequence[dict[str, Any]]] | None = None,
     confidence: float = 0.95,
+    spec: Subset | None = None,
 ) -> dict[str, Any]:
     """Subset ``name``'s metrics from the prediction ``rows`` (JSON lines in PULSE's layout) against
-    ``items``; ``controls`` (condition -> rows) are scored alike, with paired gaps under ``strict``."""
-    spec = subset(name)
+    ``items``; ``controls`` (condition -> rows) are scored alike, with paired gaps under ``strict``.
+    ``spec``: how to score a subset of another suite (default: ECGBench's subset ``name``)."""
+    spec = spec or subset(name)
     if spec.kind == "judge":
         raise BenchmarkError(f"{name} is scored by a judge model, not by rules (see docs/benchmarks.md)")
     if scoring not in ("pulse", "strict"):
         raise BenchmarkError(f"unknown scoring {scoring!r}: pulse or strict")
     gold = {item.id: item for item in items}
     if scoring == "pulse":
-        out, per_item = _pulse(name, gold, rows, rng or pulse_rng())
+        out, per_item = _pulse(spec, gold, rows, rng or pulse_rng())
     else:
-        out, per_item = _strict(name, items, rows, label_scores, confidence)
+        out, per_item = _strict(spec, items, rows, label_scores, confidence)
     out = {"subset": name, "scoring": scoring, "items": len(items), **out}
     if spec.size is not None:
         out["published_items"] = spec.size
     for condition, control_rows in (controls or {}).items():
         if scoring == "pulse":
-            scored, control_items = _pulse(name, gold, control_rows, pulse_rng())  # a run of its own
+            scored, control_items = _pulse(spec, gold, control_rows, pulse_rng())  # a run of its own
         else:
-            scored, control_items = _strict(name, items, control_rows, False, confidence)
+            scored, control_items = _strict(spec, items, control_rows, False, confidence)
             ids = [i for i in per_item if i in control_items]
             a, b = [per_item[i] for i in ids], [control_items[i] for i in ids]
             out.setdefault("gaps", {})[f"model_minus_{condition}"] = paired_gap(
@@ -80,10 +90,10 @@ def _gold_of(name: str, gold: dict[str, Item], ident: str) -> Item:
 
 
 def _pulse(
-    name: str, gold: dict[str, Item], rows: Sequence[dict[str, Any]], rng: random.Random
+    spec: Subset, gold: dict[str, Item], rows: Sequence[dict[str, Any]], rng: random.Random
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Every line scored in file order (duplicates included, as the published script reads them)."""
-    spec = subset(name)
+    name = spec.name
     ids = [str(prediction_id(row)) for row in rows]
     texts = [prediction_text(row) for row in rows]
     items = [_gold_of(name, gold, i) for i in ids]
@@ -155,12 +165,12 @@ def _auc(truth: np.ndarray, score: np.ndarray) -> float:
 
 
 def _strict(
-    name: str, items: Sequence[Item], rows: Sequence[dict[str, Any]], use_scores: bool, confidence: float
+    spec: Subset, items: Sequence[Item], rows: Sequence[dict[str, Any]], use_scores: bool, confidence: float
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Every item of the subset scored once (the last answer to it): an item without an answer, or
     with one that states no option / label, counts as wrong. The per-item scores returned (for paired
     gaps) are those of the answered items."""
-    spec = subset(name)
+    name = spec.name
     gold = {item.id: item for item in items}
     latest = {}
     for row in rows:

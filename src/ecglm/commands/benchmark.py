@@ -1,12 +1,14 @@
-"""``ecglm benchmark run`` / ``ecglm benchmark score``: the field's benchmarks (ECGBench) answered by a
-bundle and scored as the published tables were (``--scoring pulse``) or as they should be (``strict``).
+"""``ecglm benchmark run`` / ``ecglm benchmark score``: the field's benchmarks (ECGBench from images,
+PTB-XL's diagnostic superclasses from the signal) answered by a bundle and scored as the published
+tables were (``--scoring pulse``) or as they should be (``strict``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ecglm.errors import EcglmError
 
@@ -16,6 +18,7 @@ class BenchmarkUsageError(EcglmError, ValueError):
 
 
 CONTROLS = ("shuffled", "blank")
+Suite = Literal["ecgbench", "ptbxl", "ecgqa"]
 
 
 def _subsets(subsets: list[str] | None) -> list[str]:
@@ -30,20 +33,28 @@ def _subsets(subsets: list[str] | None) -> list[str]:
 def score(
     data: str,
     predictions: str,
-    suite: Literal["ecgbench"] = "ecgbench",
+    suite: Suite = "ecgbench",
     scoring: Literal["pulse", "strict"] = "pulse",
     subsets: list[str] | None = None,
     out: str | None = None,
     judge: str | None = None,
     judge_args: dict | None = None,
+    split: Literal["test", "val"] = "test",
+    signals: str | None = None,
+    source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
+    variant: Literal["paraphrased", "template"] = "paraphrased",
 ) -> int:
-    """Score ECGBench predictions (JSON lines in PULSE's layout, from any tool) against the gold answers.
+    """Score benchmark predictions (JSON lines in PULSE's layout, from any tool) against the gold answers.
 
     Args:
-        data: The ECGBench folder: ``<subset>.json`` per subset (and ``images/``).
+        data: The ECGBench folder (``<subset>.json`` per subset and ``images/``); for ``--suite
+            ptbxl`` PTB-XL 1.0.3's folder (``ptbxl_database.csv``, ``scp_statements.csv``); for
+            ``--suite ecgqa`` ECG-QA's ``ecgqa`` folder (``ptbxl/``, ``mimic-iv-ecg/``).
         predictions: A folder with ``<subset>.jsonl`` (or PULSE's ``<subset>/step-final.jsonl``) per
             subset, or one ``.jsonl`` file (give one subset with --subsets).
-        suite: The benchmark (``ecgbench``).
+        suite: The benchmark: ``ecgbench`` (PULSE's, from images), ``ptbxl`` (PTB-XL's diagnostic
+            superclasses from the signal, subset ``ptbxl-superclass``) or ``ecgqa`` (ECG-QA's test
+            split from the signals, subset ``ecgqa-<source>-<variant>``).
         scoring: ``pulse``: as PULSE's evaluate_ecgbench.py scores it (comparable with the published
             tables); ``strict``: unparsable answers wrong, whole-token labels, AUROC from label scores,
             intervals and gaps against the controls (docs/benchmarks.md).
@@ -52,7 +63,15 @@ def score(
         judge: A judge of ``ecglm.judges`` (``openai-chat``, ``local`` or a class path) for
             ptb-test-report, with its ``judge_args``; without it the report subset is left out.
         judge_args: The judge's arguments as JSON, e.g. ``{"model": "gpt-4o", "rubric_file": "r.txt"}``.
+        split: The signal suites: PTB-XL's recommended test fold (10) or validation fold (9); ECG-QA's
+            test or valid split.
+        signals: ``--suite ecgqa``: the folder of the source's signals (PTB-XL 1.0.3 or MIMIC-IV-ECG).
+        source: ``--suite ecgqa``: whose questions (``ptbxl`` or ``mimic-iv-ecg``).
+        variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
     """
+    if suite != "ecgbench":
+        signal_suite = _signal_suite(suite, data, split, None, signals, source, variant)
+        return _score_signals(signal_suite, data, predictions, scoring, subsets, out, split)
     from ecglm.benchmarks.ecgbench import predictions_file, read_predictions, read_subset
     from ecglm.benchmarks.published import SOURCE, published
     from ecglm.benchmarks.scoring import score_ecgbench
@@ -103,7 +122,7 @@ def run(
     model: str,
     data: str,
     out: str,
-    suite: Literal["ecgbench"] = "ecgbench",
+    suite: Suite = "ecgbench",
     subsets: list[str] | None = None,
     controls: list[Literal["shuffled", "blank"]] | None = None,
     batch_size: int = 8,
@@ -113,15 +132,24 @@ def run(
     device: str | None = None,
     override: list[str] | None = None,
     trust_remote_code: bool = False,
+    split: Literal["test", "val"] = "test",
+    question: str | None = None,
+    signals: str | None = None,
+    source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
+    variant: Literal["paraphrased", "template"] = "paraphrased",
 ) -> int:
-    """Answer ECGBench's questions about its ECG images with a bundle, appending JSON lines in PULSE's
-    layout to OUT/<subset>.jsonl (a rerun answers only what is missing).
+    """Answer a benchmark's questions with a bundle, appending JSON lines in PULSE's layout to
+    OUT/<subset>.jsonl (a rerun answers only what is missing): ECGBench's about its ECG images, or
+    PTB-XL's diagnostic superclasses about its records (a signal model reads the signal, an image
+    model its printout).
 
     Args:
-        model: A bundle folder (``ecglm export``) of an image-path model.
-        data: The ECGBench folder: ``<subset>.json`` per subset and ``images/``.
+        model: A bundle folder (``ecglm export``): of an image-path model for ``ecgbench``.
+        data: The ECGBench folder (``<subset>.json`` per subset and ``images/``); for ``--suite
+            ptbxl`` PTB-XL 1.0.3's folder (``ptbxl_database.csv``, ``scp_statements.csv``,
+            ``records500/``); for ``--suite ecgqa`` ECG-QA's ``ecgqa`` folder.
         out: The folder of predictions (``<subset>.jsonl``; controls ``<subset>.<control>.jsonl``).
-        suite: The benchmark (``ecgbench``).
+        suite: The benchmark: ``ecgbench``, ``ptbxl`` or ``ecgqa``.
         subsets: The subsets to answer (default: every rule-scored one found in DATA).
         controls: Also answer with another item's image (``shuffled``) or a blank page (``blank``).
         batch_size: Questions answered per generate call.
@@ -131,7 +159,20 @@ def run(
         device: cpu, cuda (default: CUDA when available).
         override: ``PART.KEY=VALUE`` (repeatable): an argument of the bundle's parts given by you.
         trust_remote_code: Let the bundle name classes no installed plugin registers.
+        split: The signal suites: PTB-XL's recommended test fold (10) or validation fold (9); ECG-QA's
+            test or valid split.
+        question: ``--suite ptbxl``: the question asked of every record (default: names the five
+            superclasses, ``ecglm.benchmarks.ptbxl.QUESTION``); ask it as the model was trained to.
+        signals: ``--suite ecgqa``: the folder of the source's signals (PTB-XL 1.0.3 or MIMIC-IV-ECG).
+        source: ``--suite ecgqa``: whose questions (``ptbxl`` or ``mimic-iv-ecg``).
+        variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
     """
+    if suite != "ecgbench":
+        signal_suite = _signal_suite(suite, data, split, question, signals, source, variant)
+        return _run_signals(
+            signal_suite, model, out, controls, batch_size, max_new_tokens, label_scores, limit, device,
+            override, trust_remote_code,
+        )  # fmt: skip
     import torch
 
     from ecglm.benchmarks.ecgbench import read_subset
@@ -178,6 +219,141 @@ def run(
     return 0
 
 
+def _load(model: str, device: str | None, override: list[str] | None, trust_remote_code: bool):
+    """The bundle ``model`` loaded on ``device`` (default: CUDA when available) with its overrides."""
+    import torch
+
+    from ecglm.bundle import parse_overrides
+    from ecglm.model import ECGLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = parse_overrides(override or [])
+    return ECGLM.from_pretrained(
+        model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
+    )
+
+
+@dataclass(frozen=True)
+class SignalSuite:
+    """A signal suite's one subset as asked: its spec, items, signals folder and training dataset."""
+
+    spec: Any
+    items: list
+    signals: Path
+    dataset: str | None = None
+
+
+def _signal_suite(
+    suite: str,
+    data: str,
+    split: str,
+    question: str | None,
+    signals: str | None,
+    source: str,
+    variant: str,
+) -> SignalSuite:
+    if suite == "ptbxl":
+        from ecglm.benchmarks.ptbxl import QUESTION, SUPERCLASS, read_superclass_items
+
+        return SignalSuite(SUPERCLASS, read_superclass_items(data, split, question or QUESTION), Path(data))
+    from ecglm.benchmarks.ecgqa import read_ecgqa_items, subset_of
+
+    if signals is None:
+        raise BenchmarkUsageError(
+            f"--suite ecgqa asks about {source}'s records: give their folder with --signals DIR"
+        )
+    if question is not None:
+        raise BenchmarkUsageError("--suite ecgqa asks ECG-QA's own questions: leave out --question")
+    items, left_out = read_ecgqa_items(data, signals, source, variant, split)
+    if left_out:
+        print(f"ECG-QA {source}/{variant} {split}: left out {dict(left_out)}")
+    return SignalSuite(subset_of(source, variant), items, Path(signals), f"ecgqa-{source}")
+
+
+def _run_signals(
+    suite: SignalSuite,
+    model: str,
+    out: str,
+    controls: list[str] | None,
+    batch_size: int,
+    max_new_tokens: int,
+    label_scores: bool,
+    limit: int | None,
+    device: str | None,
+    override: list[str] | None,
+    trust_remote_code: bool,
+) -> int:
+    """``ecglm benchmark run --suite ptbxl|ecgqa``: every item asked about its records."""
+    from ecglm.benchmarks.running import run_signal_subset
+    from ecglm.model import Decoding
+
+    items = suite.items[:limit]
+    loaded = _load(model, device, override, trust_remote_code)
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    for condition in ("ecg", *(controls or [])):
+        answered = run_signal_subset(
+            loaded,
+            suite.spec,
+            items,
+            suite.signals,
+            out,
+            decoding,
+            batch_size,
+            condition,
+            model_id=str(model),
+            with_label_scores=label_scores and condition == "ecg",
+            dataset=suite.dataset,
+        )
+        print(f"{suite.spec.name} ({condition}): {answered} answered now, {len(items)} in all")
+    return 0
+
+
+def _score_signals(
+    suite: SignalSuite,
+    data: str,
+    predictions: str,
+    scoring: str,
+    subsets: list[str] | None,
+    out: str | None,
+    split: str,
+) -> int:
+    """``ecglm benchmark score --suite ptbxl|ecgqa``: PTB-XL's superclasses scored as ECGBench's
+    ptb-test; ECG-QA by exact match per question type, as its paper scores it."""
+    from ecglm.benchmarks.ecgbench import predictions_file, read_predictions
+    from ecglm.benchmarks.ecgqa import score_ecgqa
+    from ecglm.benchmarks.scoring import score_subset
+
+    name = suite.spec.name
+    if subsets and subsets != [name]:
+        raise BenchmarkUsageError(f"this suite has the one subset {name}, not {subsets}")
+    if suite.spec.kind == "ecgqa" and scoring != "strict":
+        raise BenchmarkUsageError(
+            "ECG-QA's test splits are scored by exact match of the answer set, as its paper scores them:"
+            " give --scoring strict"
+        )
+    path = predictions_file(predictions, name)
+    if path is None:
+        raise BenchmarkUsageError(f"{predictions}: no predictions for {name} ({name}.jsonl)")
+    controls = {
+        control: read_predictions(path.with_name(f"{path.stem}.{control}.jsonl"))
+        for control in CONTROLS
+        if path.with_name(f"{path.stem}.{control}.jsonl").is_file()
+    }
+    rows = read_predictions(path)
+    if suite.spec.kind == "ecgqa":
+        result = score_ecgqa(suite.spec, suite.items, rows, controls)
+    else:
+        result = score_subset(name, suite.items, rows, scoring, controls=controls, spec=suite.spec)
+    scores = {name: result | {"split": split}}
+    print(summary_table(scores))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        report = {"suite": name.split("-")[0], "scoring": scoring, "data": str(data), "subsets": scores}
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"scores written to {out}")
+    return 0
+
+
 #: The published rows printed beside ours (scores.json holds every row of the paper's tables).
 BESIDE = ("PULSE-7B", "GPT-4o")
 
@@ -206,7 +382,7 @@ def summary_table(scores: dict[str, dict], beside: tuple[str, ...] = BESIDE) -> 
             f"| {name} | {row['scoring']} | {row['answers']} | {row.get('unparsable', '')} | {cells(row)} |"
         )
         for model, values in published(name).items():
-            if model in beside:
+            if model in beside and values:  # a suite of its own has no published rows
                 lines.append(f"| {name} | {model} (published, pulse) | | | {cells(values)} |")
     return "\n".join(lines)
 
