@@ -111,7 +111,10 @@ def _shoot(url: str, record: Path, question: str, out: Path, width: int, height:
         wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#printouts img")))
         browser.find_element(By.ID, "ask").click()
         wait.until(
-            lambda d: any(question in r.text for r in d.find_elements(By.CSS_SELECTOR, "#answers tbody tr"))
+            lambda d: any(
+                question in r.get_attribute("textContent")
+                for r in d.find_elements(By.CSS_SELECTOR, "#answers [role=row][data-index]")
+            )
         )
         time.sleep(1)  # the gallery's image settles
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ def build_page(model: DemoModel, title: str | None = None) -> Any:
     def read(files: list[str] | None, use_example: bool, fs: Any, leads: str) -> Any:
         if use_example and not files:
             return model.example_recording()
-        return model.read_files(files or [], fs, leads)
+        # An empty number box gives 0 (Gradio's Number), which means "not given" here.
+        return model.read_files(files or [], fs or None, leads)
 
     def show(files: list[str] | None, use_example: bool, fs: Any, leads: str, window: str):
         if not files and not use_example:
@@ -80,7 +81,7 @@ def build_page(model: DemoModel, title: str | None = None) -> Any:
                     "Use the example ECG", elem_id=IDS["example"], interactive=model.example is not None
                 )
                 with gr.Row():
-                    fs = gr.Number(label="sampling rate, Hz (.csv / .npy)", value=None, precision=None)
+                    fs = gr.Number(label="sampling rate, Hz (.csv / .npy; 0: not given)", value=0, minimum=0)
                     leads = gr.Textbox(
                         label="lead names (.npy; .csv without a header)", placeholder="I,II,..."
                     )
@@ -108,7 +109,12 @@ def build_page(model: DemoModel, title: str | None = None) -> Any:
                     elem_id=IDS["answers"],
                 )
                 printouts = gr.Gallery(
-                    label="the 12-lead printout", columns=1, height="auto", elem_id=IDS["printouts"]
+                    label="the 12-lead printout, window by window",
+                    columns=1,
+                    height="auto",
+                    object_fit="contain",
+                    allow_preview=False,
+                    elem_id=IDS["printouts"],
                 )
         with gr.Accordion("Model card", open=True):
             gr.Markdown(model.card_markdown(), elem_id=IDS["card"])
