@@ -242,9 +242,10 @@ def page(bundle, tmp_path):
     finally:
         process.terminate()
         try:
-            process.wait(20)
+            process.wait(120)  # Gradio closes its server; slow on a loaded machine
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
     assert process.returncode == 0, log.read_text()[-3000:]
     assert list(scratch.iterdir()) == []  # the uploads' folder went with the page
 
