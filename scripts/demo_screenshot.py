@@ -68,7 +68,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(url: str, server: subprocess.Popen, seconds: float = 300) -> str:
+def _wait(url: str, server: subprocess.Popen, seconds: float = 900) -> str:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if server.poll() is not None:
