@@ -57,7 +57,11 @@ def main() -> int:
             _shoot(url, Path(args.record), args.question, Path(args.out), args.width, args.height)
         finally:
             server.terminate()
-            server.wait(30)
+            try:
+                server.wait(120)  # Gradio closes its server; slow on a loaded machine
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     print(f"screenshot: {args.out}")
     return 0
 
