@@ -8,6 +8,10 @@ STAMP := $(VENV)/.ecglm-installed
 # WordNet 3.0 for METEOR (nltk reads a copy of it offline; see docs/metrics.md).
 WORDNET := /usr/share/wordnet
 WORDNET_PACKAGES := wordnet-base wordnet-sense-index
+# Headless Chromium and its driver for the browser test of `ecglm demo` (tests/test_demo.py drives
+# them with Selenium; nothing downloads a browser of its own).
+CHROMEDRIVER := /usr/bin/chromedriver
+BROWSER_PACKAGES := chromium chromium-driver
 
 .PHONY: setup quickstart image-quickstart reproduce test lint lock
 
@@ -38,7 +42,15 @@ $(WORDNET):
 	  --no-install-recommends $(WORDNET_PACKAGES) >/dev/null \
 	|| echo "warning: could not install $(WORDNET_PACKAGES); METEOR tests will skip"
 
-setup: $(STAMP) | $(WORDNET)
+# Runs only while $(CHROMEDRIVER) is absent, as for WordNet (the browser test then skips, naming the command).
+$(CHROMEDRIVER):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "warning: the browser test needs Chromium: sudo apt-get install $(BROWSER_PACKAGES)"; exit 0; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	  --no-install-recommends $(BROWSER_PACKAGES) >/dev/null \
+	|| echo "warning: could not install $(BROWSER_PACKAGES); the browser test will skip"
+
+setup: $(STAMP) | $(WORDNET) $(CHROMEDRIVER)
 
 quickstart: setup
 	$(BIN)/ecglm fit --config recipes/quickstart.yaml

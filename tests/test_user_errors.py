@@ -116,6 +116,16 @@ CASES = [
         r"unrecognized arguments: --recrod a\.hea",
     ),
     (
+        "two examples for the demo page",
+        lambda t: ["demo", "--model", str(t), "--example", "a.hea", "--synthetic_example", "true"],
+        r"give --example RECORD or --synthetic_example, not both$",
+    ),
+    (
+        "a demo example that is not there",
+        lambda t: ["demo", "--model", str(t), "--example", str(t / "absent.hea")],
+        r"absent",
+    ),
+    (
         "a record that is not there",
         lambda t: ["render", "--record", str(t / "absent.hea"), "--out", str(t / "x.png")],
         r"absent: .*needs its \.hea and the data files it names",

@@ -52,6 +52,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("ecglm.commands.lightning:export", "a checkpoint as a portable bundle", raw=True),
     "ask": Command("ecglm.commands.ask:ask", "answer questions about ECG files with a bundle"),
     "serve": Command("ecglm.commands.serve:serve", "a bundle behind an HTTP API (OpenAI-compatible)"),
+    "demo": Command("ecglm.commands.demo:demo", "a bundle behind a web page (Gradio), for colleagues"),
     "render": Command("ecglm.commands.render:render", "draw a record as the printout a model reads"),
     "compare": Command("ecglm.commands.compare:compare", "evaluation reports side by side"),
     "estimate": Command(

@@ -3,8 +3,8 @@ answers the jobs of many requests in one batched ``generate`` (as ``ecglm ask`` 
 
 LitServe gathers up to ``max_batch_size`` requests (waiting at most ``batch_timeout`` seconds) and
 hands them to :meth:`ECGLMAPI.predict` together: every (window, question) pair of every job is
-answered through :func:`ecglm.inference.answer_windows` (or :func:`~ecglm.inference.answer_images`)
-in batches of ``generate_batch_size``, and the answers are cut back into one list per job. Jobs reach
+answered in batches of ``generate_batch_size`` (:func:`ecglm.serving.answering.answer_jobs`, which
+``ecglm demo`` answers through too), and the answers are cut back into one list per job. Jobs reach
 here already checked (:mod:`ecglm.serving.requests`), so one client's bad file never fails a batch.
 """
 
@@ -85,30 +85,12 @@ class ECGLMAPI(ls.LitAPI):
 
     def predict(self, jobs: Job | list[Job], **kwargs: Any) -> list[str] | list[list[str]]:
         """One list of answers per job (window by window, each window's questions in order)."""
-        from ecglm.inference import answer_images, answer_windows
+        from ecglm.serving.answering import answer_jobs
 
         single = isinstance(jobs, Job)
-        jobs = [jobs] if single else list(jobs)
-        signals: list[tuple[int, Any, str]] = []
-        pictures: list[tuple[int, Any, str]] = []
-        for index, job in enumerate(jobs):
-            for ecg in job.windows:
-                signals += [(index, ecg, q) for q in job.questions]
-            for image in job.images:
-                pictures += [(index, image, q) for q in job.questions]
-        answers: list[list[str]] = [[] for _ in jobs]
-        for pairs, run in ((signals, answer_windows), (pictures, answer_images)):
-            if not pairs:
-                continue
-            said = run(
-                self.model,
-                [ecg for _, ecg, _ in pairs],
-                [q for _, _, q in pairs],
-                self.decoding,
-                self.generate_batch_size,
-            )
-            for (index, _, _), text in zip(pairs, said, strict=True):
-                answers[index].append(text)
+        answers = answer_jobs(
+            self.model, [jobs] if single else list(jobs), self.decoding, self.generate_batch_size
+        )
         return answers[0] if single else answers
 
     def encode_response(self, output: list[str], **kwargs: Any) -> list[str]:
