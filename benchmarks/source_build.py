@@ -75,11 +75,9 @@ def write_code15(root: Path, count: int, part_size: int, pool: int = 16) -> None
                 h5["exam_id"] = np.array([*ids, 0], dtype=np.int64)
             for exam_id in ids:
                 flags = {label: str(bool(rng.random() < 0.05)) for label in LABELS}
-                writer.writerow(
-                    {"exam_id": exam_id, "age": 60, "is_male": "True", "nn_predicted_age": 61.0, **flags,
-                     "patient_id": exam_id // 2, "death": "", "timey": "", "normal_ecg": "False",
-                     "trace_file": name}  # fmt: skip
-                )
+                common = {"age": 60, "is_male": "True", "nn_predicted_age": 61.0, "normal_ecg": "False"}
+                ids = {"exam_id": exam_id, "patient_id": exam_id // 2, "trace_file": name}
+                writer.writerow({**common, **flags, **ids, "death": "", "timey": ""})
 
 
 def child(kind: str, inputs: Path, out: Path) -> None:
@@ -92,9 +90,13 @@ def child(kind: str, inputs: Path, out: Path) -> None:
         from ecglm.data.mixture import ECGQAMixture
 
         builder = ECGQAMixture(
-            ptbxl_root=inputs, ecgqa_root=inputs / "ecgqa", ecgqa_sources=("ptbxl",), include_comparison=False,
-            shard_size_mb=None, max_samples_per_shard=1000,
-        )  # fmt: skip
+            ptbxl_root=inputs,
+            ecgqa_root=inputs / "ecgqa",
+            ecgqa_sources=("ptbxl",),
+            include_comparison=False,
+            shard_size_mb=None,
+            max_samples_per_shard=1000,
+        )
     start = time.perf_counter()
     manifest = builder.build(out)
     wall = time.perf_counter() - start
@@ -122,13 +124,12 @@ def build(kind: str, inputs: Path, out: Path) -> dict:
 
 def read_rates(count: int) -> None:
     import readers  # benchmarks/readers.py
-
     from ecglm.records import installed_readers, read_recording
 
     found = installed_readers()
     with tempfile.TemporaryDirectory() as tmp:
         paths = readers.write_all(Path(tmp), count)
-        print(f"read rate, {count} records per format, 12 leads x 10.2 s (500 Hz; HDF5 exams 400 Hz), records/s:")
+        print(f"read rate, {count} records per format, 12 leads x 10.2 s (500 Hz; HDF5 400 Hz), records/s:")
         for kind, items in paths.items():
             per_second = readers.rate(
                 lambda item: read_recording(item, fs=500, leads=readers.LEADS, readers=found), items
@@ -151,8 +152,9 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     if not args.skip_read:
         read_rates(args.read_records)
-    print("shard build, each in a fresh process (7 questions per record, 12 x 2500 at 250 Hz, 1000 per shard):")
-    print(f"  {'source':<22} {'records':>8} {'wall s':>8} {'records/s':>10} {'peak RSS MiB':>13} {'shards MB':>10}")
+    print("shard build, each in a fresh process (7 questions per record, 12 x 2500 at 250 Hz):")
+    header = f"{'records':>8} {'wall s':>8} {'records/s':>10} {'peak RSS MiB':>13} {'shards MB':>10}"
+    print(f"  {'source':<22} {header}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for count in args.records:
@@ -167,8 +169,9 @@ def main() -> None:
             rows["PTB-XL WFDB (ECG-QA)"] = build("ptbxl", ptbxl, tmp / f"out-ptbxl-{count}")
             shutil.rmtree(ptbxl)
             for name, row in rows.items():
+                speed = row["records"] / row["wall"]
                 print(
-                    f"  {name:<22} {row['records']:>8} {row['wall']:>8.1f} {row['records'] / row['wall']:>10.1f}"
+                    f"  {name:<22} {row['records']:>8} {row['wall']:>8.1f} {speed:>10.1f}"
                     f" {row['peak_rss_mib']:>13.0f} {row['shard_mb']:>10.0f}",
                     flush=True,
                 )

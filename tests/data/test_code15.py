@@ -84,8 +84,9 @@ def write_code15(root: Path, bad_flag: bool = False) -> Path:
 
 
 def expected_ecg(exam_id: int, samples: int) -> np.ndarray:
-    """scipy's 400 -> 250 Hz (5/8) polyphase resampling, the first 2500 samples z-scored per lead, zero-padded."""
-    x = scipy_signal.resample_poly(known_signal(exam_id, samples).astype(np.float32), 5, 8, axis=0).T[:, :2500]
+    """scipy's 400 -> 250 Hz (5/8) polyphase resampling, the first 2500 samples z-scored, zero-padded."""
+    recorded = known_signal(exam_id, samples).astype(np.float32)  # as the HDF5 file stores it
+    x = scipy_signal.resample_poly(recorded, 5, 8, axis=0).T[:, :2500]
     x = (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, keepdims=True)
     return np.pad(x, ((0, 0), (0, 2500 - x.shape[1])))
 
@@ -113,7 +114,9 @@ def test_every_downloaded_exam_is_one_unpadded_resampled_sample(built):
         assert np.all(np.abs(ecg[:, :real].astype(np.float64).std(axis=1) - 1) < 0.01)
     meta = by_exam[1001]["json"]
     assert (meta["sampling_rate"], meta["leads"][:3], meta["patient_id"]) == (250, ["I", "II", "III"], 7)
-    assert manifest["preprocessing"]["sampling_rate"] == 250 and manifest["preprocessing"]["num_samples"] == 2500
+    assert (
+        manifest["preprocessing"]["sampling_rate"] == 250 and manifest["preprocessing"]["num_samples"] == 2500
+    )
 
 
 def test_questions_state_the_labels_of_exams_csv(built):
@@ -128,7 +131,9 @@ def test_questions_state_the_labels_of_exams_csv(built):
         )
         verify = {q["attribute"][0]: q["answer"] for q in qa if q["question_type"] == "single-verify"}
         assert verify == {c: ["yes" if c in present else "no"] for c in LABELS}
-        assert all(LABELS[q["attribute"][0]] in q["question"] for q in qa if q["question_type"] == "single-verify")
+        assert all(
+            LABELS[q["attribute"][0]] in q["question"] for q in qa if q["question_type"] == "single-verify"
+        )
     assert manifest["splits"]["train"]["question_types"] == ["single-query", "single-verify"]
     total = sum(manifest["splits"][s]["num_qa"] for s in ("train", "val", "test"))
     assert total == 7 * 7
@@ -166,12 +171,14 @@ def test_limit_and_question_types_choose_what_is_written(built, tmp_path):
 
 def test_bad_layouts_are_named(tmp_path):
     root = write_code15(tmp_path / "bad", bad_flag=True)
-    with pytest.raises(CODE15Error, match=r"exams.csv: line 10 \(exam_id 9\) has RBBB='maybe'; expected True or False"):
+    with pytest.raises(
+        CODE15Error, match=r"exams.csv: line 10 \(exam_id 9\) has RBBB='maybe'; expected True or False"
+    ):
         CODE15LabelQA(root).build(tmp_path / "out")
     (root / "exams.csv").write_text("exam_id,patient_id\n1,1\n")
     with pytest.raises(CODE15Error, match=r"has no column\(s\) \['trace_file', '1dAVb'"):
         CODE15LabelQA(root).build(tmp_path / "out")
-    with pytest.raises(CODE15Error, match="exams.csv not found: give root the folder"):
+    with pytest.raises(CODE15Error, match=r"exams\.csv not found: give root the folder"):
         CODE15LabelQA(tmp_path / "nowhere").build(tmp_path / "out")
     with pytest.raises(CODE15Error, match="question_types"):
         CODE15LabelQA(root, question_types=["single-choose"])
@@ -181,7 +188,9 @@ def test_code15_is_an_ecglm_source():
     registry = discover(groups=["ecglm.sources"])
     assert registry.class_path("ecglm.sources", "code15") == "ecglm.data.code15.CODE15LabelQA"
     assert not [f for f in registry.failures if f.plugin.group == "ecglm.sources"]
-    assert {"synthetic", "ecgqa-mixture", "ecg-instruct-images", "code15"} <= set(registry.names("ecglm.sources"))
+    assert {"synthetic", "ecgqa-mixture", "ecg-instruct-images", "code15"} <= set(
+        registry.names("ecglm.sources")
+    )
 
 
 def _docs_block(language: str) -> str:
@@ -197,9 +206,9 @@ def test_the_adding_a_dataset_walk_through_builds_from_its_yaml(tmp_path, monkey
 
     import wfdb
     import yaml
+
     from ecg_exports import LEADS as EXPORT_LEADS
     from ecg_exports import dicom_group, ecg_signal, to_raw, write_dicom
-
     from ecglm.plugins import Plugin, Registry, build_component, resolve_class_paths
 
     module = types.ModuleType("my_hospital_source")
@@ -242,4 +251,6 @@ def test_the_adding_a_dataset_walk_through_builds_from_its_yaml(tmp_path, monkey
         expected = scipy_signal.resample_poly(ecg_signal(10.0, 500, seed=k), 1, 2, axis=0).T
         expected = (expected - expected.mean(axis=1, keepdims=True)) / expected.std(axis=1, keepdims=True)
         np.testing.assert_allclose(sample["ecg.npy"].astype(np.float64), expected, atol=0.02)
-    assert manifest["dataset"] == "hospital-exports" and manifest["splits"]["train"]["question_types"] == ["finding"]
+    assert manifest["dataset"] == "hospital-exports" and manifest["splits"]["train"]["question_types"] == [
+        "finding"
+    ]

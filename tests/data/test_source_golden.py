@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - the digests below are longer than a line
 """The built-in shard builders write the same bytes as before they were re-expressed on
 :class:`ecglm.data.source.ShardSource`: every shard's sha256 and the manifest's (its absolute input
 paths and the inputs' mtime fingerprint put aside) are pinned to the digests the 0.x builders wrote
@@ -129,7 +130,11 @@ def test_ecg_instruct_image_shards_are_byte_identical_to_the_recorded_build(tmp_
     items.insert(2, {"id": "gone", "image": "missing.png", "conversations": items[0]["conversations"]})
     (tmp_path / "ECGInstruct.json").write_text(json.dumps(items))
     builder = ECGInstructImages(
-        str(tmp_path / "ECGInstruct.json"), str(root), val_fraction=0.2, test_fraction=0.2, max_samples_per_shard=2
+        str(tmp_path / "ECGInstruct.json"),
+        str(root),
+        val_fraction=0.2,
+        test_fraction=0.2,
+        max_samples_per_shard=2,
     )
     out = tmp_path / "shards"
     _check("ecg-instruct-images", _digests(out, builder.build(out), [tmp_path]))

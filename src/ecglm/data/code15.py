@@ -146,7 +146,9 @@ class CODE15LabelQA(ShardSource):
             if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise CODE15Error(f"templates[{kind!r}] must be a non-empty list of question texts")
         if len(self.split_ratios) != 3 or min(self.split_ratios) < 0 or sum(self.split_ratios) <= 0:
-            raise CODE15Error(f"split_ratios must be three shares >= 0 (train, val, test), got {self.split_ratios}")
+            raise CODE15Error(
+                f"split_ratios must be three shares >= 0 (train, val, test), got {self.split_ratios}"
+            )
         if self.limit is not None and self.limit < 1:
             raise CODE15Error(f"limit must be >= 1 (or None), got {self.limit}")
         if self.max_samples_per_shard is None and self.shard_size_mb is None:
@@ -174,7 +176,9 @@ class CODE15LabelQA(ShardSource):
         }
 
     def inputs_fingerprint(self) -> str:
-        return files_fingerprint([self.table, *sorted(self.root.glob("*.hdf5")), *sorted(self.root.glob("*.h5"))])
+        return files_fingerprint(
+            [self.table, *sorted(self.root.glob("*.hdf5")), *sorted(self.root.glob("*.h5"))]
+        )
 
     def records(self) -> Iterator[SourceRecord]:
         """The rows of ``exams.csv`` in file order, one at a time; ``location`` is the part file."""
@@ -209,7 +213,7 @@ class CODE15LabelQA(ShardSource):
         return SourceRecord(exam_id, patient_id, location=(row["trace_file"] or "").strip(), labels=labels)
 
     def items(self, record: SourceRecord) -> list[dict[str, Any]]:
-        """The questions about ``record``'s six labels, one template each (chosen by a hash of the exam id)."""
+        """The questions about ``record``'s six labels, one template each (chosen by a hash of the exam)."""
         present = [LABELS[name] for name in LABELS if record.labels[name]]
         options = ", ".join(LABELS.values())
         items = []
@@ -219,7 +223,8 @@ class CODE15LabelQA(ShardSource):
                 items.append(self._item(question, present or [NONE_ANSWER], kind, sorted(record.labels)))
             else:
                 for name, label in LABELS.items():
-                    question = self._template(kind, record.record_id, name).format(label=label, options=options)
+                    template = self._template(kind, record.record_id, name)
+                    question = template.format(label=label, options=options)
                     answer = ["yes" if record.labels[name] else "no"]
                     items.append(self._item(question, answer, kind, [name]))
         return items

@@ -51,6 +51,7 @@ from ecglm.data.shards import (
     write_manifest,
     write_shards,
 )
+from ecglm.data.source import ShardSource
 from ecglm.data.sources import (
     MIMIC,
     MIMIC_SPLIT_RATIOS,
@@ -62,7 +63,6 @@ from ecglm.data.sources import (
     read_ecgqa,
     read_pulse,
 )
-from ecglm.data.source import ShardSource
 from ecglm.data.splits import SPLITS
 from ecglm.ecg import LEADS
 

@@ -72,8 +72,9 @@ class ShardSource(ABC):
     """A data set as train / val / test WebDataset shards with a ``manifest.json``.
 
     Required: :attr:`dataset` (a class attribute: the name a manifest and each sample's JSON record),
-    :attr:`params` (what the shards depend on), :meth:`records` and :meth:`items`; and
-    :meth:`signal` and ``sampling_rate`` (the stored ECGs' rate) unless :meth:`samples` is overridden. Optional: :attr:`version`,
+    :attr:`params` (what the shards depend on), :meth:`records` and :meth:`items`; and :meth:`signal`
+    and ``sampling_rate`` (the stored ECGs' rate) unless :meth:`samples` is overridden. Optional:
+    :attr:`version`,
     :attr:`question_types`, :meth:`split_of` (default: by patient, :data:`PATIENT_SPLIT_RATIOS`),
     :meth:`inputs_fingerprint`, :meth:`manifest_extras`, :meth:`samples`, :meth:`build`.
 
@@ -112,7 +113,9 @@ class ShardSource(ABC):
     def split_of(self, record: Any) -> str:
         """The split of ``record``: its own ``split`` when set, else by a hash of its patient id."""
         split = getattr(record, "split", None)
-        return split if split is not None else patient_split(self.dataset, record.patient_id, self.split_ratios)
+        if split is not None:
+            return split
+        return patient_split(self.dataset, record.patient_id, self.split_ratios)
 
     def signal(self, record: Any) -> np.ndarray | None:
         """The windows of ``record``'s ECG, ``(windows, 12, num_samples)``, or ``None`` to drop it (a source
@@ -167,7 +170,7 @@ class ShardSource(ABC):
         return expected if fingerprint is None else {**expected, "inputs_fingerprint": fingerprint}
 
     def is_built(self, out_dir: str | Path) -> bool:
-        """True when ``out_dir`` holds a manifest of these params (and inputs) whose shards match their sha256."""
+        """True when ``out_dir`` holds a manifest of these params (and inputs) with intact shards (sha256)."""
         built, damage = check_build(out_dir, **self._expected())
         return built is not None and not damage
 
@@ -186,7 +189,7 @@ class ShardSource(ABC):
             "shards": shards,
         }
 
-    def _start_build(self) -> None:
+    def _start_build(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Reset what a build counts (called before the first split is written)."""
 
     def build(self, out_dir: str | Path) -> dict[str, Any]:
@@ -214,4 +217,3 @@ class ShardSource(ABC):
         write_manifest(out_dir, manifest)
         log.info("built %s in %s in %.1f s", self.dataset, out_dir, time.perf_counter() - started)
         return manifest
-
