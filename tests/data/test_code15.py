@@ -254,3 +254,17 @@ def test_the_adding_a_dataset_walk_through_builds_from_its_yaml(tmp_path, monkey
     assert manifest["dataset"] == "hospital-exports" and manifest["splits"]["train"]["question_types"] == [
         "finding"
     ]
+
+
+def test_a_damaged_shard_is_written_again_alone(built, tmp_path):
+    root, _, _ = built
+    manifest = CODE15LabelQA(root, max_samples_per_shard=2).build(tmp_path)
+    shards = sorted(tmp_path.glob("*.tar"))
+    original = {p.name: p.read_bytes() for p in shards}
+    damaged = shards[1]
+    damaged.write_bytes(original[damaged.name][:-600])
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards}
+
+    assert CODE15LabelQA(root, max_samples_per_shard=2).build(tmp_path) == manifest
+    assert {p.name: p.read_bytes() for p in shards} == original
+    assert [p.name for p in shards if p.stat().st_mtime_ns != stamps[p.name]] == [damaged.name]
