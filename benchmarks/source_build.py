@@ -43,6 +43,7 @@ CODE15_COLUMNS = [
     "patient_id", "death", "timey", "normal_ecg", "trace_file",
 ]  # fmt: skip
 LABELS = ["1dAVb", "RBBB", "LBBB", "SB", "ST", "AF"]
+SOURCES = {"code15": "CODE-15% HDF5", "ptbxl": "PTB-XL WFDB (ECG-QA)"}
 QUESTIONS_PER_RECORD = 7  # CODE15LabelQA: one label-set question and six yes / no questions
 
 
@@ -62,23 +63,31 @@ def write_code15(root: Path, count: int, part_size: int, pool: int = 16) -> None
         padded[start : start + samples] = x + 0.02 * rng.standard_normal(x.shape)
         signals.append(padded)
     root.mkdir(parents=True, exist_ok=True)
+    first = None
     with open(root / "exams.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, CODE15_COLUMNS)
         writer.writeheader()
         for part_start in range(0, count, part_size):
             ids = list(range(part_start + 1, min(count, part_start + part_size) + 1))
             name = f"exams_part{part_start // part_size}.hdf5"
-            with h5py.File(root / name, "w") as h5:
-                tracings = h5.create_dataset("tracings", (len(ids) + 1, 4096, 12), dtype="float32")
-                for row in range(0, len(ids), 256):
-                    block = ids[row : row + 256]
-                    tracings[row : row + len(block)] = np.stack([signals[i % pool] for i in block])
-                h5["exam_id"] = np.array([*ids, 0], dtype=np.int64)
+            if first is not None and len(ids) == part_size:
+                # The same tracings as the first part, its exam_id rewritten: a file copy, not a rewrite.
+                shutil.copyfile(root / first, root / name)
+                with h5py.File(root / name, "r+") as h5:
+                    h5["exam_id"][...] = np.array([*ids, 0], dtype=np.int64)
+            else:
+                with h5py.File(root / name, "w") as h5:
+                    tracings = h5.create_dataset("tracings", (len(ids) + 1, 4096, 12), dtype="float32")
+                    for row in range(0, len(ids), 256):
+                        block = ids[row : row + 256]
+                        tracings[row : row + len(block)] = np.stack([signals[i % pool] for i in block])
+                    h5["exam_id"] = np.array([*ids, 0], dtype=np.int64)
+                first = first or name
             for exam_id in ids:
                 flags = {label: str(bool(rng.random() < 0.05)) for label in LABELS}
                 common = {"age": 60, "is_male": "True", "nn_predicted_age": 61.0, "normal_ecg": "False"}
-                ids = {"exam_id": exam_id, "patient_id": exam_id // 2, "trace_file": name}
-                writer.writerow({**common, **flags, **ids, "death": "", "timey": ""})
+                ids_ = {"exam_id": exam_id, "patient_id": exam_id // 2, "trace_file": name}
+                writer.writerow({**common, **flags, **ids_, "death": "", "timey": ""})
 
 
 def child(kind: str, inputs: Path, out: Path) -> None:
@@ -152,6 +161,7 @@ def main() -> None:
     parser.add_argument("--read-records", type=int, default=50, help="records per format for the read rate")
     parser.add_argument("--part-size", type=int, default=2000, help="exams per CODE-15%% HDF5 part")
     parser.add_argument("--pool", type=int, default=16, help="distinct WFDB records of the PTB-XL layout")
+    parser.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=list(SOURCES))
     parser.add_argument("--skip-read", action="store_true", help="build rates only")
     parser.add_argument("--skip-build", action="store_true", help="read rates only")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -171,25 +181,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for count in args.records:
-            rows = {}
-            code15 = tmp / f"code15-{count}"
-            write_code15(code15, count, args.part_size)
-            rows["CODE-15% HDF5"] = build("code15", code15, tmp / f"out-code15-{count}")
-            shutil.rmtree(code15)
-            ptbxl = tmp / f"ptbxl-{count}"
-            pool = shard_build.write_pool(ptbxl, args.pool)
-            shard_build.write_inputs(ptbxl, count * QUESTIONS_PER_RECORD, QUESTIONS_PER_RECORD, 10**9, pool)
-            rows["PTB-XL WFDB (ECG-QA)"] = build("ptbxl", ptbxl, tmp / f"out-ptbxl-{count}")
-            shutil.rmtree(ptbxl)
-            for name, row in rows.items():
+            for name in args.sources:
+                inputs = tmp / f"{name}-{count}"
+                if name == "code15":
+                    write_code15(inputs, count, args.part_size)
+                else:
+                    inputs.mkdir()
+                    pool = shard_build.write_pool(inputs, args.pool)
+                    num_qa = count * QUESTIONS_PER_RECORD
+                    shard_build.write_inputs(inputs, num_qa, QUESTIONS_PER_RECORD, 10**9, pool)
+                row = build(name, inputs, tmp / f"out-{name}-{count}")
+                shutil.rmtree(inputs)
+                shutil.rmtree(tmp / f"out-{name}-{count}")
                 speed, per_cpu = row["records"] / row["wall"], row["records"] / row["cpu"]
                 print(
-                    f"  {name:<22} {row['records']:>8} {row['wall']:>8.1f} {speed:>10.1f} {row['cpu']:>8.1f}"
-                    f" {per_cpu:>10.1f} {row['peak_rss_mib']:>13.0f} {row['shard_mb']:>10.0f}",
+                    f"  {SOURCES[name]:<22} {row['records']:>8} {row['wall']:>8.1f} {speed:>10.1f}"
+                    f" {row['cpu']:>8.1f} {per_cpu:>10.1f} {row['peak_rss_mib']:>13.0f}"
+                    f" {row['shard_mb']:>10.0f}",
                     flush=True,
                 )
-            for out in tmp.glob(f"out-*-{count}"):
-                shutil.rmtree(out)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
