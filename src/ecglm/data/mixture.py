@@ -20,7 +20,6 @@ the source's (entry point ``ecgqa-mixture`` of ``ecglm.sources``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -51,7 +50,7 @@ from ecglm.data.shards import (
     write_manifest,
     write_shards,
 )
-from ecglm.data.source import ShardSource
+from ecglm.data.source import ShardSource, files_fingerprint
 from ecglm.data.sources import (
     MIMIC,
     MIMIC_SPLIT_RATIOS,
@@ -211,13 +210,7 @@ class ECGQAMixture(ShardSource):
 
     def inputs_fingerprint(self) -> str:
         """A digest of the metadata files' names, sizes and modification times (not of the signals)."""
-        digest = hashlib.sha256()
-        for path in self._metadata_files():
-            stat = path.stat() if path.is_file() else None
-            digest.update(
-                f"{path}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}\n".encode()
-            )
-        return digest.hexdigest()
+        return files_fingerprint(self._metadata_files())
 
     def is_built(self, out_dir: str | Path) -> bool:
         """True when ``out_dir`` holds a manifest of these params and inputs with intact shards (sha256)."""

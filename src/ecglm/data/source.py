@@ -74,9 +74,9 @@ class ShardSource(ABC):
     Required: :attr:`dataset` (a class attribute: the name a manifest and each sample's JSON record),
     :attr:`params` (what the shards depend on), :meth:`records` and :meth:`items`; and :meth:`signal`
     and ``sampling_rate`` (the stored ECGs' rate) unless :meth:`samples` is overridden. Optional:
-    :attr:`version`,
-    :attr:`question_types`, :meth:`split_of` (default: by patient, :data:`PATIENT_SPLIT_RATIOS`),
-    :meth:`inputs_fingerprint`, :meth:`manifest_extras`, :meth:`samples`, :meth:`build`.
+    :attr:`version`, :attr:`question_types`, :meth:`split_of` (default: by patient,
+    :data:`PATIENT_SPLIT_RATIOS`), :meth:`inputs_fingerprint`, :meth:`manifest_extras`,
+    :meth:`samples`, :meth:`build`.
 
     A source is built from typed ``__init__`` arguments (a recipe's ``builder.init_args``), and its
     samples must depend only on them and the input files, so that a build is byte-identical to the
