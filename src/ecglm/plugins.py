@@ -345,8 +345,15 @@ def resolve_cli_args(args: list[str], registry: Registry) -> list[str]:
     return out
 
 
+#: YAML's words for no value and for booleans: ``--data.init_args.builder null`` unsets a component.
+_YAML_WORDS = {"null", "none", "true", "false", "yes", "no", "on", "off"}
+
+
 def _is_short_name(value: str) -> bool:
-    """An entry-point name (``lora``), not a config file, a JSON/YAML node or an import path."""
+    """An entry-point name (``lora``), not a config file, a JSON/YAML node, YAML's ``null`` or an import
+    path."""
+    if value.lower() in _YAML_WORDS:
+        return False
     return bool(value) and value.replace("-", "").replace("_", "").isalnum()
 
 

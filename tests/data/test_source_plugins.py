@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from ecglm.plugins import build_component, discover, resolve_class_paths
+from ecglm.plugins import build_component, discover, resolve_class_paths, resolve_cli_args
 
 SOURCE = textwrap.dedent(
     '''
@@ -102,3 +102,13 @@ def test_a_source_plugin_that_is_not_a_shard_source_is_refused_naming_why(tmp_pa
         "unfinished": "ramps_source.Unfinished is abstract: it does not implement items",
     }
     assert "plain" not in registry.plugins["ecglm.sources"] and "code15" in registry.plugins["ecglm.sources"]
+
+
+def test_a_builder_named_on_the_command_line_resolves_and_null_unsets_it():
+    registry = discover(groups=["ecglm.sources"])
+    assert resolve_cli_args(["--data.init_args.builder", "code15"], registry) == [
+        "--data.init_args.builder",
+        "ecglm.data.code15.CODE15LabelQA",
+    ]
+    for unset in (["--data.init_args.builder", "null"], ["--data.init_args.builder=None"]):
+        assert resolve_cli_args(unset, registry) == unset
