@@ -151,6 +151,11 @@ CASES = [
         r"^builder\.init_args\.num_val: expected int, got 'many'$",
     ),
     (
+        "a CODE-15% folder without its exams.csv",
+        lambda t: ["shard", "--config", str(REPO / "shards" / "code15.yaml"), "--out_dir", str(t / "s")],
+        r"^CODE-15% table data/code15/exams\.csv not found: give root the folder holding exams\.csv",
+    ),
+    (
         "an unknown command",
         lambda t: ["trian", "--config", QUICKSTART],
         r"unknown command 'trian'; commands: fit, ",

@@ -23,7 +23,8 @@ from ecglm.errors import EcglmError
 
 log = logging.getLogger(__name__)
 
-#: Entry-point group of each component family, keyed by the model argument it fills.
+#: Entry-point group of each component family, keyed by the argument it fills (a data set: the
+#: DataModule's ``builder``).
 GROUPS = {
     "encoder": "ecglm.encoders",
     "connector": "ecglm.connectors",
@@ -35,6 +36,7 @@ GROUPS = {
     "reader": "ecglm.readers",
     "objective": "ecglm.objectives",
     "reward": "ecglm.rewards",
+    "builder": "ecglm.sources",
 }
 
 #: Keys whose value is a list of components of one group (a recipe weights several rewards).
@@ -48,6 +50,7 @@ CLI_PLACES = {part: (f"model.{part}",) for part in GROUPS} | {
     "printout": ("data.image", "data.init_args.image"),
     "reader": (),  # no recipe key: a file is offered to every reader (ecglm.records)
     "reward": (),  # listed under model.objective.init_args.rewards
+    "builder": ("data.init_args.builder", "builder"),  # a recipe's data set; `ecglm shard --builder`
 }
 
 #: The base class every component of a group derives from, imported only when a plugin is checked.
@@ -62,6 +65,7 @@ BASE_CLASSES = {
     "ecglm.readers": "ecglm.readers:ECGReader",
     "ecglm.objectives": "ecglm.objectives.base:Objective",
     "ecglm.rewards": "ecglm.rewards:Reward",
+    "ecglm.sources": "ecglm.data.source:ShardSource",
 }
 
 #: The distribution whose entry points are the built-ins, which no plugin can replace.
@@ -341,8 +345,15 @@ def resolve_cli_args(args: list[str], registry: Registry) -> list[str]:
     return out
 
 
+#: YAML's words for no value and for booleans: ``--data.init_args.builder null`` unsets a component.
+_YAML_WORDS = {"null", "none", "true", "false", "yes", "no", "on", "off"}
+
+
 def _is_short_name(value: str) -> bool:
-    """An entry-point name (``lora``), not a config file, a JSON/YAML node or an import path."""
+    """An entry-point name (``lora``), not a config file, a JSON/YAML node, YAML's ``null`` or an import
+    path."""
+    if value.lower() in _YAML_WORDS:
+        return False
     return bool(value) and value.replace("-", "").replace("_", "").isalnum()
 
 

@@ -7,7 +7,8 @@ Each item ``{"id", "image": "<path under image_root>", "conversations": [{"from"
 never re-encoded) and a JSON with the first turn as its QA pair and the whole conversation when it
 has more turns (trained on every answer, as the signal path's PULSE samples). An item whose image is
 missing or unreadable is skipped and counted, naming the item and file, or raises in ``strict``
-mode. The split is drawn per image file by hashing (ECGInstruct has a training split only).
+mode. The split is drawn per image file by hashing (ECGInstruct has a training split only). A
+:class:`~ecglm.data.source.ShardSource` (entry point ``ecg-instruct-images`` of ``ecglm.sources``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +25,7 @@ from typing import Any
 
 import ijson
 
-from ecglm.data.shards import check_build, repair_shards, shards_built, write_manifest, write_shards
+from ecglm.data.source import ShardSource, SourceRecord
 from ecglm.data.sources import pulse_conversation
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ VERSION = 1
 SUFFIXES = {".png": "image.png", ".jpg": "image.jpg", ".jpeg": "image.jpeg"}
 
 
-class ECGInstructImages:
+class ECGInstructImages(ShardSource):
     """Build train / val / test image shards from ECGInstruct's JSON and image folder.
 
     Args:
@@ -49,6 +49,10 @@ class ECGInstructImages:
         strict: Raise at the first missing or unreadable image (default: skip and count it).
         limit: Read only the first ``limit`` items (a quick subset); ``None``: all.
     """
+
+    dataset = DATASET
+    version = VERSION
+    question_types = (QUESTION_TYPE,)
 
     def __init__(
         self,
@@ -83,7 +87,10 @@ class ECGInstructImages:
             "limit": self.limit,
         }
 
-    def split_of(self, image: str) -> str:
+    def split_of(self, image: str | SourceRecord) -> str:
+        """The split of an image file (a path under ``image_root``, or its record), by a hash of the path."""
+        if isinstance(image, SourceRecord):
+            image = str(image.location)
         u = zlib.crc32(f"{self.seed}|{image}".encode()) / 2**32
         if u < self.test_fraction:
             return "test"
@@ -159,42 +166,25 @@ class ECGInstructImages:
                     meta["conversations"] = [conversation]
                 yield {"__key__": key, member: data, "json": meta}
 
-    def is_built(self, out_dir: str | Path) -> bool:
-        return shards_built(out_dir, params=self.params, version=VERSION)
+    def records(self) -> Iterator[SourceRecord]:
+        """Every item that names an image, in file order: its id, its image path as both the location and
+        the "patient" (ECGInstruct names no patients; the split is per image file), its turns as labels."""
+        with open(self.json_path, "rb") as f:
+            for index, item in enumerate(ijson.items(f, "item", use_float=True)):
+                if self.limit is not None and index >= self.limit:
+                    return
+                if isinstance(item, dict) and item.get("image"):
+                    image = str(item["image"])
+                    turns = {"conversations": item.get("conversations") or []}
+                    yield SourceRecord(str(item.get("id", index)), image, location=image, labels=turns)
 
-    def build(self, out_dir: str | Path) -> dict[str, Any]:
-        """Write the image shards and ``manifest.json`` to ``out_dir`` (unless built with these params)."""
-        out_dir = Path(out_dir)
-        built, damage = check_build(out_dir, params=self.params, version=VERSION)
-        if built is not None and not damage:
-            return built
-        if built is not None and repair_shards(out_dir, built, damage, self._run_samples, DATASET):
-            return built
-        started = time.perf_counter()
-        (out_dir / "manifest.json").unlink(missing_ok=True)
+    def items(self, record: SourceRecord) -> list[dict[str, Any]]:
+        """The item's first human / gpt turn as its QA pair (the whole conversation is kept with it)."""
+        conversation = pulse_conversation(record.labels["conversations"])
+        return [{**conversation[0], "question_type": QUESTION_TYPE}] if conversation else []
+
+    def _start_build(self) -> None:
         self.skipped.clear()
-        splits = {}
-        for split in ("train", "val", "test"):
-            for stale in out_dir.glob(f"{split}-??????.tar*"):
-                stale.unlink()
-            shards = write_shards(self.samples(split), out_dir, split, self.max_samples_per_shard)
-            num_qa = sum(shard["num_qa"] for shard in shards)
-            splits[split] = {
-                "num_ecgs": sum(shard["num_samples"] for shard in shards),
-                "num_qa": num_qa,
-                "datasets": {DATASET: num_qa},
-                "question_types": [QUESTION_TYPE],
-                "shards": shards,
-            }
-        manifest = {
-            "dataset": DATASET,
-            "params": self.params,
-            "version": VERSION,
-            "splits": splits,
-            "images": True,
-            "skipped": dict(sorted(self.skipped.items())),
-        }
-        write_manifest(out_dir, manifest)
-        elapsed = time.perf_counter() - started
-        log.info("built %s in %s in %.1f s (skipped: %s)", DATASET, out_dir, elapsed, dict(self.skipped))
-        return manifest
+
+    def manifest_extras(self) -> dict[str, Any]:
+        return {"images": True, "skipped": dict(sorted(self.skipped.items()))}

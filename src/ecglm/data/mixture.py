@@ -12,12 +12,14 @@ DataModule streams them with their dataset (``include_comparison``, on by defaul
 
 The record tables and the grouping of QA pairs by ECG live in a SQLite file in ``out_dir`` while
 building (:class:`ecglm.data.mixture_index.QAIndex`), not in Python dicts: the full mixture has ~800K
-records and ~1.9M QA pairs, and the builder's memory should not grow with them.
+records and ~1.9M QA pairs, and the builder's memory should not grow with them. That grouping (QA pairs
+about two ECGs, PULSE conversations about records of either source) is why the mixture keeps a build of
+its own rather than :class:`~ecglm.data.source.ShardSource`'s; its records, items and split rule are
+the source's (entry point ``ecgqa-mixture`` of ``ecglm.sources``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -48,6 +50,7 @@ from ecglm.data.shards import (
     write_manifest,
     write_shards,
 )
+from ecglm.data.source import ShardSource, files_fingerprint
 from ecglm.data.sources import (
     MIMIC,
     MIMIC_SPLIT_RATIOS,
@@ -78,7 +81,7 @@ _OLD_NEW_KEY = (
 )
 
 
-class ECGQAMixture:
+class ECGQAMixture(ShardSource):
     """Builder of the PTB-XL + MIMIC-IV-ECG (via ECG-QA) + PULSE ECG-Instruct shard set.
 
     Args:
@@ -100,6 +103,9 @@ class ECGQAMixture:
         num_workers: Processes that preprocess signals (0: in this process).
         progress: Show a progress bar per split and dataset.
     """
+
+    dataset = DATASET
+    version = VERSION
 
     def __init__(
         self,
@@ -204,13 +210,7 @@ class ECGQAMixture:
 
     def inputs_fingerprint(self) -> str:
         """A digest of the metadata files' names, sizes and modification times (not of the signals)."""
-        digest = hashlib.sha256()
-        for path in self._metadata_files():
-            stat = path.stat() if path.is_file() else None
-            digest.update(
-                f"{path}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}\n".encode()
-            )
-        return digest.hexdigest()
+        return files_fingerprint(self._metadata_files())
 
     def is_built(self, out_dir: str | Path) -> bool:
         """True when ``out_dir`` holds a manifest of these params and inputs with intact shards (sha256)."""
@@ -288,11 +288,30 @@ class ECGQAMixture:
 
             return repair_shards(out_dir, manifest, damage, run_samples, DATASET)
 
-    def _index_records(self, index: QAIndex) -> None:
+    def records(self) -> Iterator[ECGRecord]:
+        """PTB-XL's and MIMIC-IV-ECG's records (of the roots given), each with its split: PTB-XL's
+        ``strat_fold`` rule, MIMIC-IV-ECG's hash of ``subject_id`` (:mod:`ecglm.data.sources`)."""
         if self.ptbxl_root:
-            index.add_records(iter_ptbxl(self.ptbxl_root))
+            yield from iter_ptbxl(self.ptbxl_root)
         if self.mimic_root:
-            index.add_records(iter_mimic(self.mimic_root, self.mimic_split_ratios, reports=False))
+            yield from iter_mimic(self.mimic_root, self.mimic_split_ratios, reports=False)
+
+    def items(self, record: ECGRecord) -> list[dict[str, Any]]:
+        """The ECG-QA pairs about ``record`` alone and the first turn of each PULSE conversation about it,
+        by one pass over the QA files: for a look at one record (the build groups every item at once)."""
+        items = []
+        if record.source in self.ecgqa_sources:
+            for _, sample in read_ecgqa(self.ecgqa_root, record.source, self.ecgqa_variant):
+                if [int(i) for i in sample["ecg_id"]] == [record.record_id]:
+                    items.append(ecgqa_pair(sample))
+        if self.pulse_json:
+            for sample in read_pulse(self.pulse_json):
+                if (sample.source, sample.record_id) == (record.source, record.record_id):
+                    items.append({**sample.conversation[0], "question_type": PULSE_QUESTION_TYPE})
+        return items
+
+    def _index_records(self, index: QAIndex) -> None:
+        index.add_records(self.records())
 
     def _index_qa(self, index: QAIndex, dropped_qa: Counter) -> None:
         """Every QA pair and conversation into ``index``, those that cannot be written counted instead."""

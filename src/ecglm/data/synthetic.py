@@ -3,7 +3,8 @@
 Every record is built from a real-looking beat (neurokit2's 12-lead simulator, or beats cut from a
 real WFDB record) re-timed along a sampled RR sequence, so the two answers -- heart-rate class
 (bradycardia / normal / tachycardia) and rhythm (regular / irregular) -- can only be read off the
-signal. Records are written as WebDataset shards plus a manifest via :mod:`ecglm.data.shards`.
+signal. A :class:`~ecglm.data.source.ShardSource` (entry point ``synthetic`` of ``ecglm.sources``): its
+records are written as WebDataset shards plus a manifest via :mod:`ecglm.data.shards`.
 
 Re-timing (see :func:`_place_beat`): beats are overlap-added at their R peaks. The QRS (+-50 ms)
 keeps its width; the rest of the beat is stretched by ``sqrt(RR / RR_template)`` after the R peak
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +25,7 @@ import numpy as np
 from scipy import signal
 
 from ecglm.data.preprocess import read_wfdb, resample, select_leads, zscore
-from ecglm.data.shards import (
-    MANIFEST_NAME,
-    check_build,
-    repair_shards,
-    shards_built,
-    write_manifest,
-    write_shards,
-)
+from ecglm.data.source import ShardSource, SourceRecord
 from ecglm.data.splits import SPLITS
 from ecglm.ecg import LEADS, MANIFEST_KEYS
 
@@ -159,8 +152,12 @@ def _place_beat(out: np.ndarray, template: BeatTemplate, r_pos: float, rr: float
     out[:, n] += template.beat[:, i0] * (1 - frac) + template.beat[:, i0 + 1] * frac
 
 
-class SyntheticHeartQA:
+class SyntheticHeartQA(ShardSource):
     """Builder of the synthetic heart-rate / rhythm ECG QA set (train/val/test WebDataset shards)."""
+
+    dataset = DATASET
+    version = VERSION
+    question_types = tuple(QUESTIONS)
 
     def __init__(
         self,
@@ -295,27 +292,22 @@ class SyntheticHeartQA:
         }
         return {"__key__": key, "ecg.npy": ecg, "json": meta}
 
-    def is_built(self, out_dir: str | Path) -> bool:
-        """True when ``out_dir`` holds a manifest for these params whose shards all match their sha256."""
-        return shards_built(out_dir, params=self.params, version=VERSION)
+    def records(self) -> Iterator[SourceRecord]:
+        """Every record of every split, by ``(split, index)``; one ECG per (synthetic) patient."""
+        for split, size in self.split_sizes().items():
+            for index in range(size):
+                key = f"synthetic_{split}_{index:06d}"
+                yield SourceRecord(key, key, location=(split, index), split=split)
 
-    def build(self, out_dir: str | Path) -> dict[str, Any]:
-        """Write train/val/test shards and ``manifest.json`` to ``out_dir``, unless already built."""
-        out_dir = Path(out_dir)
-        built, damage = check_build(out_dir, params=self.params, version=VERSION)
-        if built is not None and not damage:
-            log.info("%s already built in %s", DATASET, out_dir)
-            return built
-        if built is not None and repair_shards(out_dir, built, damage, self._run_samples, DATASET):
-            return built
-        started = time.perf_counter()
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        splits = {split: self._build_split(out_dir, split, n) for split, n in self.split_sizes().items()}
-        manifest = {
-            "dataset": DATASET,
-            "params": self.params,
-            "version": VERSION,
-            "splits": splits,
+    def items(self, record: SourceRecord) -> list[dict[str, Any]]:
+        """The heart-rate and rhythm questions of ``record`` (drawn with its signal: it is generated)."""
+        return self.make_record(*record.location)["json"]["qa"]
+
+    def samples(self, split: str) -> Iterator[dict[str, Any]]:
+        return (self.make_record(split, i) for i in range(self.split_sizes()[split]))
+
+    def manifest_extras(self) -> dict[str, Any]:
+        return {
             "preprocessing": {
                 "sampling_rate": self.sampling_rate,
                 "num_samples": self.num_samples,
@@ -323,24 +315,8 @@ class SyntheticHeartQA:
                 MANIFEST_KEYS["normalization"]: "per-lead z-score",
             },
         }
-        write_manifest(out_dir, manifest)
-        log.info("built %s in %s in %.1f s", DATASET, out_dir, time.perf_counter() - started)
-        return manifest
 
     def _run_samples(self, split: str, start: int, previous: Path | None) -> Iterator[dict[str, Any]]:
         """Records ``start, start + 1, ...`` of ``split`` (a run of shards is a split): each depends only
         on (seed, split, index), so a damaged shard is written again alone (:func:`repair_shards`)."""
         return (self.make_record(split, i) for i in range(start, self.split_sizes()[split]))
-
-    def _build_split(self, out_dir: Path, split: str, size: int) -> dict[str, Any]:
-        for stale in out_dir.glob(f"{split}-??????.tar*"):
-            stale.unlink()
-        records = (self.make_record(split, i) for i in range(size))
-        shards = write_shards(records, out_dir, split, self.max_samples_per_shard)
-        return {
-            "num_ecgs": size,
-            "num_qa": len(QUESTIONS) * size,
-            "datasets": {DATASET: len(QUESTIONS) * size},
-            "question_types": sorted(QUESTIONS),
-            "shards": shards,
-        }
