@@ -328,8 +328,27 @@ def test_the_lightning_task_trains_with_grpo_and_checkpoints_its_reference(tmp_p
     for name, value in start.items():  # the reference is the start, not the trained weights
         torch.testing.assert_close(saved["state"]["reference"][name], value)
     restored = GRPO(group_size=2)
-    ECGLanguageModel(
+    evaluated = ECGLanguageModel(
         Wav2Vec2ECGEncoder(**TINY_ENCODER), MLPConnector(num_tokens=1, input_norm="batch"), tiny_backbone(),
         objective=restored,
-    ).on_load_checkpoint(torch.load(tmp_path / "grpo.ckpt", weights_only=True))  # fmt: skip
+    )  # fmt: skip
+    evaluated.on_load_checkpoint(torch.load(tmp_path / "grpo.ckpt", weights_only=True))
     assert restored.reference is not None and set(restored.reference) == set(start)
+    assert evaluated.model.training_stages == [{"stage": "grpo"}]  # what evaluate and bundles report
+
+
+def test_the_training_stages_are_read_from_checkpoints_and_stated_in_reports_and_cards():
+    from ecglm.bundle import default_card
+    from ecglm.evaluation.markdown import render_markdown
+    from ecglm.objectives.base import training_stages
+
+    assert training_stages({"ecglm": {}}) == [{"stage": "sft"}]  # SFT checkpoints record nothing
+    objective = {"stage": "dpo", "init_from": "a.ckpt", "state": {}}
+    assert training_stages({"ecglm": {"objective": objective}}) == [{"stage": "dpo", "init_from": "a.ckpt"}]
+    stages = [{"stage": "sft"}, {"stage": "grpo", "init_from": "runs/quickstart/checkpoints/last.ckpt"}]
+    assert training_stages({"ecglm": {"objective": objective, "stages": stages}}) == stages
+    line = "Training: SFT -> GRPO (from `runs/quickstart/checkpoints/last.ckpt`)"
+    summary = {"conditions": {"ecg": {"datasets": {}, "abnormality": {}, "question_types": {}}}, "gaps": {}}
+    assert line in render_markdown(summary, {"training": stages}).splitlines()
+    config = {"ecglm_version": "x", "components": {"backbone": {"class_path": "hf"}}, "training": stages}
+    assert line + "." in default_card(config).splitlines()

@@ -116,11 +116,12 @@ def save_bundle(
     card: str | None = None,
     report: Mapping[str, Any] | None = None,
     image: Mapping[str, Any] | None = None,
+    training: list[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``model`` as a bundle into ``directory`` (which must not exist yet; written beside it
     and renamed into place, so a crash leaves no half bundle). ``components``: the ``class_path`` /
     ``init_args`` of ``encoder``, ``connector``, ``backbone`` and ``policy``; ``prompt``: the prompt
-    style's."""
+    style's; ``training``: the training stages that produced the weights (SFT, GRPO, DPO; in the card)."""
     from ecglm.version import __version__
 
     directory = Path(directory)
@@ -143,6 +144,7 @@ def save_bundle(
         "image": _plain(image),
         "preprocessing": _plain(preprocessing),
         "demonstrations": _plain(demonstrations),
+        "training": _plain(training),
         "weights": sorted(weights),
         "adapters": sorted(adapters),
     }
@@ -424,6 +426,7 @@ def load_bundle(
     if wanted_adapters or (directory / ADAPTER_DIR).exists():
         _load_adapters(model, directory / ADAPTER_DIR, wanted_adapters)
     model.demonstrations = config.get("demonstrations")
+    model.training_stages = config.get("training")
     if config.get("image"):  # the image path: draw each ECG as the model was trained to read it
         model.printout = _build(config["image"], "image", trust_remote_code)
     model.bundle_config = config
@@ -497,6 +500,8 @@ def default_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = N
         + (", adapters in PEFT's format: `adapter/`." if config.get("adapters") else "."),
         "",
     ]
+    if config.get("training"):
+        lines += [f"Training: {describe_stages(config['training'])}.", ""]
     if config.get("preprocessing"):
         pre = config["preprocessing"]
         lines += [f"Input: {pre}", ""]
@@ -510,6 +515,15 @@ def default_card(config: Mapping[str, Any], report: Mapping[str, Any] | None = N
         "",
     ]
     return "\n".join(lines)
+
+
+def describe_stages(stages: list[Mapping[str, Any]]) -> str:
+    """``SFT -> GRPO (from runs/quickstart/checkpoints/last.ckpt)``: the training stages, oldest first."""
+    parts = []
+    for stage in stages:
+        text = str(stage.get("stage", "?")).upper()
+        parts.append(f"{text} (from `{stage['init_from']}`)" if stage.get("init_from") else text)
+    return " -> ".join(parts)
 
 
 def report_table(report: Mapping[str, Any]) -> str:

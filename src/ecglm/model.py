@@ -186,6 +186,10 @@ class ECGLM(nn.Module):
         #: On the image path, how an ECG is drawn for this model (an :class:`ecglm.render.ECGPrintout`):
         #: the data side's, set by :func:`ecglm.wiring.connect` and by :meth:`from_pretrained`.
         self.printout: Any = None
+        #: The training stages that produced these weights, oldest first (``[{"stage": "sft"},
+        #: {"stage": "grpo", "init_from": ...}]``; :func:`ecglm.objectives.base.training_stages`), as
+        #: checkpoints and bundles record them; ``None`` when unknown.
+        self.training_stages: list[dict[str, Any]] | None = None
 
     def system_prompts(self) -> dict[str, str] | None:
         """Per dataset, the prompt style's system prompt with that dataset's few-shot demonstrations
@@ -224,7 +228,17 @@ class ECGLM(nn.Module):
         image = recipe.get("image") or _printout_spec(self.printout)
         if image:  # how to draw an ECG for the model to read; training's distortions are not part of it
             image = {**image, "init_args": {**(image.get("init_args") or {}), "augment": None}}
-        return save_bundle(self, directory, components, prompt, self.demonstrations, card, report, image)
+        return save_bundle(
+            self,
+            directory,
+            components,
+            prompt,
+            self.demonstrations,
+            card,
+            report,
+            image,
+            self.training_stages,
+        )
 
     def answer(
         self,

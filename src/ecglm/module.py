@@ -34,6 +34,7 @@ from ecglm.io import save_run_file
 from ecglm.metrics import AnswerTokenStats
 from ecglm.model import ECGLM
 from ecglm.objectives import SFT, Objective
+from ecglm.objectives.base import training_stages
 from ecglm.peft import PEFTPolicy, count_parameters
 from ecglm.plugins import component_provenance
 from ecglm.version import __version__
@@ -398,6 +399,9 @@ class ECGLanguageModel(L.LightningModule):
                 "init_from": self.objective.init_from,
                 "state": self.objective.state_dict(),
             }
+        stages = self.model.training_stages
+        if stages and stages != [{"stage": "sft"}]:  # the stages behind the weights (evaluate reports them)
+            checkpoint["ecglm"]["stages"] = stages
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = self.model.persistent_keys()
@@ -410,6 +414,7 @@ class ECGLanguageModel(L.LightningModule):
                 f"  unexpected ({len(unexpected)}): {unexpected[:10]}"
             )
         self._restore_demonstrations(checkpoint.get("ecglm", {}).get("demonstrations"))
+        self.model.training_stages = training_stages(checkpoint)
         recorded = checkpoint.get("ecglm", {}).get("objective")
         if recorded and recorded.get("stage") == self.objective.stage:
             self.objective.load_state_dict(recorded.get("state") or {})

@@ -38,6 +38,10 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = ["# ecglm evaluation", ""]
     if meta.get("ckpt_path"):
         lines += [f"Checkpoint: `{meta['ckpt_path']}`; seeds {meta.get('seeds')}", ""]
+    if meta.get("training"):
+        from ecglm.bundle import describe_stages
+
+        lines += [f"Training: {describe_stages(meta['training'])}", ""]
     lines += [
         f"Decoding: {meta.get('decoding')}",
         "",

@@ -91,6 +91,8 @@ class EvaluationProtocol:
         first_ecg = per_seed[0]["conditions"]["ecg"]
         meta = {
             "ckpt_path": self.ckpt_path,
+            # Which training stages produced the evaluated weights (SFT, GRPO, DPO), as its checkpoint says.
+            "training": getattr(getattr(model, "model", None), "training_stages", None),
             "seeds": self.seeds,
             "samples_per_dataset": self.samples_per_dataset,
             "expected_samples": expected,

@@ -21,6 +21,18 @@ if TYPE_CHECKING:
     from ecglm.module import ECGLanguageModel
 
 
+def training_stages(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training stages that produced a checkpoint's weights, oldest first: what it records, else
+    its objective's stage, else SFT (checkpoints of SFT runs record none)."""
+    record = checkpoint.get("ecglm", {})
+    if record.get("stages"):
+        return [dict(stage) for stage in record["stages"]]
+    objective = record.get("objective")
+    if objective:
+        return [{"stage": objective["stage"], "init_from": objective.get("init_from")}]
+    return [{"stage": "sft"}]
+
+
 class Objective(ABC):
     """Base class of every training objective.
 
@@ -54,6 +66,7 @@ class Objective(ABC):
     def setup(self, task: ECGLanguageModel) -> None:
         """At fit: load :attr:`init_from` into the task (its checkpoint checked as a resume checks it)."""
         if self.init_from is None:
+            task.model.training_stages = [{"stage": self.stage}]
             return
         checkpoint = torch.load(self.init_from, map_location="cpu", weights_only=True)
         if "state_dict" not in checkpoint:
@@ -64,6 +77,10 @@ class Objective(ABC):
         task.on_load_checkpoint(checkpoint)
         task.load_state_dict(checkpoint["state_dict"], strict=False)
         self.reference = None  # a new stage compares with the model it starts from
+        task.model.training_stages = [
+            *training_stages(checkpoint),
+            {"stage": self.stage, "init_from": str(self.init_from)},
+        ]
 
     def on_train_start(self, task: ECGLanguageModel) -> None:
         """Before the first step (after any checkpoint a resumed fit restores): an objective with a

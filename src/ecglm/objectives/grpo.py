@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +46,10 @@ class Rollout:
     ref_logp: Tensor | None
     stats: dict[str, float]
 
+    def to(self, device: torch.device) -> Rollout:
+        moved = {f: v.to(device) if isinstance(v, Tensor | TokenFields) else v for f, v in vars(self).items()}
+        return Rollout(**moved)
+
 
 class GRPO(Objective):
     """Group Relative Policy Optimization (Shao et al., 2024) on the training questions.
@@ -65,6 +72,9 @@ class GRPO(Objective):
         steps_per_rollout: Optimisation steps on one rollout (DeepSeekMath's mu); the batches of
             the extra steps are not sampled from (each step still consumes one training batch).
         scale_rewards: Divide by the group's std (``false``: Dr. GRPO's centred rewards).
+        seed: Seed of the rollouts: the answers sampled at training step ``s`` are drawn from a
+            generator seeded with ``(seed, s)``, so a resumed run samples what the uninterrupted run
+            sampled (the global random state, which Lightning does not checkpoint, is left alone).
         init_from, reference: See :class:`~ecglm.objectives.base.Objective`.
     """
 
@@ -82,6 +92,7 @@ class GRPO(Objective):
         clip_eps: float = 0.2,
         steps_per_rollout: int = 1,
         scale_rewards: bool = True,
+        seed: int = 0,
         init_from: str | None = None,
         reference: str = "start",
     ):
@@ -93,7 +104,7 @@ class GRPO(Objective):
         self.rewards = list(rewards) if rewards else [ExactMatchReward()]
         self.group_size, self.temperature, self.top_p = group_size, temperature, top_p
         self.max_new_tokens, self.beta, self.clip_eps = max_new_tokens, beta, clip_eps
-        self.steps_per_rollout, self.scale_rewards = steps_per_rollout, scale_rewards
+        self.steps_per_rollout, self.scale_rewards, self.seed = steps_per_rollout, scale_rewards, seed
         self.reference: dict[str, Tensor] | None = None
         self._rollout: Rollout | None = None
         self._steps_on_rollout = 0
@@ -105,11 +116,16 @@ class GRPO(Objective):
         if self.reference is None:
             self.reference = snapshot_trainable(model)
         if self._rollout is None or self._steps_on_rollout >= self.steps_per_rollout:
-            self._rollout, self._steps_on_rollout = self.rollout(model, batch), 0
+            with self.seeded(model, getattr(task, "global_step", None)):
+                self._rollout = self.rollout(model, batch)
+            self._steps_on_rollout = 0
             for name, value in self._rollout.stats.items():
                 task.log(f"train/{name}", value, batch_size=len(batch.key))
         self._steps_on_rollout += 1
         r = self._rollout
+        device = next(model.parameters()).device
+        if r.completion.device != device:  # restored from a checkpoint, on the CPU
+            r = self._rollout = r.to(device)
         logp = completion_logprobs(
             model, r.prompt, model.ecg_tokens(r.ecg), r.completion, r.mask, self.temperature
         )
@@ -118,6 +134,39 @@ class GRPO(Objective):
         task.log("train/kl", out.kl, batch_size=len(batch.key))
         task.log("train/clip_fraction", out.clip_fraction, batch_size=len(batch.key))
         return out.loss
+
+    @contextmanager
+    def seeded(self, model: ECGLM, step: int | None) -> Iterator[None]:
+        """Within: the random state seeded with ``(seed, step)`` (restored after); ``step`` None: as it is.
+
+        Written here rather than passing a ``torch.Generator``: ``generate`` samples with the global one."""
+        if step is None:
+            yield
+            return
+        device = next(model.parameters()).device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, int(step)]).generate_state(1)[0]))
+            yield
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reference, and a rollout that has optimisation steps left (``steps_per_rollout`` > 1):
+        a run resumed between them takes those steps on the same answers."""
+        state = super().state_dict()
+        if self._rollout is not None and self._steps_on_rollout < self.steps_per_rollout:
+            state["rollout"] = asdict(self._rollout)  # the prompt's TokenFields as a dict too
+            state["steps_on_rollout"] = self._steps_on_rollout
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        rollout = state.get("rollout")
+        if rollout is not None:
+            rollout = Rollout(**{**rollout, "prompt": TokenFields(**rollout["prompt"])})
+        self._rollout = rollout
+        self._steps_on_rollout = int(state.get("steps_on_rollout", 0))
 
     @torch.no_grad()
     def sample(self, model: ECGLM, batch: ECGQABatch) -> tuple[TokenFields, Tensor, Tensor, Tensor]:
