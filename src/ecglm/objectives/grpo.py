@@ -119,8 +119,11 @@ class GRPO(Objective):
             with self.seeded(model, getattr(task, "global_step", None)):
                 self._rollout = self.rollout(model, batch)
             self._steps_on_rollout = 0
-            for name, value in self._rollout.stats.items():
-                task.log(f"train/{name}", value, batch_size=len(batch.key))
+        # Every step logs the statistics of the rollout it optimises (Lightning would repeat a value
+        # logged only on the rollout's first step anyway, but not in a run resumed between the two);
+        # they travel with the rollout in the checkpoint, so a resumed run logs what the whole one did.
+        for name, value in self._rollout.stats.items():
+            task.log(f"train/{name}", value, batch_size=len(batch.key))
         self._steps_on_rollout += 1
         r = self._rollout
         device = next(model.parameters()).device
