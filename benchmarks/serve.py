@@ -8,6 +8,12 @@ unknown format, in turn). Prints requests/s, p50/p95 latency of the good request
 from a pass with one client and no bad requests. The reference is ``ecglm.inference.ask`` batched
 (``--batch-size``) over the same records in this process, with the same threads: answers/s.
 
+Then the faults, each with what it left behind: a client gone halfway through its upload, one gone
+before its answer and a slow upload (a quarter of the body every 0.25 s), after which a good request
+must still get its record's answer; then the server killed (SIGKILL) under 16 clients: how the
+requests in flight ended (none may hang), the processes and upload folders left (none may be), and
+the restarted server on the same port: seconds to healthy and whether its answer is unchanged.
+
     .venv/bin/python benchmarks/serve.py                       # a tiny random bundle
     .venv/bin/python benchmarks/serve.py --model quickstart-bundle [--override backbone.model=...]
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -70,13 +77,14 @@ def _bad(kind: int, url: str) -> bytes:
     return json.dumps(body).encode()
 
 
-def _start(args, port: int, log: Path) -> subprocess.Popen:
+def _start(args, port: int, log: Path, tmp: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ecglm", "serve", "--model", args.model, "--port", str(port)]
     cmd += ["--max_new_tokens", str(args.max_new_tokens), "--max_batch_size", str(args.max_batch_size)]
     cmd += ["--batch_timeout", str(args.batch_timeout), "--generate_batch_size", str(args.max_batch_size)]
     cmd += [x for o in args.override for x in ("--override", o)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    with log.open("w") as out:
+    env["TMPDIR"] = str(tmp)  # the server's private upload folders are made here: the faults count them
+    with log.open("a") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -156,6 +164,124 @@ def _ask_rate(args, signals: list[np.ndarray]) -> tuple[float, dict[int, str]]:
     return len(rows) / took, {int(Path(r["record"]).stem[1:]): r["answer"] for r in rows}
 
 
+def _raw(port: int, body: bytes, declared: int) -> socket.socket:
+    """A socket that has sent the head of a chat completion announcing ``declared`` bytes, then ``body``."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _answer(base: str, body: bytes) -> str | None:
+    response = requests.post(
+        f"{base}/v1/chat/completions", data=body, headers={"content-type": "application/json"}, timeout=300
+    )
+    return response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else None
+
+
+def _left(pids: list[int], tmp: Path) -> tuple[int, int]:
+    """The stopped server's processes still running (zombies excluded) and its upload folders left."""
+    import psutil
+
+    alive = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            alive += psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return alive, len(list(tmp.glob("ecglm-serve-*")))
+
+
+def _faults(args, base: str, port: int, urls: list[str], process, log: Path, tmp: Path, expected: str):
+    """Clients that go away or trickle, then a kill under load and a restart; prints what each left."""
+    import signal
+
+    import psutil
+
+    good = json.dumps(_good(urls[0])).encode()
+    _raw(port, good[: len(good) // 2], len(good)).close()  # gone halfway through its upload
+    _raw(port, good, len(good)).close()  # gone before its answer
+    slow = _raw(port, b"", len(good))
+    step = len(good) // 4 + 1
+    start = time.perf_counter()
+    for offset in range(0, len(good), step):
+        time.sleep(0.25)
+        slow.sendall(good[offset : offset + step])
+    reply = b""
+    while not reply.rstrip().endswith(b"}"):
+        chunk = slow.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    slow.close()
+    took = time.perf_counter() - start
+    body = reply.split(b"\r\n\r\n", 1)[-1]
+    slow_ok = reply.startswith(b"HTTP/1.1 200")
+    slow_ok = slow_ok and json.loads(body)["choices"][0]["message"]["content"] == expected
+    after = _answer(base, good)
+    print(
+        f"faults: gone mid-upload + gone before the answer + slow upload ({took:.1f} s): slow one answered "
+        f"correctly {slow_ok}; next request's answer unchanged {after == expected}; upload folders left "
+        f"{len(list(tmp.glob('ecglm-serve-*')))}"
+    )
+    pids = [process.pid, *(c.pid for c in psutil.Process(process.pid).children(recursive=True))]
+    outcomes: dict[str, int] = {}  # how the requests in flight at the kill ended
+    answered = [0]  # requests answered before it
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def client() -> None:  # sends until its request fails or ends after the kill
+        while True:
+            try:
+                response = requests.post(
+                    f"{base}/v1/chat/completions",
+                    data=good,
+                    headers={"content-type": "application/json"},
+                    timeout=300,
+                )
+                outcome = str(response.status_code)
+            except requests.RequestException as error:
+                outcome = type(error).__name__
+            with lock:
+                if not killed.is_set():
+                    answered[0] += 1
+                    continue
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    with lock:
+        killed.set()
+        process.send_signal(signal.SIGKILL)
+    start = time.perf_counter()
+    for t in threads:
+        t.join(300)
+    ended = time.perf_counter() - start
+    hung = sum(t.is_alive() for t in threads)
+    process.wait(30)
+    deadline = time.monotonic() + 60  # the children notice their parent is gone and stop
+    while _left(pids, tmp)[0] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    alive, folders = _left(pids, tmp)
+    print(
+        f"faults: SIGKILL under 16 clients after {answered[0]} answers: the 16 in flight ended as "
+        f"{outcomes}, hung {hung}, all within {ended:.1f} s; processes left {alive} of {len(pids)}; "
+        f"upload folders left {folders}"
+    )
+    start = time.perf_counter()
+    restarted = _start(args, port, log, tmp)
+    ready = time.perf_counter() - start
+    print(
+        f"faults: restarted on port {port}: healthy after {ready:.1f} s (loading the model); answer "
+        f"unchanged {_answer(base, good) == expected}"
+    )
+    return restarted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a bundle (default: a tiny random one, built here)")
@@ -181,7 +307,9 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = Path(scratch.name) / "serve.log"
-    process = _start(args, port, log)
+    tmp = Path(scratch.name) / "server-tmp"
+    tmp.mkdir()
+    process = _start(args, port, log, tmp)
     base = f"http://127.0.0.1:{port}"
     try:
         _load(base, urls[:2], 1, 2.0, 0)  # warm-up
@@ -208,6 +336,7 @@ def main() -> None:
             )
         served = sum(1 for line in log.read_text().splitlines() if "ecglm.serve request " in line)
         print(f"server log: {served} request lines; 5xx lines: {log.read_text().count('-> 5')}")
+        process = _faults(args, base, port, urls, process, log, tmp, next(iter(alone["answers"][0])))
     finally:
         process.terminate()
         process.wait(30)
