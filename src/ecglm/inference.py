@@ -19,7 +19,7 @@ import contextlib
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,13 +150,19 @@ def answer_image(
     decoding: Decoding | None = None,
     dataset: str | None = None,
     batch_size: int = 8,
+    history: Sequence[Mapping[str, str]] | None = None,
 ) -> str | list[str]:
     """Answer ``question`` (or each of a list) about an ECG picture, as datasets ship them (a
     photographed or scanned printout): a PNG / JPEG path or an RGB array, resized to what the
-    image-path ``model`` reads. For a signal, use :func:`answer` (the model's printout draws it)."""
+    image-path ``model`` reads. For a signal, use :func:`answer` (the model's printout draws it).
+    ``history``: the conversation so far about this picture, ``[{question, answer}, ...]``, which
+    each question follows (a follow-up question)."""
     picture = read_image(image)
     questions = [question] if isinstance(question, str) else list(question)
-    answers = answer_images(model, [picture] * len(questions), questions, decoding, batch_size, dataset)
+    histories = None if history is None else [history] * len(questions)
+    answers = answer_images(
+        model, [picture] * len(questions), questions, decoding, batch_size, dataset, histories
+    )
     return answers[0] if isinstance(question, str) else answers
 
 
@@ -167,13 +173,16 @@ def answer_images(
     decoding: Decoding | None = None,
     batch_size: int = 8,
     dataset: str | None = None,
+    histories: Sequence[Sequence[Mapping[str, str]]] | None = None,
 ) -> list[str]:
     """One answer per (ECG picture, question) pair, in order, in batches: for models of the image path,
-    on pictures as datasets ship them (a photographed or scanned printout), resized to the model's size."""
+    on pictures as datasets ship them (a photographed or scanned printout), resized to the model's size.
+    ``histories``: per pair, the earlier turns of its conversation (``[{question, answer}, ...]``,
+    the picture in the first), written before its question as user and assistant turns."""
     if model.image_size is None:
         raise ValueError("this model reads ECG signals, not pictures: give it a record (ecglm ask --record)")
     items = [{"ecg": None, "image": image} for image in images]
-    return _answer(model, items, questions, decoding, batch_size, dataset, printout_of(model))
+    return _answer(model, items, questions, decoding, batch_size, dataset, printout_of(model), histories)
 
 
 def answer_windows(
@@ -196,12 +205,13 @@ def answer_inputs(
     decoding: Decoding | None = None,
     batch_size: int = 8,
     dataset: str | None = None,
+    histories: Sequence[Sequence[Mapping[str, str]]] | None = None,
 ) -> list[str]:
     """One answer per (input, question) pair, in order, in batches; each input as the collator takes it:
-    ``{"ecg": window}`` (a ``(12, num_samples)`` window) or ``{"ecg": None, "image": picture}``."""
-    return _answer(
-        model, [dict(given) for given in inputs], questions, decoding, batch_size, dataset, printout_of(model)
-    )
+    ``{"ecg": window}`` (a ``(12, num_samples)`` window) or ``{"ecg": None, "image": picture}``.
+    ``histories``: per pair, the earlier turns of its conversation, as :func:`answer_images` takes them."""
+    given = [dict(g) for g in inputs]
+    return _answer(model, given, questions, decoding, batch_size, dataset, printout_of(model), histories)
 
 
 @torch.no_grad()
@@ -213,12 +223,19 @@ def _answer(
     batch_size: int,
     dataset: str | None,
     printout: ECGPrintout | None,
+    histories: Sequence[Sequence[Mapping[str, str]]] | None = None,
 ) -> list[str]:
-    """Generated answers for ``ecgs`` (each item's ``ecg`` / ``image``) asked ``questions``, in batches."""
+    """Generated answers for ``ecgs`` (each item's ``ecg`` / ``image``) asked ``questions``, in batches,
+    each after its conversation's earlier turns (``histories``, if given)."""
     if model.prompt is None:
         raise ValueError("the model has no prompt style: load it with ECGLM.from_pretrained or connect it")
     if len(ecgs) != len(questions):
         raise ValueError(f"{len(ecgs)} ECGs for {len(questions)} questions: one question per ECG")
+    if histories is not None:
+        if len(histories) != len(questions):
+            raise ValueError(f"{len(histories)} histories for {len(questions)} questions: one per question")
+        pairs = zip(ecgs, histories, strict=True)
+        ecgs = [{**ecg, "history": [dict(turn) for turn in history]} for ecg, history in pairs]
     collate = QACollator(
         model.prompt,
         model.num_ecg_tokens,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,7 @@ class PromptStyle(ABC):
         self.ecg_frame: tuple[str, str] = ("", "")
         self._warned_truncation = False
         self._warned_turns = False
+        self._warned_history = False
         self._forget_renderings()
         if tokenizer is not None:
             self.bind(tokenizer, placeholder_token_id)
@@ -218,12 +220,19 @@ class PromptStyle(ABC):
         num_ecg_tokens: int,
         system_prompt: str | None = None,
         num_ecgs: int = 1,
+        history: Sequence[Mapping[str, str]] | None = None,
     ) -> EncodedChat:
         """Tokenise one QA pair; with ``answer=None`` the result ends with the generation prompt.
 
         ``system_prompt`` replaces the style's own for this pair (few-shot prompts differ by dataset).
         ``num_ecgs`` ECGs (2 for comparison questions) each get ``num_ecg_tokens`` positions.
+        ``history``: the earlier turns of the conversation, ``[{question, answer}, ...]``, written
+        before ``question`` as user and assistant turns; the ECGs go into the first of them. Only
+        ``answer`` gets labels. Whole turns are dropped from the start of a history too long for
+        ``max_length`` (the ECGs then go into the first turn kept), with a warning (once).
         """
+        if history:
+            return self._encode_followup(question, answer, num_ecg_tokens, system_prompt, num_ecgs, history)
         prompt_text, pieces, _, tail = self._prompt(question, system_prompt, num_ecgs)
         answer_ids = (
             self._tokens(self._answer_text(question, answer, prompt_text, system_prompt, num_ecgs))
@@ -237,6 +246,65 @@ class PromptStyle(ABC):
             )
             if sum(map(len, segments)) + num_ecgs * num_ecg_tokens + wanted > self.max_length:
                 segments = self._shorten_question(question, prompt_text, segments, wanted, num_ecg_tokens)
+        prompt, starts = [], []
+        for segment in segments[:-1]:
+            prompt += segment
+            starts.append(len(prompt))
+            prompt += [self.placeholder_token_id] * num_ecg_tokens
+        prompt += segments[-1]
+        if self.max_length is not None:
+            answer_ids = answer_ids[: self.max_length - len(prompt)]
+        labels = [IGNORE_INDEX] * len(prompt) + answer_ids
+        return EncodedChat(prompt + answer_ids, labels, starts[0], len(prompt), tuple(starts))
+
+    def _encode_followup(
+        self,
+        question: str,
+        answer: str | None,
+        num_ecg_tokens: int,
+        system_prompt: str | None,
+        num_ecgs: int,
+        history: Sequence[Mapping[str, str]],
+    ) -> EncodedChat:
+        """:meth:`encode` of a question that follows ``history`` (at least one earlier turn)."""
+        self._bound_tokenizer()
+        messages = self.messages(history[0]["question"], system_prompt=system_prompt, num_ecgs=num_ecgs)
+        for i, turn in enumerate(history):
+            if i:
+                messages.append({"role": "user", "content": turn["question"]})
+            messages.append({"role": "assistant", "content": turn["answer"]})
+        messages.append({"role": "user", "content": question})
+        prompt_text = self.render(messages, add_generation_prompt=True)
+        *pieces, after = self._framed(prompt_text).split(ECG_MARKER)
+        if len(pieces) != num_ecgs:
+            raise ValueError(
+                f"the rendered prompt must contain {ECG_MARKER!r} {num_ecgs} time(s), once per ECG: "
+                f"{prompt_text!r}"
+            )
+        answer_ids: list[int] = []
+        if answer is not None:
+            full = self.render(
+                [*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False
+            )
+            if not full.startswith(prompt_text):
+                raise ValueError(
+                    "the chat template renders the prompt differently once the answer is added, so the "
+                    f"answer span cannot be found:\nprompt: {prompt_text!r}\nfull:   {full!r}"
+                )
+            answer_ids = self._tokens(full[len(prompt_text) :])
+        segments = [self._tokens(p) for p in pieces] + [self._tokens(after)]
+        wanted = self.min_answer_tokens if answer is None else min(self.min_answer_tokens, len(answer_ids))
+        size = sum(map(len, segments)) + num_ecgs * num_ecg_tokens + wanted
+        if self.max_length is not None and size > self.max_length:
+            if not getattr(self, "_warned_history", False):
+                self._warned_history = True
+                log.warning(
+                    "a conversation of %d tokens does not fit max_length=%d: its earliest turns are left "
+                    "out (further cuts are not logged)",
+                    size,
+                    self.max_length,
+                )
+            return self.encode(question, answer, num_ecg_tokens, system_prompt, num_ecgs, history[1:])
         prompt, starts = [], []
         for segment in segments[:-1]:
             prompt += segment

@@ -55,6 +55,8 @@ class QACollator:
     turns every item's ECG into the image an image model reads (drawn from the signal, distorted
     per QA key and epoch on training batches, or the dataset's own image): ``batch.ecg`` then holds
     ``(num_ecgs, 3, height, width)`` uint8 images, and everything else is as on the signal path.
+    An item's ``history`` (``[{question, answer}, ...]``, the earlier turns of a conversation about
+    its ECG) is written before its question (:meth:`ecglm.prompts.PromptStyle.encode`).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class QACollator:
                 k,
                 system_prompt=self.system_prompts.get(it.get("dataset", "unknown")),
                 num_ecgs=_num_ecgs(it),
+                history=it.get("history"),
             )
             for it in items
         ]
