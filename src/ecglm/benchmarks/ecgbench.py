@@ -84,8 +84,17 @@ def _text(value: Any) -> str:
     return "\n".join(value) if isinstance(value, list) else str(value)
 
 
-def read_subset(data: str | Path, name: str) -> list[Item]:
-    """The items of subset ``name`` in ``data`` (``data/<name>.json``)."""
+@dataclass(frozen=True)
+class Conversation:
+    """One multi-turn item (``arena``): its id, image path (relative to ``images/``) and its turns,
+    ``({question, answer}, ...)`` with the gold answers."""
+
+    id: str
+    image: str
+    turns: tuple[dict[str, str], ...]
+
+
+def _rows(data: str | Path, name: str) -> tuple[Path, list]:
     subset(name)
     path = Path(data) / f"{name}.json"
     if not path.is_file():
@@ -99,6 +108,12 @@ def read_subset(data: str | Path, name: str) -> list[Item]:
         raise BenchmarkError(f"{path}: not a JSON list of items ({err})") from None
     if not isinstance(rows, list):
         raise BenchmarkError(f"{path}: expected a JSON list of {{id, image, conversations}} items")
+    return path, rows
+
+
+def read_subset(data: str | Path, name: str) -> list[Item]:
+    """The items of subset ``name`` in ``data`` (``data/<name>.json``)."""
+    path, rows = _rows(data, name)
     items = []
     for i, row in enumerate(rows):
         turns = row.get("conversations") or row.get("conversation") if isinstance(row, dict) else None
@@ -115,6 +130,42 @@ def read_subset(data: str | Path, name: str) -> list[Item]:
             Item(str(ident), str(row.get("image", row.get("image_path", ""))), _text(question), gold)
         )
     return items
+
+
+def read_conversations(data: str | Path, name: str = "arena") -> list[Conversation]:
+    """The multi-turn items of ``data/<name>.json``: each item's ``conversations`` as turns of
+    ``{question, answer}`` (arena's layout) or as alternating ``{from: human}`` / ``{from: gpt}``
+    values (the other subsets' layout)."""
+    path, rows = _rows(data, name)
+    conversations = []
+    for i, row in enumerate(rows):
+        ident = row.get("id") if isinstance(row, dict) else None
+        if ident is None:
+            raise BenchmarkError(f"{path}: item {i} has no 'id'")
+        turns = _turns(row.get("conversations") or row.get("conversation"))
+        if not turns:
+            raise BenchmarkError(
+                f"{path}: item {ident!r}: 'conversations' must be a non-empty list of {{question, answer}}"
+                " turns (or of alternating {from: human, value} and {from: gpt, value} messages)"
+            )
+        image = str(row.get("image", row.get("image_path", "")))
+        conversations.append(Conversation(str(ident), image, turns))
+    return conversations
+
+
+def _turns(messages: Any) -> tuple[dict[str, str], ...] | None:
+    """``({question, answer}, ...)`` from either layout of a conversation, ``None`` if it has neither."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None
+    if all("question" in m for m in messages):
+        pairs = [(m["question"], m.get("answer", "")) for m in messages]
+    else:
+        speakers = [m.get("from") for m in messages]
+        if len(messages) % 2 or speakers != ["human", "gpt"] * (len(messages) // 2):
+            return None
+        asked, answered = messages[::2], messages[1::2]
+        pairs = [(q.get("value", ""), a.get("value", "")) for q, a in zip(asked, answered, strict=True)]
+    return tuple({"question": _text(q), "answer": _text(a)} for q, a in pairs)
 
 
 def prediction_id(row: dict[str, Any]) -> str | None:

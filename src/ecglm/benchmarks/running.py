@@ -6,6 +6,11 @@ answers only what is missing; a line a kill cut short is dropped first
 (:func:`ecglm.inference.drop_cut_line`). The controls are the same questions about another item's
 ECG (``shuffled``) or the no-signal input (``blank``: a white page, a zero signal), in
 ``<subset>.<control>.jsonl``.
+
+``arena``'s multi-turn conversations are answered turn by turn, as PULSE's ``model_ecg_arena.py``
+does: each question follows the earlier questions and the model's **own** answers to them, the ECG
+in the first turn; one line per conversation in PULSE's arena layout (``question_id``,
+``golden_convs``, ``predict_convs``: ``[{question, answer}, ...]``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ecglm.benchmarks.ecgbench import Item, Subset, read_predictions, subset
+from ecglm.benchmarks.ecgbench import Conversation, Item, Subset, read_predictions, subset
 from ecglm.benchmarks.signals import SignalItem
 from ecglm.inference import ASKED, drop_cut_line, printout_of, read_image, system_prompts
 
@@ -53,7 +58,9 @@ def donors(count: int, seed: int = 0) -> np.ndarray:
     return donor
 
 
-def images_for(items: Sequence[Item], images: Path, condition: str, seed: int = 0) -> list[np.ndarray | Path]:
+def images_for(
+    items: Sequence[Item | Conversation], images: Path, condition: str, seed: int = 0
+) -> list[np.ndarray | Path]:
     """Each item's picture under ``condition``: its own, another item's (:func:`donors`), or a white
     page of its own size (read when drawn)."""
     paths = [images / item.image for item in items]
@@ -219,6 +226,66 @@ def _answer_missing(
             if scores is not None:
                 row["label_scores"] = dict(zip(labels, scores[k], strict=True))
             rows.append(row)
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        bar.update(len(chunk))
+    bar.close()
+    return len(todo)
+
+
+def run_conversations(
+    model: ECGLM,
+    name: str,
+    conversations: Sequence[Conversation],
+    images: Path,
+    out: str | Path,
+    decoding: Decoding,
+    batch_size: int = 8,
+    condition: str = "image",
+    model_id: str = "",
+) -> int:
+    """Answer the conversations of ``name`` (``arena``) not yet in its output file, turn by turn: a
+    batch of conversations is asked its first questions about their pictures, then its second
+    questions after the first questions and the model's own answers, and so on. Each conversation is
+    one line, appended once all its turns are answered; the number answered now."""
+    from ecglm.inference import answer_inputs
+
+    path = output_file(out, name, condition)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drop_cut_line(path)
+    done = {str(r.get("question_id")) for r in read_predictions(path)} if path.is_file() else set()
+    sources = images_for(conversations, images, condition)
+    todo = [(c, source) for c, source in zip(conversations, sources, strict=True) if c.id not in done]
+    bar = tqdm(total=len(todo), desc=f"{name} ({condition})", unit="conversation", disable=not todo)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        given = [{"ecg": None, "image": _picture(source, condition)} for _, source in chunk]
+        predicted: list[list[dict[str, str]]] = [[] for _ in chunk]
+        for turn in range(max(len(c.turns) for c, _ in chunk)):
+            asking = [k for k, (c, _) in enumerate(chunk) if turn < len(c.turns)]
+            questions = [question_text(chunk[k][0].turns[turn]["question"]) for k in asking]
+            histories = [
+                [{"question": question_text(t["question"]), "answer": t["answer"]} for t in predicted[k]]
+                for k in asking
+            ]
+            answers = answer_inputs(
+                model, [given[k] for k in asking], questions, decoding, batch_size, histories=histories
+            )
+            for k, text in zip(asking, answers, strict=True):
+                predicted[k].append({"question": chunk[k][0].turns[turn]["question"], "answer": text})
+        rows = [
+            {
+                "question_id": c.id,
+                "golden_convs": [dict(t) for t in c.turns],
+                "predict_convs": answers_of_one,
+                "answer_id": uuid.uuid4().hex,
+                "model_id": model_id,
+                "metadata": {},
+                "condition": condition,
+                "image": str(Path(source).relative_to(images)) if condition == "shuffled" else c.image,
+            }
+            for (c, source), answers_of_one in zip(chunk, predicted, strict=True)
+        ]
         with path.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         bar.update(len(chunk))
