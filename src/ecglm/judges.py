@@ -102,7 +102,7 @@ class LocalJudge(Judge):
     Args:
         model: Hub id, local folder, or ``pkg:NAME`` (an installed package's model files).
         gguf_file: A GGUF file inside ``model`` (transformers de-quantises it; needs ``gguf``).
-        rubric: System prompt; ``{scale}`` is filled in.
+        rubric: System prompt; ``{scale}`` is filled in, other braces are kept (a JSON example).
         scale: Highest score (scores are reported as fractions of it).
         max_new_tokens: Longest reply.
         batch_size: Answers judged per generation batch.
@@ -128,7 +128,7 @@ class LocalJudge(Judge):
         if scale < 1:
             raise ValueError(f"scale must be at least 1; got {scale}")
         self.model_name, self.gguf_file = model, gguf_file
-        self.rubric, self.scale = rubric.format(scale=scale), scale
+        self.rubric, self.scale = rubric.replace("{scale}", str(scale)), scale
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = resolve_model_path(model)

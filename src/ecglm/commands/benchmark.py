@@ -5,6 +5,7 @@ tables were (``--scoring pulse``) or as they should be (``strict``).
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ def score(
     signals: str | None = None,
     source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
     variant: Literal["paraphrased", "template"] = "paraphrased",
+    arena_rubric: str | None = None,
 ) -> int:
     """Score benchmark predictions (JSON lines in PULSE's layout, from any tool) against the gold answers.
 
@@ -60,19 +62,22 @@ def score(
             intervals and gaps against the controls (docs/benchmarks.md).
         subsets: The subsets to score (default: every rule-scored one that has predictions).
         out: scores.json to write (default: printed only).
-        judge: A judge of ``ecglm.judges`` (``openai-chat``, ``local`` or a class path) for
-            ptb-test-report, with its ``judge_args``; without it the report subset is left out.
+        judge: A judge of ``ecglm.judges`` (``openai-chat``, ``local`` or a class path) for the
+            judged subsets (ptb-test-report, arena), with its ``judge_args``; without it they are left out.
         judge_args: The judge's arguments as JSON, e.g. ``{"model": "gpt-4o", "rubric_file": "r.txt"}``.
         split: The signal suites: PTB-XL's recommended test fold (10) or validation fold (9); ECG-QA's
             test or valid split.
         signals: ``--suite ecgqa``: the folder of the source's signals (PTB-XL 1.0.3 or MIMIC-IV-ECG).
         source: ``--suite ecgqa``: whose questions (``ptbxl`` or ``mimic-iv-ecg``).
         variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
+        arena_rubric: A text file replacing the arena rubric (default: PULSE's three categories, each
+            scored 0-10, ``ecglm.benchmarks.judged.ARENA_RUBRIC``); the judge gets it as its ``rubric``.
     """
     if suite != "ecgbench":
         signal_suite = _signal_suite(suite, data, split, None, signals, source, variant)
         return _score_signals(signal_suite, data, predictions, scoring, subsets, out, split)
-    from ecglm.benchmarks.ecgbench import predictions_file, read_predictions, read_subset
+    from ecglm.benchmarks.ecgbench import predictions_file, read_conversations, read_predictions, read_subset
+    from ecglm.benchmarks.judged import JUDGED
     from ecglm.benchmarks.published import SOURCE, published
     from ecglm.benchmarks.scoring import score_ecgbench
 
@@ -81,10 +86,10 @@ def score(
             f"--predictions {predictions} is one file: name its subset (--subsets NAME)"
         )
     found, controls = {}, {}
-    names = _subsets(subsets) + (["ptb-test-report"] if judge and not subsets else [])
-    judged = [n for n in names if n == "ptb-test-report"]
+    names = _subsets(subsets) + (list(JUDGED) if judge and not subsets else [])
+    judged = [n for n in names if n in JUDGED]
     if judged and not judge:
-        raise BenchmarkUsageError("ptb-test-report is scored by a judge: give --judge NAME --judge_args JSON")
+        raise BenchmarkUsageError(f"{judged[0]} is scored by a judge: give --judge NAME --judge_args JSON")
     for name in names:
         path = predictions_file(predictions, name)
         if path is None:
@@ -98,15 +103,23 @@ def score(
                 controls.setdefault(name, {})[control] = read_predictions(control_path)
     if not found:
         raise BenchmarkUsageError(f"{predictions}: no <subset>.jsonl predictions file of ECGBench")
-    items = {name: read_subset(data, name) for name in found}
+    items = {name: read_subset(data, name) for name in found if name != "arena"}
     reports = {n: found.pop(n) for n in judged if n in found}
     scores = score_ecgbench(items, found, scoring, controls) if found else {}
-    if reports:
+    if "ptb-test-report" in reports:
         from ecglm.benchmarks.judged import judge_subset
-        from ecglm.plugins import GROUPS, build_component
 
-        chosen = build_component({"class_path": judge, "init_args": judge_args or {}}, GROUPS["judge"])
-        scores |= {n: judge_subset(n, items[n], rows, chosen) for n, rows in reports.items()}
+        chosen = _judge(judge, judge_args or {})
+        name = "ptb-test-report"
+        scores[name] = judge_subset(name, items[name], reports[name], chosen)
+    if "arena" in reports:
+        from ecglm.benchmarks.judged import judge_conversations, read_arena_rubric
+
+        # judge_args' rubric is the report rubric; the arena's is its own (--arena_rubric).
+        args = {k: v for k, v in (judge_args or {}).items() if k not in ("rubric", "rubric_file")}
+        chosen = _judge(judge, args | {"rubric": read_arena_rubric(arena_rubric)})
+        conversations = read_conversations(data, "arena")
+        scores["arena"] = judge_conversations("arena", conversations, reports["arena"], chosen, scoring)
     print(summary_table(scores))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +129,20 @@ def score(
         Path(out).write_text(json.dumps(report, indent=2))
         print(f"scores written to {out}")
     return 0
+
+
+def _judge(name: str, args: dict[str, Any]):
+    """The judge ``name`` of ``ecglm.judges`` built with ``args``."""
+    from ecglm.plugins import GROUPS, build_component, component_class
+
+    if "rubric" in args:
+        parameters = inspect.signature(component_class(name, GROUPS["judge"])).parameters
+        if "rubric" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            raise BenchmarkUsageError(
+                f"judge {name} takes no 'rubric' argument, and arena is judged with its own rubric: choose a"
+                " judge that takes one (openai-chat, local)"
+            )
+    return build_component({"class_path": name, "init_args": args}, GROUPS["judge"])
 
 
 def run(
@@ -150,7 +177,8 @@ def run(
             ``records500/``); for ``--suite ecgqa`` ECG-QA's ``ecgqa`` folder.
         out: The folder of predictions (``<subset>.jsonl``; controls ``<subset>.<control>.jsonl``).
         suite: The benchmark: ``ecgbench``, ``ptbxl`` or ``ecgqa``.
-        subsets: The subsets to answer (default: every rule-scored one found in DATA).
+        subsets: The subsets to answer (default: every rule-scored one found in DATA); ``arena``'s
+            conversations are answered turn by turn, after the model's own earlier answers.
         controls: Also answer with another item's image (``shuffled``) or a blank page (``blank``).
         batch_size: Questions answered per generate call.
         max_new_tokens: Longest answer, in tokens (greedy decoding, as PULSE's inference).
@@ -175,8 +203,8 @@ def run(
         )  # fmt: skip
     import torch
 
-    from ecglm.benchmarks.ecgbench import read_subset
-    from ecglm.benchmarks.running import run_subset
+    from ecglm.benchmarks.ecgbench import read_conversations, read_subset
+    from ecglm.benchmarks.running import run_conversations, run_subset
     from ecglm.bundle import check_bundle, parse_overrides
 
     names = subsets or [n for n in _subsets(None) if (Path(data) / f"{n}.json").is_file()]
@@ -185,11 +213,8 @@ def run(
             f"{data}: no <subset>.json of ECGBench; download the hub dataset PULSE-ECG/ECGBench with"
             " datasets.load_dataset as PULSE's README shows (no hub is reached here) and give that folder"
         )
-    if "arena" in names:
-        raise BenchmarkUsageError(
-            "arena's multi-turn conversations are not run yet: leave it out of --subsets"
-        )
-    items = {name: read_subset(data, name)[:limit] for name in _subsets(names)}
+    conversations = {n: read_conversations(data, n)[:limit] for n in _subsets(names) if n == "arena"}
+    items = {n: read_subset(data, n)[:limit] for n in _subsets(names) if n not in conversations}
     overrides = parse_overrides(override or [])
     config = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
     if not config.get("image"):
@@ -216,6 +241,12 @@ def run(
                 with_label_scores=label_scores and condition == "image",
             )
             print(f"{name} ({condition}): {answered} answered now, {len(subset_items)} in all")
+    for name, asked in conversations.items():
+        for condition in ("image", *(controls or [])):
+            answered = run_conversations(
+                loaded, name, asked, Path(data) / "images", out, decoding, batch_size, condition, str(model)
+            )
+            print(f"{name} ({condition}): {answered} conversations answered now, {len(asked)} in all")
     return 0
 
 
@@ -374,9 +405,17 @@ def summary_table(scores: dict[str, dict], beside: tuple[str, ...] = BESIDE) -> 
 
     for name, row in scores.items():
         if row["scoring"] == "judge":
-            score = "" if row["report_score"] is None else f"{100 * row['report_score']:.1f}"
-            source = f"judge {row['judge']}: report score {score}"
-            lines.append(f"| {name} | {source} | {row['answers']} | {row['unreadable']} |")
+            key = "arena_score" if "arena_score" in row else "report_score"
+            label = key.replace("_", " ")
+            score = "" if row[key] is None else f"{100 * row[key]:.1f}"
+            lines.append(
+                f"| {name} | judge {row['judge']}: {label} {score} | {row['answers']} | {row['unreadable']} |"
+            )
+            for model, values in published(name).items():
+                if model in beside and values.get(key) is not None:
+                    lines.append(
+                        f"| {name} | {model} (published, GPT-4o judge): {label} {100 * values[key]:.1f} |"
+                    )
             continue
         lines.append(
             f"| {name} | {row['scoring']} | {row['answers']} | {row.get('unparsable', '')} | {cells(row)} |"
