@@ -1,0 +1,244 @@
+"""ECGBench's ``arena``: a tiny random image model answers multi-turn conversations (images drawn by
+``ecglm render``) turn by turn through ``ecglm benchmark run``, each question after its own earlier
+answers; a run cut short answers only what is missing; the openai-chat judge, against a stub server on
+127.0.0.1, scores the conversations with the arena rubric as ``ecglm benchmark score`` reads it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ecglm.benchmarks.judged import ARENA_RUBRIC, arena_categories
+from ecglm.commands import main
+
+LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
+
+CONVERSATIONS = [
+    [("What rhythm does this ECG show?", "Sinus rhythm."), ("Is the axis normal?", "Yes, normal axis.")],
+    [
+        ("Describe the ST segments.", "ST elevation in V2-V4."),
+        ("What is the likely diagnosis?", "Anterior MI."),
+    ],
+    [
+        ("What is the heart rate?", "About 110 bpm."),
+        ("Is that a tachycardia?", "Yes, sinus tachycardia."),
+        ("Name one cause of it.", "Fever."),
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from ecglm.testing import saved_image_bundle
+
+    bundle, llm = saved_image_bundle(tmp_path_factory.mktemp("bundle"), channels=[8, 16])
+    return Path(bundle), llm
+
+
+@pytest.fixture(scope="module")
+def ecgbench(tmp_path_factory):
+    """arena.json in ECGBench's layout (turns of {question, answer}), two ECGs drawn by ``ecglm render``."""
+    root = tmp_path_factory.mktemp("ECGBench")
+    rng = np.random.default_rng(0)
+    (root / "images" / "ecg-arena").mkdir(parents=True)
+    for i in range(2):
+        record = root / f"r{i}.npy"
+        np.save(record, rng.standard_normal((2500, 12)).cumsum(0) * 0.01)
+        png = root / "images" / "ecg-arena" / f"{i}.png"
+        args = ["render", "--record", str(record), "--out", str(png), "--fs", "250", "--leads", LEADS12]
+        assert main([*args, "--dpi", "30"]) == 0
+    items = [
+        {
+            "id": f"arena-{i}",
+            "image": f"ecg-arena/{i % 2}.png",
+            "conversations": [{"question": q, "answer": a} for q, a in turns],
+        }
+        for i, turns in enumerate(CONVERSATIONS)
+    ]
+    (root / "arena.json").write_text(json.dumps(items))
+    return root
+
+
+@pytest.fixture
+def judge_server():
+    """A chat-completions stub: the replies in order (PULSE's JSON of categories; one fenced, one
+    unreadable), and every request it saw."""
+    seen: list[dict] = []
+    replies = iter(
+        [
+            json.dumps(
+                {
+                    "Accuracy": {"Score": 8, "Explanation": "rhythm right"},
+                    "Completeness": {"Score": 6, "Explanation": "axis thin"},
+                    "Instruction Adherence": {"Score": 10, "Explanation": "answers each question"},
+                }
+            ),
+            '```json\n{"Accuracy": {"Score": 3}, "Completeness": {"Score": 4}, '
+            '"Instruction Adherence": {"Score": 5}}\n```',
+            "I cannot grade this.",
+        ]
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            data = json.dumps({"choices": [{"message": {"content": next(replies)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def run_args(bundle, ecgbench, out):
+    path, llm = bundle
+    args = ["benchmark", "run", "--model", str(path), "--data", str(ecgbench), "--out", str(out)]
+    args += ["--subsets", "arena", "--override", f"backbone.model={llm}", "--max_new_tokens", "4"]
+    return [*args, "--batch_size", "2", "--device", "cpu"]
+
+
+def test_arena_is_answered_turn_by_turn_after_the_model_s_own_answers(
+    bundle, ecgbench, tmp_path, monkeypatch, capsys
+):
+    from ecglm.prompts import PromptStyle
+
+    asked: list[tuple[str, list]] = []
+    encode = PromptStyle.encode
+
+    def spy(self, question, answer, *args, history=None, **kwargs):
+        asked.append((question, [dict(t) for t in history or ()]))
+        return encode(self, question, answer, *args, history=history, **kwargs)
+
+    monkeypatch.setattr(PromptStyle, "encode", spy)
+    out = tmp_path / "preds"
+    assert main(run_args(bundle, ecgbench, out)) == 0
+    rows = [json.loads(line) for line in (out / "arena.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["arena-0", "arena-1", "arena-2"]
+    for row, turns in zip(rows, CONVERSATIONS, strict=True):
+        assert row["golden_convs"] == [{"question": q, "answer": a} for q, a in turns]
+        assert [t["question"] for t in row["predict_convs"]] == [q for q, _ in turns]
+        assert all(isinstance(t["answer"], str) for t in row["predict_convs"])
+        assert row["image"].startswith("ecg-arena/") and row["condition"] == "image"
+    # Every question after the earlier questions and the model's own answers (not the gold ones).
+    for row in rows:
+        predicted = row["predict_convs"]
+        for k, turn in enumerate(predicted):
+            assert (turn["question"], predicted[:k]) in asked
+    third = [history for question, history in asked if question == "Name one cause of it."]
+    assert third and all(history == rows[2]["predict_convs"][:2] for history in third)
+    assert "arena (image): 3 conversations answered now, 3 in all" in capsys.readouterr().out
+
+    # Cut midway: one whole line and a cut one; the rerun answers the two missing conversations only.
+    lines = (out / "arena.jsonl").read_text().splitlines()
+    (out / "arena.jsonl").write_text(lines[0] + "\n" + lines[1][:30])
+    asked.clear()
+    assert main(run_args(bundle, ecgbench, out)) == 0
+    assert "arena (image): 2 conversations answered now, 3 in all" in capsys.readouterr().out
+    assert {question for question, _ in asked}.isdisjoint(q for q, _ in CONVERSATIONS[0])
+    again = [json.loads(line) for line in (out / "arena.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in again] == ["arena-0", "arena-1", "arena-2"]
+    assert again[0] == rows[0]
+    assert [r["predict_convs"] for r in again[1:]] == [r["predict_convs"] for r in rows[1:]]  # greedy
+
+
+def test_arena_scored_by_a_judge_as_pulse_averages_its_categories(
+    bundle, ecgbench, tmp_path, judge_server, capsys
+):
+    url, seen = judge_server
+    out = tmp_path / "preds"
+    assert main(run_args(bundle, ecgbench, out)) == 0
+    rows = [json.loads(line) for line in (out / "arena.jsonl").read_text().splitlines()]
+    scores = tmp_path / "scores.json"
+    args = ["benchmark", "score", "--data", str(ecgbench), "--predictions", str(out), "--out", str(scores)]
+    args += ["--subsets", "arena", "--judge", "openai-chat", "--judge_args"]
+    assert main([*args, json.dumps({"model": "stub", "base_url": url, "rubric": "a report rubric"})]) == 0
+    report = json.loads(scores.read_text())
+    arena = report["subsets"]["arena"]
+    # By hand: (8 + 6 + 10) / 30 = 0.8 and (3 + 4 + 5) / 30 = 0.4; the third reply has no score.
+    assert arena["arena_score"] == pytest.approx(0.6)
+    assert arena["categories"] == pytest.approx(
+        {"accuracy": 0.55, "completeness": 0.5, "instruction_adherence": 0.75}
+    )
+    assert arena["category_counts"] == {"accuracy": 2, "completeness": 2, "instruction_adherence": 2}
+    assert (arena["items"], arena["answers"], arena["missing"], arena["unreadable"]) == (3, 3, 0, 1)
+    assert [v["question_id"] for v in arena["verdicts"]] == ["arena-0", "arena-1", "arena-2"]
+    assert report["published"]["arena"]["PULSE-7B"]["arena_score"] == pytest.approx(0.389)
+    printed = capsys.readouterr().out
+    assert "arena score 60.0" in printed and "PULSE-7B (published, GPT-4o judge): arena score 38.9" in printed
+    # The judge gets the arena rubric (not judge_args' report rubric), the gold and the model's answers,
+    # and under --scoring pulse the first two turns only, as PULSE's eval_arena.py shows them.
+    assert [r["messages"][0]["content"] for r in seen] == [ARENA_RUBRIC] * 3
+    first = seen[0]["messages"][1]["content"]
+    assert "Sinus rhythm." in first and rows[0]["predict_convs"][1]["answer"] in first
+    assert "Is the axis normal?" in first
+    assert "Name one cause of it." not in seen[2]["messages"][1]["content"]
+
+
+def test_arena_rubric_file_replaces_the_rubric_and_strict_shows_every_turn(
+    bundle, ecgbench, tmp_path, judge_server
+):
+    url, seen = judge_server
+    out = tmp_path / "preds"
+    out.mkdir()
+    rows = [
+        {"question_id": f"arena-{i}", "predict_convs": [{"question": q, "answer": "?"} for q, _ in turns]}
+        for i, turns in enumerate(CONVERSATIONS)
+    ]
+    (out / "arena.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text('Grade it. Reply {"Accuracy": {"Score": N}}.')
+    args = ["benchmark", "score", "--data", str(ecgbench), "--predictions", str(out), "--scoring", "strict"]
+    args += ["--subsets", "arena", "--judge", "openai-chat", "--arena_rubric", str(rubric)]
+    assert main([*args, "--judge_args", json.dumps({"model": "stub", "base_url": url})]) == 0
+    assert seen[0]["messages"][0]["content"] == rubric.read_text()
+    assert "Question 3: Name one cause of it." in seen[2]["messages"][1]["content"]
+
+
+def test_arena_categories_are_read_from_the_reply_s_json_object():
+    assert arena_categories('Here: {"Accuracy": {"Score": 7}, "Completeness": 5} done') == {
+        "accuracy": 0.7,
+        "completeness": 0.5,
+    }
+    assert arena_categories('{"Instruction Adherence": {"score": 10, "Explanation": "ok"}}') == {
+        "instruction_adherence": 1.0
+    }
+    # Out of the 0-10 scale, not a number, or no JSON at all: nothing read.
+    assert arena_categories('{"Accuracy": {"Score": 11}, "Completeness": {"Score": "high"}}') == {}
+    assert arena_categories("Accuracy: 7/10") == {}
+    assert arena_categories('{"Accuracy": {"Score": 7}') == {}
+
+
+def test_the_prompt_of_a_follow_up_holds_the_earlier_turn_after_the_ecg():
+    from ecglm.prompts import ChatTemplate
+    from ecglm.testing import byte_tokenizer
+
+    style = ChatTemplate(byte_tokenizer())
+    first = {"question": "What rhythm is this?", "answer": "Atrial fibrillation."}
+    follow = style.encode("Is it rate controlled?", None, 3, history=[first])
+    alone = style.encode("Is it rate controlled?", None, 3)
+    decoded = style.tokenizer.decode(follow.input_ids)
+    start = decoded.index("What rhythm is this?")
+    assert start < decoded.index("Atrial fibrillation.") < decoded.index("Is it rate controlled?")
+    # The ECG's three positions come before the first question, once.
+    placeholder = style.placeholder_token_id
+    assert follow.input_ids[follow.ecg_start : follow.ecg_start + 3] == [placeholder] * 3
+    assert len(style.tokenizer.decode(follow.input_ids[: follow.ecg_start])) < start
+    assert "What rhythm" not in style.tokenizer.decode(alone.input_ids)
+    # A history too long for max_length loses its earliest turns: the ECG moves to the question.
+    style.max_length = len(alone.input_ids) + 16
+    cut = style.encode("Is it rate controlled?", None, 3, history=[first])
+    assert cut.input_ids == alone.input_ids
