@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ecglm.benchmarks import BenchmarkError
+from ecglm.benchmarks.ecgbench import read_conversations
 from ecglm.benchmarks.judged import ARENA_RUBRIC, arena_categories
 from ecglm.commands import main
+from ecglm.judges import Judge, Verdict
 
 LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
 
@@ -242,3 +245,31 @@ def test_the_prompt_of_a_follow_up_holds_the_earlier_turn_after_the_ecg():
     style.max_length = len(alone.input_ids) + 16
     cut = style.encode("Is it rate controlled?", None, 3, history=[first])
     assert cut.input_ids == alone.input_ids
+
+
+class NoRubricJudge(Judge):
+    """A judge that takes no rubric: arena, judged with its own rubric, refuses it."""
+
+    def judge(self, items):
+        return [Verdict(1.0, "", "Score: 10") for _ in items]
+
+
+def test_bad_arena_input_is_refused_naming_the_file_item_or_judge(ecgbench, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    turns = [{"from": "gpt", "value": "Sinus rhythm."}, {"from": "human", "value": "Rhythm?"}]
+    (data / "arena.json").write_text(
+        json.dumps([{"id": "arena-7", "image": "x.png", "conversations": turns}])
+    )
+    with pytest.raises(BenchmarkError, match=r"arena\.json: item 'arena-7': 'conversations' must be"):
+        read_conversations(data)
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "arena.jsonl").write_text(json.dumps({"question_id": "arena-1", "text": "one answer"}) + "\n")
+    args = ["benchmark", "score", "--data", str(ecgbench), "--predictions", str(out), "--subsets", "arena"]
+    assert main([*args, "--judge", "test_benchmark_arena.NoRubricJudge"]) == 2
+    assert "takes no 'rubric' argument" in capsys.readouterr().err
+    assert main([*args, "--judge", "openai-chat", "--judge_args", '{"model": "stub"}']) == 2
+    assert "'arena-1' has no 'predict_convs'" in capsys.readouterr().err
+    assert main(args) == 2  # a judged subset without a judge
+    assert "arena is scored by a judge" in capsys.readouterr().err
