@@ -5,7 +5,6 @@ tables were (``--scoring pulse``) or as they should be (``strict``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +42,8 @@ def score(
     signals: str | None = None,
     source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
     variant: Literal["paraphrased", "template"] = "paraphrased",
+    mlflow: str | None = None,
+    mlflow_experiment: str = "ecglm-benchmark",
 ) -> int:
     """Score benchmark predictions (JSON lines in PULSE's layout, from any tool) against the gold answers.
 
@@ -59,7 +60,8 @@ def score(
             tables); ``strict``: unparsable answers wrong, whole-token labels, AUROC from label scores,
             intervals and gaps against the controls (docs/benchmarks.md).
         subsets: The subsets to score (default: every rule-scored one that has predictions).
-        out: scores.json to write (default: printed only).
+        out: scores.json to write, with scores.md and the plots (scores.<metric>.png) beside it
+            (default: printed only).
         judge: A judge of ``ecglm.judges`` (``openai-chat``, ``local`` or a class path) for
             ptb-test-report, with its ``judge_args``; without it the report subset is left out.
         judge_args: The judge's arguments as JSON, e.g. ``{"model": "gpt-4o", "rubric_file": "r.txt"}``.
@@ -68,10 +70,17 @@ def score(
         signals: ``--suite ecgqa``: the folder of the source's signals (PTB-XL 1.0.3 or MIMIC-IV-ECG).
         source: ``--suite ecgqa``: whose questions (``ptbxl`` or ``mimic-iv-ecg``).
         variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
+        mlflow: An MLflow tracking URI (``sqlite:///mlflow.db``): log the metrics and the report's
+            files (scores.json, scores.md, the plots) as a run of ``mlflow_experiment``.
+        mlflow_experiment: The MLflow experiment of that run.
     """
+    if mlflow and not out:
+        raise BenchmarkUsageError("--mlflow logs the report's files: give --out scores.json as well")
     if suite != "ecgbench":
         signal_suite = _signal_suite(suite, data, split, None, signals, source, variant)
-        return _score_signals(signal_suite, data, predictions, scoring, subsets, out, split)
+        return _score_signals(
+            signal_suite, data, predictions, scoring, subsets, out, split, mlflow, mlflow_experiment
+        )
     from ecglm.benchmarks.ecgbench import predictions_file, read_predictions, read_subset
     from ecglm.benchmarks.published import SOURCE, published
     from ecglm.benchmarks.scoring import score_ecgbench
@@ -108,14 +117,9 @@ def score(
         chosen = build_component({"class_path": judge, "init_args": judge_args or {}}, GROUPS["judge"])
         scores |= {n: judge_subset(n, items[n], rows, chosen) for n, rows in reports.items()}
     print(summary_table(scores))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        beside = {name: published(name) for name in scores}
-        report = {"suite": suite, "scoring": scoring, "subsets": scores}
-        report |= {"published": beside, "published_source": SOURCE}
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"scores written to {out}")
-    return 0
+    report = {"suite": suite, "scoring": scoring, "subsets": scores}
+    report |= {"published": {name: published(name) for name in scores}, "published_source": SOURCE}
+    return _report(report, predictions, out, mlflow, mlflow_experiment)
 
 
 def run(
@@ -316,6 +320,8 @@ def _score_signals(
     subsets: list[str] | None,
     out: str | None,
     split: str,
+    mlflow: str | None = None,
+    mlflow_experiment: str = "ecglm-benchmark",
 ) -> int:
     """``ecglm benchmark score --suite ptbxl|ecgqa``: PTB-XL's superclasses scored as ECGBench's
     ptb-test; ECG-QA by exact match per question type, as its paper scores it."""
@@ -346,11 +352,23 @@ def _score_signals(
         result = score_subset(name, suite.items, rows, scoring, controls=controls, spec=suite.spec)
     scores = {name: result | {"split": split}}
     print(summary_table(scores))
+    report = {"suite": name.split("-")[0], "scoring": scoring, "data": str(data), "subsets": scores}
+    return _report(report, predictions, out, mlflow, mlflow_experiment)
+
+
+def _report(
+    report: dict, predictions: str, out: str | None, mlflow: str | None, mlflow_experiment: str
+) -> int:
+    """scores.json with its markdown and plots beside it (:mod:`ecglm.benchmarks.report`), and the
+    run in MLflow when ``mlflow`` names a tracking URI."""
+    from ecglm.benchmarks.report import log_to_mlflow, write_report
+
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        report = {"suite": name.split("-")[0], "scoring": scoring, "data": str(data), "subsets": scores}
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"scores written to {out}")
+        files = write_report(report, out)
+        print("report written: " + ", ".join(str(f) for f in files))
+        if mlflow:
+            run_id = log_to_mlflow(report, files, mlflow, mlflow_experiment)
+            print(f"logged to MLflow {mlflow}, experiment {mlflow_experiment}, run {run_id}")
     return 0
 
 
