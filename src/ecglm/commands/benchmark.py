@@ -123,9 +123,10 @@ def score(
 
 
 def run(
-    model: str,
     data: str,
     out: str,
+    model: str | None = None,
+    config: list[str] | None = None,
     suite: Suite = "ecgbench",
     subsets: list[str] | None = None,
     controls: list[Literal["shuffled", "blank"]] | None = None,
@@ -142,13 +143,17 @@ def run(
     source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
     variant: Literal["paraphrased", "template"] = "paraphrased",
 ) -> int:
-    """Answer a benchmark's questions with a bundle, appending JSON lines in PULSE's layout to
-    OUT/<subset>.jsonl (a rerun answers only what is missing): ECGBench's about its ECG images, or
+    """Answer a benchmark's questions with a bundle, or with the untrained model a recipe describes
+    (zero-shot), appending JSON lines in PULSE's layout to OUT/<subset>.jsonl (a rerun answers only
+    what is missing) and recording the model in OUT/run.json: ECGBench's about its ECG images, or
     PTB-XL's diagnostic superclasses about its records (a signal model reads the signal, an image
     model its printout).
 
     Args:
         model: A bundle folder (``ecglm export``): of an image-path model for ``ecgbench``.
+        config: Instead of --model, a recipe (repeat to merge variants, as ``ecglm fit``): its model
+            untrained, with its parts' own pretrained weights; e.g. a Hugging Face vision-language
+            backbone (``hf-vision-language``) reading the printouts zero-shot.
         data: The ECGBench folder (``<subset>.json`` per subset and ``images/``); for ``--suite
             ptbxl`` PTB-XL 1.0.3's folder (``ptbxl_database.csv``, ``scp_statements.csv``,
             ``records500/``); for ``--suite ecgqa`` ECG-QA's ``ecgqa`` folder.
@@ -161,7 +166,8 @@ def run(
         label_scores: On multi-label subsets, also write each label's score (for strict AUROC).
         limit: Answer only the first N items of each subset (a smoke test; not comparable).
         device: cpu, cuda (default: CUDA when available).
-        override: ``PART.KEY=VALUE`` (repeatable): an argument of the bundle's parts given by you.
+        override: ``PART.KEY=VALUE`` (repeatable): an argument of the bundle's (or recipe's) parts
+            given by you.
         trust_remote_code: Let the bundle name classes no installed plugin registers.
         split: The signal suites: PTB-XL's recommended test fold (10) or validation fold (9); ECG-QA's
             test or valid split.
@@ -171,17 +177,19 @@ def run(
         source: ``--suite ecgqa``: whose questions (``ptbxl`` or ``mimic-iv-ecg``).
         variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
     """
+    if (model is None) == (config is None):
+        raise BenchmarkUsageError(
+            "give the model to run: --model BUNDLE (a trained model) or --config RECIPE (its untrained"
+            " model, zero-shot), not both"
+        )
     if suite != "ecgbench":
         signal_suite = _signal_suite(suite, data, split, question, signals, source, variant)
         return _run_signals(
-            signal_suite, model, out, controls, batch_size, max_new_tokens, label_scores, limit, device,
-            override, trust_remote_code,
+            signal_suite, model, config, out, controls, batch_size, max_new_tokens, label_scores, limit,
+            device, override, trust_remote_code,
         )  # fmt: skip
-    import torch
-
     from ecglm.benchmarks.ecgbench import read_subset
     from ecglm.benchmarks.running import run_subset
-    from ecglm.bundle import check_bundle, parse_overrides
 
     names = subsets or [n for n in _subsets(None) if (Path(data) / f"{n}.json").is_file()]
     if not names:
@@ -194,16 +202,9 @@ def run(
             "arena's multi-turn conversations are not run yet: leave it out of --subsets"
         )
     items = {name: read_subset(data, name)[:limit] for name in _subsets(names)}
-    overrides = parse_overrides(override or [])
-    config = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
-    if not config.get("image"):
-        raise BenchmarkUsageError(f"{model} reads ECG signals; ECGBench asks about ECG images")
-    from ecglm.model import ECGLM, Decoding
+    loaded, model_id = _answering_model(model, config, out, device, override, trust_remote_code, True)
+    from ecglm.model import Decoding
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = ECGLM.from_pretrained(
-        model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
-    )
     decoding = Decoding(max_new_tokens=max_new_tokens)
     for name, subset_items in items.items():
         for condition in ("image", *(controls or [])):
@@ -216,25 +217,52 @@ def run(
                 decoding,
                 batch_size,
                 condition,
-                model_id=str(model),
+                model_id=model_id,
                 with_label_scores=label_scores and condition == "image",
             )
             print(f"{name} ({condition}): {answered} answered now, {len(subset_items)} in all")
     return 0
 
 
-def _load(model: str, device: str | None, override: list[str] | None, trust_remote_code: bool):
-    """The bundle ``model`` loaded on ``device`` (default: CUDA when available) with its overrides."""
+def _answering_model(
+    model: str | None,
+    config: list[str] | None,
+    out: str,
+    device: str | None,
+    override: list[str] | None,
+    trust_remote_code: bool,
+    images: bool,
+) -> tuple[Any, str]:
+    """The bundle ``model``, or the untrained model of the recipe ``config``
+    (:func:`ecglm.commands.recipe_model.model_from_recipe`), on ``device`` (default: CUDA when
+    available) with its overrides, recorded in ``out/run.json``; and the ``model_id`` of its answers
+    (``zero-shot:<backbone model>`` for a recipe's). ``images``: refuse a model that reads signals."""
     import torch
 
-    from ecglm.bundle import parse_overrides
+    from ecglm.benchmarks.provenance import write_run_record
+    from ecglm.bundle import check_bundle, parse_overrides
     from ecglm.model import ECGLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = parse_overrides(override or [])
-    return ECGLM.from_pretrained(
+    if config is not None:
+        from ecglm.commands.recipe_model import model_from_recipe
+
+        loaded, record = model_from_recipe(config, override or [], device)
+        if images and loaded.image_size is None:
+            raise BenchmarkUsageError(
+                f"--config {record['recipe']}: its model reads ECG signals; ECGBench asks about ECG images"
+            )
+        write_run_record(out, record)
+        return loaded, f"zero-shot:{record['name']}"
+    bundle = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
+    if images and not bundle.get("image"):
+        raise BenchmarkUsageError(f"{model} reads ECG signals; ECGBench asks about ECG images")
+    loaded = ECGLM.from_pretrained(
         model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
     )
+    write_run_record(out, {"name": str(model), "zero_shot": False, "training": loaded.training_stages})
+    return loaded, str(model)
 
 
 @dataclass(frozen=True)
@@ -276,7 +304,8 @@ def _signal_suite(
 
 def _run_signals(
     suite: SignalSuite,
-    model: str,
+    model: str | None,
+    config: list[str] | None,
     out: str,
     controls: list[str] | None,
     batch_size: int,
@@ -292,7 +321,7 @@ def _run_signals(
     from ecglm.model import Decoding
 
     items = suite.items[:limit]
-    loaded = _load(model, device, override, trust_remote_code)
+    loaded, model_id = _answering_model(model, config, out, device, override, trust_remote_code, False)
     decoding = Decoding(max_new_tokens=max_new_tokens)
     for condition in ("ecg", *(controls or [])):
         answered = run_signal_subset(
@@ -304,7 +333,7 @@ def _run_signals(
             decoding,
             batch_size,
             condition,
-            model_id=str(model),
+            model_id=model_id,
             with_label_scores=label_scores and condition == "ecg",
             dataset=suite.dataset,
         )
@@ -359,10 +388,15 @@ def _score_signals(
 def _report(
     report: dict, predictions: str, out: str | None, mlflow: str | None, mlflow_experiment: str
 ) -> int:
-    """scores.json with its markdown and plots beside it (:mod:`ecglm.benchmarks.report`), and the
-    run in MLflow when ``mlflow`` names a tracking URI."""
+    """scores.json with its markdown and plots beside it (:mod:`ecglm.benchmarks.report`), the model
+    that answered when the predictions record it, and the run in MLflow when ``mlflow`` names a
+    tracking URI."""
+    from ecglm.benchmarks.provenance import read_run_record
     from ecglm.benchmarks.report import log_to_mlflow, write_report
 
+    recorded = read_run_record(predictions)  # which model answered (ecglm benchmark run's run.json)
+    if recorded is not None:
+        report = {"model": recorded, **report}
     if out:
         files = write_report(report, out)
         print("report written: " + ", ".join(str(f) for f in files))
