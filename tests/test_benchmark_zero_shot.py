@@ -73,6 +73,8 @@ def test_model_and_config_are_one_or_the_other(ecgbench, tmp_path, capsys):  # n
     assert "not both" in capsys.readouterr().err
     assert main([*base, "--config", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml: no such recipe file" in capsys.readouterr().err
+    assert main(["benchmark", "run", "--config", str(RECIPE)]) == 2
+    assert "--data DIR --out DIR" in capsys.readouterr().err
 
 
 def test_a_run_folder_refuses_answers_of_another_model(tmp_path):

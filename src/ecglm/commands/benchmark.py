@@ -123,10 +123,9 @@ def score(
 
 
 def run(
-    data: str,
-    out: str,
     model: str | None = None,
-    config: list[str] | None = None,
+    data: str | None = None,
+    out: str | None = None,
     suite: Suite = "ecgbench",
     subsets: list[str] | None = None,
     controls: list[Literal["shuffled", "blank"]] | None = None,
@@ -142,6 +141,7 @@ def run(
     signals: str | None = None,
     source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
     variant: Literal["paraphrased", "template"] = "paraphrased",
+    config: list[str] | None = None,
 ) -> int:
     """Answer a benchmark's questions with a bundle, or with the untrained model a recipe describes
     (zero-shot), appending JSON lines in PULSE's layout to OUT/<subset>.jsonl (a rerun answers only
@@ -177,6 +177,8 @@ def run(
         source: ``--suite ecgqa``: whose questions (``ptbxl`` or ``mimic-iv-ecg``).
         variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
     """
+    if data is None or out is None:
+        raise BenchmarkUsageError("give the benchmark's folder and the answers' folder: --data DIR --out DIR")
     if (model is None) == (config is None):
         raise BenchmarkUsageError(
             "give the model to run: --model BUNDLE (a trained model) or --config RECIPE (its untrained"
