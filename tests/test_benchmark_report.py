@@ -144,3 +144,39 @@ def test_mlflow_without_out_is_refused_before_scoring(tmp_path, capsys):
     args = ["benchmark", "score", "--data", str(tmp_path), "--predictions", str(tmp_path)]
     assert main([*args, "--mlflow", "sqlite:///x.db"]) == 2
     assert "--out scores.json" in capsys.readouterr().err
+
+
+def test_ecgqa_report_gives_each_question_type_and_its_overall_gap():
+    from ecglm.benchmarks.report import mlflow_metrics, render_markdown
+
+    def stat(estimate, low, high, n):
+        return {"estimate": estimate, "low": low, "high": high, "n": n}
+
+    row = {  # the shape of ecglm.benchmarks.ecgqa.score_ecgqa's result
+        "subset": "ecgqa-ptbxl-paraphrased",
+        "scoring": "strict",
+        "items": 4,
+        "answers": 3,
+        "missing": 1,
+        "accuracy": 0.75,
+        "accuracy_interval": stat(0.75, 0.25, 1.0, 4),
+        "question_types": {"single-verify": stat(0.5, 0.0, 1.0, 2), "single-query": stat(1.0, 1.0, 1.0, 1)},
+        "controls": {
+            "shuffled": {"accuracy": 0.25, "question_types": {"single-verify": 0.5, "single-query": 0.0}}
+        },
+        "gaps": {
+            "model_minus_shuffled": {"all": stat(2 / 3, 0.0, 1.0, 3) | {"p_value": 0.5}, "single-query": None}
+        },
+    }
+    report = {"suite": "ecgqa", "scoring": "strict", "subsets": {"ecgqa-ptbxl-paraphrased": row}}
+    markdown = render_markdown(report)
+    assert "| single-verify | 2 | 50.0 [0.0, 100.0] | 50.0 |" in markdown
+    assert "| single-query | 1 | 100.0 [100.0, 100.0] | 0.0 |" in markdown
+    assert "| ours (strict) | 75.0 [25.0, 100.0] |" in markdown
+    assert "| shuffled | +66.7 | [+0.0, +100.0] | 0.5 | 3 |" in markdown
+    assert "Published rows" not in markdown  # ECG-QA's own splits: no rows of the PULSE paper
+    assert mlflow_metrics(report) == {
+        "benchmark/ecgqa-ptbxl-paraphrased/accuracy": 0.75,
+        "benchmark/ecgqa-ptbxl-paraphrased/shuffled/accuracy": 0.25,
+        "benchmark/ecgqa-ptbxl-paraphrased/gap_shuffled": pytest.approx(2 / 3),
+    }

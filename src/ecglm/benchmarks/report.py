@@ -137,6 +137,7 @@ def _subset_section(name: str, row: Mapping[str, Any], scoring: str) -> list[str
                 f"| {model} (published) | " + " | ".join(percent(values.get(m)) for m in metrics) + " |"
             )
     lines.append("")
+    lines += _question_types(row)
     gaps = gaps_of(row)
     if gaps:
         lines += ["Paired gaps, ours minus the control (per-item scores, percentage points):", ""]
@@ -151,6 +152,25 @@ def _subset_section(name: str, row: Mapping[str, Any], scoring: str) -> list[str
             )
         lines.append("")
     return lines
+
+
+def _question_types(row: Mapping[str, Any]) -> list[str]:
+    """ECG-QA's accuracy per question type (ours with its interval, then each control's), if scored so."""
+    types = row.get("question_types") or {}
+    if not types:
+        return []
+    controls = row.get("controls") or {}
+    lines = ["| question type | questions | accuracy | " + " | ".join(controls) + " |"]
+    lines.append("|---" * (3 + len(controls)) + "|")
+    for name, stat in types.items():
+        cells = [
+            name,
+            str(stat.get("n", "")),
+            cell({"accuracy": stat.get("estimate"), "accuracy_interval": stat}, "accuracy"),
+        ]
+        cells += [percent((c.get("question_types") or {}).get(name)) for c in controls.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _png(figure: Any) -> bytes:
