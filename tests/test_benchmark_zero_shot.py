@@ -68,9 +68,12 @@ def test_recipe_s_untrained_vlm_answers_ecgbench_and_the_report_says_zero_shot(
 def test_model_and_config_are_one_or_the_other(ecgbench, tmp_path, capsys):  # noqa: F811
     base = ["benchmark", "run", "--data", str(ecgbench), "--out", str(tmp_path / "out")]
     assert main([*base, "--model", str(tmp_path), "--config", str(RECIPE)]) == 2
-    assert "--model BUNDLE (a trained model) or --config RECIPE" in capsys.readouterr().err
+    assert "--model and --config are exclusive: give one model to run" in capsys.readouterr().err
     assert main(base) == 2
-    assert "not both" in capsys.readouterr().err
+    assert (
+        "give one model to run: --model BUNDLE (a trained model) or --config RECIPE"
+        in capsys.readouterr().err
+    )
     assert main([*base, "--config", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml: no such recipe file" in capsys.readouterr().err
     assert main(["benchmark", "run", "--config", str(RECIPE)]) == 2

@@ -181,8 +181,9 @@ def run(
         raise BenchmarkUsageError("give the benchmark's folder and the answers' folder: --data DIR --out DIR")
     if (model is None) == (config is None):
         raise BenchmarkUsageError(
-            "give the model to run: --model BUNDLE (a trained model) or --config RECIPE (its untrained"
-            " model, zero-shot), not both"
+            ("--model and --config are exclusive: " if model else "")
+            + "give one model to run: --model BUNDLE (a trained model) or --config RECIPE (its untrained"
+            " model, zero-shot)"
         )
     if suite != "ecgbench":
         signal_suite = _signal_suite(suite, data, split, question, signals, source, variant)

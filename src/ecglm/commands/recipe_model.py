@@ -2,8 +2,9 @@
 exactly as ``ecglm fit`` builds it before its first step (:func:`ecglm.commands.lightning.run_cli`: the
 recipe's parts with their own pretrained weights, its prompt style and printout), with no training and
 no checkpoint. A vision-language backbone (``hf-vision-language``) reads the pictures with its own
-tower, so the model is that Hugging Face model zero-shot; a recipe with an encoder and connector of
-ecglm's own gives them their initial (random) weights, an untrained baseline.
+tower, so the model is that Hugging Face model zero-shot; in a recipe with an encoder and connector of
+ecglm's own, the connector (and an encoder without pretrained weights) keeps its initial random
+weights: an untrained baseline.
 """
 
 from __future__ import annotations
@@ -58,4 +59,9 @@ def model_from_recipe(configs: list[str], overrides: list[str], device: str) -> 
         "components": json.loads(json.dumps(parts, default=str)),
         "reads_images_itself": isinstance(model.encoder, BackbonePixels),
     }
+    if not record["reads_images_itself"]:
+        print(
+            f"note: {record['recipe']} gives the model a connector of ecglm's own, which starts from its"
+            " initial random weights here (as may its encoder): its answers are an untrained baseline"
+        )
     return model, record
