@@ -55,7 +55,8 @@ def call(function: Callable[..., Any], args: list[str], prog: str) -> Any:
     """Parse ``args`` for ``function`` and call it with them."""
     parser = function_parser(function, prog)
     options = parser.parse_args(repeated_lists(function, args)).as_dict()
-    options.pop("config", None)
+    if "config" not in inspect.signature(function).parameters:  # a command's own --config is kept
+        options.pop("config", None)
     return function(**options)
 
 

@@ -6,7 +6,6 @@ tables were (``--scoring pulse``) or as they should be (``strict``).
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +44,8 @@ def score(
     source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
     variant: Literal["paraphrased", "template"] = "paraphrased",
     arena_rubric: str | None = None,
+    mlflow: str | None = None,
+    mlflow_experiment: str = "ecglm-benchmark",
 ) -> int:
     """Score benchmark predictions (JSON lines in PULSE's layout, from any tool) against the gold answers.
 
@@ -61,7 +62,8 @@ def score(
             tables); ``strict``: unparsable answers wrong, whole-token labels, AUROC from label scores,
             intervals and gaps against the controls (docs/benchmarks.md).
         subsets: The subsets to score (default: every rule-scored one that has predictions).
-        out: scores.json to write (default: printed only).
+        out: scores.json to write, with scores.md and the plots (scores.<metric>.png) beside it
+            (default: printed only).
         judge: A judge of ``ecglm.judges`` (``openai-chat``, ``local`` or a class path) for the
             judged subsets (ptb-test-report, arena), with its ``judge_args``; without it they are left out.
         judge_args: The judge's arguments as JSON, e.g. ``{"model": "gpt-4o", "rubric_file": "r.txt"}``.
@@ -72,10 +74,17 @@ def score(
         variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
         arena_rubric: A text file replacing the arena rubric (default: PULSE's three categories, each
             scored 0-10, ``ecglm.benchmarks.judged.ARENA_RUBRIC``); the judge gets it as its ``rubric``.
+        mlflow: An MLflow tracking URI (``sqlite:///mlflow.db``): log the metrics and the report's
+            files (scores.json, scores.md, the plots) as a run of ``mlflow_experiment``.
+        mlflow_experiment: The MLflow experiment of that run.
     """
+    if mlflow and not out:
+        raise BenchmarkUsageError("--mlflow logs the report's files: give --out scores.json as well")
     if suite != "ecgbench":
         signal_suite = _signal_suite(suite, data, split, None, signals, source, variant)
-        return _score_signals(signal_suite, data, predictions, scoring, subsets, out, split)
+        return _score_signals(
+            signal_suite, data, predictions, scoring, subsets, out, split, mlflow, mlflow_experiment
+        )
     from ecglm.benchmarks.ecgbench import predictions_file, read_conversations, read_predictions, read_subset
     from ecglm.benchmarks.judged import JUDGED
     from ecglm.benchmarks.published import SOURCE, published
@@ -121,14 +130,9 @@ def score(
         conversations = read_conversations(data, "arena")
         scores["arena"] = judge_conversations("arena", conversations, reports["arena"], chosen, scoring)
     print(summary_table(scores))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        beside = {name: published(name) for name in scores}
-        report = {"suite": suite, "scoring": scoring, "subsets": scores}
-        report |= {"published": beside, "published_source": SOURCE}
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"scores written to {out}")
-    return 0
+    report = {"suite": suite, "scoring": scoring, "subsets": scores}
+    report |= {"published": {name: published(name) for name in scores}, "published_source": SOURCE}
+    return _report(report, predictions, out, mlflow, mlflow_experiment)
 
 
 def _judge(name: str, args: dict[str, Any]):
@@ -146,9 +150,9 @@ def _judge(name: str, args: dict[str, Any]):
 
 
 def run(
-    model: str,
-    data: str,
-    out: str,
+    model: str | None = None,
+    data: str | None = None,
+    out: str | None = None,
     suite: Suite = "ecgbench",
     subsets: list[str] | None = None,
     controls: list[Literal["shuffled", "blank"]] | None = None,
@@ -164,14 +168,19 @@ def run(
     signals: str | None = None,
     source: Literal["ptbxl", "mimic-iv-ecg"] = "ptbxl",
     variant: Literal["paraphrased", "template"] = "paraphrased",
+    config: list[str] | None = None,
 ) -> int:
-    """Answer a benchmark's questions with a bundle, appending JSON lines in PULSE's layout to
-    OUT/<subset>.jsonl (a rerun answers only what is missing): ECGBench's about its ECG images, or
+    """Answer a benchmark's questions with a bundle, or with the untrained model a recipe describes
+    (zero-shot), appending JSON lines in PULSE's layout to OUT/<subset>.jsonl (a rerun answers only
+    what is missing) and recording the model in OUT/run.json: ECGBench's about its ECG images, or
     PTB-XL's diagnostic superclasses about its records (a signal model reads the signal, an image
     model its printout).
 
     Args:
         model: A bundle folder (``ecglm export``): of an image-path model for ``ecgbench``.
+        config: Instead of --model, a recipe (repeat to merge variants, as ``ecglm fit``): its model
+            untrained, with its parts' own pretrained weights; e.g. a Hugging Face vision-language
+            backbone (``hf-vision-language``) reading the printouts zero-shot.
         data: The ECGBench folder (``<subset>.json`` per subset and ``images/``); for ``--suite
             ptbxl`` PTB-XL 1.0.3's folder (``ptbxl_database.csv``, ``scp_statements.csv``,
             ``records500/``); for ``--suite ecgqa`` ECG-QA's ``ecgqa`` folder.
@@ -185,7 +194,8 @@ def run(
         label_scores: On multi-label subsets, also write each label's score (for strict AUROC).
         limit: Answer only the first N items of each subset (a smoke test; not comparable).
         device: cpu, cuda (default: CUDA when available).
-        override: ``PART.KEY=VALUE`` (repeatable): an argument of the bundle's parts given by you.
+        override: ``PART.KEY=VALUE`` (repeatable): an argument of the bundle's (or recipe's) parts
+            given by you.
         trust_remote_code: Let the bundle name classes no installed plugin registers.
         split: The signal suites: PTB-XL's recommended test fold (10) or validation fold (9); ECG-QA's
             test or valid split.
@@ -195,17 +205,22 @@ def run(
         source: ``--suite ecgqa``: whose questions (``ptbxl`` or ``mimic-iv-ecg``).
         variant: ``--suite ecgqa``: ``paraphrased`` or ``template`` questions.
     """
+    if data is None or out is None:
+        raise BenchmarkUsageError("give the benchmark's folder and the answers' folder: --data DIR --out DIR")
+    if (model is None) == (config is None):
+        raise BenchmarkUsageError(
+            ("--model and --config are exclusive: " if model else "")
+            + "give one model to run: --model BUNDLE (a trained model) or --config RECIPE (its untrained"
+            " model, zero-shot)"
+        )
     if suite != "ecgbench":
         signal_suite = _signal_suite(suite, data, split, question, signals, source, variant)
         return _run_signals(
-            signal_suite, model, out, controls, batch_size, max_new_tokens, label_scores, limit, device,
-            override, trust_remote_code,
+            signal_suite, model, config, out, controls, batch_size, max_new_tokens, label_scores, limit,
+            device, override, trust_remote_code,
         )  # fmt: skip
-    import torch
-
     from ecglm.benchmarks.ecgbench import read_conversations, read_subset
     from ecglm.benchmarks.running import run_conversations, run_subset
-    from ecglm.bundle import check_bundle, parse_overrides
 
     names = subsets or [n for n in _subsets(None) if (Path(data) / f"{n}.json").is_file()]
     if not names:
@@ -215,16 +230,9 @@ def run(
         )
     conversations = {n: read_conversations(data, n)[:limit] for n in _subsets(names) if n == "arena"}
     items = {n: read_subset(data, n)[:limit] for n in _subsets(names) if n not in conversations}
-    overrides = parse_overrides(override or [])
-    config = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
-    if not config.get("image"):
-        raise BenchmarkUsageError(f"{model} reads ECG signals; ECGBench asks about ECG images")
-    from ecglm.model import ECGLM, Decoding
+    loaded, model_id = _answering_model(model, config, out, device, override, trust_remote_code, True)
+    from ecglm.model import Decoding
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = ECGLM.from_pretrained(
-        model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
-    )
     decoding = Decoding(max_new_tokens=max_new_tokens)
     for name, subset_items in items.items():
         for condition in ("image", *(controls or [])):
@@ -237,31 +245,58 @@ def run(
                 decoding,
                 batch_size,
                 condition,
-                model_id=str(model),
+                model_id=model_id,
                 with_label_scores=label_scores and condition == "image",
             )
             print(f"{name} ({condition}): {answered} answered now, {len(subset_items)} in all")
     for name, asked in conversations.items():
         for condition in ("image", *(controls or [])):
             answered = run_conversations(
-                loaded, name, asked, Path(data) / "images", out, decoding, batch_size, condition, str(model)
+                loaded, name, asked, Path(data) / "images", out, decoding, batch_size, condition, model_id
             )
             print(f"{name} ({condition}): {answered} conversations answered now, {len(asked)} in all")
     return 0
 
 
-def _load(model: str, device: str | None, override: list[str] | None, trust_remote_code: bool):
-    """The bundle ``model`` loaded on ``device`` (default: CUDA when available) with its overrides."""
+def _answering_model(
+    model: str | None,
+    config: list[str] | None,
+    out: str,
+    device: str | None,
+    override: list[str] | None,
+    trust_remote_code: bool,
+    images: bool,
+) -> tuple[Any, str]:
+    """The bundle ``model``, or the untrained model of the recipe ``config``
+    (:func:`ecglm.commands.recipe_model.model_from_recipe`), on ``device`` (default: CUDA when
+    available) with its overrides, recorded in ``out/run.json``; and the ``model_id`` of its answers
+    (``zero-shot:<backbone model>`` for a recipe's). ``images``: refuse a model that reads signals."""
     import torch
 
-    from ecglm.bundle import parse_overrides
+    from ecglm.benchmarks.provenance import write_run_record
+    from ecglm.bundle import check_bundle, parse_overrides
     from ecglm.model import ECGLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = parse_overrides(override or [])
-    return ECGLM.from_pretrained(
+    if config is not None:
+        from ecglm.commands.recipe_model import model_from_recipe
+
+        loaded, record = model_from_recipe(config, override or [], device)
+        if images and loaded.image_size is None:
+            raise BenchmarkUsageError(
+                f"--config {record['recipe']}: its model reads ECG signals; ECGBench asks about ECG images"
+            )
+        write_run_record(out, record)
+        return loaded, f"zero-shot:{record['name']}"
+    bundle = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
+    if images and not bundle.get("image"):
+        raise BenchmarkUsageError(f"{model} reads ECG signals; ECGBench asks about ECG images")
+    loaded = ECGLM.from_pretrained(
         model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
     )
+    write_run_record(out, {"name": str(model), "zero_shot": False, "training": loaded.training_stages})
+    return loaded, str(model)
 
 
 @dataclass(frozen=True)
@@ -303,7 +338,8 @@ def _signal_suite(
 
 def _run_signals(
     suite: SignalSuite,
-    model: str,
+    model: str | None,
+    config: list[str] | None,
     out: str,
     controls: list[str] | None,
     batch_size: int,
@@ -319,7 +355,7 @@ def _run_signals(
     from ecglm.model import Decoding
 
     items = suite.items[:limit]
-    loaded = _load(model, device, override, trust_remote_code)
+    loaded, model_id = _answering_model(model, config, out, device, override, trust_remote_code, False)
     decoding = Decoding(max_new_tokens=max_new_tokens)
     for condition in ("ecg", *(controls or [])):
         answered = run_signal_subset(
@@ -331,7 +367,7 @@ def _run_signals(
             decoding,
             batch_size,
             condition,
-            model_id=str(model),
+            model_id=model_id,
             with_label_scores=label_scores and condition == "ecg",
             dataset=suite.dataset,
         )
@@ -347,6 +383,8 @@ def _score_signals(
     subsets: list[str] | None,
     out: str | None,
     split: str,
+    mlflow: str | None = None,
+    mlflow_experiment: str = "ecglm-benchmark",
 ) -> int:
     """``ecglm benchmark score --suite ptbxl|ecgqa``: PTB-XL's superclasses scored as ECGBench's
     ptb-test; ECG-QA by exact match per question type, as its paper scores it."""
@@ -377,11 +415,28 @@ def _score_signals(
         result = score_subset(name, suite.items, rows, scoring, controls=controls, spec=suite.spec)
     scores = {name: result | {"split": split}}
     print(summary_table(scores))
+    report = {"suite": name.split("-")[0], "scoring": scoring, "data": str(data), "subsets": scores}
+    return _report(report, predictions, out, mlflow, mlflow_experiment)
+
+
+def _report(
+    report: dict, predictions: str, out: str | None, mlflow: str | None, mlflow_experiment: str
+) -> int:
+    """scores.json with its markdown and plots beside it (:mod:`ecglm.benchmarks.report`), the model
+    that answered when the predictions record it, and the run in MLflow when ``mlflow`` names a
+    tracking URI."""
+    from ecglm.benchmarks.provenance import read_run_record
+    from ecglm.benchmarks.report import log_to_mlflow, write_report
+
+    recorded = read_run_record(predictions)  # which model answered (ecglm benchmark run's run.json)
+    if recorded is not None:
+        report = {"model": recorded, **report}
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        report = {"suite": name.split("-")[0], "scoring": scoring, "data": str(data), "subsets": scores}
-        Path(out).write_text(json.dumps(report, indent=2))
-        print(f"scores written to {out}")
+        files = write_report(report, out)
+        print("report written: " + ", ".join(str(f) for f in files))
+        if mlflow:
+            run_id = log_to_mlflow(report, files, mlflow, mlflow_experiment)
+            print(f"logged to MLflow {mlflow}, experiment {mlflow_experiment}, run {run_id}")
     return 0
 
 

@@ -88,10 +88,13 @@ class ECGLMCLI(LightningCLI):
     """LightningCLI over :class:`ECGLanguageModel` and any LightningDataModule.
 
     ``ckpt_key``: the config key of the checkpoint when no subcommand runs (``evaluate.ckpt_path``).
+    ``check_data``: refuse a data folder without shards (``False`` where no data is read: a recipe's
+    model answering a benchmark, :mod:`ecglm.commands.recipe_model`).
     """
 
-    def __init__(self, *args: Any, ckpt_key: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, ckpt_key: str | None = None, check_data: bool = True, **kwargs: Any):
         self.ckpt_key = ckpt_key
+        self.check_data = check_data
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -151,7 +154,8 @@ class ECGLMCLI(LightningCLI):
         from ecglm.estimate import check_recipe
 
         check_recipe(config)
-        check_data_folder(config.get("data"))
+        if self.check_data:
+            check_data_folder(config.get("data"))
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
         extra: list[L.Callback] = [RunContinuity()]
@@ -205,10 +209,15 @@ def check_data_folder(data: Any) -> None:
 
 
 def run_cli(
-    args: list[str] | None, registry: Registry | None = None, run: bool = True, ckpt_key: str | None = None
+    args: list[str] | None,
+    registry: Registry | None = None,
+    run: bool = True,
+    ckpt_key: str | None = None,
+    check_data: bool = True,
 ) -> ECGLMCLI:
     """Lightning's CLI over a recipe: with ``run``, ``args`` start with the subcommand (``fit``, ...);
-    without, the model, data and trainer are built and returned (``evaluate``, ``export``)."""
+    without, the model, data and trainer are built and returned (``evaluate``, ``export``, and with
+    ``check_data=False``, which reads no shards, ``benchmark run --config``)."""
     registry = registry or discover()
     if args is None:  # LightningCLI reads sys.argv itself (and warns when given both): resolve in place
         sys.argv[1:] = resolve_cli_args(sys.argv[1:], registry)
@@ -233,6 +242,7 @@ def run_cli(
         args=args,
         run=run,
         ckpt_key=ckpt_key,
+        check_data=check_data,
     )
 
 
