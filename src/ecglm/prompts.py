@@ -246,6 +246,11 @@ class PromptStyle(ABC):
             )
             if sum(map(len, segments)) + num_ecgs * num_ecg_tokens + wanted > self.max_length:
                 segments = self._shorten_question(question, prompt_text, segments, wanted, num_ecg_tokens)
+        return self._assemble(segments, answer_ids, num_ecg_tokens)
+
+    def _assemble(self, segments: list[list[int]], answer_ids: list[int], num_ecg_tokens: int) -> EncodedChat:
+        """The prompt's text segments with ``num_ecg_tokens`` placeholders between them (one run per
+        ECG), then the answer (cut to ``max_length``), which alone gets labels."""
         prompt, starts = [], []
         for segment in segments[:-1]:
             prompt += segment
@@ -305,16 +310,7 @@ class PromptStyle(ABC):
                     self.max_length,
                 )
             return self.encode(question, answer, num_ecg_tokens, system_prompt, num_ecgs, history[1:])
-        prompt, starts = [], []
-        for segment in segments[:-1]:
-            prompt += segment
-            starts.append(len(prompt))
-            prompt += [self.placeholder_token_id] * num_ecg_tokens
-        prompt += segments[-1]
-        if self.max_length is not None:
-            answer_ids = answer_ids[: self.max_length - len(prompt)]
-        labels = [IGNORE_INDEX] * len(prompt) + answer_ids
-        return EncodedChat(prompt + answer_ids, labels, starts[0], len(prompt), tuple(starts))
+        return self._assemble(segments, answer_ids, num_ecg_tokens)
 
     def encode_turns(
         self, turns: list[dict[str, str]], num_ecg_tokens: int, system_prompt: str | None = None

@@ -120,10 +120,10 @@ def run_subset(
         labels = ("NORM", "ABNORMAL", *labels)
 
     def inputs(sources: Sequence[Path]) -> list[dict]:
-        return [{"ecg": None, "image": _picture(source, condition)} for source in sources]
+        return _image_inputs(sources, condition)
 
     def shown(item: Item, source: Path) -> str:
-        return str(Path(source).relative_to(images)) if condition == "shuffled" else item.image
+        return _shown_image(item, source, images, condition)
 
     sources = images_for(items, images, condition)
     return _answer_missing(
@@ -179,6 +179,28 @@ def run_signal_subset(
     )  # fmt: skip
 
 
+def _missing(
+    out: str | Path, name: str, condition: str, items: Sequence[Any], sources: Sequence[Any]
+) -> tuple[Path, list[tuple[Any, Any]]]:
+    """``name``'s output file for ``condition`` (its cut last line dropped) and the ``(item, source)``
+    pairs whose ``id`` is not answered in it yet: what a rerun still has to answer."""
+    path = output_file(out, name, condition)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drop_cut_line(path)
+    done = {str(r.get("question_id")) for r in read_predictions(path)} if path.is_file() else set()
+    return path, [(item, source) for item, source in zip(items, sources, strict=True) if item.id not in done]
+
+
+def _image_inputs(sources: Sequence[Path], condition: str) -> list[dict]:
+    """The model's inputs for ECGBench pictures: each source's picture as the condition shows it."""
+    return [{"ecg": None, "image": _picture(source, condition)} for source in sources]
+
+
+def _shown_image(item: Item | Conversation, source: Path, images: Path, condition: str) -> str:
+    """The picture an answer was given, as its prediction line records it (another item's under shuffled)."""
+    return str(Path(source).relative_to(images)) if condition == "shuffled" else item.image
+
+
 def _answer_missing(
     model: ECGLM,
     name: str,
@@ -199,11 +221,7 @@ def _answer_missing(
     most the batch being answered); the number answered now."""
     from ecglm.inference import answer_inputs
 
-    path = output_file(out, name, condition)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    drop_cut_line(path)
-    done = {str(r.get("question_id")) for r in read_predictions(path)} if path.is_file() else set()
-    todo = [(item, source) for item, source in zip(items, sources, strict=True) if item.id not in done]
+    path, todo = _missing(out, name, condition, items, sources)
     bar = tqdm(total=len(todo), desc=f"{name} ({condition})", unit="answer", disable=not todo)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -250,16 +268,12 @@ def run_conversations(
     one line, appended once all its turns are answered; the number answered now."""
     from ecglm.inference import answer_inputs
 
-    path = output_file(out, name, condition)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    drop_cut_line(path)
-    done = {str(r.get("question_id")) for r in read_predictions(path)} if path.is_file() else set()
     sources = images_for(conversations, images, condition)
-    todo = [(c, source) for c, source in zip(conversations, sources, strict=True) if c.id not in done]
+    path, todo = _missing(out, name, condition, conversations, sources)
     bar = tqdm(total=len(todo), desc=f"{name} ({condition})", unit="conversation", disable=not todo)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        given = [{"ecg": None, "image": _picture(source, condition)} for _, source in chunk]
+        given = _image_inputs([source for _, source in chunk], condition)
         predicted: list[list[dict[str, str]]] = [[] for _ in chunk]
         for turn in range(max(len(c.turns) for c, _ in chunk)):
             asking = [k for k, (c, _) in enumerate(chunk) if turn < len(c.turns)]
@@ -282,7 +296,7 @@ def run_conversations(
                 "model_id": model_id,
                 "metadata": {},
                 "condition": condition,
-                "image": str(Path(source).relative_to(images)) if condition == "shuffled" else c.image,
+                "image": _shown_image(c, source, images, condition),
             }
             for (c, source), answers_of_one in zip(chunk, predicted, strict=True)
         ]
