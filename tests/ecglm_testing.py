@@ -5,13 +5,19 @@ Not in ``conftest.py``: ``tests/data/conftest.py`` would shadow a ``from conftes
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +116,35 @@ def import_fresh_from(site_dir: Path, package: str, monkeypatch):
 def package_version(source: Path) -> str:
     """The ``version`` of the package's pyproject.toml."""
     return re.search(r'^version = "([^"]+)"', (source / "pyproject.toml").read_text(), re.M).group(1)
+
+
+@contextlib.contextmanager
+def chat_completions_stub(respond: Callable[[str, Any, dict], tuple[int, dict | None]]) -> Iterator[str]:
+    """A chat-completions server on 127.0.0.1 for judge tests: ``respond(path, headers, body)`` gives
+    each POST's status and JSON reply (None: no body); ``headers`` are read case-insensitively.
+    Yields its base URL (``.../v1``)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, reply = respond(self.path, self.headers, body)
+            self.send_response(status)
+            if reply is None:
+                self.end_headers()
+                return
+            data = json.dumps(reply).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -6,8 +6,6 @@ answers; a run cut short answers only what is missing; the openai-chat judge, ag
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from ecglm.benchmarks.ecgbench import read_conversations
 from ecglm.benchmarks.judged import ARENA_RUBRIC, arena_categories
 from ecglm.commands import main
 from ecglm.judges import Judge, Verdict
+from ecglm_testing import chat_completions_stub
 
 LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
 
@@ -87,24 +86,12 @@ def judge_server():
         ]
     )
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            data = json.dumps({"choices": [{"message": {"content": next(replies)}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(path: str, headers, body: dict):
+        seen.append(body)
+        return 200, {"choices": [{"message": {"content": next(replies)}}]}
 
-        def log_message(self, *args):
-            pass
-
-    httpd = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
-    httpd.shutdown()
-    httpd.server_close()
+    with chat_completions_stub(respond) as url:
+        yield url, seen
 
 
 def run_args(bundle, ecgbench, out):

@@ -4,13 +4,12 @@ rubric, temperature 0, the key from the environment) and how it reads the replie
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from ecglm.chat_judge import JudgeServiceError, OpenAIChatJudge
 from ecglm.judges import JudgeItem
+from ecglm_testing import chat_completions_stub
 
 
 @pytest.fixture
@@ -18,31 +17,14 @@ def server():
     seen: list[dict] = []
     replies = iter(["Score: 7\nReason: rhythm right, axis missed", "I cannot grade this"])
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            if body["model"] == "refused":
-                self.send_response(401)
-                self.end_headers()
-                return
-            answer = {"choices": [{"message": {"role": "assistant", "content": next(replies)}}]}
-            data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(path: str, headers, body: dict):
+        seen.append({"path": path, "auth": headers.get("Authorization"), "body": body})
+        if body["model"] == "refused":
+            return 401, None
+        return 200, {"choices": [{"message": {"role": "assistant", "content": next(replies)}}]}
 
-        def log_message(self, *args):
-            pass
-
-    httpd = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
-    httpd.shutdown()
-    httpd.server_close()
+    with chat_completions_stub(respond) as url:
+        yield url, seen
 
 
 def test_chat_judge_sends_the_rubric_and_key_and_reads_scores(server, tmp_path, monkeypatch):
