@@ -16,6 +16,7 @@ from ecglm.data.datamodule import ECGQADataModule, subset_fraction
 from ecglm.data.shards import write_manifest, write_shards
 from ecglm.evaluation import (
     AnswerEvaluation,
+    EvaluationProtocol,
     MetricsConfig,
     mean_std,
     plot_metrics,
@@ -112,6 +113,25 @@ def test_subset_is_fixed_by_seed_whatever_the_worker_split(mixture_dir, formatte
     assert set(_test_keys(dm)) != set(seed0)
     dm.set_test_subset(None, seed=1)
     assert _test_keys(dm) == everything
+
+
+def test_the_test_loop_answers_the_split_the_protocol_names(mixture_dir, formatter):
+    """evaluate.split: train answers the training questions (DPO's pairs come from the model's mistakes on
+    them); the subset and the report's groups follow that split, and an unknown split is refused."""
+    dm = ECGQADataModule(str(mixture_dir), eval_batch_size=7, num_workers=0)
+    dm.setup("test")
+    dm.attach(formatter, 1)
+    assert dm.set_test_subset(None, seed=0, split="train") == {"ecgqa-ptbxl": 60, "pulse-ecg-instruct": 20}
+    train = _test_keys(dm)
+    assert len(train) == 80 and all("_train_" in k for k in train)
+    assert dm.set_test_subset(None, seed=0, split="val") == {"ecgqa-ptbxl": 12, "pulse-ecg-instruct": 4}
+    assert all("_val_" in k for k in _test_keys(dm))
+    dm.set_test_subset(None, seed=0)  # the default goes back to the held-out questions
+    assert all("_test_" in k for k in _test_keys(dm))
+    with pytest.raises(ValueError, match=r"evaluate\.split is 'dev'"):
+        dm.set_test_subset(None, seed=0, split="dev")
+    with pytest.raises(ValueError, match=r"give one of \['train', 'val', 'test'\]"):
+        EvaluationProtocol(split="training")
 
 
 def test_subset_fraction_is_uniform():

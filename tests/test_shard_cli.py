@@ -35,6 +35,25 @@ def test_shard_command_builds_then_keeps_an_up_to_date_folder(tmp_path, capsys):
     assert shard.stat().st_mtime_ns == mtime  # up to date: nothing rewritten
 
 
+def test_a_build_never_deletes_another_data_sets_shards(tmp_path, capsys):
+    """A builder rebuilds a stale build of its own data set, but a folder holding another data set's shards
+    (preference pairs, say) is refused and left as it was."""
+    out = tmp_path / "pairs"
+    out.mkdir()
+    manifest = '{"dataset": "preference-pairs", "splits": {}}'
+    (out / "manifest.json").write_text(manifest)
+    (out / "train-000000.tar").write_bytes(b"the pairs")
+    config = (REPO / "shards/quickstart.yaml").read_text()
+    config = config.replace("out_dir: shards/quickstart", f"out_dir: {out}")
+    (tmp_path / "shard.yaml").write_text(config)
+    assert main(["shard", "--config", str(tmp_path / "shard.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "holds preference-pairs shards" in err
+    assert "building synthetic-heart-qa there would delete them" in err
+    assert (out / "manifest.json").read_text() == manifest
+    assert (out / "train-000000.tar").read_bytes() == b"the pairs"
+
+
 def test_shard_command_names_a_bad_builder_argument(tmp_path, capsys):
     config = (REPO / "shards/quickstart.yaml").read_text().replace("num_val: 32", "num_val: many")
     (tmp_path / "shard.yaml").write_text(config)

@@ -42,6 +42,13 @@ def _npy(tmp: Path) -> str:
     return str(tmp / "ecg.npy")
 
 
+def _pair_shards(tmp: Path) -> str:
+    """A folder of another data set's shards (as ecglm shard writes preference pairs)."""
+    (tmp / "pairs").mkdir()
+    (tmp / "pairs" / "manifest.json").write_text('{"dataset": "preference-pairs", "splits": {}}')
+    return str(tmp / "pairs")
+
+
 #: (what the user did, the command as a function of a scratch folder, what ecglm says: a regex).
 CASES = [
     (
@@ -79,6 +86,12 @@ CASES = [
         "a data folder with no shards and no builder",
         lambda t: [*FIT, "--data.init_args.builder", "null", "--data.init_args.data_dir", str(t / "none")],
         r"^data\.init_args\.data_dir .*none: no manifest\.json there; build the shards first",
+    ),
+    (
+        "a builder pointed at another data set's shards",
+        lambda t: [*FIT, "--data.init_args.data_dir", _pair_shards(t)],
+        r"^TMP/pairs holds preference-pairs shards \(TMP/pairs/manifest\.json\); building synthetic-heart-qa "
+        r"there would delete them: give this build another folder",
     ),
     (
         "a truncated checkpoint",

@@ -201,11 +201,29 @@ def check_data_folder(data: Any) -> None:
     if is_remote(data_dir):
         return  # read through fsspec in setup, which names the URL if there is no manifest there
     manifest = local_path(data_dir) / "manifest.json"
-    if init_args.get("builder") is None and not manifest.is_file():
+    builder = init_args.get("builder")
+    if builder is None and not manifest.is_file():
         raise ConfigError(
             f"data.init_args.data_dir {data_dir}: no manifest.json there; build the shards first "
             "(ecglm shard --config ...) or name a builder (data.init_args.builder) to build them"
         )
+    # The builder's own refusal, before the LLM loads rather than at prepare_data.
+    dataset = getattr(_builder_class(builder), "dataset", None)
+    if isinstance(dataset, str):
+        from ecglm.data.shards import refuse_foreign_shards
+
+        refuse_foreign_shards(local_path(data_dir), dataset)
+
+
+def _builder_class(builder: Any) -> type | None:
+    """The class a recipe's ``data.init_args.builder`` names, or None (none, or not importable here)."""
+    from ecglm.plugins import import_object
+
+    class_path = builder.get("class_path") if hasattr(builder, "get") else None  # a dict or a Namespace
+    try:
+        return import_object(class_path) if class_path else None
+    except (UnknownComponentError, ImportError, AttributeError):
+        return None
 
 
 def run_cli(

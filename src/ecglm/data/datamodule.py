@@ -201,6 +201,7 @@ class ECGQADataModule(L.LightningDataModule):
         self.preprocessing: Preprocessing | None = None
         self.manifest: dict | None = None
         self._test_subset: tuple[dict[str, float], int] | None = None
+        self._test_split = "test"  # the split ``ecglm evaluate`` answers (set_test_subset's ``split``)
 
     @property
     def data_dir(self) -> Path | str:
@@ -361,26 +362,38 @@ class ECGQADataModule(L.LightningDataModule):
         return dict(counts)
 
     def eval_groups(self, split: str = "test") -> tuple[list[str], list[str] | None]:
-        """Dataset names and question types of ``split`` (``None`` when the manifest does not list them)."""
+        """Dataset names and question types of ``split`` (``None`` when the manifest does not list them).
+
+        ``test`` is the split the test loop reads: the test split unless :meth:`set_test_subset` named
+        another (an evaluation on training questions, e.g. to find the mistakes DPO trains on)."""
         if self.manifest is None:
             self.manifest = self._read_manifest()
+        if split == "test":
+            split = self._test_split
         info = self.manifest["splits"][split]
         types = info.get("question_types")
         if types is not None and self.include_comparison:
             types = set(types) | set(info.get("comparison", {}).get("question_types", ()))
         return sorted(self.qa_counts(split)), sorted(types) if types is not None else None
 
-    def set_test_subset(self, samples_per_dataset: int | dict[str, int] | None, seed: int) -> dict[str, int]:
-        """Evaluate on about ``samples_per_dataset`` QA pairs per dataset, chosen by ``seed``.
+    def set_test_subset(
+        self, samples_per_dataset: int | dict[str, int] | None, seed: int, split: str = "test"
+    ) -> dict[str, int]:
+        """Evaluate on about ``samples_per_dataset`` QA pairs per dataset of ``split``, chosen by ``seed``.
 
         Each pair is kept with probability ``n / count`` by a hash of (seed, key), so the subset is
         reproducible, identical under any worker or rank split, and needs no pass over the data; its
         size is binomial around ``n`` (the report states the real count). ``None`` (or a dataset
-        missing from a dict) keeps every pair. Returns the expected size per dataset.
+        missing from a dict) keeps every pair. ``split`` is the split the test loop then reads
+        (``test``; ``train`` or ``val`` to answer those questions instead). Returns the expected size
+        per dataset.
         """
+        if split not in SPLITS:
+            raise ValueError(f"evaluate.split is {split!r}: give one of {list(SPLITS)}")
         if self.manifest is None:
             self.manifest = self._read_manifest()
-        counts = self.qa_counts("test")
+        self._test_split = split
+        counts = self.qa_counts(split)
         if samples_per_dataset is None:
             self._test_subset = None
             return counts
@@ -395,7 +408,7 @@ class ECGQADataModule(L.LightningDataModule):
         if unknown:
             warnings.warn(
                 f"samples per dataset name {unknown}, which {self._manifest_path} does not hold "
-                f"(its test split has {sorted(counts)})",
+                f"(its {split} split has {sorted(counts)})",
                 stacklevel=2,
             )
         rates = {d: min(1.0, wanted[d] / n) if n else 1.0 for d, n in counts.items()}
@@ -585,7 +598,7 @@ class ECGQADataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(
-            "test", self.eval_batch_size, train=False, for_generation=True, subset=self._test_subset
+            self._test_split, self.eval_batch_size, train=False, for_generation=True, subset=self._test_subset
         )
 
     def predict_dataloader(self) -> DataLoader:

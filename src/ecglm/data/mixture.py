@@ -45,6 +45,7 @@ from ecglm.data.shards import (
     MANIFEST_NAME,
     check_build,
     last_sample,
+    refuse_foreign_shards,
     repair_shards,
     shards_built,
     write_manifest,
@@ -232,6 +233,7 @@ class ECGQAMixture(ShardSource):
             return built
         if built is not None and self._repair(out_dir, built, damage):
             return built
+        refuse_foreign_shards(out_dir, DATASET)
         started = time.perf_counter()
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ from ecglm.data.shards import (
     MANIFEST_NAME,
     check_build,
     read_manifest,
+    refuse_foreign_shards,
     sha256_file,
     split_shards,
     write_manifest,
@@ -100,6 +101,8 @@ class PreferencePairs:
         max_samples_per_shard: ECGs per shard.
         strict: Raise at the first bad line (default: skip it with a WARNING and count it).
     """
+
+    dataset = DATASET
 
     def __init__(
         self,
@@ -367,6 +370,7 @@ class PreferencePairs:
         built, damage = check_build(out_dir, params=self.params, version=VERSION)
         if built is not None and not damage:
             return built
+        refuse_foreign_shards(out_dir, DATASET)
         started = time.perf_counter()
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         self.skipped.clear()

@@ -27,6 +27,7 @@ import webdataset as wds
 
 from ecglm.data.images import IMAGE_MEMBERS
 from ecglm.data.splits import SPLITS
+from ecglm.errors import EcglmError
 from ecglm.io import atomic_write_bytes, commit, partial_path
 
 log = logging.getLogger(__name__)
@@ -358,6 +359,27 @@ def repair_shards(
         "%s in %s: %s written again, each matches manifest.json", dataset, out_dir, ", ".join(sorted(damage))
     )
     return True
+
+
+class ForeignShardsError(EcglmError, ValueError):
+    """A builder's out_dir holds another data set's shards, which building there would delete."""
+
+
+def refuse_foreign_shards(out_dir: str | Path, dataset: str) -> None:
+    """Raise :class:`ForeignShardsError` when ``out_dir``'s manifest names a data set other than
+    ``dataset``: a builder rebuilds a stale build of its own data set (other params, damaged shards),
+    never another's (a recipe's builder pointed at pair shards or a day-long ECG-QA build)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return  # no manifest, or not one: nothing a build could lose
+    if found is not None and found != dataset:
+        raise ForeignShardsError(
+            f"{Path(out_dir)} holds {found} shards ({path}); building {dataset} there would delete them: "
+            f"give this build another folder (data.init_args.data_dir, or ecglm shard --out_dir), or leave "
+            f"data.init_args.builder unset to train on the {found} shards"
+        )
 
 
 def read_manifest(out_dir: Path) -> dict:

@@ -26,7 +26,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ecglm.data.shards import MANIFEST_NAME, check_build, repair_shards, write_manifest, write_shards
+from ecglm.data.shards import (
+    MANIFEST_NAME,
+    check_build,
+    refuse_foreign_shards,
+    repair_shards,
+    write_manifest,
+    write_shards,
+)
 from ecglm.data.splits import SPLITS, hash_uniform
 from ecglm.ecg import LEADS
 
@@ -203,6 +210,7 @@ class ShardSource(ABC):
             return built
         if built is not None and repair_shards(out_dir, built, damage, self._run_samples, self.dataset):
             return built
+        refuse_foreign_shards(out_dir, self.dataset)
         started = time.perf_counter()
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         self._start_build()

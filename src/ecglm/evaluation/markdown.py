@@ -38,6 +38,8 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = ["# ecglm evaluation", ""]
     if meta.get("ckpt_path"):
         lines += [f"Checkpoint: `{meta['ckpt_path']}`; seeds {meta.get('seeds')}", ""]
+    if meta.get("split", "test") != "test":
+        lines += [f"Split: **{meta['split']}** (not the held-out test split)", ""]
     if meta.get("training"):
         from ecglm.bundle import describe_stages
 

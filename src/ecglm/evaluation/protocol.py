@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 
+from ecglm.data.splits import SPLITS
 from ecglm.evaluation.intervals import intervals
 from ecglm.evaluation.judging import build_judge, judge_answers
 from ecglm.evaluation.markdown import render_markdown
@@ -45,6 +46,9 @@ class EvaluationProtocol:
         judge: A judge (entry-point group ``ecglm.judges``, e.g. ``local``) that scores the generated
             answers of its datasets and conditions against their references (:mod:`ecglm.judges`);
             ``None``: no judge.
+        split: The split answered: ``test`` (held out); ``train`` to find the model's mistakes on its
+            training questions (the preference pairs DPO trains on, ``ecglm.data.preferences``) or
+            ``val``. The report states it.
     """
 
     ckpt_path: str | None = None
@@ -54,6 +58,11 @@ class EvaluationProtocol:
     )
     out_dir: str | None = None
     judge: Judge | None = None
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"evaluate.split is {self.split!r}: give one of {list(SPLITS)}")
 
     def run(
         self, trainer: L.Trainer, model: L.LightningModule, datamodule: Any, config_text: str = ""
@@ -68,7 +77,7 @@ class EvaluationProtocol:
         per_seed, expected = [], []
         for seed in self.seeds:
             L.seed_everything(seed, verbose=False)
-            expected.append(datamodule.set_test_subset(self.samples_per_dataset, seed))
+            expected.append(datamodule.set_test_subset(self.samples_per_dataset, seed, split=self.split))
             trainer.test(model, datamodule=datamodule, ckpt_path=self.ckpt_path, verbose=False)
             per_seed.append(model.evaluation_result)
         summary = summarize(per_seed)
@@ -94,6 +103,7 @@ class EvaluationProtocol:
             # Which training stages produced the evaluated weights (SFT, GRPO, DPO), as its checkpoint says.
             "training": getattr(getattr(model, "model", None), "training_stages", None),
             "seeds": self.seeds,
+            "split": self.split,
             "samples_per_dataset": self.samples_per_dataset,
             "expected_samples": expected,
             "decoding": decoding,
