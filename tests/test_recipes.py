@@ -226,3 +226,87 @@ def test_multi_gpu_variant_merges_over_its_recipe_and_passes_the_start_checks(
     )
     with pytest.raises(StrategyError, match="FSDP"):
         run_cli([*args, *broken], run=False)
+
+
+RL_OVERLAYS = sorted((REPO / "recipes").glob("*/rl/*.yaml"))
+
+
+def test_every_paper_model_has_a_grpo_stage():
+    assert {p.parent.parent.name for p in RL_OVERLAYS} == {
+        p.parent.name for p in RECIPES if p.parent.name != "recipes"
+    }
+
+
+@pytest.mark.parametrize(
+    "overlay", RL_OVERLAYS, ids=[str(r.relative_to(REPO / "recipes")) for r in RL_OVERLAYS]
+)
+def test_grpo_stage_merges_over_its_lora_recipe_and_takes_a_step(overlay: Path, saved, tmp_path, monkeypatch):
+    """Each GRPO overlay names, in its first line, the command that merges it over its LoRA SFT recipe;
+    merged, it starts from that run's last checkpoint, writes to a run folder of its own, uses the
+    adapters-off reference (no second copy of the LLM) and no restarts, and takes a GRPO step on the
+    tiny stand-in: sampled answers, rewards, a loss whose gradient reaches the adapters."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ecglm.objectives import GRPO
+    from ecglm.objectives.sequences import snapshot_trainable
+
+    monkeypatch.chdir(tmp_path)
+    command = overlay.read_text().splitlines()[0]
+    configs = re.findall(r"--config (\S+)", command)
+    assert command.startswith("# ecglm fit --config") and configs[1] == str(overlay.relative_to(REPO))
+    base_path = REPO / configs[0]
+    base = yaml.safe_load(base_path.read_text())
+    assert base_path.parent == overlay.parent.parent and base["model"]["policy"]["class_path"] == "lora"
+    args = [
+        "--config",
+        str(base_path),
+        "--config",
+        str(overlay),
+        *stand_in_args(base, saved, tmp_path),
+        placeholder_shards(tmp_path),
+        "--model.backbone.init_args.dtype=float32",
+        "--model.backbone.init_args.bnb_compute_dtype=float32",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    cli = run_cli(args, run=False)
+    model, objective = cli.model, cli.model.objective
+    assert isinstance(objective, GRPO) and objective.adapters_off and objective.beta > 0
+    sft_run = base["trainer"]["default_root_dir"]
+    assert objective.init_from == f"{sft_run}/checkpoints/last.ckpt"
+    checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+    assert cli.trainer.default_root_dir.endswith(sft_run + "-grpo")
+    assert checkpoint.dirpath.endswith(sft_run + "-grpo/checkpoints")  # never over the SFT run's checkpoints
+    assert model.hparams.lr_scheduler == "cosine" and not model.hparams.lr_scheduler_kwargs
+    assert cli.trainer.max_steps > 0
+    assert {r.name for r in objective.rewards} == {"exact_match", "label_f1", "format"}
+
+    rng = np.random.default_rng(0)
+    items = [
+        {
+            "key": str(i),
+            "ecg": rng.standard_normal((12, 2500)).astype(np.float32),
+            "question": "Does this ECG show left ventricular hypertrophy? Options: yes, no.",
+            "answer": ["yes"] if i else ["no"],
+            "question_type": "single-verify",
+            "dataset": "ecgqa-ptbxl",
+        }
+        for i in range(2)
+    ]
+    image = cli.datamodule.image
+    if image is not None:
+        image = replace(image, fs=250.0)
+    batch = QACollator(cli.datamodule.prompt, model.num_ecg_tokens, images=image)(items)  # a training batch
+    objective.group_size, objective.max_new_tokens = 2, 3  # a quick rollout of the tiny stand-in
+    model.train()
+    start = snapshot_trainable(model.model)
+    loss = objective.training_step(model, batch, 0)
+    loss.backward()
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+    assert lora and objective.reference.keys() == start.keys()
+    rollout = objective._rollout
+    assert rollout.completion.shape[0] == 2 * 2 and rollout.ref_logp is not None
+    # The adapters-off reference is not the policy: LoRA's B starts at zero, so both agree only until the
+    # adapters learn; what matters is that the step's gradient reaches them.
+    assert any(model.get_parameter(n).grad is not None for n in lora)
