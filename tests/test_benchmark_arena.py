@@ -172,6 +172,7 @@ def test_arena_scored_by_a_judge_as_pulse_averages_its_categories(
     # The judge gets the arena rubric (not judge_args' report rubric), the gold and the model's answers,
     # and under --scoring pulse the first two turns only, as PULSE's eval_arena.py shows them.
     assert [r["messages"][0]["content"] for r in seen] == [ARENA_RUBRIC] * 3
+    assert [r["response_format"] for r in seen] == [{"type": "json_object"}] * 3  # the rubric asks for JSON
     first = seen[0]["messages"][1]["content"]
     assert "Sinus rhythm." in first and rows[0]["predict_convs"][1]["answer"] in first
     assert "Is the axis normal?" in first
@@ -260,3 +261,64 @@ def test_bad_arena_input_is_refused_naming_the_file_item_or_judge(ecgbench, tmp_
     assert "'arena-1' has no 'predict_convs'" in capsys.readouterr().err
     assert main(args) == 2  # a judged subset without a judge
     assert "arena is scored by a judge" in capsys.readouterr().err
+
+
+class WordJudge(Judge):
+    """Scores an answer by whether it names the finding: arena's accuracy 10 when the model's answers hold
+    "Sinus" or "Anterior" (else 2), completeness always 6; a report 0.8 when it says "sinus" (else 0.2)."""
+
+    def __init__(self, rubric: str = ""):
+        self.rubric = rubric
+
+    def judge(self, items):
+        out = []
+        for item in items:
+            named = any(word in item.prediction for word in ("Sinus", "Anterior", "sinus"))
+            reply = json.dumps({"Accuracy": {"Score": 10 if named else 2}, "Completeness": {"Score": 6}})
+            out.append(Verdict(0.8 if named else 0.2, "", reply))
+        return out
+
+
+def test_the_controls_are_judged_beside_the_model_with_paired_gaps(ecgbench, tmp_path):
+    """arena.shuffled.jsonl and arena.blank.jsonl (another conversation's image, a blank page) are judged as
+    the model's answers are, and scored against them item by item; ptb-test-report's controls alike."""
+    from ecglm.benchmarks.ecgbench import Item
+    from ecglm.benchmarks.judged import judge_subset
+
+    out = tmp_path / "preds"
+    out.mkdir()
+
+    def write(name: str, answers: list[str]) -> None:
+        rows = [
+            {"question_id": f"arena-{i}", "predict_convs": [{"question": q, "answer": a} for q, _ in turns]}
+            for i, (turns, a) in enumerate(zip(CONVERSATIONS, answers, strict=True))
+        ]
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("arena.jsonl", ["Sinus rhythm.", "Anterior MI.", "I do not know."])
+    write("arena.blank.jsonl", ["?", "Anterior MI.", "?"])
+    write("arena.shuffled.jsonl", ["?", "?", "?"])
+    scores = tmp_path / "scores.json"
+    args = ["benchmark", "score", "--data", str(ecgbench), "--predictions", str(out), "--out", str(scores)]
+    assert main([*args, "--subsets", "arena", "--judge", "test_benchmark_arena.WordJudge"]) == 0
+    arena = json.loads(scores.read_text())["subsets"]["arena"]
+    # By hand, a conversation's score is (accuracy + completeness) / 20: named 0.8, not named 0.4.
+    # Model 0.8, 0.8, 0.4; blank 0.4, 0.8, 0.4; shuffled 0.4 each.
+    assert arena["arena_score"] == pytest.approx(2 / 3)
+    assert arena["controls"]["blank"]["arena_score"] == pytest.approx(1.6 / 3)
+    assert arena["controls"]["shuffled"]["arena_score"] == pytest.approx(0.4)
+    assert arena["controls"]["blank"]["answers"] == 3 and arena["controls"]["blank"]["unreadable"] == 0
+    blank, shuffled = arena["gaps"]["model_minus_blank"], arena["gaps"]["model_minus_shuffled"]
+    assert blank["estimate"] == pytest.approx(0.4 / 3) and blank["n"] == 3
+    assert shuffled["estimate"] == pytest.approx(0.8 / 3)
+    assert shuffled["low"] <= shuffled["estimate"] <= shuffled["high"] and 0 < shuffled["p_value"] <= 1
+    md = scores.with_name("scores.md").read_text()
+    assert "| ours, blank control | 53.3 [" in md and "| shuffled | +26.7 |" in md
+
+    items = [Item(str(i), f"{i}.png", "Write the report.", "sinus rhythm") for i in range(4)]
+    rows = [{"question_id": str(i), "text": t} for i, t in enumerate(["sinus", "sinus", "sinus", "no idea"])]
+    blank_rows = [{"question_id": str(i), "text": t} for i, t in enumerate(["sinus", "?", "?", "?"])]
+    report = judge_subset("ptb-test-report", items, rows, WordJudge(), controls={"blank": blank_rows})
+    assert report["report_score"] == pytest.approx((0.8 * 3 + 0.2) / 4)
+    assert report["controls"]["blank"]["report_score"] == pytest.approx((0.8 + 0.2 * 3) / 4)
+    assert report["gaps"]["model_minus_blank"]["estimate"] == pytest.approx(0.6 * 2 / 4)

@@ -63,6 +63,32 @@ def test_recipe_s_untrained_vlm_answers_ecgbench_and_the_report_says_zero_shot(
     assert ptb["answers"] == 5 and ptb["auc_from"] == "label_scores" and "model_minus_blank" in ptb["gaps"]
     markdown = scores.with_suffix(".md").read_text()
     assert f"untrained (zero-shot: its parts' own weights), from recipe `{RECIPE}`" in markdown
+    assert "Decoding: greedy, up to 3 tokens" in markdown
+    assert (
+        record["decoding"]["max_new_tokens"] == 3 and record["decoding"]["num_beams"] == 1
+    )  # --max_new_tokens
+
+
+def test_a_recipe_s_model_answers_with_the_recipe_s_decoding(ecgbench, tiny_gemma3, tmp_path, monkeypatch):  # noqa: F811
+    """Without --max_new_tokens the answers follow the recipe's model.decoding (here a variant merged
+    over it: beam search, two tokens), and run.json records it."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    variant = tmp_path / "decoding.yaml"
+    variant.write_text("model:\n  decoding:\n    max_new_tokens: 2\n    num_beams: 2\n")
+    out = tmp_path / "preds"
+    args = run_args(ecgbench, out, tiny_gemma3)
+    at = args.index("--max_new_tokens")
+    args = args[:at] + args[at + 2 :]
+    assert main([*args, "--config", str(variant)]) == 0
+    record = json.loads((out / "run.json").read_text())["model"]
+    assert record["decoding"] == {
+        "max_new_tokens": 2, "num_beams": 2, "do_sample": False, "temperature": 1.0, "top_p": 1.0
+    }  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma3)
+    rows = [json.loads(line) for line in (out / "ptb-test.jsonl").read_text().splitlines()]
+    assert all(len(tokenizer(r["text"], add_special_tokens=False).input_ids) <= 2 for r in rows)
 
 
 def test_model_and_config_are_one_or_the_other(ecgbench, tmp_path, capsys):  # noqa: F811

@@ -50,6 +50,11 @@ def test_chat_judge_sends_the_rubric_and_key_and_reads_scores(server, tmp_path, 
         "content": "Grade the report out of 10. Reply: Score: N, Reason: ...",
     }
     assert "Trainee report: Sinus rhythm, normal axis." in first["body"]["messages"][1]["content"]
+    assert "response_format" not in first["body"]  # a Score: N rubric wants plain text
+    json_mode = OpenAIChatJudge("stub-model", base_url=url, response_format="json_object")
+    assert json_mode.request(items[0])["response_format"] == {"type": "json_object"}
+    with pytest.raises(JudgeServiceError, match="response_format 'yaml'"):
+        OpenAIChatJudge("stub-model", base_url=url, response_format="yaml")
 
 
 def test_chat_judge_refusals_name_the_service_and_the_missing_key(server, monkeypatch):

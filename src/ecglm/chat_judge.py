@@ -40,6 +40,11 @@ class OpenAIChatJudge(Judge):
         max_tokens: Longest reply.
         timeout: Seconds to wait for one reply.
         datasets, conditions: See :class:`ecglm.judges.Judge`.
+        response_format: ``json_object`` asks the service for a reply that is one JSON object
+            (OpenAI's JSON mode, also served by vLLM, llama.cpp's server and Ollama): for a rubric
+            that asks for JSON, as the arena's does (``ecglm benchmark score`` asks for it there
+            unless ``judge_args`` set it, ``null`` included); ``None`` (default): plain text, as
+            ``Score: N`` rubrics want.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class OpenAIChatJudge(Judge):
         timeout: float = 120.0,
         datasets: list[str] | None = None,
         conditions: tuple[str, ...] = ("ecg", "shuffled_ecg"),
+        response_format: str | None = None,
     ):
         super().__init__(datasets, conditions)
         if scale < 1:
@@ -69,17 +75,24 @@ class OpenAIChatJudge(Judge):
             raise JudgeServiceError(f"the judge's API key: set the environment variable {api_key_env}")
         self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
         self.rubric, self.scale = rubric.replace("{scale}", str(scale)), scale
-        self.max_tokens, self.timeout = max_tokens, timeout
+        if response_format not in (None, "json_object", "text"):
+            raise JudgeServiceError(
+                f"response_format {response_format!r}: json_object (a JSON reply), text or null"
+            )
+        self.max_tokens, self.timeout, self.response_format = max_tokens, timeout, response_format
 
     def request(self, item: JudgeItem) -> dict:
         """The body of ``item``'s chat-completions request."""
         user = USER_TEMPLATE.format(**asdict(item))
-        return {
+        body = {
             "model": self.model,
             "messages": [{"role": "system", "content": self.rubric}, {"role": "user", "content": user}],
             "temperature": 0,
             "max_tokens": self.max_tokens,
         }
+        if self.response_format is not None:
+            body["response_format"] = {"type": self.response_format}
+        return body
 
     def reply(self, body: dict) -> str:
         # The standard library, not the openai package: one JSON POST, no dependency for users who

@@ -8,14 +8,14 @@ not comparable with the published "Report Score" and "Arena Score" (docs/benchma
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
 from ecglm.benchmarks.ecgbench import BenchmarkError, Conversation, Item, prediction_id, prediction_text
 from ecglm.judges import Judge, JudgeItem, Verdict
-from ecglm.uncertainty import bootstrap_mean
+from ecglm.uncertainty import bootstrap_mean, paired_gap
 
 JUDGED = ("ptb-test-report", "arena")
 
@@ -61,35 +61,84 @@ def _latest(name: str, ids: set[str], rows: Sequence[dict[str, Any]]) -> dict[st
 
 
 def judge_subset(
-    name: str, items: Sequence[Item], rows: Sequence[dict[str, Any]], judge: Judge, confidence: float = 0.95
+    name: str,
+    items: Sequence[Item],
+    rows: Sequence[dict[str, Any]],
+    judge: Judge,
+    confidence: float = 0.95,
+    controls: dict[str, Sequence[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """``report_score``: the mean of the judge's scores (fractions of its scale) over the answered
-    items whose verdict it could read, with a bootstrap interval; unreadable verdicts are counted."""
+    items whose verdict it could read, with a bootstrap interval; unreadable verdicts are counted.
+    ``controls`` (condition -> rows: the reports written from another item's image or a blank page)
+    are judged alike, with the paired gap against each (:func:`with_controls`)."""
     if name != "ptb-test-report":
         raise BenchmarkError(f"{name} is not judged as a report; judged subsets: {', '.join(JUDGED)}")
     from ecglm.benchmarks.running import question_text
 
     gold = {item.id: item for item in items}
-    latest = _latest(name, set(gold), rows)
-    ids = [item.id for item in items if item.id in latest]
-    asked = [
-        JudgeItem(question_text(gold[i].question), str(gold[i].gold), prediction_text(latest[i])) for i in ids
-    ]
-    verdicts = judge.judge(asked)
-    read = [v.score for v in verdicts if v.score is not None]
-    interval = bootstrap_mean(read, None, confidence).as_dict() if read else None
-    return {
+
+    def judged(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[Verdict], dict[str, float]]:
+        latest = _latest(name, set(gold), rows)
+        ids = [item.id for item in items if item.id in latest]
+        asked = [
+            JudgeItem(question_text(gold[i].question), str(gold[i].gold), prediction_text(latest[i]))
+            for i in ids
+        ]
+        verdicts = judge.judge(asked)
+        return ids, verdicts, {i: v.score for i, v in zip(ids, verdicts, strict=True) if v.score is not None}
+
+    ids, verdicts, scores = judged(rows)
+    out = {
         "subset": name,
         "scoring": "judge",
         "judge": type(judge).__name__,
         "items": len(items),
         "answers": len(ids),
         "missing": len(items) - len(ids),
-        "unreadable": len(verdicts) - len(read),
-        "report_score": interval["estimate"] if interval else None,
-        "report_score_interval": interval,
+        **_judged_score("report_score", ids, verdicts, scores, confidence),
         "verdicts": [{"question_id": i, **v.as_dict()} for i, v in zip(ids, verdicts, strict=True)],
     }
+    return with_controls(out, "report_score", scores, controls, judged, confidence)
+
+
+def _judged_score(
+    key: str, ids: Sequence[str], verdicts: Sequence[Verdict], scores: dict[str, float], confidence: float
+) -> dict[str, Any]:
+    """``key`` (the mean of the read scores) with its bootstrap interval, and the unreadable count."""
+    interval = bootstrap_mean(list(scores.values()), None, confidence).as_dict() if scores else None
+    return {
+        "unreadable": len(verdicts) - len(scores),
+        key: interval["estimate"] if interval else None,
+        f"{key}_interval": interval,
+    }
+
+
+def with_controls(
+    out: dict[str, Any],
+    key: str,
+    scores: dict[str, float],
+    controls: dict[str, Sequence[dict[str, Any]]] | None,
+    judged: Callable[[Sequence[dict[str, Any]]], tuple[list[str], list[Verdict], dict[str, float]]],
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """``out`` with each control judged as the model's answers were (``judged(rows)`` -> ids, verdicts,
+    per-item scores): under ``controls`` its ``key`` with interval and its verdicts, under ``gaps``
+    ``model_minus_<control>``, the paired gap of the per-item scores on the items both were scored on
+    (bootstrap interval, sign-flip p-value, ``n``). What the judge gives an answer written without the
+    ECG is the floor a report score should be read against: a judge rewards fluent, plausible text."""
+    for condition, rows in (controls or {}).items():
+        ids, verdicts, control = judged(rows)
+        out.setdefault("controls", {})[condition] = {
+            "answers": len(ids),
+            **_judged_score(key, ids, verdicts, control, confidence),
+            "verdicts": [{"question_id": i, **v.as_dict()} for i, v in zip(ids, verdicts, strict=True)],
+        }
+        both = [i for i in scores if i in control]
+        if both:
+            gap = paired_gap([scores[i] for i in both], [control[i] for i in both], None, confidence)
+            out.setdefault("gaps", {})[f"model_minus_{condition}"] = gap.as_dict()
+    return out
 
 
 def read_arena_rubric(path: str | Path | None = None) -> str:
@@ -171,23 +220,29 @@ def judge_conversations(
     judge: Judge,
     scoring: str = "pulse",
     confidence: float = 0.95,
+    controls: dict[str, Sequence[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """``arena_score``: the mean over conversations of the mean of their category scores (fractions of
     :data:`ARENA_SCALE`), as PULSE's ``eval_arena.py`` averages every category score of every
     conversation, with a bootstrap interval over conversations; per category its mean under
     ``categories``. Under ``pulse`` the judge sees the first :data:`PULSE_ARENA_TURNS` turns, as
     PULSE's script shows it; under ``strict`` every turn. Replies without a score are counted
-    (``unreadable``), never scored as zero."""
+    (``unreadable``), never scored as zero. ``controls`` (the conversations answered with another
+    conversation's image or a blank page) are judged alike, with paired gaps (:func:`with_controls`)."""
     gold = {c.id: c for c in conversations}
-    latest = _latest(name, set(gold), rows)
-    ids = [c.id for c in conversations if c.id in latest]
     turns = PULSE_ARENA_TURNS if scoring == "pulse" else None
-    verdicts = judge.judge([arena_item(gold[i], _answers(name, latest[i]), turns) for i in ids])
+
+    def judged(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[Verdict], dict[str, float]]:
+        latest = _latest(name, set(gold), rows)
+        ids = [c.id for c in conversations if c.id in latest]
+        verdicts = judge.judge([arena_item(gold[i], _answers(name, latest[i]), turns) for i in ids])
+        scored = {i: _scored(v) for i, v in zip(ids, verdicts, strict=True)}
+        return ids, verdicts, {i: mean(s.values()) for i, s in scored.items() if s}
+
+    ids, verdicts, scores = judged(rows)
     scored = [_scored(v) for v in verdicts]
-    read = [mean(s.values()) for s in scored if s]
-    interval = bootstrap_mean(read, None, confidence).as_dict() if read else None
     names = sorted({category for s in scored for category in s})
-    return {
+    out = {
         "subset": name,
         "scoring": "judge",
         "judge": type(judge).__name__,
@@ -195,9 +250,7 @@ def judge_conversations(
         "items": len(conversations),
         "answers": len(ids),
         "missing": len(conversations) - len(ids),
-        "unreadable": len(verdicts) - len(read),
-        "arena_score": interval["estimate"] if interval else None,
-        "arena_score_interval": interval,
+        **_judged_score("arena_score", ids, verdicts, scores, confidence),
         "categories": {c: mean(s[c] for s in scored if c in s) for c in names},
         "category_counts": {c: sum(c in s for s in scored) for c in names},
         "verdicts": [
@@ -205,3 +258,4 @@ def judge_conversations(
             for i, s, v in zip(ids, scored, verdicts, strict=True)
         ],
     }
+    return with_controls(out, "arena_score", scores, controls, judged, confidence)

@@ -25,6 +25,7 @@ METRIC_TITLES = {
     "auc_of_decisions": "AUC of 0/1 decisions",
     "hamming_loss": "Hamming loss",
     "report_score": "report score",
+    "arena_score": "arena score",
 }
 #: MLflow's artifact folder of the report.
 ARTIFACT_PATH = "benchmark"
@@ -85,6 +86,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     model = report.get("model")
     if model:
         lines += [f"Model: {describe_model(model)}", ""]
+        if model.get("decoding"):
+            lines += [f"Decoding: {describe_decoding(model['decoding'])}", ""]
     lines += [
         "All numbers are percentages (the fractions of `scores.json` times 100); "
         "`[low, high]` is the 95% bootstrap interval over items.",
@@ -112,6 +115,17 @@ def describe_model(model: Mapping[str, Any]) -> str:
         recipe = model.get("recipe")
         return f"`{model.get('name')}`, untrained (zero-shot: its parts' own weights), from recipe `{recipe}`"
     return f"`{model.get('name')}`"
+
+
+def describe_decoding(decoding: Mapping[str, Any]) -> str:
+    """The answers' decoding in words: ``greedy, up to 64 tokens``."""
+    if decoding.get("do_sample"):
+        how = f"sampled (temperature {decoding.get('temperature')}, top-p {decoding.get('top_p')})"
+    elif (decoding.get("num_beams") or 1) > 1:
+        how = f"beam search ({decoding['num_beams']} beams)"
+    else:
+        how = "greedy"
+    return f"{how}, up to {decoding.get('max_new_tokens')} tokens"
 
 
 def _subset_section(name: str, row: Mapping[str, Any], scoring: str) -> list[str]:

@@ -120,32 +120,43 @@ def score(
 
         chosen = _judge(judge, judge_args or {})
         name = "ptb-test-report"
-        scores[name] = judge_subset(name, items[name], reports[name], chosen)
+        scores[name] = judge_subset(name, items[name], reports[name], chosen, controls=controls.get(name))
     if "arena" in reports:
         from ecglm.benchmarks.judged import judge_conversations, read_arena_rubric
 
         # judge_args' rubric is the report rubric; the arena's is its own (--arena_rubric).
         args = {k: v for k, v in (judge_args or {}).items() if k not in ("rubric", "rubric_file")}
-        chosen = _judge(judge, args | {"rubric": read_arena_rubric(arena_rubric)})
+        args["rubric"] = read_arena_rubric(arena_rubric)
+        if "response_format" not in args and _takes(judge, "response_format"):
+            args["response_format"] = "json_object"  # the arena rubric asks for one JSON object
+        chosen = _judge(judge, args)
         conversations = read_conversations(data, "arena")
-        scores["arena"] = judge_conversations("arena", conversations, reports["arena"], chosen, scoring)
+        scores["arena"] = judge_conversations(
+            "arena", conversations, reports["arena"], chosen, scoring, controls=controls.get("arena")
+        )
     print(summary_table(scores))
     report = {"suite": suite, "scoring": scoring, "subsets": scores}
     report |= {"published": {name: published(name) for name in scores}, "published_source": SOURCE}
     return _report(report, predictions, out, mlflow, mlflow_experiment)
 
 
+def _takes(name: str, argument: str) -> bool:
+    """Whether the judge ``name`` of ``ecglm.judges`` takes ``argument``."""
+    from ecglm.plugins import GROUPS, component_class
+
+    parameters = inspect.signature(component_class(name, GROUPS["judge"])).parameters
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def _judge(name: str, args: dict[str, Any]):
     """The judge ``name`` of ``ecglm.judges`` built with ``args``."""
-    from ecglm.plugins import GROUPS, build_component, component_class
+    from ecglm.plugins import GROUPS, build_component
 
-    if "rubric" in args:
-        parameters = inspect.signature(component_class(name, GROUPS["judge"])).parameters
-        if "rubric" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            raise BenchmarkUsageError(
-                f"judge {name} takes no 'rubric' argument, and arena is judged with its own rubric: choose a"
-                " judge that takes one (openai-chat, local)"
-            )
+    if "rubric" in args and not _takes(name, "rubric"):
+        raise BenchmarkUsageError(
+            f"judge {name} takes no 'rubric' argument, and arena is judged with its own rubric: choose a"
+            " judge that takes one (openai-chat, local)"
+        )
     return build_component({"class_path": name, "init_args": args}, GROUPS["judge"])
 
 
@@ -157,7 +168,7 @@ def run(
     subsets: list[str] | None = None,
     controls: list[Literal["shuffled", "blank"]] | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     label_scores: bool = True,
     limit: int | None = None,
     device: str | None = None,
@@ -190,7 +201,10 @@ def run(
             conversations are answered turn by turn, after the model's own earlier answers.
         controls: Also answer with another item's image (``shuffled``) or a blank page (``blank``).
         batch_size: Questions answered per generate call.
-        max_new_tokens: Longest answer, in tokens (greedy decoding, as PULSE's inference).
+        max_new_tokens: Longest answer, in tokens. Decoding is a recipe's own (``model.decoding``) with
+            --config, and greedy with --model (as PULSE's inference; a bundle records no decoding);
+            this replaces its length (default: the recipe's, or 64 tokens for a bundle). run.json
+            records the decoding; sampled answers are seeded (0) at the start of each run.
         label_scores: On multi-label subsets, also write each label's score (for strict AUROC).
         limit: Answer only the first N items of each subset (a smoke test; not comparable).
         device: cpu, cuda (default: CUDA when available).
@@ -230,10 +244,9 @@ def run(
         )
     conversations = {n: read_conversations(data, n)[:limit] for n in _subsets(names) if n == "arena"}
     items = {n: read_subset(data, n)[:limit] for n in _subsets(names) if n not in conversations}
-    loaded, model_id = _answering_model(model, config, out, device, override, trust_remote_code, True)
-    from ecglm.model import Decoding
-
-    decoding = Decoding(max_new_tokens=max_new_tokens)
+    loaded, model_id, decoding = _answering_model(
+        model, config, out, device, override, trust_remote_code, True, max_new_tokens
+    )
     for name, subset_items in items.items():
         for condition in ("image", *(controls or [])):
             answered = run_subset(
@@ -266,16 +279,20 @@ def _answering_model(
     override: list[str] | None,
     trust_remote_code: bool,
     images: bool,
-) -> tuple[Any, str]:
+    max_new_tokens: int | None = None,
+) -> tuple[Any, str, Any]:
     """The bundle ``model``, or the untrained model of the recipe ``config``
     (:func:`ecglm.commands.recipe_model.model_from_recipe`), on ``device`` (default: CUDA when
-    available) with its overrides, recorded in ``out/run.json``; and the ``model_id`` of its answers
-    (``zero-shot:<backbone model>`` for a recipe's). ``images``: refuse a model that reads signals."""
+    available) with its overrides, recorded in ``out/run.json``; the ``model_id`` of its answers
+    (``zero-shot:<backbone model>`` for a recipe's); and the decoding: the recipe's, or greedy for a
+    bundle, ``max_new_tokens`` long when given. ``images``: refuse a model that reads signals."""
+    from dataclasses import asdict, replace
+
     import torch
 
     from ecglm.benchmarks.provenance import write_run_record
     from ecglm.bundle import check_bundle, parse_overrides
-    from ecglm.model import ECGLM
+    from ecglm.model import ECGLM, Decoding
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = parse_overrides(override or [])
@@ -287,16 +304,23 @@ def _answering_model(
             raise BenchmarkUsageError(
                 f"--config {record['recipe']}: its model reads ECG signals; ECGBench asks about ECG images"
             )
-        write_run_record(out, record)
-        return loaded, f"zero-shot:{record['name']}"
-    bundle = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
-    if images and not bundle.get("image"):
-        raise BenchmarkUsageError(f"{model} reads ECG signals; ECGBench asks about ECG images")
-    loaded = ECGLM.from_pretrained(
-        model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
-    )
-    write_run_record(out, {"name": str(model), "zero_shot": False, "training": loaded.training_stages})
-    return loaded, str(model)
+        decoding, model_id = Decoding(**record["decoding"]), f"zero-shot:{record['name']}"
+    else:
+        bundle = check_bundle(model, trust_remote_code=trust_remote_code, overrides=overrides)
+        if images and not bundle.get("image"):
+            raise BenchmarkUsageError(f"{model} reads ECG signals; ECGBench asks about ECG images")
+        loaded = ECGLM.from_pretrained(
+            model, device=device, trust_remote_code=trust_remote_code, overrides=overrides
+        )
+        record = {"name": str(model), "zero_shot": False, "training": loaded.training_stages}
+        decoding, model_id = Decoding(max_new_tokens=64), str(model)
+    if max_new_tokens is not None:
+        decoding = replace(decoding, max_new_tokens=max_new_tokens)
+    record["decoding"] = asdict(decoding)
+    write_run_record(out, record)
+    if decoding.do_sample:
+        torch.manual_seed(0)  # sampled answers: the same run samples the same answers
+    return loaded, model_id, decoding
 
 
 @dataclass(frozen=True)
@@ -343,7 +367,7 @@ def _run_signals(
     out: str,
     controls: list[str] | None,
     batch_size: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     label_scores: bool,
     limit: int | None,
     device: str | None,
@@ -352,11 +376,11 @@ def _run_signals(
 ) -> int:
     """``ecglm benchmark run --suite ptbxl|ecgqa``: every item asked about its records."""
     from ecglm.benchmarks.running import run_signal_subset
-    from ecglm.model import Decoding
 
     items = suite.items[:limit]
-    loaded, model_id = _answering_model(model, config, out, device, override, trust_remote_code, False)
-    decoding = Decoding(max_new_tokens=max_new_tokens)
+    loaded, model_id, decoding = _answering_model(
+        model, config, out, device, override, trust_remote_code, False, max_new_tokens
+    )
     for condition in ("ecg", *(controls or [])):
         answered = run_signal_subset(
             loaded,

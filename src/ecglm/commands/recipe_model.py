@@ -10,6 +10,7 @@ weights: an untrained baseline.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ def recipe_args(configs: list[str], overrides: list[str]) -> list[str]:
 
 def model_from_recipe(configs: list[str], overrides: list[str], device: str) -> tuple[ECGLM, dict[str, Any]]:
     """The recipe's model on ``device`` in eval mode, untrained, and what ``run.json`` records of it
-    (``name``: the backbone's model; ``zero_shot``; ``recipe``; the parts as built)."""
+    (``name``: the backbone's model; ``zero_shot``; ``recipe``; the parts as built; ``decoding``: the
+    recipe's ``model.decoding``, with which its answers are generated)."""
     from ecglm.commands.lightning import ConfigError, run_cli
     from ecglm.encoders import BackbonePixels
 
@@ -58,6 +60,7 @@ def model_from_recipe(configs: list[str], overrides: list[str], device: str) -> 
         "recipe": " + ".join(configs),
         "components": json.loads(json.dumps(parts, default=str)),
         "reads_images_itself": isinstance(model.encoder, BackbonePixels),
+        "decoding": asdict(cli.model.decoding),
     }
     if not record["reads_images_itself"]:
         print(
