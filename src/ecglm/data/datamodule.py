@@ -362,14 +362,10 @@ class ECGQADataModule(L.LightningDataModule):
         return dict(counts)
 
     def eval_groups(self, split: str = "test") -> tuple[list[str], list[str] | None]:
-        """Dataset names and question types of ``split`` (``None`` when the manifest does not list them).
-
-        ``test`` is the split the test loop reads: the test split unless :meth:`set_test_subset` named
-        another (an evaluation on training questions, e.g. to find the mistakes DPO trains on)."""
+        """Dataset names and question types of ``split`` (``None`` when the manifest does not list them)."""
         if self.manifest is None:
             self.manifest = self._read_manifest()
-        if split == "test":
-            split = self._test_split
+        split = self._test_split if split == "test" else split  # what the test loop reads (set_test_subset)
         info = self.manifest["splits"][split]
         types = info.get("question_types")
         if types is not None and self.include_comparison:
@@ -384,10 +380,8 @@ class ECGQADataModule(L.LightningDataModule):
         Each pair is kept with probability ``n / count`` by a hash of (seed, key), so the subset is
         reproducible, identical under any worker or rank split, and needs no pass over the data; its
         size is binomial around ``n`` (the report states the real count). ``None`` (or a dataset
-        missing from a dict) keeps every pair. ``split`` is the split the test loop then reads
-        (``test``; ``train`` or ``val`` to answer those questions instead). Returns the expected size
-        per dataset.
-        """
+        missing from a dict) keeps every pair; the test loop then reads ``split`` (``train``: the
+        questions a model trained on). Returns the expected size per dataset."""
         if split not in SPLITS:
             raise ValueError(f"evaluate.split is {split!r}: give one of {list(SPLITS)}")
         if self.manifest is None:
