@@ -1,5 +1,5 @@
 """ECGBench's ``arena``: a tiny random image model answers multi-turn conversations (images drawn by
-``ecglm render``) turn by turn through ``ecglm benchmark run``, each question after its own earlier
+ecglm's renderer) turn by turn through ``ecglm benchmark run``, each question after its own earlier
 answers; a run cut short answers only what is missing; the openai-chat judge, against a stub server on
 127.0.0.1, scores the conversations with the arena rubric as ``ecglm benchmark score`` reads it."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ecglm.benchmarks import BenchmarkError
@@ -16,9 +15,8 @@ from ecglm.benchmarks.ecgbench import read_conversations
 from ecglm.benchmarks.judged import ARENA_RUBRIC, arena_categories
 from ecglm.commands import main
 from ecglm.judges import Judge, Verdict
+from ecglm.testing.benchmark_fixtures import arena_item, random_walk_ecgs, write_ecgbench
 from ecglm_testing import chat_completions_stub
-
-LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
 
 CONVERSATIONS = [
     [("What rhythm does this ECG show?", "Sinus rhythm."), ("Is the axis normal?", "Yes, normal axis.")],
@@ -44,26 +42,12 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ecgbench(tmp_path_factory):
-    """arena.json in ECGBench's layout (turns of {question, answer}), two ECGs drawn by ``ecglm render``."""
-    root = tmp_path_factory.mktemp("ECGBench")
-    rng = np.random.default_rng(0)
-    (root / "images" / "ecg-arena").mkdir(parents=True)
-    for i in range(2):
-        record = root / f"r{i}.npy"
-        np.save(record, rng.standard_normal((2500, 12)).cumsum(0) * 0.01)
-        png = root / "images" / "ecg-arena" / f"{i}.png"
-        args = ["render", "--record", str(record), "--out", str(png), "--fs", "250", "--leads", LEADS12]
-        assert main([*args, "--dpi", "30"]) == 0
+    """arena.json in ECGBench's layout (turns of {question, answer}), two ECGs drawn by ecglm's renderer."""
+    images = {f"ecg-arena/{i}.png": signal for i, signal in enumerate(random_walk_ecgs(2))}
     items = [
-        {
-            "id": f"arena-{i}",
-            "image": f"ecg-arena/{i % 2}.png",
-            "conversations": [{"question": q, "answer": a} for q, a in turns],
-        }
-        for i, turns in enumerate(CONVERSATIONS)
+        arena_item(f"arena-{i}", f"ecg-arena/{i % 2}.png", turns) for i, turns in enumerate(CONVERSATIONS)
     ]
-    (root / "arena.json").write_text(json.dumps(items))
-    return root
+    return write_ecgbench(tmp_path_factory.mktemp("ECGBench"), {"arena": items}, images)
 
 
 @pytest.fixture

@@ -1,16 +1,14 @@
 """``ecglm benchmark run``: a tiny random image model answers ECGBench fixtures (images drawn by
-``ecglm render``) end to end, resumes a run cut short, answers the controls, and is scored."""
+ecglm's renderer) end to end, resumes a run cut short, answers the controls, and is scored."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from ecglm.commands import main
-
-LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
+from ecglm.testing.benchmark_fixtures import ecgbench_item, random_walk_ecgs, write_ecgbench
 
 
 @pytest.fixture(scope="module")
@@ -25,45 +23,18 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ecgbench(tmp_path_factory):
-    """ptb-test and mmmu-ecg in ECGBench's layout, three ECGs drawn by ``ecglm render``."""
-    root = tmp_path_factory.mktemp("ECGBench")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        record = root / f"r{i}.npy"
-        np.save(record, rng.standard_normal((2500, 12)).cumsum(0) * 0.01)
-        (root / "images" / "ptb-xl").mkdir(parents=True, exist_ok=True)
-        png = root / "images" / "ptb-xl" / f"{i}.png"
-        assert (
-            main(
-                [
-                    "render",
-                    "--record",
-                    str(record),
-                    "--out",
-                    str(png),
-                    "--fs",
-                    "250",
-                    "--leads",
-                    LEADS12,
-                    "--dpi",
-                    "30",
-                ]
-            )
-            == 0
-        )
-
-    def item(i, question, gold):
-        turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": gold}]
-        return {"id": f"{i}", "image": f"ptb-xl/{i % 3}.png", "conversations": turns}
-
+    """ptb-test and mmmu-ecg in ECGBench's layout, three ECGs drawn by ecglm's renderer."""
+    images = {f"ptb-xl/{i}.png": signal for i, signal in enumerate(random_walk_ecgs(3))}
     ptb = [
-        item(i, "Which diagnostic classes?", g)
+        ecgbench_item(i, f"ptb-xl/{i % 3}.png", "Which diagnostic classes?", g)
         for i, g in enumerate(["NORM", "MI; STTC", "NORM", "CD", "HYP"])
     ]
-    mmmu = [item(i, "Which rhythm? A. sinus B. AF", g) for i, g in enumerate("ABA")]
-    (root / "ptb-test.json").write_text(json.dumps(ptb))
-    (root / "mmmu-ecg.json").write_text(json.dumps(mmmu))
-    return root
+    mmmu = [
+        ecgbench_item(i, f"ptb-xl/{i % 3}.png", "Which rhythm? A. sinus B. AF", g)
+        for i, g in enumerate("ABA")
+    ]
+    subsets = {"ptb-test": ptb, "mmmu-ecg": mmmu}
+    return write_ecgbench(tmp_path_factory.mktemp("ECGBench"), subsets, images)
 
 
 def test_run_answers_in_pulse_s_layout_resumes_and_scores(bundle, ecgbench, tmp_path):

@@ -6,27 +6,13 @@ against hand-computed figures."""
 
 from __future__ import annotations
 
-import csv
 import json
 
-import numpy as np
 import pytest
-import wfdb
 
 from ecglm.commands import main
+from ecglm.testing.benchmark_fixtures import ecgqa_sample, write_ecgqa, write_ptbxl
 
-PTBXL_LEADS = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-#: scp_statements.csv's columns that matter, as PTB-XL 1.0.3 writes them: the code (unnamed index
-#: column), diagnostic (1.0 or empty), diagnostic_class; SR is a rhythm statement, not diagnostic.
-STATEMENTS = [
-    ("NORM", "1.0", "NORM"),
-    ("IMI", "1.0", "MI"),
-    ("LAFB", "1.0", "CD"),
-    ("NDT", "1.0", "STTC"),
-    ("LVH", "1.0", "HYP"),
-    ("SR", "", ""),
-    ("LVOLT", "", ""),
-]
 #: ecg_id -> (strat_fold, scp_codes); the superclasses expected of fold 10, in ecg_id order.
 ROWS = {
     1: (3, "{'NORM': 100.0, 'SR': 0.0}"),
@@ -41,32 +27,8 @@ EXPECTED = {"2": "NORM", "3": "MI, CD", "1006": "STTC, HYP"}
 
 @pytest.fixture(scope="module")
 def ptbxl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ptb-xl")
-    table = []
-    for ecg_id, (fold, codes) in ROWS.items():
-        hr = f"records500/{1000 * (ecg_id // 1000):05d}/{ecg_id:05d}_hr"
-        (root / hr).parent.mkdir(parents=True, exist_ok=True)
-        t = np.arange(5000) / 500
-        signal = np.stack([np.sin(2 * np.pi * (1 + ecg_id % 7 / 10) * t + k) * 0.5 for k in range(12)], 1)
-        wfdb.wrsamp(
-            (root / hr).name, fs=500, units=["mV"] * 12, sig_name=PTBXL_LEADS, p_signal=signal,
-            fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str((root / hr).parent),
-        )  # fmt: skip
-        table.append({"ecg_id": ecg_id, "patient_id": 100 + ecg_id, "scp_codes": codes, "strat_fold": fold,
-                      "filename_hr": hr})  # fmt: skip
-    with open(root / "ptbxl_database.csv", "w", newline="") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=["ecg_id", "patient_id", "scp_codes", "strat_fold", "filename_hr"]
-        )
-        writer.writeheader()
-        writer.writerows(table)
-    with open(root / "scp_statements.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["", "description", "diagnostic", "form", "rhythm", "diagnostic_class"])
-        writer.writerows(
-            [(code, code.lower(), diagnostic, "", "", cls) for code, diagnostic, cls in STATEMENTS]
-        )
-    return root
+    """PTB-XL 1.0.3's layout (scp_statements.csv: NORM, IMI, LAFB, NDT, LVH diagnostic; SR, LVOLT not)."""
+    return write_ptbxl(tmp_path_factory.mktemp("ptb-xl"), ROWS)
 
 
 def test_gold_sets_are_the_diagnostic_superclasses_of_fold_10(ptbxl):
@@ -161,41 +123,31 @@ def test_scores_match_hand_computed_figures(ptbxl, tmp_path):
     assert result["auc"] == pytest.approx(0.8)
 
 
-def _ecgqa_sample(sample_id, qtype, question, answer, ecg_id):
-    """An ECG-QA test sample with the fields of the real files."""
-    return {"template_id": 1, "question_id": sample_id, "sample_id": sample_id, "question_type": qtype,
-            "attribute_type": "scp_code", "question": question, "answer": answer, "ecg_id": ecg_id,
-            "attribute": None}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def ecgqa(tmp_path_factory):
     root = tmp_path_factory.mktemp("ecgqa")
     samples = [
-        _ecgqa_sample(
+        ecgqa_sample(
             11, "single-verify", "Does this ECG show a left anterior fascicular block?", ["yes"], [3]
         ),
-        _ecgqa_sample(
+        ecgqa_sample(
             12,
             "single-query",
             "What diagnostic statements does this ECG show?",
             ["sinus rhythm", "left axis deviation"],
             [2],
         ),
-        _ecgqa_sample(
+        ecgqa_sample(
             13,
             "comparison_consecutive-verify",
             "Are there any new symptoms in the second ECG?",
             ["none"],
             [2, 3],
         ),
-        _ecgqa_sample(14, "single-verify", "Does this ECG show a myocardial infarction?", ["no"], [1006]),
-        _ecgqa_sample(15, "single-verify", "Is there a pacemaker?", ["no"], [999]),  # not in the table
+        ecgqa_sample(14, "single-verify", "Does this ECG show a myocardial infarction?", ["no"], [1006]),
+        ecgqa_sample(15, "single-verify", "Is there a pacemaker?", ["no"], [999]),  # not in the table
     ]
-    folder = root / "ptbxl" / "paraphrased" / "test"
-    folder.mkdir(parents=True)
-    (folder / "00000.json").write_text(json.dumps(samples))
-    return root
+    return write_ecgqa(root, samples)
 
 
 def test_ecgqa_items_are_its_test_questions_about_records_the_signals_hold(ecgqa, ptbxl):

@@ -101,7 +101,7 @@ def documented_testing_names() -> dict[str, set[str]]:
             testing = text.split("## Testing a plugin", 1)[1].split("\n## ", 1)[0]
             names |= set(re.findall(r"^\| `(\w+)\(", testing, re.M))  # the contract checks
             names |= set(re.findall(r"^- `(\w+)[`(]", testing, re.M))  # the fixtures
-        for name in names - {"tiny", "contracts", "measure"}:  # submodules
+        for name in names - {"tiny", "contracts", "measure", "benchmark_fixtures"}:  # submodules
             found.setdefault(name, set()).add(path.name)
     return found
 
