@@ -100,7 +100,7 @@ def _rows(data: str | Path, name: str) -> tuple[Path, list]:
     if not path.is_file():
         raise BenchmarkError(
             f"{path}: no such file; --data is a folder with <subset>.json per subset and images/, as PULSE's"
-            " README writes it from the hub dataset PULSE-ECG/ECGBench (datasets.load_dataset)"
+            " README writes it from the hub dataset PULSE-ECG/ECGBench (ecglm benchmark fetch --out DIR)"
         )
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))

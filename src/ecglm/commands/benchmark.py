@@ -239,8 +239,8 @@ def run(
     names = subsets or [n for n in _subsets(None) if (Path(data) / f"{n}.json").is_file()]
     if not names:
         raise BenchmarkUsageError(
-            f"{data}: no <subset>.json of ECGBench; download the hub dataset PULSE-ECG/ECGBench with"
-            " datasets.load_dataset as PULSE's README shows (no hub is reached here) and give that folder"
+            f"{data}: no <subset>.json of ECGBench; write the hub dataset PULSE-ECG/ECGBench there first"
+            f" (ecglm benchmark fetch --out {data}, where the hub is reachable)"
         )
     conversations = {n: read_conversations(data, n)[:limit] for n in _subsets(names) if n == "arena"}
     items = {n: read_subset(data, n)[:limit] for n in _subsets(names) if n not in conversations}
@@ -505,11 +505,35 @@ def summary_table(scores: dict[str, dict], beside: tuple[str, ...] = BESIDE) -> 
     return "\n".join(lines)
 
 
+def fetch(
+    out: str | None = None,
+    subsets: list[str] | None = None,
+    repo: str = "PULSE-ECG/ECGBench",
+    revision: str | None = None,
+) -> int:
+    """Write ECGBench from the Hugging Face hub into OUT in the layout its authors distribute
+    (``<subset>.json`` and ``images/``), which ``ecglm benchmark run --data OUT`` reads. A rerun keeps
+    the pictures already written.
+
+    Args:
+        out: The folder to write (e.g. data/ECGBench).
+        subsets: The subsets to fetch (default: all nine).
+        repo: The dataset's hub id, or a local copy of its repository.
+        revision: A branch, tag or commit of the dataset (default: its latest).
+    """
+    from ecglm.benchmarks.hub import fetch_ecgbench
+
+    if out is None:
+        raise BenchmarkUsageError("give the folder to write: --out DIR (e.g. data/ECGBench)")
+    fetch_ecgbench(out, subsets, repo, revision)
+    return 0
+
+
 def benchmark(args: list[str]) -> int:
-    """``ecglm benchmark (run | score) ARGS``."""
+    """``ecglm benchmark (run | score | fetch) ARGS``."""
     from ecglm.commands.arguments import call
 
-    actions = {"run": run, "score": score}
+    actions = {"run": run, "score": score, "fetch": fetch}
     if not args or args[0] not in actions:
         print("usage: ecglm benchmark {" + " | ".join(actions) + "} ARGS (--help for each)")
         if args and args[0] in ("-h", "--help"):
