@@ -189,6 +189,44 @@ def test_pairs_from_predictions_are_the_models_wrong_answers_against_the_referen
     assert train["synthetic_train_000001"]["json"]["qa"][0]["rejected"] == "The rhythm is irregular."
 
 
+def test_right_answers_become_pairs_against_another_answer_of_the_question(source, tmp_path):
+    """right_answers: each right answer is a pair too, the reference chosen and another reference answer
+    of the same question rejected (picked by a hash of the key: the same on every build); a question
+    with one answer in the predictions gives no such pair, and is counted."""
+    hr = "Is the heart rate in this ECG bradycardia, normal or tachycardia?"
+
+    def prediction(key, question, reference, answer):
+        return {"key": key, "question_type": "x", "condition": "ecg", "reference": reference,
+                "prediction": answer, "question": question, "correct": reference == answer}  # fmt: skip
+
+    lines = [
+        prediction("synthetic_train_000000_qa0", hr, "normal", "normal"),
+        prediction("synthetic_train_000001_qa0", hr, "tachycardia", "normal"),  # the one mistake
+        prediction("synthetic_train_000002_qa0", hr, "bradycardia", "bradycardia"),
+        prediction("synthetic_train_000002_qa1", hr, "tachycardia", "tachycardia"),
+        prediction("synthetic_train_000000_qa1", Q, "regular", "regular"),  # Q's only answer here
+    ]
+    path = _write(tmp_path / "predictions_seed0.jsonl", lines)
+    plain = PreferencePairs(predictions=[str(path)], ecg_shards=str(source)).build(tmp_path / "plain")
+    assert plain["splits"]["train"]["num_qa"] == 1 and plain["unused"] == {"correct answer": 4}
+    builder = PreferencePairs(predictions=[str(path)], ecg_shards=str(source), right_answers=True)
+    manifest = builder.build(tmp_path / "both")
+    assert manifest["splits"]["train"]["num_qa"] == 4
+    assert manifest["unused"] == {"right answer, no other answer": 1}
+    train = _read(tmp_path / "both", "train")
+    pairs = {key: [(qa["chosen"], qa["rejected"]) for qa in v["json"]["qa"]] for key, v in train.items()}
+    assert pairs["synthetic_train_000001"] == [("tachycardia", "normal")]  # the mistake, as before
+    right = [*pairs["synthetic_train_000000"], *pairs["synthetic_train_000002"]]
+    assert [chosen for chosen, _ in right] == ["normal", "bradycardia", "tachycardia"]
+    assert all(rejected in {"normal", "bradycardia", "tachycardia"} - {chosen} for chosen, rejected in right)
+    again = PreferencePairs(predictions=[str(path)], ecg_shards=str(source), right_answers=True)
+    again.build(tmp_path / "again")
+    rebuilt = _read(tmp_path / "again", "train")
+    assert {key: v["json"]["qa"] for key, v in rebuilt.items()} == {
+        key: v["json"]["qa"] for key, v in train.items()
+    }
+
+
 def test_pairs_on_ecg_files_are_read_and_prepared_as_the_shards_are(tmp_path):
     fs, seconds = 500, 12
     record = tmp_path / "records" / "r1"

@@ -56,7 +56,7 @@ from ecglm.data.shards import (
     write_manifest,
     write_shards,
 )
-from ecglm.data.splits import SPLITS
+from ecglm.data.splits import SPLITS, hash_uniform
 from ecglm.errors import EcglmError
 from ecglm.metrics.normalize import answer_items
 
@@ -100,6 +100,9 @@ class PreferencePairs:
         sampling_rate, seconds: The preprocessing of ECG files when there is no ``ecg_shards``.
         max_samples_per_shard: ECGs per shard.
         strict: Raise at the first bad line (default: skip it with a WARNING and count it).
+        right_answers: Also make a pair of each right answer in ``predictions``: the reference chosen,
+            another reference answer of the same question rejected (DPO on mistakes alone learns the
+            mistakes' class balance; docs/training.md).
     """
 
     dataset = DATASET
@@ -115,6 +118,7 @@ class PreferencePairs:
         seconds: float = 10.0,
         max_samples_per_shard: int = 1000,
         strict: bool = False,
+        right_answers: bool = False,
     ):
         if not pairs and not predictions:
             raise PreferencePairsError("PreferencePairs needs `pairs` (JSON lines) or `predictions` files")
@@ -130,6 +134,7 @@ class PreferencePairs:
         self.condition, self.split = condition, split
         self.sampling_rate, self.seconds = sampling_rate, seconds
         self.max_samples_per_shard, self.strict = max_samples_per_shard, strict
+        self.right_answers = right_answers
         #: Lines not used, by reason (``not JSON``, ``missing field``, ``unknown record``, ...).
         self.skipped: Counter[str] = Counter()
         #: Lines that were fine but gave no new pair (``duplicate``, ``correct answer``, ``other condition``).
@@ -157,6 +162,7 @@ class PreferencePairs:
             "sampling_rate": self.sampling_rate,
             "seconds": self.seconds,
             "max_samples_per_shard": self.max_samples_per_shard,
+            **({"right_answers": True} if self.right_answers else {}),  # earlier builds stay up to date
         }
 
     # --- reading ------------------------------------------------------------------------------------
@@ -270,6 +276,8 @@ class PreferencePairs:
                     **{k: item[k] for k in ("record", "ecg", "split", "fs", "leads") if k in item},
                 }
                 out.append((path, number, pair))
+        right: list[tuple[Path, int, dict[str, Any]]] = []
+        answers: dict[str, set[str]] = {}  # each question's reference answers, over every file
         for path in self.predictions:
             for number, item in self._lines(path):
                 if not self._text_fields(path, number, item, PREDICTION_FIELDS[:2]):
@@ -285,8 +293,12 @@ class PreferencePairs:
                 correct = item.get("correct")
                 if not isinstance(correct, bool):
                     correct = answer_items(item["prediction"]) == answer_items(item["reference"])
+                answers.setdefault(item["question"], set()).add(item["reference"].strip())
                 if correct:
-                    self.unused["correct answer"] += 1
+                    if self.right_answers:
+                        right.append((path, number, item))
+                    else:
+                        self.unused["correct answer"] += 1
                     continue
                 pair = {
                     "record": item["key"],
@@ -297,6 +309,34 @@ class PreferencePairs:
                     "question_type": str(item.get("question_type") or "unknown"),
                 }
                 out.append((path, number, pair))
+        return out + self._right_answer_pairs(right, answers)
+
+    def _right_answer_pairs(
+        self, right: list[tuple[Path, int, dict[str, Any]]], answers: dict[str, set[str]]
+    ) -> list[tuple[Path, int, dict[str, Any]]]:
+        """A pair for each right answer (``right_answers``): the reference chosen, and rejected another
+        answer that the predictions give as the reference of the same question, picked by a hash of the
+        record key (the same pairs on every build). The mistakes alone carry the model's error balance
+        (a model that calls most rhythms regular yields pairs that mostly reject ``regular``); with
+        these, every answer of a question is rejected about as often as the questions ask for it."""
+        out = []
+        for path, number, item in right:
+            reference = item["reference"].strip()
+            given = answers[item["question"]]
+            others = sorted(a for a in given if answer_items(a) != answer_items(reference))
+            if not others:
+                self.unused["right answer, no other answer"] += 1
+                continue
+            rejected = others[int(hash_uniform(f"{item['key']}/{item['question']}") * len(others))]
+            pair = {
+                "record": item["key"],
+                "question": item["question"],
+                "answer": reference,
+                "chosen": reference,
+                "rejected": rejected,
+                "question_type": str(item.get("question_type") or "unknown"),
+            }
+            out.append((path, number, pair))
         return out
 
     def samples(self) -> dict[str, list[_Sample]]:
