@@ -203,6 +203,22 @@ def test_the_kl_is_zero_and_no_ratio_is_clipped_at_the_first_step():
         assert f"train/{name}" in task.logs
 
 
+def test_a_grpo_step_leaves_the_running_statistics_of_batch_norm_as_they_were():
+    """Rollouts normalise by their batch's statistics, but evaluation's running statistics stay those of
+    the SFT stage (a rollout batch repeats each ECG G times); the layer's momentum is given back."""
+    model = _tiny()
+    norm = model.connector.norm
+    norm.running_mean.fill_(0.3)
+    norm.running_var.fill_(2.0)
+    batch = QACollator(model.prompt, 1)(_items(np.random.default_rng(0), 3))
+    objective = GRPO(group_size=4, max_new_tokens=3, beta=0.04)
+    objective.training_step(_task(model), batch, 0).backward()
+    assert torch.all(norm.running_mean == 0.3) and torch.all(norm.running_var == 2.0)
+    assert norm.training and norm.momentum == 0.1
+    model.ecg_tokens(batch.ecg)  # a training forward outside GRPO (SFT) still updates them
+    assert not torch.all(norm.running_mean == 0.3)
+
+
 def test_the_reference_with_adapters_off_is_the_frozen_base_and_start_is_the_start():
     model = _tiny(LoRA(r=4, alpha=8, dropout=0.0))
     batch = QACollator(model.prompt, 1)(_items(np.random.default_rng(0), 3))
