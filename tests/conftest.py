@@ -53,6 +53,16 @@ def tiny_encoder_factory():
 
 
 @pytest.fixture(scope="session")
+def image_bundle(tmp_path_factory) -> tuple[Path, str]:
+    """A tiny random image bundle (CNN encoder, 2-layer Llama) and the folder of its LLM, which its
+    answers need given back (``--override backbone.model=...``): the benchmark runs' model."""
+    from ecglm.testing import saved_image_bundle
+
+    bundle, llm = saved_image_bundle(tmp_path_factory.mktemp("bundle"), channels=[8, 16])
+    return Path(bundle), llm
+
+
+@pytest.fixture(scope="session")
 def ptb_record() -> Path:
     record = SHARED_DATA / "ptb-s0010" / "s0010_re"
     shared_data(record.with_suffix(".hea"), "the real PTB record")

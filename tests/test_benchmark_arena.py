@@ -6,7 +6,6 @@ answers; a run cut short answers only what is missing; the openai-chat judge, ag
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -30,14 +29,6 @@ CONVERSATIONS = [
         ("Name one cause of it.", "Fever."),
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from ecglm.testing import saved_image_bundle
-
-    bundle, llm = saved_image_bundle(tmp_path_factory.mktemp("bundle"), channels=[8, 16])
-    return Path(bundle), llm
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +69,15 @@ def judge_server():
         yield url, seen
 
 
-def run_args(bundle, ecgbench, out):
-    path, llm = bundle
+def run_args(image_bundle, ecgbench, out):
+    path, llm = image_bundle
     args = ["benchmark", "run", "--model", str(path), "--data", str(ecgbench), "--out", str(out)]
     args += ["--subsets", "arena", "--override", f"backbone.model={llm}", "--max_new_tokens", "4"]
     return [*args, "--batch_size", "2", "--device", "cpu"]
 
 
 def test_arena_is_answered_turn_by_turn_after_the_model_s_own_answers(
-    bundle, ecgbench, tmp_path, monkeypatch, capsys
+    image_bundle, ecgbench, tmp_path, monkeypatch, capsys
 ):
     from ecglm.prompts import PromptStyle
 
@@ -99,7 +90,7 @@ def test_arena_is_answered_turn_by_turn_after_the_model_s_own_answers(
 
     monkeypatch.setattr(PromptStyle, "encode", spy)
     out = tmp_path / "preds"
-    assert main(run_args(bundle, ecgbench, out)) == 0
+    assert main(run_args(image_bundle, ecgbench, out)) == 0
     rows = [json.loads(line) for line in (out / "arena.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in rows] == ["arena-0", "arena-1", "arena-2"]
     for row, turns in zip(rows, CONVERSATIONS, strict=True):
@@ -120,7 +111,7 @@ def test_arena_is_answered_turn_by_turn_after_the_model_s_own_answers(
     lines = (out / "arena.jsonl").read_text().splitlines()
     (out / "arena.jsonl").write_text(lines[0] + "\n" + lines[1][:30])
     asked.clear()
-    assert main(run_args(bundle, ecgbench, out)) == 0
+    assert main(run_args(image_bundle, ecgbench, out)) == 0
     assert "arena (image): 2 conversations answered now, 3 in all" in capsys.readouterr().out
     assert {question for question, _ in asked}.isdisjoint(q for q, _ in CONVERSATIONS[0])
     again = [json.loads(line) for line in (out / "arena.jsonl").read_text().splitlines()]
@@ -130,11 +121,11 @@ def test_arena_is_answered_turn_by_turn_after_the_model_s_own_answers(
 
 
 def test_arena_scored_by_a_judge_as_pulse_averages_its_categories(
-    bundle, ecgbench, tmp_path, judge_server, capsys
+    image_bundle, ecgbench, tmp_path, judge_server, capsys
 ):
     url, seen = judge_server
     out = tmp_path / "preds"
-    assert main(run_args(bundle, ecgbench, out)) == 0
+    assert main(run_args(image_bundle, ecgbench, out)) == 0
     rows = [json.loads(line) for line in (out / "arena.jsonl").read_text().splitlines()]
     scores = tmp_path / "scores.json"
     args = ["benchmark", "score", "--data", str(ecgbench), "--predictions", str(out), "--out", str(scores)]
@@ -164,7 +155,7 @@ def test_arena_scored_by_a_judge_as_pulse_averages_its_categories(
 
 
 def test_arena_rubric_file_replaces_the_rubric_and_strict_shows_every_turn(
-    bundle, ecgbench, tmp_path, judge_server
+    image_bundle, ecgbench, tmp_path, judge_server
 ):
     url, seen = judge_server
     out = tmp_path / "preds"

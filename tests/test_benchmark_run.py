@@ -12,16 +12,6 @@ from ecglm.testing.benchmark_fixtures import ecgbench_item, random_walk_ecgs, wr
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from pathlib import Path
-
-    from ecglm.testing import saved_image_bundle
-
-    bundle, llm = saved_image_bundle(tmp_path_factory.mktemp("bundle"), channels=[8, 16])
-    return Path(bundle), llm
-
-
-@pytest.fixture(scope="module")
 def ecgbench(tmp_path_factory):
     """ptb-test and mmmu-ecg in ECGBench's layout, three ECGs drawn by ecglm's renderer."""
     images = {f"ptb-xl/{i}.png": signal for i, signal in enumerate(random_walk_ecgs(3))}
@@ -37,8 +27,8 @@ def ecgbench(tmp_path_factory):
     return write_ecgbench(tmp_path_factory.mktemp("ECGBench"), subsets, images)
 
 
-def test_run_answers_in_pulse_s_layout_resumes_and_scores(bundle, ecgbench, tmp_path):
-    path, llm = bundle
+def test_run_answers_in_pulse_s_layout_resumes_and_scores(image_bundle, ecgbench, tmp_path):
+    path, llm = image_bundle
     out = tmp_path / "preds"
     args = ["benchmark", "run", "--model", str(path), "--data", str(ecgbench), "--out", str(out)]
     args += [

@@ -101,6 +101,48 @@ def placeholder_shards(tmp_path: Path) -> str:
     return f"--data.init_args.data_dir={tmp_path / 'shards'}"
 
 
+#: The backbone's weights in float32 (what the CPU runs); a 4-bit FSDP variant keeps its own dtype.
+FLOAT32 = "--model.backbone.init_args.dtype=float32"
+
+
+def cpu_args(configs: list[Path], config: dict, saved, tmp_path: Path) -> list[str]:
+    """``configs`` merged in order, with the tiny stand-in of ``config``'s backbone, a placeholder data
+    folder, and a float32 CPU run logging into ``tmp_path``."""
+    return [
+        *(arg for path in configs for arg in ("--config", str(path))),
+        *stand_in_args(config, saved, tmp_path),
+        placeholder_shards(tmp_path),
+        "--model.backbone.init_args.bnb_compute_dtype=float32",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+
+
+def overlay_base(overlay: Path) -> Path:
+    """The recipe an overlay merges over, from the command on its first line (which names both)."""
+    command = overlay.read_text().splitlines()[0]
+    configs = re.findall(r"--config (\S+)", command)
+    assert command.startswith("# ecglm fit --config") and configs[1] == str(overlay.relative_to(REPO))
+    return REPO / configs[0]
+
+
+def verify_items(question: str, negative: str) -> list[dict]:
+    """Two training QA pairs on random ECGs: the second answers ``yes``, the first ``negative``."""
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "key": str(i),
+            "ecg": rng.standard_normal((12, 2500)).astype(np.float32),
+            "question": question,
+            "answer": ["yes"] if i else [negative],
+            "question_type": "single-verify",
+            "dataset": "ecgqa-ptbxl",
+        }
+        for i in range(2)
+    ]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(REPO / "recipes")) for r in RECIPES])
 def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -108,19 +150,7 @@ def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved
     backbone = config["model"]["backbone"]["init_args"]
     quantized = backbone.get("quantization") is not None
     vision = config["model"]["backbone"]["class_path"] == "hf-vision-language"
-    model_args = stand_in_args(config, saved, tmp_path)
-    args = [
-        "--config",
-        str(recipe),
-        *model_args,
-        placeholder_shards(tmp_path),
-        "--model.backbone.init_args.dtype=float32",
-        "--model.backbone.init_args.bnb_compute_dtype=float32",
-        "--trainer.accelerator=cpu",
-        "--trainer.precision=32-true",
-        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-    ]
-    cli = run_cli(args, run=False)
+    cli = run_cli([*cpu_args([recipe], config, saved, tmp_path), FLOAT32], run=False)
     model = cli.model
     # Every run logs the QA pairs bad input cost, and saves checkpoints staged beside their target.
     assert any(isinstance(c, SkippedInputLogger) for c in cli.trainer.callbacks)
@@ -137,18 +167,7 @@ def test_recipe_builds_with_tiny_stand_ins_and_trains_a_step(recipe: Path, saved
     assert model.hparams.lr_scheduler == "cosine_with_restarts"
     assert model.hparams.lr_scheduler_kwargs == {"num_cycles": 25}
 
-    rng = np.random.default_rng(0)
-    items = [
-        {
-            "key": str(i),
-            "ecg": rng.standard_normal((12, 2500)).astype(np.float32),
-            "question": "Does this ECG show left ventricular hypertrophy?",
-            "answer": ["yes"] if i else ["none"],
-            "question_type": "single-verify",
-            "dataset": "ecgqa-ptbxl",
-        }
-        for i in range(2)
-    ]
+    items = verify_items("Does this ECG show left ventricular hypertrophy?", "none")
     model.train()
     # The recipe's prompt style, bound to the backbone by the CLI's wiring (ecglm.wiring.connect).
     prompt = cli.datamodule.prompt
@@ -181,10 +200,7 @@ def test_multi_gpu_variant_merges_over_its_recipe_and_passes_the_start_checks(
     from ecglm.estimate import StrategyError
 
     monkeypatch.chdir(tmp_path)
-    command = overlay.read_text().splitlines()[0]
-    configs = re.findall(r"--config (\S+)", command)
-    assert command.startswith("# ecglm fit --config") and configs[1] == str(overlay.relative_to(REPO))
-    base_path = REPO / configs[0]
+    base_path = overlay_base(overlay)
     base, layer = yaml.safe_load(base_path.read_text()), yaml.safe_load(overlay.read_text())
     trainer = layer["trainer"]
     assert trainer["accelerator"] == "gpu" and trainer["devices"] == 8 and trainer["num_nodes"] == 1
@@ -195,21 +211,10 @@ def test_multi_gpu_variant_merges_over_its_recipe_and_passes_the_start_checks(
         return data["batch_size"] * t["accumulate_grad_batches"] * t["devices"] * t.get("num_nodes", 1)
 
     assert effective_batch(layer, base) == effective_batch(base, base)
-    args = [
-        "--config",
-        str(base_path),
-        "--config",
-        str(overlay),
-        *stand_in_args(base, saved, tmp_path),
-        placeholder_shards(tmp_path),
-        "--model.backbone.init_args.bnb_compute_dtype=float32",
-        "--trainer.accelerator=cpu",
-        "--trainer.precision=32-true",
-        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-    ]
+    args = cpu_args([base_path, overlay], base, saved, tmp_path)
     strategy = trainer["strategy"]
     if strategy == "ddp":
-        cli = run_cli([*args, "--model.backbone.init_args.dtype=float32"], run=False)
+        cli = run_cli([*args, FLOAT32], run=False)
         assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 8
         assert cli.model.policy.gradient_checkpointing
         checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
@@ -251,26 +256,10 @@ def test_grpo_stage_merges_over_its_lora_recipe_and_takes_a_step(overlay: Path, 
     from ecglm.objectives.sequences import snapshot_trainable
 
     monkeypatch.chdir(tmp_path)
-    command = overlay.read_text().splitlines()[0]
-    configs = re.findall(r"--config (\S+)", command)
-    assert command.startswith("# ecglm fit --config") and configs[1] == str(overlay.relative_to(REPO))
-    base_path = REPO / configs[0]
+    base_path = overlay_base(overlay)
     base = yaml.safe_load(base_path.read_text())
     assert base_path.parent == overlay.parent.parent and base["model"]["policy"]["class_path"] == "lora"
-    args = [
-        "--config",
-        str(base_path),
-        "--config",
-        str(overlay),
-        *stand_in_args(base, saved, tmp_path),
-        placeholder_shards(tmp_path),
-        "--model.backbone.init_args.dtype=float32",
-        "--model.backbone.init_args.bnb_compute_dtype=float32",
-        "--trainer.accelerator=cpu",
-        "--trainer.precision=32-true",
-        f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-    ]
-    cli = run_cli(args, run=False)
+    cli = run_cli([*cpu_args([base_path, overlay], base, saved, tmp_path), FLOAT32], run=False)
     model, objective = cli.model, cli.model.objective
     assert isinstance(objective, GRPO) and objective.adapters_off and objective.beta > 0
     sft_run = base["trainer"]["default_root_dir"]
@@ -282,18 +271,7 @@ def test_grpo_stage_merges_over_its_lora_recipe_and_takes_a_step(overlay: Path, 
     assert cli.trainer.max_steps > 0
     assert {r.name for r in objective.rewards} == {"exact_match", "label_f1", "format"}
 
-    rng = np.random.default_rng(0)
-    items = [
-        {
-            "key": str(i),
-            "ecg": rng.standard_normal((12, 2500)).astype(np.float32),
-            "question": "Does this ECG show left ventricular hypertrophy? Options: yes, no.",
-            "answer": ["yes"] if i else ["no"],
-            "question_type": "single-verify",
-            "dataset": "ecgqa-ptbxl",
-        }
-        for i in range(2)
-    ]
+    items = verify_items("Does this ECG show left ventricular hypertrophy? Options: yes, no.", "no")
     image = cli.datamodule.image
     if image is not None:
         image = replace(image, fs=250.0)

@@ -180,13 +180,8 @@ def check_data_folder(data: Any) -> None:
     if data is None:
         return
     from ecglm.data.datamodule import ECGQADataModule
-    from ecglm.plugins import import_object
 
-    class_path = data.get("class_path")
-    try:
-        cls = import_object(class_path) if class_path else None
-    except UnknownComponentError:
-        return  # jsonargparse has checked it; a failure here is not the data folder's
+    cls = _class_named(data)
     if not (isinstance(cls, type) and issubclass(cls, ECGQADataModule)):
         return
     init_args = data.get("init_args") or {}
@@ -208,21 +203,22 @@ def check_data_folder(data: Any) -> None:
             "(ecglm shard --config ...) or name a builder (data.init_args.builder) to build them"
         )
     # The builder's own refusal, before the LLM loads rather than at prepare_data.
-    dataset = getattr(_builder_class(builder), "dataset", None)
+    dataset = getattr(_class_named(builder), "dataset", None)
     if isinstance(dataset, str):
         from ecglm.data.shards import refuse_foreign_shards
 
         refuse_foreign_shards(local_path(data_dir), dataset)
 
 
-def _builder_class(builder: Any) -> type | None:
-    """The class a recipe's ``data.init_args.builder`` names, or None (none, or not importable here)."""
+def _class_named(spec: Any) -> type | None:
+    """The class a recipe's ``{class_path, init_args}`` names, or None: none named, or one that does not
+    import (jsonargparse has checked it; a failure here is not the data folder's)."""
     from ecglm.plugins import import_object
 
-    class_path = builder.get("class_path") if hasattr(builder, "get") else None  # a dict or a Namespace
+    class_path = spec.get("class_path") if hasattr(spec, "get") else None  # a dict or a Namespace
     try:
         return import_object(class_path) if class_path else None
-    except (UnknownComponentError, ImportError, AttributeError):
+    except UnknownComponentError:
         return None
 
 

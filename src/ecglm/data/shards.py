@@ -369,16 +369,16 @@ def refuse_foreign_shards(out_dir: str | Path, dataset: str) -> None:
     """Raise :class:`ForeignShardsError` when ``out_dir``'s manifest names a data set other than
     ``dataset``: a builder rebuilds a stale build of its own data set (other params, damaged shards),
     never another's (a recipe's builder pointed at pair shards or a day-long ECG-QA build)."""
-    path = Path(out_dir) / MANIFEST_NAME
+    out_dir = Path(out_dir)
     try:
-        found = json.loads(path.read_text(encoding="utf-8")).get("dataset")
+        found = read_manifest(out_dir).get("dataset")
     except (OSError, ValueError, AttributeError):
         return  # no manifest, or not one: nothing a build could lose
     if found is not None and found != dataset:
         raise ForeignShardsError(
-            f"{Path(out_dir)} holds {found} shards ({path}); building {dataset} there would delete them: "
-            f"give this build another folder (data.init_args.data_dir, or ecglm shard --out_dir), or leave "
-            f"data.init_args.builder unset to train on the {found} shards"
+            f"{out_dir} holds {found} shards ({out_dir / MANIFEST_NAME}); building {dataset} there would "
+            "delete them: give this build another folder (data.init_args.data_dir, or ecglm shard "
+            f"--out_dir), or leave data.init_args.builder unset to train on the {found} shards"
         )
 
 
